@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine: `make test` and `make run`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: build test run bench annotate clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "setuptools>=65" wheel "Cython>=3.0,<3.4"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+# Recompiles the core only when a .pyx/.pxi/.h changed (setup.py lists them as depends).
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest
+
+run: build
+	$(VENV)/bin/kvcm serve
+
+bench: build
+	$(PY) benchmarks/run.py
+
+annotate: $(STAMP)
+	KVCM_ANNOTATE=1 $(PY) setup.py -q build_ext --inplace --force
+
+clean:
+	rm -rf build kvcm/_core.c kvcm/_core.html kvcm/*.so

@@ -1,0 +1,3 @@
+from kvcm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,22 @@
+# cython: language_level=3
+"""kvcm's hot core: SHA-256, the CBOR and pickle-5 encoders used for block hashing, the
+block hasher, the block index and the scorer.
+
+Python objects appear only at the boundary: hashing runs over C arrays of token ids and the
+index stores C structs. `kvcm._reference` is the slow, obviously correct twin of everything
+here; the tests run the same cases against both.
+"""
+
+import os
+
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy, memmove, memset
+
+include "_buffer.pxi"
+include "_sha.pxi"
+include "_encode.pxi"
+include "_tokens.pxi"
+include "_hasher.pxi"
+include "_index.pxi"

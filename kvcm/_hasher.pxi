@@ -1,0 +1,244 @@
+# The block hasher: token ids -> chained block keys, exactly as vLLM names KV blocks
+# (specs/block-hashing.md), plus kvcm's own decoupled 64-bit chain (DESIGN.md §2).
+#
+#   sha256             H = SHA-256(pickle5((parent_digest, tuple(tokens), extra)))
+#   sha256_cbor        H = SHA-256(cbor([parent_digest, [tokens], extra]))
+#   sha256_cbor_64bit  key = u64(SHA-256(cbor([parent_key, [tokens], extra])))   (vLLM 0.10.0-1)
+#   kvcm               key = u64(SHA-256(cbor([parent_key, [tokens], extra]))), root from
+#                      cbor([seed, None, namespace])
+#
+# u64(d) = last 8 bytes of d, big-endian: what KV events carry.
+
+cdef enum Algo:
+    ALGO_PICKLE = 0
+    ALGO_CBOR = 1
+    ALGO_CBOR_64 = 2
+    ALGO_KVCM = 3
+
+ALGORITHMS = ("sha256", "sha256_cbor", "sha256_cbor_64bit", "kvcm")
+UNSET_SEED = "vllm-none-hash"  # vLLM >= 0.29's seed when PYTHONHASHSEED is unset
+
+cdef enum:
+    NOGIL_MIN_BLOCKS = 8        # shorter chains are not worth dropping the GIL for
+    FAST_MAX_BLOCK_TOKENS = 4096  # larger blocks take the generic path (frame splits)
+
+
+cdef inline uint64_t digest_u64(const unsigned char *d, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef Py_ssize_t i
+    for i in range(n - 8, n):
+        v = (v << 8) | d[i]
+    return v
+
+
+cdef class BlockHasher:
+    """Chained block keys of full blocks of `block_size` tokens.
+
+    `seed` is the engines' PYTHONHASHSEED as a string; None means unset, for which vLLM
+    >= 0.29 uses "vllm-none-hash". `namespace` (model or LoRA name) only enters the `kvcm`
+    algorithm's root.
+    """
+    cdef readonly str algo
+    cdef readonly object seed
+    cdef readonly Py_ssize_t block_size
+    cdef readonly object namespace
+    cdef Algo _algo
+    cdef unsigned char _root[32]
+    cdef Py_ssize_t _digest_len
+
+    def __init__(self, str algo="sha256", seed=None, Py_ssize_t block_size=16, namespace=None):
+        cdef unsigned char d[32]
+        if algo not in ALGORITHMS:
+            raise ValueError("unknown hash algorithm %r (expected one of %s)" % (algo, ", ".join(ALGORITHMS)))
+        if block_size <= 0:
+            raise ValueError("block_size must be positive, got %d" % block_size)
+        if seed is not None and not isinstance(seed, str):
+            raise TypeError("seed must be a str or None")
+        self.algo = algo
+        self.seed = seed
+        self.block_size = block_size
+        self.namespace = namespace
+        self._algo = <Algo><int>ALGORITHMS.index(algo)
+        seed_str = UNSET_SEED if seed is None else seed
+        if self._algo == ALGO_PICKLE:
+            root = pickle5_encode(seed_str)
+        elif self._algo == ALGO_KVCM:
+            root = cbor_encode([seed_str, None, namespace])
+        else:
+            root = cbor_encode(seed_str)
+        kvcm_sha256(<const unsigned char *>PyBytes_AS_STRING(root), PyBytes_GET_SIZE(root), d)
+        if self._algo >= ALGO_CBOR_64:
+            self._digest_len = 8
+            memcpy(self._root, d + 24, 8)  # 64-bit chains carry only the last 8 bytes
+        else:
+            self._digest_len = 32
+            memcpy(self._root, d, 32)
+
+    @property
+    def root(self):
+        """The parent of block 0: vLLM's NONE_HASH (32 bytes), or 8 bytes for 64-bit chains."""
+        return PyBytes_FromStringAndSize(<char *>self._root, self._digest_len)
+
+    def __repr__(self):
+        return "BlockHasher(algo=%r, seed=%r, block_size=%d, namespace=%r)" % (
+            self.algo, self.seed, self.block_size, self.namespace)
+
+    cdef int _encode(self, WBuf *b, const unsigned char *parent, Py_ssize_t plen,
+                     const uint64_t *tok, object extra) except -1:
+        """Serialises one block's (parent, tokens, extra) into b (reset first)."""
+        cdef Pickler p
+        cdef Py_ssize_t n = self.block_size
+        if self._algo == ALGO_PICKLE:
+            pk_begin(&p, b)
+            pk_boundary(&p)
+            if (pk_save_bytes(&p, parent, plen) or pk_save_uint_tuple(&p, tok, n)):
+                raise MemoryError()
+            if extra is None:
+                pk_boundary(&p)
+                if pk_put_op(&p, 0x4E):
+                    raise MemoryError()
+            else:
+                # memo indices 0 and 1 are the parent and the token tuple
+                pk_save_obj(&p, extra, {}, 1)
+            if pk_room(&p, 2):
+                raise MemoryError()
+            wb_put1(b, 0x87)  # TUPLE3
+            pk_memoize(&p)
+            if pk_end(&p):
+                raise MemoryError()
+        else:
+            b.len = 0
+            if wb_reserve(b, 10):
+                raise MemoryError()
+            wb_put1(b, 0x83)
+            if self._algo == ALGO_CBOR:
+                if cbor_put_bytes(b, parent, plen):
+                    raise MemoryError()
+            else:
+                cbor_head(b, 0, digest_u64(parent, 8))
+            if cbor_put_uints(b, tok, n):
+                raise MemoryError()
+            cbor_put_obj(b, extra, 1)
+        return 0
+
+    cdef int _chain_nogil(self, const uint64_t *tok, Py_ssize_t nblocks, unsigned char *parent,
+                          uint64_t *keys_out, unsigned char *digests_out) noexcept nogil:
+        """The chain for blocks without extra keys, entirely in C. `parent` holds the
+        starting parent digest and is updated in place. Returns -1 when memory ran out."""
+        cdef WBuf b
+        cdef Pickler p
+        cdef Py_ssize_t i, n = self.block_size, dl = self._digest_len
+        cdef unsigned char d[32]
+        cdef int rc = 0
+        wb_init(&b)
+        for i in range(nblocks):
+            if self._algo == ALGO_PICKLE:
+                pk_begin(&p, &b)
+                pk_boundary(&p)
+                if pk_save_bytes(&p, parent, dl) or pk_save_uint_tuple(&p, tok + i * n, n):
+                    rc = -1
+                    break
+                if pk_room(&p, 4):
+                    rc = -1
+                    break
+                wb_put1(&b, 0x4E)  # None
+                wb_put1(&b, 0x87)  # TUPLE3
+                pk_memoize(&p)
+                pk_end(&p)
+            else:
+                b.len = 0
+                if wb_reserve(&b, 10):
+                    rc = -1
+                    break
+                wb_put1(&b, 0x83)
+                if self._algo == ALGO_CBOR:
+                    cbor_put_bytes(&b, parent, dl)
+                else:
+                    cbor_head(&b, 0, digest_u64(parent, 8))
+                if cbor_put_uints(&b, tok + i * n, n) or wb_reserve(&b, 1):
+                    rc = -1
+                    break
+                wb_put1(&b, 0xF6)
+            kvcm_sha256(b.data, b.len, d)
+            memcpy(parent, d + 32 - dl, dl)
+            keys_out[i] = digest_u64(d, 32)
+            if digests_out != NULL:
+                memcpy(digests_out + i * dl, parent, dl)
+        wb_free(&b)
+        return rc
+
+    cdef _run(self, tokens, extra_keys, parent, bint want_digests):
+        cdef U64s tok
+        cdef Py_ssize_t nblocks, i, dl = self._digest_len
+        cdef unsigned char par[32]
+        cdef unsigned char d[32]
+        cdef array keys
+        cdef bytes digests = None
+        cdef unsigned char *dout = NULL
+        cdef WBuf b
+        cdef int rc
+        cdef bint fast
+        if parent is None:
+            memcpy(par, self._root, dl)
+        else:
+            self._set_parent(parent, par)
+        load_u64s(tokens, &tok, "tokens")
+        try:
+            nblocks = tok.n // self.block_size
+            keys = new_u64_array(nblocks)
+            if want_digests:
+                digests = PyBytes_FromStringAndSize(NULL, nblocks * dl)
+                dout = <unsigned char *>PyBytes_AS_STRING(digests)
+            if extra_keys is not None and not isinstance(extra_keys, (list, tuple)):
+                raise TypeError("extra_keys must be a list with one entry per block (None or a tuple)")
+            fast = (extra_keys is None or all(e is None for e in extra_keys[:nblocks])) and self.block_size <= FAST_MAX_BLOCK_TOKENS
+            if fast:
+                if nblocks >= NOGIL_MIN_BLOCKS:
+                    with nogil:
+                        rc = self._chain_nogil(tok.data, nblocks, par, <uint64_t *>keys.data.as_ulonglongs, dout)
+                else:
+                    rc = self._chain_nogil(tok.data, nblocks, par, <uint64_t *>keys.data.as_ulonglongs, dout)
+                if rc:
+                    raise MemoryError()
+            else:
+                wb_init(&b)
+                try:
+                    for i in range(nblocks):
+                        extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None
+                        self._encode(&b, par, dl, tok.data + i * self.block_size, extra)
+                        kvcm_sha256(b.data, b.len, d)
+                        memcpy(par, d + 32 - dl, dl)
+                        keys.data.as_ulonglongs[i] = digest_u64(d, 32)
+                        if dout != NULL:
+                            memcpy(dout + i * dl, par, dl)
+                finally:
+                    wb_free(&b)
+        finally:
+            u64s_free(&tok)
+        if want_digests:
+            return [digests[i * dl:(i + 1) * dl] for i in range(nblocks)]
+        return keys
+
+    cdef _set_parent(self, parent, unsigned char *par):
+        if self._digest_len == 8 and type(parent) is int:
+            if not 0 <= parent < 2 ** 64:
+                raise ValueError("parent key must be in [0, 2**64)")
+            for i in range(8):
+                par[7 - i] = (parent >> (8 * i)) & 0xFF
+            return
+        if not isinstance(parent, bytes) or len(parent) != self._digest_len:
+            raise ValueError("parent must be a %d-byte digest%s" % (
+                self._digest_len, " or an int key" if self._digest_len == 8 else ""))
+        memcpy(par, PyBytes_AS_STRING(parent), self._digest_len)
+
+    def keys(self, tokens, extra_keys=None, parent=None):
+        """Keys (the uint64 vLLM publishes) of every full block, as array('Q').
+
+        extra_keys: one entry per block, None or a tuple in vLLM's tagged form (missing
+        trailing entries are None). parent: the digest (or, for 64-bit chains, the key) of
+        the block before tokens[0], to continue a chain; None starts at the root."""
+        return self._run(tokens, extra_keys, parent, False)
+
+    def digests(self, tokens, extra_keys=None, parent=None):
+        """Full digests of every full block (32 bytes; 8 for the 64-bit chains)."""
+        return self._run(tokens, extra_keys, parent, True)

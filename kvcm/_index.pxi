@@ -1,0 +1,345 @@
+# The Python face of the block index (index.h) and the engine map (engine_map.h), and the
+# scorer. Names (namespaces, pods, tiers) are interned here to small integers; the C side
+# sees only integers.
+
+cdef extern from "index.h":
+    uint32_t KVI_NIL
+    int KVI_MAX_TIERS
+    uint32_t KVI_MAX_PODS
+    ctypedef struct kvi_match:
+        uint32_t pod
+        uint32_t blocks
+        double score
+        uint32_t tiers[16]
+    ctypedef struct kvi_pod:
+        uint64_t total
+        uint64_t per_tier[16]
+    ctypedef struct kvi_index:
+        kvi_pod *pods
+        uint32_t pods_cap
+        uint64_t nblocks, nentries, max_blocks, evictions
+        kvi_match *matches
+    int kvi_init(kvi_index *ix, uint64_t max_blocks)
+    void kvi_release(kvi_index *ix)
+    int kvi_ensure_pods(kvi_index *ix, uint32_t npods)
+    int64_t kvi_store(kvi_index *ix, uint32_t ns, uint32_t pod, uint32_t tier, const uint64_t *keys, size_t n)
+    uint64_t kvi_remove(kvi_index *ix, uint32_t ns, uint32_t pod, uint32_t tier, const uint64_t *keys, size_t n)
+    uint64_t kvi_clear_pod(kvi_index *ix, uint32_t pod, int tier, uint32_t ns)
+    uint64_t kvi_clear_namespace(kvi_index *ix, uint32_t ns)
+    int64_t kvi_lookup(kvi_index *ix, uint32_t ns, const uint64_t *keys, size_t n,
+                       const uint8_t *filter, uint32_t filter_bits, const double *weights)
+
+cdef extern from "engine_map.h":
+    ctypedef struct kve_map:
+        pass
+    int kve_init(kve_map *m, uint64_t capacity)
+    void kve_release(kve_map *m)
+    int kve_set(kve_map *m, uint32_t ns, uint64_t ehash, const uint64_t *keys, size_t k)
+    size_t kve_get(kve_map *m, uint32_t ns, uint64_t ehash, uint64_t *out, size_t max)
+    uint64_t kve_count(const kve_map *m)
+    void kve_clear_namespace(kve_map *m, uint32_t ns)
+
+DEFAULT_MAX_BLOCKS = 10_000_000
+DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
+
+cdef enum:
+    MAX_KEYS_PER_ENGINE_HASH = 64  # engine block / kvcm block ratios above this are refused
+
+
+cdef class _Names:
+    """Interns strings to dense integer ids, up to a limit."""
+    cdef dict ids
+    cdef list names
+    cdef uint32_t limit
+    cdef str kind
+
+    def __init__(self, str kind, uint32_t limit):
+        self.ids = {}
+        self.names = []
+        self.limit = limit
+        self.kind = kind
+
+    cdef uint32_t get(self, name) except? 0xFFFFFFFF:
+        """The id of an interned name, or KVI_NIL."""
+        cdef object i = self.ids.get(name)
+        return KVI_NIL if i is None else <uint32_t>i
+
+    cdef uint32_t intern(self, name) except? 0xFFFFFFFF:
+        cdef object i = self.ids.get(name)
+        if i is not None:
+            return <uint32_t>i
+        if not isinstance(name, str):
+            raise TypeError("%s name must be a str, got %s" % (self.kind, type(name).__name__))
+        if len(self.names) >= self.limit:
+            raise ValueError("too many distinct %s names (limit %d)" % (self.kind, self.limit))
+        self.ids[name] = len(self.names)
+        self.names.append(name)
+        return len(self.names) - 1
+
+
+cdef class Index:
+    """(namespace, kvcm key) -> set of (pod, tier), with LRU capacity in distinct blocks,
+    per-pod accounting, and an engine-hash map for decoupled namespaces."""
+    cdef kvi_index ix
+    cdef kve_map emap
+    cdef _Names _ns
+    cdef _Names _pods
+    cdef _Names _tiers
+    cdef uint8_t *_filter
+    cdef uint32_t _filter_cap
+    cdef double _unit_weights[16]
+
+    def __cinit__(self, max_blocks=DEFAULT_MAX_BLOCKS):
+        if max_blocks < 1:
+            raise ValueError("max_blocks must be at least 1, got %r" % (max_blocks,))
+        if kvi_init(&self.ix, max_blocks) or kve_init(&self.emap, max_blocks):
+            raise MemoryError()
+        self._ns = _Names("namespace", KVI_NIL - 1)
+        self._pods = _Names("pod", KVI_MAX_PODS)
+        self._tiers = _Names("tier", KVI_MAX_TIERS)
+        for i in range(KVI_MAX_TIERS):
+            self._unit_weights[i] = 1.0
+
+    def __dealloc__(self):
+        kvi_release(&self.ix)
+        kve_release(&self.emap)
+        free(self._filter)
+
+    cdef uint32_t _pod_id(self, pod) except? 0xFFFFFFFF:
+        cdef uint32_t p = self._pods.intern(pod)
+        if kvi_ensure_pods(&self.ix, p + 1):
+            raise MemoryError()
+        return p
+
+    @property
+    def capacity(self):
+        return self.ix.max_blocks
+
+    @property
+    def tiers(self):
+        """Tier names in id order."""
+        return tuple(self._tiers.names)
+
+    def __len__(self):
+        return self.ix.nblocks
+
+    def store(self, str ns, pod, str tier, keys):
+        """Adds (pod, tier) to every block of keys; returns how many entries were new."""
+        cdef uint32_t n = self._ns.intern(ns), p = self._pod_id(pod), t = self._tiers.intern(tier)
+        cdef U64s k
+        cdef int64_t added
+        load_u64s(keys, &k, "keys")
+        added = kvi_store(&self.ix, n, p, t, k.data, k.n)
+        u64s_free(&k)
+        if added < 0:
+            raise MemoryError()
+        return added
+
+    def remove(self, str ns, pod, str tier, keys):
+        """Removes (pod, tier) from every block of keys; unknown ones are skipped. Returns
+        how many entries were removed."""
+        cdef uint32_t n = self._ns.get(ns), p = self._pods.get(pod), t = self._tiers.get(tier)
+        cdef U64s k
+        cdef uint64_t removed
+        if n == KVI_NIL or p == KVI_NIL or t == KVI_NIL:
+            return 0
+        load_u64s(keys, &k, "keys")
+        removed = kvi_remove(&self.ix, n, p, t, k.data, k.n)
+        u64s_free(&k)
+        return removed
+
+    def clear_pod(self, pod, tier=None, ns=None):
+        """Removes the pod's entries (in one tier and/or one namespace when given); costs
+        O(the pod's entries). Returns how many were removed."""
+        cdef uint32_t p = self._pods.get(pod)
+        cdef uint32_t n = KVI_NIL
+        cdef int t = -1
+        if p == KVI_NIL:
+            return 0
+        if tier is not None:
+            t = <int>self._tiers.get(tier)
+            if <uint32_t>t == KVI_NIL:
+                return 0
+        if ns is not None:
+            n = self._ns.get(ns)
+            if n == KVI_NIL:
+                return 0
+        return kvi_clear_pod(&self.ix, p, t, n)
+
+    def clear_namespace(self, str ns):
+        """Removes every block of a namespace on all pods and its engine map; O(index)."""
+        cdef uint32_t n = self._ns.get(ns)
+        if n == KVI_NIL:
+            return 0
+        kve_clear_namespace(&self.emap, n)
+        return kvi_clear_namespace(&self.ix, n)
+
+    cdef int64_t _walk(self, str ns, keys, pods, const double *weights) except -1:
+        """Runs the prefix walk; results stay in self.ix.matches."""
+        cdef uint32_t n = self._ns.get(ns), p, nbytes = 0
+        cdef U64s k
+        cdef int64_t found
+        cdef const uint8_t *filt = NULL
+        if n == KVI_NIL:
+            return 0
+        if pods is not None:
+            nbytes = (len(self._pods.names) + 7) >> 3
+            if nbytes > self._filter_cap:
+                free(self._filter)
+                self._filter = <uint8_t *>malloc(nbytes)
+                if self._filter == NULL:
+                    self._filter_cap = 0
+                    raise MemoryError()
+                self._filter_cap = nbytes
+            memset(self._filter, 0, nbytes)
+            for pod in pods:
+                p = self._pods.get(pod)
+                if p != KVI_NIL:
+                    self._filter[p >> 3] |= 1 << (p & 7)
+            filt = self._filter
+        load_u64s(keys, &k, "keys")
+        found = kvi_lookup(&self.ix, n, k.data, k.n, filt, (nbytes << 3) if filt != NULL else 0, weights)
+        u64s_free(&k)
+        if found < 0:
+            raise MemoryError()
+        return found
+
+    cdef dict _tier_counts(self, const kvi_match *m):
+        cdef dict tiers = {}
+        cdef int t
+        for t in range(len(self._tiers.names)):
+            if m.tiers[t]:
+                tiers[self._tiers.names[t]] = m.tiers[t]
+        return tiers
+
+    def lookup_prefix(self, str ns, keys, pods=None):
+        """Walks keys from block 0 until no candidate pod holds the block. Returns
+        {pod: (blocks, {tier: blocks})}: the length of each pod's consecutive run from
+        block 0 and how many blocks of it the pod holds in each tier. Pods absent from
+        block 0 (or outside `pods`, when given) are not returned."""
+        cdef int64_t i, found = self._walk(ns, keys, pods, self._unit_weights)
+        cdef const kvi_match *m
+        cdef dict out = {}
+        for i in range(found):
+            m = &self.ix.matches[i]
+            out[self._pods.names[m.pod]] = (m.blocks, self._tier_counts(m))
+        return out
+
+    def pod_blocks(self, pod):
+        """{tier: entries} held by pod, over every namespace."""
+        cdef uint32_t p = self._pods.get(pod)
+        if p == KVI_NIL or p >= self.ix.pods_cap:
+            return {}
+        return {self._tiers.names[t]: self.ix.pods[p].per_tier[t]
+                for t in range(len(self._tiers.names)) if self.ix.pods[p].per_tier[t]}
+
+    def stats(self):
+        pods = {}
+        for p, name in enumerate(self._pods.names):
+            if self.ix.pods[p].total:
+                pods[name] = self.pod_blocks(name)
+        return {
+            "blocks": self.ix.nblocks,
+            "entries": self.ix.nentries,
+            "capacity": self.ix.max_blocks,
+            "evictions": self.ix.evictions,
+            "engine_map_entries": kve_count(&self.emap),
+            "pods": pods,
+        }
+
+    def map_engine(self, str ns, engine_hashes, keys):
+        """Records engine hash -> kvcm key(s) for a decoupled namespace. keys holds k keys per
+        engine hash (an engine block of k kvcm blocks), in order."""
+        cdef uint32_t n = self._ns.intern(ns)
+        cdef U64s e, k
+        cdef Py_ssize_t i, per
+        load_u64s(engine_hashes, &e, "engine_hashes")
+        try:
+            load_u64s(keys, &k, "keys")
+            try:
+                if e.n == 0:
+                    if k.n:
+                        raise ValueError("keys given without engine hashes")
+                    return
+                if k.n == 0 or k.n % e.n:
+                    raise ValueError("len(keys) (%d) must be a positive multiple of len(engine_hashes) (%d)" % (k.n, e.n))
+                per = k.n // e.n
+                if per > MAX_KEYS_PER_ENGINE_HASH:
+                    raise ValueError("more than %d keys per engine hash" % MAX_KEYS_PER_ENGINE_HASH)
+                for i in range(e.n):
+                    if kve_set(&self.emap, n, e.data[i], k.data + i * per, per):
+                        raise MemoryError()
+            finally:
+                u64s_free(&k)
+        finally:
+            u64s_free(&e)
+
+    def resolve(self, str ns, engine_hashes):
+        """For each engine hash, the tuple of kvcm keys it maps to (empty when unknown)."""
+        cdef uint32_t n = self._ns.get(ns)
+        cdef U64s e
+        cdef uint64_t out[64]
+        cdef size_t got, j
+        cdef Py_ssize_t i
+        load_u64s(engine_hashes, &e, "engine_hashes")
+        try:
+            if n == KVI_NIL:
+                return [() for i in range(e.n)]
+            res = []
+            for i in range(e.n):
+                got = kve_get(&self.emap, n, e.data[i], out, MAX_KEYS_PER_ENGINE_HASH)
+                res.append(tuple([out[j] for j in range(min(got, <size_t>MAX_KEYS_PER_ENGINE_HASH))]))
+            return res
+        finally:
+            u64s_free(&e)
+
+
+cdef class Scorer:
+    """llm-d's LongestPrefix scorer with tier weights: a pod's score is the sum, over its
+    consecutive run of blocks from block 0, of the best tier weight it holds on each block.
+    Tiers without a configured weight weigh `default_weight`."""
+    cdef readonly dict weights
+    cdef readonly double default_weight
+    cdef double _w[16]
+    cdef object _for_tiers  # the index's tier-name list _w was computed for
+    cdef Py_ssize_t _nt     # and its length then (the list only grows)
+
+    def __init__(self, weights=None, double default_weight=1.0):
+        self.weights = dict(DEFAULT_TIER_WEIGHTS if weights is None else weights)
+        for name, w in self.weights.items():
+            if not isinstance(name, str) or not (float(w) >= 0.0):
+                raise ValueError("tier weight %r=%r must be a non-negative number" % (name, w))
+        self.default_weight = default_weight
+        self._for_tiers = None
+
+    cdef const double *_weights_for(self, Index index):
+        cdef int t
+        if self._for_tiers is not index._tiers.names or len(index._tiers.names) != self._nt:
+            for t in range(KVI_MAX_TIERS):
+                self._w[t] = self.default_weight
+            for t, name in enumerate(index._tiers.names):
+                self._w[t] = self.weights.get(name, self.default_weight)
+            self._for_tiers = index._tiers.names
+            self._nt = len(index._tiers.names)
+        return self._w
+
+    def score(self, Index index, str ns, keys, pods=None):
+        """{pod: score} for the pods that hold block 0."""
+        cdef int64_t i, found = index._walk(ns, keys, pods, self._weights_for(index))
+        cdef const kvi_match *m
+        cdef dict out = {}
+        cdef list names = index._pods.names
+        for i in range(found):
+            m = &index.ix.matches[i]
+            out[names[m.pod]] = m.score
+        return out
+
+    def score_detailed(self, Index index, str ns, keys, pods=None):
+        """{pod: (score, blocks, {tier: blocks})}."""
+        cdef int64_t i, found = index._walk(ns, keys, pods, self._weights_for(index))
+        cdef const kvi_match *m
+        cdef dict out = {}
+        for i in range(found):
+            m = &index.ix.matches[i]
+            out[index._pods.names[m.pod]] = (m.score, m.blocks, index._tier_counts(m))
+        return out

@@ -1,0 +1,110 @@
+# Token ids and keys arrive as lists (orjson, tokenizers), tuples, array.array or any 1-D
+# buffer of integers (numpy); the core works on one C array of uint64.
+
+from cpython.buffer cimport PyObject_CheckBuffer, PyObject_GetBuffer, PyBuffer_Release, PyBUF_FORMAT, PyBUF_ND
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.array cimport array, clone
+
+cdef array _u64_template = array("Q")
+
+
+cdef struct U64s:
+    uint64_t *data
+    Py_ssize_t n
+
+
+cdef inline void u64s_free(U64s *a) noexcept:
+    free(a.data)
+    a.data = NULL
+    a.n = 0
+
+
+cdef int _load_buffer(object obj, U64s *out, str what) except -1:
+    cdef Py_buffer view
+    cdef Py_ssize_t i, n
+    cdef bytes fmt
+    cdef char code
+    cdef bint signed
+    cdef int64_t sv
+    PyObject_GetBuffer(obj, &view, PyBUF_FORMAT | PyBUF_ND)
+    try:
+        if view.ndim != 1:
+            raise ValueError("%s: expected a 1-D buffer of integers" % what)
+        fmt = view.format if view.format != NULL else b"B"
+        if len(fmt) == 2 and fmt[0:1] in (b"@", b"=", b"<"):
+            fmt = fmt[1:]
+        if len(fmt) != 1 or fmt not in b"BHILQbhilqN":
+            raise ValueError("%s: buffer format %r is not an integer type" % (what, fmt))
+        code = fmt[0]
+        signed = code in b"bhilq"
+        n = view.shape[0] if view.ndim else 0
+        out.data = <uint64_t *>malloc(sizeof(uint64_t) * (n if n else 1))
+        if out.data == NULL:
+            raise MemoryError()
+        out.n = n
+        for i in range(n):
+            if view.itemsize == 8:
+                sv = (<int64_t *>view.buf)[i]
+            elif view.itemsize == 4:
+                sv = (<int *>view.buf)[i] if signed else (<uint32_t *>view.buf)[i]
+            elif view.itemsize == 2:
+                sv = (<short *>view.buf)[i] if signed else (<unsigned short *>view.buf)[i]
+            elif view.itemsize == 1:
+                sv = (<signed char *>view.buf)[i] if signed else (<unsigned char *>view.buf)[i]
+            else:
+                raise ValueError("%s: unsupported item size %d" % (what, view.itemsize))
+            if signed and sv < 0:
+                raise ValueError("%s: negative value %d at position %d" % (what, sv, i))
+            out.data[i] = <uint64_t>sv
+    except BaseException:
+        u64s_free(out)
+        raise
+    finally:
+        PyBuffer_Release(&view)
+    return 0
+
+
+cdef int load_u64s(object obj, U64s *out, str what) except -1:
+    """Fills out with the integers of obj (caller frees). Raises ValueError for values outside
+    [0, 2**64) and TypeError for non-integers."""
+    cdef Py_ssize_t i, n
+    cdef object item
+    out.data = NULL
+    out.n = 0
+    if type(obj) is not list and type(obj) is not tuple:
+        if PyObject_CheckBuffer(obj) and not isinstance(obj, (bytes, bytearray, str)):
+            return _load_buffer(obj, out, what)
+        obj = list(obj)
+    n = len(obj)
+    out.data = <uint64_t *>malloc(sizeof(uint64_t) * (n if n else 1))
+    if out.data == NULL:
+        raise MemoryError()
+    out.n = n
+    try:
+        if type(obj) is list:
+            for i in range(n):
+                out.data[i] = _as_u64(<object>PyList_GET_ITEM(obj, i), what, i)
+        else:
+            for i in range(n):
+                out.data[i] = _as_u64(<object>PyTuple_GET_ITEM(obj, i), what, i)
+    except BaseException:
+        u64s_free(out)
+        raise
+    return 0
+
+
+cdef inline uint64_t _as_u64(object item, str what, Py_ssize_t i) except? 0xFFFFFFFFFFFFFFFF:
+    if type(item) is not int:
+        if isinstance(item, int) and not isinstance(item, bool):
+            item = int(item)
+        else:
+            raise TypeError("%s: position %d is %s, not an int" % (what, i, type(item).__name__))
+    try:
+        return <uint64_t>item
+    except OverflowError:
+        raise ValueError("%s: value %d at position %d is outside [0, 2**64)" % (what, item, i)) from None
+
+
+cdef inline array new_u64_array(Py_ssize_t n):
+    return clone(_u64_template, n, False)

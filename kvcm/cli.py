@@ -1,0 +1,138 @@
+"""The `kvcm` command line: one sub-command per job.
+
+Bad arguments print one line on stderr and exit with status 2, so scripts can tell usage
+errors from failures.
+"""
+
+import argparse
+import json
+import sys
+
+from kvcm import __version__
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad argument value found after parsing; reported like an argparse error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write("%s: error: %s\n" % (self.prog, message))
+        raise SystemExit(EXIT_USAGE)
+
+
+def _as_tuples(value):
+    """JSON lists stand for Python tuples in vLLM's extra keys."""
+    if isinstance(value, list):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
+def _parse_token_list(text, source):
+    text = text.strip()
+    try:
+        if text.startswith("["):
+            tokens = json.loads(text)
+        else:
+            tokens = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError as exc:
+        raise UsageError("%s: not a list of integers (%s)" % (source, exc)) from None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise UsageError("%s: expected a list of integers" % source)
+    return tokens
+
+
+def _read_tokens(args):
+    if args.tokens is not None:
+        return _parse_token_list(args.tokens, "--tokens")
+    if args.tokens_file is not None:
+        try:
+            with open(args.tokens_file, encoding="utf-8") as f:
+                return _parse_token_list(f.read(), args.tokens_file)
+        except OSError as exc:
+            raise UsageError("--tokens-file: %s" % exc.strerror) from None
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("give --tokens, --tokens-file, or a JSON list of token ids on stdin")
+    return _parse_token_list(sys.stdin.read(), "stdin")
+
+
+def _read_extra_keys(text):
+    if text is None:
+        return None
+    try:
+        extra = json.loads(text)
+    except ValueError as exc:
+        raise UsageError("--extra-keys: invalid JSON (%s)" % exc) from None
+    if not isinstance(extra, list) or not all(e is None or isinstance(e, list) for e in extra):
+        raise UsageError("--extra-keys: expected a JSON list with one entry per block: null or a list")
+    return [_as_tuples(e) for e in extra]
+
+
+def add_hash_options(parser):
+    """The hashing flags kvcm serve, sim and hash share (DESIGN.md §7)."""
+    from kvcm._core import ALGORITHMS
+
+    parser.add_argument("--hash-algo", default="sha256", choices=ALGORITHMS,
+                        help="the engines' --prefix-caching-hash-algo (default: sha256)")
+    parser.add_argument("--hash-seed", default=None,
+                        help="the engines' PYTHONHASHSEED; unset = vLLM >= 0.29's default "
+                             "('vllm-none-hash'); --hash-seed '' is the empty-string seed")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per block (default: 16)")
+
+
+def cmd_hash(args):
+    from kvcm._core import BlockHasher
+
+    if args.block_size <= 0:
+        raise UsageError("--block-size must be positive, got %d" % args.block_size)
+    tokens = _read_tokens(args)
+    extra = _read_extra_keys(args.extra_keys)
+    hasher = BlockHasher(args.hash_algo, args.hash_seed, args.block_size, namespace=args.model)
+    try:
+        keys = hasher.keys(tokens, extra)
+        digests = hasher.digests(tokens, extra)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise UsageError(str(exc)) from None
+    json.dump({"keys": list(keys), "digests": [d.hex() for d in digests]}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_version(args):
+    print("kvcm %s" % __version__)
+    return 0
+
+
+def build_parser():
+    parser = _Parser(prog="kvcm", description="KV-cache-aware routing index for LLM inference clusters")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("hash", help="print the block keys of a token list",
+                       description="Print the block keys (the uint64 values vLLM publishes in KV "
+                                   "events) and full digests of every full block of a token list.")
+    add_hash_options(p)
+    p.add_argument("--model", default=None, help="namespace for --hash-algo kvcm (model or LoRA name)")
+    p.add_argument("--extra-keys", default=None,
+                   help='JSON list, one entry per block: null or vLLM\'s tagged extra keys, '
+                        'e.g. \'[[["cache_salt","tenant-a"]]]\'')
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--tokens", default=None, help="token ids: 1,2,3 or a JSON list")
+    src.add_argument("--tokens-file", default=None, help="file holding the token ids")
+    p.set_defaults(func=cmd_hash)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        sys.stderr.write("kvcm %s: error: %s\n" % (args.command, exc))
+        return EXIT_USAGE

@@ -1,0 +1,478 @@
+/* The block index: (namespace, kvcm key) -> set of (pod, tier), with LRU capacity.
+ *
+ * Memory is the design constraint (<= 64 B of RSS per (block, pod) entry at 10 M entries),
+ * so nothing here is a Python object and every link is a 32-bit index into a slab:
+ *
+ *   slots[]    open-addressing table (linear probing) of block indices       ~4-8 B/block
+ *   blocks[]   24 B: key, namespace, first holder, LRU prev/next
+ *   holders[]  20 B: one (block, pod, tier) entry, linked twice: into its block's holder
+ *              list (scoring walks it) and into its pod's list (clearing a pod walks it,
+ *              so clear_pod costs O(that pod's entries), not O(index)).
+ *
+ * A block exists only while it has holders. Capacity counts distinct blocks; storing a new
+ * block at capacity evicts the least recently stored-or-hit block with all its holders.
+ * Recency is an exact LRU list: a lookup touches at most the blocks it walked, which are
+ * already in cache, so keeping it exact costs little and makes eviction predictable.
+ *
+ * Single-threaded by contract: the Cython wrapper calls it with the GIL held.
+ */
+#ifndef KVCM_INDEX_H
+#define KVCM_INDEX_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define KVI_NIL 0xFFFFFFFFu
+#define KVI_MAX_TIERS 16
+#define KVI_TIER_BITS 4
+#define KVI_MAX_PODS (1u << (32 - KVI_TIER_BITS)) /* pod ids share a u32 with the tier */
+#define KVI_MAX_ITEMS 0xFFFFFFF0u                 /* slab indices stay below KVI_NIL */
+
+typedef struct {
+    uint64_t key;
+    uint32_t ns;      /* KVI_NIL marks a free slab entry */
+    uint32_t holders; /* first holder, or KVI_NIL */
+    uint32_t lru_prev, lru_next; /* free entries chain through lru_next */
+} kvi_block;
+
+typedef struct {
+    uint32_t block;
+    uint32_t pod_tier; /* pod << KVI_TIER_BITS | tier */
+    uint32_t block_next;
+    uint32_t pod_prev, pod_next; /* free entries chain through block_next */
+} kvi_holder;
+
+typedef struct {
+    uint32_t head; /* first holder of this pod, or KVI_NIL */
+    uint64_t total;
+    uint64_t per_tier[KVI_MAX_TIERS];
+} kvi_pod;
+
+/* One pod's result of a prefix walk. */
+typedef struct {
+    uint32_t pod;
+    uint32_t blocks; /* length of its run of consecutive blocks from block 0 */
+    double score;    /* sum over the run of the best tier weight it holds per block */
+    uint32_t tiers[KVI_MAX_TIERS]; /* blocks of the run held in each tier */
+    uint32_t cur;  /* walk state: the last block it was seen on */
+    double best;   /* walk state: best weight on the current block */
+} kvi_match;
+
+typedef struct {
+    uint32_t *slots;
+    uint64_t slot_mask;
+    kvi_block *blocks;
+    uint32_t blocks_cap, blocks_used, free_block;
+    kvi_holder *holders;
+    uint32_t holders_cap, holders_used, free_holder;
+    kvi_pod *pods;
+    uint32_t pods_cap;
+    uint32_t lru_head, lru_tail; /* head = most recent */
+    uint64_t nblocks, nentries, max_blocks, evictions;
+    /* scratch for lookups, sized to pods_cap */
+    uint32_t *scr_gen, *scr_slot, gen;
+    kvi_match *matches;
+    uint32_t matches_cap;
+    uint32_t *active;
+} kvi_index;
+
+static inline uint64_t kvi_mix(uint32_t ns, uint64_t key) {
+    /* Keys are usually SHA-derived and uniform, but tests and other engines may use small
+     * sequential values: a cheap finalizer spreads them over the table. */
+    uint64_t x = key ^ ((uint64_t)ns * 0x9E3779B97F4A7C15ull);
+    x ^= x >> 32;
+    x *= 0xD6E8FEB86659FD93ull;
+    x ^= x >> 32;
+    return x;
+}
+
+static int kvi_grow(void **arr, uint32_t *cap, size_t item, uint32_t need) {
+    if (need <= *cap) return 0;
+    uint64_t ncap = *cap ? (uint64_t)*cap * 2 : 1024;
+    while (ncap < need) ncap *= 2;
+    if (ncap > KVI_MAX_ITEMS) ncap = KVI_MAX_ITEMS;
+    if (ncap < need) return -1;
+    void *p = realloc(*arr, (size_t)ncap * item);
+    if (!p) return -1;
+    *arr = p;
+    *cap = (uint32_t)ncap;
+    return 0;
+}
+
+static int kvi_init(kvi_index *ix, uint64_t max_blocks) {
+    memset(ix, 0, sizeof(*ix));
+    ix->max_blocks = max_blocks;
+    ix->free_block = ix->free_holder = KVI_NIL;
+    ix->lru_head = ix->lru_tail = KVI_NIL;
+    ix->slot_mask = 1023;
+    ix->slots = (uint32_t *)malloc(sizeof(uint32_t) * (ix->slot_mask + 1));
+    if (!ix->slots) return -1;
+    memset(ix->slots, 0xFF, sizeof(uint32_t) * (ix->slot_mask + 1));
+    return 0;
+}
+
+static void kvi_release(kvi_index *ix) {
+    free(ix->slots); free(ix->blocks); free(ix->holders); free(ix->pods);
+    free(ix->scr_gen); free(ix->scr_slot); free(ix->matches); free(ix->active);
+    memset(ix, 0, sizeof(*ix));
+}
+
+/* Makes pod ids < npods valid (zeroed accounting). */
+static int kvi_ensure_pods(kvi_index *ix, uint32_t npods) {
+    if (npods <= ix->pods_cap) return 0;
+    if (npods > KVI_MAX_PODS) return -1;
+    uint32_t old = ix->pods_cap, cap = old;
+    uint32_t ncap = cap ? cap : 16;
+    while (ncap < npods) ncap *= 2;
+    kvi_pod *p = (kvi_pod *)realloc(ix->pods, sizeof(kvi_pod) * ncap);
+    if (!p) return -1;
+    ix->pods = p;
+    for (uint32_t i = old; i < ncap; i++) {
+        memset(&p[i], 0, sizeof(kvi_pod));
+        p[i].head = KVI_NIL;
+    }
+    uint32_t *g = (uint32_t *)realloc(ix->scr_gen, sizeof(uint32_t) * ncap);
+    if (!g) return -1;
+    ix->scr_gen = g;
+    memset(g + old, 0, sizeof(uint32_t) * (ncap - old));
+    uint32_t *s = (uint32_t *)realloc(ix->scr_slot, sizeof(uint32_t) * ncap);
+    if (!s) return -1;
+    ix->scr_slot = s;
+    ix->pods_cap = ncap;
+    return 0;
+}
+
+/* ---- hash table ---------------------------------------------------------------------- */
+
+static inline uint32_t kvi_find(const kvi_index *ix, uint32_t ns, uint64_t key) {
+    uint64_t i = kvi_mix(ns, key) & ix->slot_mask;
+    for (;;) {
+        uint32_t b = ix->slots[i];
+        if (b == KVI_NIL) return KVI_NIL;
+        if (ix->blocks[b].key == key && ix->blocks[b].ns == ns) return b;
+        i = (i + 1) & ix->slot_mask;
+    }
+}
+
+static inline void kvi_slot_put(uint32_t *slots, uint64_t mask, const kvi_block *blocks, uint32_t b) {
+    uint64_t i = kvi_mix(blocks[b].ns, blocks[b].key) & mask;
+    while (slots[i] != KVI_NIL) i = (i + 1) & mask;
+    slots[i] = b;
+}
+
+/* Doubles the table when it passes 3/4 load. */
+static int kvi_maybe_rehash(kvi_index *ix) {
+    uint64_t size = ix->slot_mask + 1;
+    if ((ix->nblocks + 1) * 4 <= size * 3) return 0;
+    uint64_t nsize = size * 2, nmask = nsize - 1;
+    uint32_t *ns = (uint32_t *)malloc(sizeof(uint32_t) * nsize);
+    if (!ns) return -1;
+    memset(ns, 0xFF, sizeof(uint32_t) * nsize);
+    for (uint64_t i = 0; i < size; i++)
+        if (ix->slots[i] != KVI_NIL) kvi_slot_put(ns, nmask, ix->blocks, ix->slots[i]);
+    free(ix->slots);
+    ix->slots = ns;
+    ix->slot_mask = nmask;
+    return 0;
+}
+
+/* Backward-shift deletion keeps probe chains intact without tombstones. */
+static void kvi_slot_delete(kvi_index *ix, uint32_t b) {
+    uint64_t mask = ix->slot_mask;
+    uint64_t i = kvi_mix(ix->blocks[b].ns, ix->blocks[b].key) & mask;
+    while (ix->slots[i] != b) i = (i + 1) & mask;
+    uint64_t j = i;
+    for (;;) {
+        j = (j + 1) & mask;
+        uint32_t c = ix->slots[j];
+        if (c == KVI_NIL) break;
+        uint64_t home = kvi_mix(ix->blocks[c].ns, ix->blocks[c].key) & mask;
+        /* c may move into the hole at i unless its home lies cyclically in (i, j]. */
+        int stays = (i <= j) ? (home > i && home <= j) : (home > i || home <= j);
+        if (!stays) {
+            ix->slots[i] = c;
+            i = j;
+        }
+    }
+    ix->slots[i] = KVI_NIL;
+}
+
+/* ---- LRU ----------------------------------------------------------------------------- */
+
+static inline void kvi_lru_unlink(kvi_index *ix, uint32_t b) {
+    kvi_block *x = &ix->blocks[b];
+    if (x->lru_prev != KVI_NIL) ix->blocks[x->lru_prev].lru_next = x->lru_next;
+    else ix->lru_head = x->lru_next;
+    if (x->lru_next != KVI_NIL) ix->blocks[x->lru_next].lru_prev = x->lru_prev;
+    else ix->lru_tail = x->lru_prev;
+}
+
+static inline void kvi_lru_push_front(kvi_index *ix, uint32_t b) {
+    kvi_block *x = &ix->blocks[b];
+    x->lru_prev = KVI_NIL;
+    x->lru_next = ix->lru_head;
+    if (ix->lru_head != KVI_NIL) ix->blocks[ix->lru_head].lru_prev = b;
+    else ix->lru_tail = b;
+    ix->lru_head = b;
+}
+
+static inline void kvi_touch(kvi_index *ix, uint32_t b) {
+    if (ix->lru_head == b) return;
+    kvi_lru_unlink(ix, b);
+    kvi_lru_push_front(ix, b);
+}
+
+/* ---- holders ------------------------------------------------------------------------- */
+
+static inline uint32_t kvi_pod_of(uint32_t pod_tier) { return pod_tier >> KVI_TIER_BITS; }
+static inline uint32_t kvi_tier_of(uint32_t pod_tier) { return pod_tier & (KVI_MAX_TIERS - 1); }
+
+static void kvi_delete_block(kvi_index *ix, uint32_t b) {
+    kvi_slot_delete(ix, b);
+    kvi_lru_unlink(ix, b);
+    ix->blocks[b].ns = KVI_NIL;
+    ix->blocks[b].lru_next = ix->free_block;
+    ix->free_block = b;
+    ix->nblocks--;
+}
+
+/* Unlinks holder h (whose predecessor in its block's list is prev, or KVI_NIL) from both
+ * lists and frees it; deletes the block when it was its last holder. */
+static void kvi_drop_holder(kvi_index *ix, uint32_t h, uint32_t prev) {
+    kvi_holder *x = &ix->holders[h];
+    uint32_t b = x->block;
+    if (prev == KVI_NIL) ix->blocks[b].holders = x->block_next;
+    else ix->holders[prev].block_next = x->block_next;
+
+    uint32_t pod = kvi_pod_of(x->pod_tier);
+    kvi_pod *p = &ix->pods[pod];
+    if (x->pod_prev != KVI_NIL) ix->holders[x->pod_prev].pod_next = x->pod_next;
+    else p->head = x->pod_next;
+    if (x->pod_next != KVI_NIL) ix->holders[x->pod_next].pod_prev = x->pod_prev;
+    p->total--;
+    p->per_tier[kvi_tier_of(x->pod_tier)]--;
+    ix->nentries--;
+
+    x->block_next = ix->free_holder;
+    x->block = KVI_NIL;
+    ix->free_holder = h;
+    if (ix->blocks[b].holders == KVI_NIL) kvi_delete_block(ix, b);
+}
+
+static void kvi_evict_block(kvi_index *ix, uint32_t b) {
+    while (ix->blocks[b].holders != KVI_NIL) {
+        uint32_t h = ix->blocks[b].holders;
+        int last = ix->holders[h].block_next == KVI_NIL;
+        kvi_drop_holder(ix, h, KVI_NIL); /* deletes b with its last holder */
+        if (last) break;
+    }
+    ix->evictions++;
+}
+
+static uint32_t kvi_alloc_block(kvi_index *ix, uint32_t ns, uint64_t key) {
+    uint32_t b;
+    if (ix->free_block != KVI_NIL) {
+        b = ix->free_block;
+        ix->free_block = ix->blocks[b].lru_next;
+    } else {
+        if (kvi_grow((void **)&ix->blocks, &ix->blocks_cap, sizeof(kvi_block), ix->blocks_used + 1)) return KVI_NIL;
+        b = ix->blocks_used++;
+    }
+    kvi_block *x = &ix->blocks[b];
+    x->key = key;
+    x->ns = ns;
+    x->holders = KVI_NIL;
+    kvi_slot_put(ix->slots, ix->slot_mask, ix->blocks, b);
+    kvi_lru_push_front(ix, b);
+    ix->nblocks++;
+    return b;
+}
+
+static uint32_t kvi_alloc_holder(kvi_index *ix) {
+    uint32_t h;
+    if (ix->free_holder != KVI_NIL) {
+        h = ix->free_holder;
+        ix->free_holder = ix->holders[h].block_next;
+        return h;
+    }
+    if (kvi_grow((void **)&ix->holders, &ix->holders_cap, sizeof(kvi_holder), ix->holders_used + 1)) return KVI_NIL;
+    return ix->holders_used++;
+}
+
+/* ---- operations ---------------------------------------------------------------------- */
+
+/* Adds (pod, tier) to each block. Returns the number of new entries, or -1 when memory ran
+ * out (the entries stored before that point stay; the index stays consistent). */
+static int64_t kvi_store(kvi_index *ix, uint32_t ns, uint32_t pod, uint32_t tier,
+                         const uint64_t *keys, size_t n) {
+    if (pod >= ix->pods_cap || tier >= KVI_MAX_TIERS || ix->max_blocks == 0) return -1;
+    uint32_t pod_tier = (pod << KVI_TIER_BITS) | tier;
+    int64_t added = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t b = kvi_find(ix, ns, keys[i]);
+        if (b == KVI_NIL) {
+            if (ix->nblocks >= ix->max_blocks) kvi_evict_block(ix, ix->lru_tail);
+            if (kvi_maybe_rehash(ix)) return -1;
+            b = kvi_alloc_block(ix, ns, keys[i]);
+            if (b == KVI_NIL) return -1;
+        } else {
+            kvi_touch(ix, b);
+            uint32_t h = ix->blocks[b].holders;
+            while (h != KVI_NIL && ix->holders[h].pod_tier != pod_tier) h = ix->holders[h].block_next;
+            if (h != KVI_NIL) continue; /* set semantics: already held */
+        }
+        uint32_t h = kvi_alloc_holder(ix);
+        if (h == KVI_NIL) {
+            if (ix->blocks[b].holders == KVI_NIL) kvi_delete_block(ix, b);
+            return -1;
+        }
+        kvi_holder *x = &ix->holders[h];
+        kvi_pod *p = &ix->pods[pod];
+        x->block = b;
+        x->pod_tier = pod_tier;
+        x->block_next = ix->blocks[b].holders;
+        ix->blocks[b].holders = h;
+        x->pod_prev = KVI_NIL;
+        x->pod_next = p->head;
+        if (p->head != KVI_NIL) ix->holders[p->head].pod_prev = h;
+        p->head = h;
+        p->total++;
+        p->per_tier[tier]++;
+        ix->nentries++;
+        added++;
+    }
+    return added;
+}
+
+/* Removes (pod, tier) from each block; unknown blocks and absent entries are no-ops.
+ * Returns the number of entries removed. */
+static uint64_t kvi_remove(kvi_index *ix, uint32_t ns, uint32_t pod, uint32_t tier,
+                           const uint64_t *keys, size_t n) {
+    if (pod >= ix->pods_cap || tier >= KVI_MAX_TIERS) return 0;
+    uint32_t pod_tier = (pod << KVI_TIER_BITS) | tier;
+    uint64_t removed = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t b = kvi_find(ix, ns, keys[i]);
+        if (b == KVI_NIL) continue;
+        uint32_t prev = KVI_NIL, h = ix->blocks[b].holders;
+        while (h != KVI_NIL && ix->holders[h].pod_tier != pod_tier) {
+            prev = h;
+            h = ix->holders[h].block_next;
+        }
+        if (h == KVI_NIL) continue;
+        kvi_drop_holder(ix, h, prev);
+        removed++;
+    }
+    return removed;
+}
+
+/* Drops holder h, finding its predecessor in its block's (short) holder list. */
+static void kvi_drop_holder_anywhere(kvi_index *ix, uint32_t h) {
+    uint32_t prev = KVI_NIL, c = ix->blocks[ix->holders[h].block].holders;
+    while (c != h) {
+        prev = c;
+        c = ix->holders[c].block_next;
+    }
+    kvi_drop_holder(ix, h, prev);
+}
+
+/* Removes the pod's entries in one tier (tier < 0: all tiers), in every namespace
+ * (ns == KVI_NIL) or in one. Costs O(the pod's entries). */
+static uint64_t kvi_clear_pod(kvi_index *ix, uint32_t pod, int tier, uint32_t ns) {
+    if (pod >= ix->pods_cap) return 0;
+    uint64_t removed = 0;
+    uint32_t h = ix->pods[pod].head;
+    while (h != KVI_NIL) {
+        uint32_t next = ix->holders[h].pod_next;
+        kvi_holder *x = &ix->holders[h];
+        if ((tier < 0 || kvi_tier_of(x->pod_tier) == (uint32_t)tier) &&
+            (ns == KVI_NIL || ix->blocks[x->block].ns == ns)) {
+            kvi_drop_holder_anywhere(ix, h);
+            removed++;
+        }
+        h = next;
+    }
+    return removed;
+}
+
+/* Removes every block of a namespace on all pods: O(index), for the rare one-way switch of a
+ * namespace's hash mode. */
+static uint64_t kvi_clear_namespace(kvi_index *ix, uint32_t ns) {
+    uint64_t removed = 0;
+    for (uint32_t b = 0; b < ix->blocks_used; b++) {
+        if (ix->blocks[b].ns != ns) continue;
+        while (ix->blocks[b].ns == ns && ix->blocks[b].holders != KVI_NIL) {
+            kvi_drop_holder(ix, ix->blocks[b].holders, KVI_NIL);
+            removed++;
+        }
+    }
+    return removed;
+}
+
+/* Walks keys from block 0 and stops at the first block no candidate pod holds. A candidate
+ * is a pod that holds block 0 (and passes the filter, a bitmap over pod ids, when given) and
+ * has held every block since. Results land in ix->matches; returns their count, or -1 when
+ * memory ran out. Touches the blocks it matched (a lookup hit refreshes recency). */
+static int64_t kvi_lookup(kvi_index *ix, uint32_t ns, const uint64_t *keys, size_t n,
+                          const uint8_t *filter, uint32_t filter_bits, const double *weights) {
+    if (++ix->gen == 0) { /* generation wrapped: forget every stale stamp once */
+        memset(ix->scr_gen, 0, sizeof(uint32_t) * ix->pods_cap);
+        ix->gen = 1;
+    }
+    uint32_t nm = 0, nactive = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t b = kvi_find(ix, ns, keys[i]);
+        if (b == KVI_NIL) break;
+        int seen = 0;
+        for (uint32_t h = ix->blocks[b].holders; h != KVI_NIL; h = ix->holders[h].block_next) {
+            uint32_t pt = ix->holders[h].pod_tier, pod = kvi_pod_of(pt), tier = kvi_tier_of(pt);
+            kvi_match *m;
+            if (ix->scr_gen[pod] != ix->gen) {
+                if (i != 0) continue;
+                if (filter && (pod >= filter_bits || !(filter[pod >> 3] & (1u << (pod & 7))))) continue;
+                if (nm >= ix->matches_cap) {
+                    if (kvi_grow((void **)&ix->matches, &ix->matches_cap, sizeof(kvi_match), nm + 1)) return -1;
+                    uint32_t *a = (uint32_t *)realloc(ix->active, sizeof(uint32_t) * ix->matches_cap);
+                    if (!a) return -1;
+                    ix->active = a;
+                }
+                ix->scr_gen[pod] = ix->gen;
+                ix->scr_slot[pod] = nm;
+                m = &ix->matches[nm];
+                memset(m, 0, sizeof(*m));
+                m->pod = pod;
+                m->cur = KVI_NIL;
+                ix->active[nactive++] = nm++;
+            } else {
+                m = &ix->matches[ix->scr_slot[pod]];
+                if (m->blocks != i) continue; /* its run ended earlier */
+            }
+            double w = weights[tier];
+            if (m->cur != (uint32_t)i) {
+                m->cur = (uint32_t)i;
+                m->best = w;
+            } else if (w > m->best) {
+                m->best = w;
+            }
+            m->tiers[tier]++;
+            seen = 1;
+        }
+        if (!seen) break;
+        kvi_touch(ix, b);
+        uint32_t keep = 0;
+        for (uint32_t a = 0; a < nactive; a++) {
+            kvi_match *m = &ix->matches[ix->active[a]];
+            if (m->cur == (uint32_t)i) {
+                m->blocks++;
+                m->score += m->best;
+                ix->active[keep++] = ix->active[a];
+            }
+        }
+        nactive = keep;
+        if (!nactive) break;
+    }
+    return nm;
+}
+
+#endif
