@@ -1,0 +1,324 @@
+"""The pure-Python twin of kvcm._core: the same functions and classes, written to be obviously
+correct rather than fast (hashlib, pickle, dicts). Tests run every case against both.
+
+Nothing here is used by the service.
+"""
+
+import hashlib
+import pickle
+from array import array
+from collections import OrderedDict
+
+ALGORITHMS = ("sha256", "sha256_cbor", "sha256_cbor_64bit", "kvcm")
+UNSET_SEED = "vllm-none-hash"
+DEFAULT_MAX_BLOCKS = 10_000_000
+DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
+MAX_TIERS = 16
+
+
+def sha256(data):
+    return hashlib.sha256(bytes(data)).digest()
+
+
+# ---- encoders ------------------------------------------------------------------------------
+
+def _cbor_head(major, value):
+    if value < 24:
+        return bytes([major << 5 | value])
+    for extra, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if value < 1 << (8 * width):
+            return bytes([major << 5 | extra]) + value.to_bytes(width, "big")
+    raise OverflowError("cbor_encode: int out of range")
+
+
+def cbor_encode(obj):
+    """Canonical (RFC 8949 deterministic) CBOR of None, bool, int in [-2**64, 2**64), bytes,
+    str, tuple and list."""
+    if obj is None:
+        return b"\xf6"
+    if obj is True:
+        return b"\xf5"
+    if obj is False:
+        return b"\xf4"
+    if type(obj) is int:
+        if obj >= 0:
+            return _cbor_head(0, obj)
+        return _cbor_head(1, -1 - obj)
+    if type(obj) is bytes:
+        return _cbor_head(2, len(obj)) + obj
+    if type(obj) is str:
+        data = obj.encode("utf-8")
+        return _cbor_head(3, len(data)) + data
+    if type(obj) in (tuple, list):
+        return _cbor_head(4, len(obj)) + b"".join(cbor_encode(x) for x in obj)
+    raise TypeError("cbor_encode: unsupported type %s" % type(obj).__name__)
+
+
+def _check_pickle_types(obj):
+    if obj is None or type(obj) in (bool, int, bytes, str):
+        return
+    if type(obj) is tuple:
+        for x in obj:
+            _check_pickle_types(x)
+        return
+    raise TypeError("pickle5_encode: unsupported type %s" % type(obj).__name__)
+
+
+def pickle5_encode(obj):
+    """pickle.dumps(obj, protocol=5) for None, bool, int, bytes, str and tuple."""
+    _check_pickle_types(obj)
+    return pickle.dumps(obj, protocol=5)
+
+
+# ---- block hasher --------------------------------------------------------------------------
+
+def _u64(digest):
+    return int.from_bytes(digest[-8:], "big")
+
+
+class BlockHasher:
+    def __init__(self, algo="sha256", seed=None, block_size=16, namespace=None):
+        if algo not in ALGORITHMS:
+            raise ValueError("unknown hash algorithm %r" % (algo,))
+        if block_size <= 0:
+            raise ValueError("block_size must be positive, got %d" % block_size)
+        if seed is not None and not isinstance(seed, str):
+            raise TypeError("seed must be a str or None")
+        self.algo, self.seed, self.block_size, self.namespace = algo, seed, block_size, namespace
+        seed_str = UNSET_SEED if seed is None else seed
+        if algo == "sha256":
+            self._root = sha256(pickle.dumps(seed_str, protocol=5))
+        elif algo == "sha256_cbor":
+            self._root = sha256(cbor_encode(seed_str))
+        elif algo == "sha256_cbor_64bit":
+            self._root = sha256(cbor_encode(seed_str))[-8:]
+        else:
+            self._root = sha256(cbor_encode([seed_str, None, namespace]))[-8:]
+
+    @property
+    def root(self):
+        return self._root
+
+    def _block_digest(self, parent, tokens, extra):
+        if self.algo == "sha256":
+            return sha256(pickle5_encode((parent, tuple(tokens), extra)))
+        if self.algo == "sha256_cbor":
+            return sha256(cbor_encode((parent, tuple(tokens), extra)))
+        return sha256(cbor_encode((_u64(parent), tuple(tokens), extra)))[-8:]
+
+    def digests(self, tokens, extra_keys=None, parent=None):
+        tokens = [int(t) for t in tokens]
+        if any(not 0 <= t < 2 ** 64 for t in tokens):
+            raise ValueError("tokens: values must be in [0, 2**64)")
+        if parent is None:
+            parent = self._root
+        elif isinstance(parent, int):
+            parent = parent.to_bytes(8, "big")
+        out = []
+        for i in range(len(tokens) // self.block_size):
+            extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None
+            parent = self._block_digest(parent, tokens[i * self.block_size:(i + 1) * self.block_size], extra)
+            out.append(parent)
+        return out
+
+    def keys(self, tokens, extra_keys=None, parent=None):
+        return array("Q", [_u64(d) for d in self.digests(tokens, extra_keys, parent)])
+
+
+# ---- index ---------------------------------------------------------------------------------
+
+class Index:
+    """Same semantics as kvcm._core.Index: exact LRU over distinct blocks (a store touches
+    every block it names, a lookup the blocks it matched), set semantics per (pod, tier)."""
+
+    def __init__(self, max_blocks=DEFAULT_MAX_BLOCKS):
+        if max_blocks < 1:
+            raise ValueError("max_blocks must be at least 1")
+        self.capacity = max_blocks
+        self._blocks = OrderedDict()  # (ns, key) -> set of (pod, tier); last = most recent
+        self._tiers = []
+        self._engine = _ReferenceEngineMap(max_blocks)
+        self.evictions = 0
+
+    @property
+    def tiers(self):
+        return tuple(self._tiers)
+
+    def __len__(self):
+        return len(self._blocks)
+
+    def _intern_tier(self, tier):
+        if tier not in self._tiers:
+            if len(self._tiers) >= MAX_TIERS:
+                raise ValueError("too many distinct tier names")
+            self._tiers.append(tier)
+
+    def store(self, ns, pod, tier, keys):
+        self._intern_tier(tier)
+        added = 0
+        for key in keys:
+            block = (ns, int(key))
+            if block in self._blocks:
+                self._blocks.move_to_end(block)
+            else:
+                if len(self._blocks) >= self.capacity:
+                    self._blocks.popitem(last=False)
+                    self.evictions += 1
+                self._blocks[block] = set()
+            if (pod, tier) not in self._blocks[block]:
+                self._blocks[block].add((pod, tier))
+                added += 1
+        return added
+
+    def remove(self, ns, pod, tier, keys):
+        removed = 0
+        for key in keys:
+            holders = self._blocks.get((ns, int(key)))
+            if holders and (pod, tier) in holders:
+                holders.discard((pod, tier))
+                removed += 1
+                if not holders:
+                    del self._blocks[(ns, int(key))]
+        return removed
+
+    def clear_pod(self, pod, tier=None, ns=None):
+        removed = 0
+        for block in list(self._blocks):
+            if ns is not None and block[0] != ns:
+                continue
+            holders = self._blocks[block]
+            for entry in [e for e in holders if e[0] == pod and (tier is None or e[1] == tier)]:
+                holders.discard(entry)
+                removed += 1
+            if not holders:
+                del self._blocks[block]
+        return removed
+
+    def clear_namespace(self, ns):
+        self._engine.clear_namespace(ns)
+        removed = 0
+        for block in [b for b in self._blocks if b[0] == ns]:
+            removed += len(self._blocks.pop(block))
+        return removed
+
+    def _walk(self, ns, keys, pods, weight):
+        matches = {}  # pod -> [score, blocks, {tier: n}]
+        for i, key in enumerate(keys):
+            holders = self._blocks.get((ns, int(key)))
+            if not holders:
+                break
+            held = {}  # pod -> tiers held on this block
+            for pod, tier in holders:
+                if i == 0 and (pods is None or pod in pods):
+                    matches.setdefault(pod, [0.0, 0, {}])
+                if pod in matches and matches[pod][1] == i:
+                    held.setdefault(pod, []).append(tier)
+            if not held:
+                break
+            self._blocks.move_to_end((ns, int(key)))
+            for pod, tiers in held.items():
+                m = matches[pod]
+                m[0] += max(weight(t) for t in tiers)
+                m[1] += 1
+                for t in tiers:
+                    m[2][t] = m[2].get(t, 0) + 1
+        return matches
+
+    def lookup_prefix(self, ns, keys, pods=None):
+        return {pod: (m[1], m[2]) for pod, m in self._walk(ns, keys, pods, lambda t: 1.0).items()}
+
+    def pod_blocks(self, pod):
+        counts = {}
+        for holders in self._blocks.values():
+            for p, tier in holders:
+                if p == pod:
+                    counts[tier] = counts.get(tier, 0) + 1
+        return counts
+
+    def stats(self):
+        pods = {}
+        for holders in self._blocks.values():
+            for pod, tier in holders:
+                pods.setdefault(pod, {}).setdefault(tier, 0)
+                pods[pod][tier] += 1
+        return {
+            "blocks": len(self._blocks),
+            "entries": sum(len(h) for h in self._blocks.values()),
+            "capacity": self.capacity,
+            "evictions": self.evictions,
+            "engine_map_entries": self._engine.count(),
+            "pods": pods,
+        }
+
+    def map_engine(self, ns, engine_hashes, keys):
+        engine_hashes, keys = list(engine_hashes), list(keys)
+        if not engine_hashes:
+            if keys:
+                raise ValueError("keys given without engine hashes")
+            return
+        if not keys or len(keys) % len(engine_hashes):
+            raise ValueError("len(keys) must be a positive multiple of len(engine_hashes)")
+        per = len(keys) // len(engine_hashes)
+        for i, e in enumerate(engine_hashes):
+            self._engine.set(ns, e, tuple(keys[i * per:(i + 1) * per]))
+
+    def resolve(self, ns, engine_hashes):
+        return [self._engine.get(ns, e) for e in engine_hashes]
+
+
+class _ReferenceEngineMap:
+    """Two generations: inserts go to the young dict; when it holds gen_cap entries the old
+    one is dropped and the young one becomes old; a hit in the old one is copied forward.
+    Counted in keys, as the C map counts entries."""
+
+    def __init__(self, capacity):
+        self.gen_cap = max(capacity // 2, 512)
+        self.young, self.old = {}, {}
+
+    def _size(self, gen):
+        return sum(len(v) for v in gen.values())
+
+    def set(self, ns, ehash, keys):
+        self.young.pop((ns, ehash), None)
+        self.old.pop((ns, ehash), None)
+        if self._size(self.young) >= self.gen_cap:
+            self.old, self.young = self.young, {}
+        self.young[(ns, ehash)] = keys
+
+    def get(self, ns, ehash):
+        if (ns, ehash) in self.young:
+            return self.young[(ns, ehash)]
+        keys = self.old.get((ns, ehash), ())
+        if keys:
+            self.set(ns, ehash, keys)
+        return keys
+
+    def count(self):
+        return self._size(self.young) + self._size(self.old)
+
+    def clear_namespace(self, ns):
+        for gen in (self.young, self.old):
+            for k in [k for k in gen if k[0] == ns]:
+                del gen[k]
+
+
+class Scorer:
+    def __init__(self, weights=None, default_weight=1.0):
+        self.weights = dict(DEFAULT_TIER_WEIGHTS if weights is None else weights)
+        for name, w in self.weights.items():
+            if not isinstance(name, str) or not float(w) >= 0.0:
+                raise ValueError("tier weight %r=%r must be a non-negative number" % (name, w))
+        self.default_weight = default_weight
+
+    def _weight(self, tier):
+        return self.weights.get(tier, self.default_weight)
+
+    def score(self, index, ns, keys, pods=None):
+        return {pod: m[0] for pod, m in index._walk(ns, keys, pods, self._weight).items()}
+
+    def score_detailed(self, index, ns, keys, pods=None):
+        return {pod: (m[0], m[1], m[2]) for pod, m in index._walk(ns, keys, pods, self._weight).items()}
+
+
+__all__ = ["ALGORITHMS", "UNSET_SEED", "sha256", "cbor_encode", "pickle5_encode", "BlockHasher",
+           "Index", "Scorer"]
