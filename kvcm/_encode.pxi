@@ -26,23 +26,37 @@ cdef inline int uint_width_bytes(uint64_t v) noexcept nogil:
 
 # ---- CBOR ----------------------------------------------------------------------------------
 
-cdef inline void cbor_head(WBuf *b, unsigned char major, uint64_t v) noexcept nogil:
-    """Shortest-form head for major type `major` (room for 9 bytes reserved by the caller)."""
+cdef inline unsigned char *cbor_head_at(unsigned char *w, unsigned char major, uint64_t v) noexcept nogil:
+    """Writes the shortest-form head for major type `major` at w; returns the end.
+
+    Works on a local pointer rather than through WBuf: stores through a char pointer may
+    alias anything, so writing via b.data[b.len] would reload b after every byte."""
     cdef unsigned char m = major << 5
+    cdef int n, i
     if v < 24:
-        wb_put1(b, m | <unsigned char>v)
-    elif v <= 0xFF:
-        wb_put1(b, m | 24)
-        wb_put1(b, <unsigned char>v)
+        w[0] = m | <unsigned char>v
+        return w + 1
+    if v <= 0xFF:
+        w[0] = m | 24
+        n = 1
     elif v <= 0xFFFF:
-        wb_put1(b, m | 25)
-        wb_put_be(b, v, 2)
+        w[0] = m | 25
+        n = 2
     elif v <= 0xFFFFFFFFULL:
-        wb_put1(b, m | 26)
-        wb_put_be(b, v, 4)
+        w[0] = m | 26
+        n = 4
     else:
-        wb_put1(b, m | 27)
-        wb_put_be(b, v, 8)
+        w[0] = m | 27
+        n = 8
+    for i in range(n, 0, -1):
+        w[i] = <unsigned char>(v & 0xFF)
+        v >>= 8
+    return w + 1 + n
+
+
+cdef inline void cbor_head(WBuf *b, unsigned char major, uint64_t v) noexcept nogil:
+    """cbor_head_at into b (room for 9 bytes reserved by the caller)."""
+    b.len = cbor_head_at(b.data + b.len, major, v) - b.data
 
 
 cdef inline int cbor_put_uints(WBuf *b, const uint64_t *v, Py_ssize_t n) noexcept nogil:
@@ -50,9 +64,10 @@ cdef inline int cbor_put_uints(WBuf *b, const uint64_t *v, Py_ssize_t n) noexcep
     cdef Py_ssize_t i
     if wb_reserve(b, 9 + 9 * n):
         return -1
-    cbor_head(b, 4, n)
+    cdef unsigned char *w = cbor_head_at(b.data + b.len, 4, n)
     for i in range(n):
-        cbor_head(b, 0, v[i])
+        w = cbor_head_at(w, 0, v[i])
+    b.len = w - b.data
     return 0
 
 
@@ -178,31 +193,48 @@ cdef inline void pk_memoize(Pickler *p) noexcept nogil:
     p.memo_next += 1
 
 
-cdef inline void pk_put_small_int(WBuf *b, int64_t v) noexcept nogil:
-    """BININT1 / BININT2 / BININT for v in [-2**31, 2**31); room for 5 bytes reserved."""
+cdef inline unsigned char *pk_int_at(unsigned char *w, int64_t v) noexcept nogil:
+    """BININT1 / BININT2 / BININT for v in [-2**31, 2**31) at w; returns the end."""
+    cdef uint64_t u = <uint64_t>v
     if 0 <= v <= 0xFF:
-        wb_put1(b, 0x4B)
-        wb_put1(b, <unsigned char>v)
-    elif 0 <= v <= 0xFFFF:
-        wb_put1(b, 0x4D)
-        wb_put_le(b, <uint64_t>v, 2)
-    else:
-        wb_put1(b, 0x4A)
-        wb_put_le(b, <uint64_t>v, 4)
+        w[0] = 0x4B
+        w[1] = <unsigned char>u
+        return w + 2
+    if 0 <= v <= 0xFFFF:
+        w[0] = 0x4D
+        w[1] = <unsigned char>(u & 0xFF)
+        w[2] = <unsigned char>(u >> 8)
+        return w + 3
+    w[0] = 0x4A
+    w[1] = <unsigned char>(u & 0xFF)
+    w[2] = <unsigned char>((u >> 8) & 0xFF)
+    w[3] = <unsigned char>((u >> 16) & 0xFF)
+    w[4] = <unsigned char>((u >> 24) & 0xFF)
+    return w + 5
+
+
+cdef inline unsigned char *pk_uint_at(unsigned char *w, uint64_t v) noexcept nogil:
+    """An unsigned int as pickle writes it (at most 11 bytes) at w; returns the end."""
+    cdef int n, i
+    if v < 0x80000000ULL:
+        return pk_int_at(w, <int64_t>v)
+    n = uint_width_bytes(v)
+    w[0] = 0x8A  # LONG1: little-endian two's complement, so a set top bit needs a 0 byte
+    w[1] = <unsigned char>n
+    for i in range(8 if n > 8 else n):
+        w[2 + i] = <unsigned char>(v & 0xFF)
+        v >>= 8
+    if n > 8:
+        w[10] = 0
+    return w + 2 + n
+
+
+cdef inline void pk_put_small_int(WBuf *b, int64_t v) noexcept nogil:
+    b.len = pk_int_at(b.data + b.len, v) - b.data
 
 
 cdef inline void pk_put_uint(WBuf *b, uint64_t v) noexcept nogil:
-    """An unsigned int as pickle writes it; room for 11 bytes reserved."""
-    cdef int n
-    if v < 0x80000000ULL:
-        pk_put_small_int(b, <int64_t>v)
-    else:
-        n = uint_width_bytes(v)
-        wb_put1(b, 0x8A)  # LONG1
-        wb_put1(b, <unsigned char>n)
-        wb_put_le(b, v, 8 if n > 8 else n)
-        if n > 8:
-            wb_put1(b, 0)
+    b.len = pk_uint_at(b.data + b.len, v) - b.data
 
 
 cdef inline int pk_save_bytes_data(Pickler *p, unsigned char op_short, unsigned char op_4,
@@ -247,6 +279,7 @@ cdef int pk_save_uint_tuple(Pickler *p, const uint64_t *v, Py_ssize_t n) noexcep
     """A tuple of unsigned ints (a block's token ids)."""
     cdef Py_ssize_t i
     cdef bint fits
+    cdef unsigned char *w
     pk_boundary(p)
     if n == 0:
         if pk_room(p, 1):
@@ -263,8 +296,10 @@ cdef int pk_save_uint_tuple(Pickler *p, const uint64_t *v, Py_ssize_t n) noexcep
     if fits:
         if wb_reserve(p.out, 11 * n + 2):
             return -1
+        w = p.out.data + p.out.len
         for i in range(n):
-            pk_put_uint(p.out, v[i])
+            w = pk_uint_at(w, v[i])
+        p.out.len = w - p.out.data
     else:
         for i in range(n):
             pk_boundary(p)

@@ -167,19 +167,52 @@ cdef class BlockHasher:
         wb_free(&b)
         return rc
 
+    cdef int chain(self, const uint64_t *tok, Py_ssize_t nblocks, object extra_keys,
+                   unsigned char *parent, uint64_t *keys_out, unsigned char *digests_out) except -1:
+        """Hashes nblocks full blocks of tok. `parent` holds the starting parent digest
+        (digest_len bytes) and ends as the last block's; digests_out (nblocks * digest_len
+        bytes) may be NULL. extra_keys: None or a list/tuple, one entry per block (missing
+        trailing entries are None)."""
+        cdef Py_ssize_t i, dl = self._digest_len
+        cdef unsigned char d[32]
+        cdef WBuf b
+        cdef int rc
+        if extra_keys is not None and not isinstance(extra_keys, (list, tuple)):
+            raise TypeError("extra_keys must be a list with one entry per block (None or a tuple)")
+        if (extra_keys is None or all(e is None for e in extra_keys[:nblocks])) and self.block_size <= FAST_MAX_BLOCK_TOKENS:
+            if nblocks >= NOGIL_MIN_BLOCKS:
+                with nogil:
+                    rc = self._chain_nogil(tok, nblocks, parent, keys_out, digests_out)
+            else:
+                rc = self._chain_nogil(tok, nblocks, parent, keys_out, digests_out)
+            if rc:
+                raise MemoryError()
+            return 0
+        wb_init(&b)
+        try:
+            for i in range(nblocks):
+                extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None
+                self._encode(&b, parent, dl, tok + i * self.block_size, extra)
+                kvcm_sha256(b.data, b.len, d)
+                memcpy(parent, d + 32 - dl, dl)
+                keys_out[i] = digest_u64(d, 32)
+                if digests_out != NULL:
+                    memcpy(digests_out + i * dl, parent, dl)
+        finally:
+            wb_free(&b)
+        return 0
+
+    cdef inline void root_into(self, unsigned char *parent) noexcept:
+        memcpy(parent, self._root, self._digest_len)
+
     cdef _run(self, tokens, extra_keys, parent, bint want_digests):
         cdef U64s tok
         cdef Py_ssize_t nblocks, i, dl = self._digest_len
         cdef unsigned char par[32]
-        cdef unsigned char d[32]
         cdef array keys
         cdef bytes digests = None
-        cdef unsigned char *dout = NULL
-        cdef WBuf b
-        cdef int rc
-        cdef bint fast
         if parent is None:
-            memcpy(par, self._root, dl)
+            self.root_into(par)
         else:
             self._set_parent(parent, par)
         load_u64s(tokens, &tok, "tokens")
@@ -188,31 +221,8 @@ cdef class BlockHasher:
             keys = new_u64_array(nblocks)
             if want_digests:
                 digests = PyBytes_FromStringAndSize(NULL, nblocks * dl)
-                dout = <unsigned char *>PyBytes_AS_STRING(digests)
-            if extra_keys is not None and not isinstance(extra_keys, (list, tuple)):
-                raise TypeError("extra_keys must be a list with one entry per block (None or a tuple)")
-            fast = (extra_keys is None or all(e is None for e in extra_keys[:nblocks])) and self.block_size <= FAST_MAX_BLOCK_TOKENS
-            if fast:
-                if nblocks >= NOGIL_MIN_BLOCKS:
-                    with nogil:
-                        rc = self._chain_nogil(tok.data, nblocks, par, <uint64_t *>keys.data.as_ulonglongs, dout)
-                else:
-                    rc = self._chain_nogil(tok.data, nblocks, par, <uint64_t *>keys.data.as_ulonglongs, dout)
-                if rc:
-                    raise MemoryError()
-            else:
-                wb_init(&b)
-                try:
-                    for i in range(nblocks):
-                        extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None
-                        self._encode(&b, par, dl, tok.data + i * self.block_size, extra)
-                        kvcm_sha256(b.data, b.len, d)
-                        memcpy(par, d + 32 - dl, dl)
-                        keys.data.as_ulonglongs[i] = digest_u64(d, 32)
-                        if dout != NULL:
-                            memcpy(dout + i * dl, par, dl)
-                finally:
-                    wb_free(&b)
+            self.chain(tok.data, nblocks, extra_keys, par, <uint64_t *>keys.data.as_ulonglongs,
+                       <unsigned char *>PyBytes_AS_STRING(digests) if want_digests else NULL)
         finally:
             u64s_free(&tok)
         if want_digests:

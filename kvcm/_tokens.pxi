@@ -8,6 +8,9 @@ from cpython.array cimport array, clone
 
 cdef array _u64_template = array("Q")
 
+cdef extern from "pyint.h":
+    int kvcm_small_uint(object o, uint64_t *out)
+
 
 cdef struct U64s:
     uint64_t *data
@@ -84,10 +87,14 @@ cdef int load_u64s(object obj, U64s *out, str what) except -1:
     try:
         if type(obj) is list:
             for i in range(n):
-                out.data[i] = _as_u64(<object>PyList_GET_ITEM(obj, i), what, i)
+                item = <object>PyList_GET_ITEM(obj, i)
+                if not kvcm_small_uint(item, &out.data[i]):
+                    out.data[i] = _as_u64(item, what, i)
         else:
             for i in range(n):
-                out.data[i] = _as_u64(<object>PyTuple_GET_ITEM(obj, i), what, i)
+                item = <object>PyTuple_GET_ITEM(obj, i)
+                if not kvcm_small_uint(item, &out.data[i]):
+                    out.data[i] = _as_u64(item, what, i)
     except BaseException:
         u64s_free(out)
         raise
