@@ -12,7 +12,10 @@ import os
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, realloc, free
-from libc.string cimport memcpy, memmove, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
+from cpython.buffer cimport PyBUF_SIMPLE
+
+from collections import OrderedDict
 
 include "_buffer.pxi"
 include "_sha.pxi"
@@ -20,3 +23,5 @@ include "_encode.pxi"
 include "_tokens.pxi"
 include "_hasher.pxi"
 include "_index.pxi"
+include "_msgpack.pxi"
+include "_events.pxi"

@@ -298,19 +298,24 @@ cdef class Scorer:
     """llm-d's LongestPrefix scorer with tier weights: a pod's score is the sum, over its
     consecutive run of blocks from block 0, of the best tier weight it holds on each block.
     Tiers without a configured weight weigh `default_weight`."""
-    cdef readonly dict weights
+    cdef dict _weights
     cdef readonly double default_weight
     cdef double _w[16]
     cdef object _for_tiers  # the index's tier-name list _w was computed for
     cdef Py_ssize_t _nt     # and its length then (the list only grows)
 
     def __init__(self, weights=None, double default_weight=1.0):
-        self.weights = dict(DEFAULT_TIER_WEIGHTS if weights is None else weights)
-        for name, w in self.weights.items():
-            if not isinstance(name, str) or not (float(w) >= 0.0):
+        self._weights = {name: float(w) for name, w in (DEFAULT_TIER_WEIGHTS if weights is None else weights).items()}
+        for name, w in list(self._weights.items()) + [("default", default_weight)]:
+            if not isinstance(name, str) or not (w >= 0.0):
                 raise ValueError("tier weight %r=%r must be a non-negative number" % (name, w))
         self.default_weight = default_weight
         self._for_tiers = None
+
+    @property
+    def weights(self):
+        """A copy: the weights are fixed at construction."""
+        return dict(self._weights)
 
     cdef const double *_weights_for(self, Index index):
         cdef int t
@@ -318,7 +323,7 @@ cdef class Scorer:
             for t in range(KVI_MAX_TIERS):
                 self._w[t] = self.default_weight
             for t, name in enumerate(index._tiers.names):
-                self._w[t] = self.weights.get(name, self.default_weight)
+                self._w[t] = self._weights.get(name, self.default_weight)
             self._for_tiers = index._tiers.names
             self._nt = len(index._tiers.names)
         return self._w

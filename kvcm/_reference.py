@@ -14,6 +14,19 @@ UNSET_SEED = "vllm-none-hash"
 DEFAULT_MAX_BLOCKS = 10_000_000
 DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
 MAX_TIERS = 16
+MAX_KEYS_PER_ENGINE_HASH = 64
+
+
+def _u64s(values, what):
+    """The ints of values, checked as the core checks them."""
+    out = []
+    for i, v in enumerate(values):
+        if type(v) is not int:
+            raise TypeError("%s: position %d is %s, not an int" % (what, i, type(v).__name__))
+        if not 0 <= v < 2 ** 64:
+            raise ValueError("%s: value %d at position %d is outside [0, 2**64)" % (what, v, i))
+        out.append(v)
+    return out
 
 
 def sha256(data):
@@ -107,9 +120,7 @@ class BlockHasher:
         return sha256(cbor_encode((_u64(parent), tuple(tokens), extra)))[-8:]
 
     def digests(self, tokens, extra_keys=None, parent=None):
-        tokens = [int(t) for t in tokens]
-        if any(not 0 <= t < 2 ** 64 for t in tokens):
-            raise ValueError("tokens: values must be in [0, 2**64)")
+        tokens = _u64s(tokens, "tokens")
         if parent is None:
             parent = self._root
         elif isinstance(parent, int):
@@ -154,10 +165,11 @@ class Index:
             self._tiers.append(tier)
 
     def store(self, ns, pod, tier, keys):
+        keys = _u64s(keys, "keys")
         self._intern_tier(tier)
         added = 0
         for key in keys:
-            block = (ns, int(key))
+            block = (ns, key)
             if block in self._blocks:
                 self._blocks.move_to_end(block)
             else:
@@ -172,13 +184,13 @@ class Index:
 
     def remove(self, ns, pod, tier, keys):
         removed = 0
-        for key in keys:
-            holders = self._blocks.get((ns, int(key)))
+        for key in _u64s(keys, "keys"):
+            holders = self._blocks.get((ns, key))
             if holders and (pod, tier) in holders:
                 holders.discard((pod, tier))
                 removed += 1
                 if not holders:
-                    del self._blocks[(ns, int(key))]
+                    del self._blocks[(ns, key)]
         return removed
 
     def clear_pod(self, pod, tier=None, ns=None):
@@ -203,8 +215,9 @@ class Index:
 
     def _walk(self, ns, keys, pods, weight):
         matches = {}  # pod -> [score, blocks, {tier: n}]
+        keys = _u64s(keys, "keys")
         for i, key in enumerate(keys):
-            holders = self._blocks.get((ns, int(key)))
+            holders = self._blocks.get((ns, key))
             if not holders:
                 break
             held = {}  # pod -> tiers held on this block
@@ -215,7 +228,7 @@ class Index:
                     held.setdefault(pod, []).append(tier)
             if not held:
                 break
-            self._blocks.move_to_end((ns, int(key)))
+            self._blocks.move_to_end((ns, key))
             for pod, tiers in held.items():
                 m = matches[pod]
                 m[0] += max(weight(t) for t in tiers)
@@ -251,7 +264,7 @@ class Index:
         }
 
     def map_engine(self, ns, engine_hashes, keys):
-        engine_hashes, keys = list(engine_hashes), list(keys)
+        engine_hashes, keys = _u64s(engine_hashes, "engine_hashes"), _u64s(keys, "keys")
         if not engine_hashes:
             if keys:
                 raise ValueError("keys given without engine hashes")
@@ -259,11 +272,13 @@ class Index:
         if not keys or len(keys) % len(engine_hashes):
             raise ValueError("len(keys) must be a positive multiple of len(engine_hashes)")
         per = len(keys) // len(engine_hashes)
+        if per > MAX_KEYS_PER_ENGINE_HASH:
+            raise ValueError("more than %d keys per engine hash" % MAX_KEYS_PER_ENGINE_HASH)
         for i, e in enumerate(engine_hashes):
             self._engine.set(ns, e, tuple(keys[i * per:(i + 1) * per]))
 
     def resolve(self, ns, engine_hashes):
-        return [self._engine.get(ns, e) for e in engine_hashes]
+        return [self._engine.get(ns, e) for e in _u64s(engine_hashes, "engine_hashes")]
 
 
 class _ReferenceEngineMap:
@@ -304,14 +319,18 @@ class _ReferenceEngineMap:
 
 class Scorer:
     def __init__(self, weights=None, default_weight=1.0):
-        self.weights = dict(DEFAULT_TIER_WEIGHTS if weights is None else weights)
-        for name, w in self.weights.items():
+        self._weights = dict(DEFAULT_TIER_WEIGHTS if weights is None else weights)
+        for name, w in list(self._weights.items()) + [("default", default_weight)]:
             if not isinstance(name, str) or not float(w) >= 0.0:
                 raise ValueError("tier weight %r=%r must be a non-negative number" % (name, w))
-        self.default_weight = default_weight
+        self.default_weight = float(default_weight)
+
+    @property
+    def weights(self):
+        return dict(self._weights)
 
     def _weight(self, tier):
-        return self.weights.get(tier, self.default_weight)
+        return self._weights.get(tier, self.default_weight)
 
     def score(self, index, ns, keys, pods=None):
         return {pod: m[0] for pod, m in index._walk(ns, keys, pods, self._weight).items()}

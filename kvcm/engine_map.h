@@ -64,13 +64,24 @@ static inline void kve_put_raw(kve_table *t, const kve_entry *x) {
     t->count++;
 }
 
+/* Copies t's entries (except namespace skip_ns) into n. Starts after an empty slot so that
+ * a cluster wrapping past the end is copied in probe order: the keys of one engine hash
+ * keep their insertion order. */
+static void kve_copy_live(kve_table *n, const kve_table *t, uint32_t skip_ns) {
+    uint64_t size = t->mask + 1, start = 0;
+    while (t->e[start].ns != KVI_NIL) start++; /* the table is never full */
+    for (uint64_t k = 1; k <= size; k++) {
+        const kve_entry *x = &t->e[(start + k) & t->mask];
+        if (x->ns != KVI_NIL && x->ns != skip_ns) kve_put_raw(n, x);
+    }
+}
+
 static int kve_table_reserve(kve_table *t) {
     uint64_t size = t->mask + 1;
     if ((t->count + 1) * 4 <= size * 3) return 0;
     kve_table n;
     if (kve_table_init(&n, size * 2)) return -1;
-    for (uint64_t i = 0; i < size; i++)
-        if (t->e[i].ns != KVI_NIL) kve_put_raw(&n, &t->e[i]);
+    kve_copy_live(&n, t, KVI_NIL);
     free(t->e);
     *t = n;
     return 0;
@@ -168,8 +179,7 @@ static void kve_clear_namespace(kve_map *m, uint32_t ns) {
         if (!x->e) continue;
         kve_table n;
         if (kve_table_init(&n, x->mask + 1)) continue;
-        for (uint64_t i = 0; i <= x->mask; i++)
-            if (x->e[i].ns != KVI_NIL && x->e[i].ns != ns) kve_put_raw(&n, &x->e[i]);
+        kve_copy_live(&n, x, ns);
         free(x->e);
         *x = n;
     }

@@ -1,0 +1,879 @@
+# vLLM KV events -> index effects (DESIGN.md §2 and §4, specs/vllm-kv-events.md).
+#
+# The transport (kvcm/ingest.py) owns sockets, topics and sequence numbers; it hands each
+# batch payload to EventSink.apply with the stream's StreamContext. Here: decoding both event
+# encodings (arrays before vLLM 0.24, maps after), the hash-mode contract (parity vs
+# decoupled, per model namespace), LoRA namespaces, block-size re-chunking, offload tiers,
+# and counting every drop by reason. One bad event never drops the rest of its batch.
+
+import logging
+
+_log = logging.getLogger("kvcm.events")
+
+HASH_MODES = ("auto", "vllm", "kvcm")
+_LIKELY_SEEDS = (None, "0", "42", "")  # besides the configured one; None = unset
+_DIAGNOSE_ALGOS = ("sha256", "sha256_cbor")
+
+
+class DecodeError(ValueError):
+    """A batch payload that cannot be decoded; `reason` names the counter it lands in."""
+
+    def __init__(self, reason, message=None):
+        self.reason = reason
+        super().__init__(message or reason)
+
+
+cdef enum Tag:
+    TAG_UNKNOWN = 0
+    TAG_STORED
+    TAG_REMOVED
+    TAG_CLEARED
+
+cdef enum Field:
+    F_SKIP = 0
+    F_HASHES
+    F_PARENT
+    F_TOKENS
+    F_BLOCK_SIZE
+    F_LORA_ID
+    F_MEDIUM
+    F_LORA_NAME
+    F_EXTRA
+
+# Array positions after the tag (vLLM 0.9-0.23); later fields are skipped.
+cdef Field STORED_FIELDS[8]
+STORED_FIELDS[:] = [F_HASHES, F_PARENT, F_TOKENS, F_BLOCK_SIZE, F_LORA_ID, F_MEDIUM, F_LORA_NAME, F_EXTRA]
+cdef Field REMOVED_FIELDS[2]
+REMOVED_FIELDS[:] = [F_HASHES, F_MEDIUM]
+
+_MAP_FIELDS = {
+    b"block_hashes": F_HASHES, b"parent_block_hash": F_PARENT, b"token_ids": F_TOKENS,
+    b"block_size": F_BLOCK_SIZE, b"lora_id": F_LORA_ID, b"medium": F_MEDIUM,
+    b"lora_name": F_LORA_NAME, b"extra_keys": F_EXTRA,
+}
+
+cdef enum Mode:
+    MODE_PARITY = 0
+    MODE_DECOUPLED
+
+cdef enum Style:   # how a namespace's engines hash extra keys (vLLM >= 0.31 tags them)
+    STYLE_UNKNOWN = 0
+    STYLE_TAGGED
+    STYLE_UNTAGGED
+
+# Counters. The drop_* entries after drop_truncated follow MpError's order.
+COUNTER_NAMES = (
+    "batches", "events_stored", "events_removed", "events_cleared", "events_unknown_tag",
+    "blocks_stored", "blocks_removed", "parity_verified", "parity_mismatch",
+    "block_size_decoupled", "offload_unresolved", "unknown_parent", "remove_unresolved",
+    "drop_truncated", "drop_wrong_type", "drop_too_deep", "drop_bad_utf8", "drop_invalid",
+    "drop_missing_hashes", "drop_bad_block_size", "drop_token_count",
+    "drop_block_size_unsupported", "drop_too_many_tiers", "drop_bad_hash", "drop_batch",
+    "drop_no_model", "drop_out_of_memory",
+)
+
+cdef enum Counter:
+    C_BATCHES = 0
+    C_EVENTS_STORED
+    C_EVENTS_REMOVED
+    C_EVENTS_CLEARED
+    C_EVENTS_UNKNOWN_TAG
+    C_BLOCKS_STORED
+    C_BLOCKS_REMOVED
+    C_PARITY_VERIFIED
+    C_PARITY_MISMATCH
+    C_BLOCK_SIZE_DECOUPLED
+    C_OFFLOAD_UNRESOLVED
+    C_UNKNOWN_PARENT
+    C_REMOVE_UNRESOLVED
+    C_DROP_TRUNCATED        # + (MpError - MP_TRUNCATED) for the reader's errors
+    C_DROP_WRONG_TYPE
+    C_DROP_TOO_DEEP
+    C_DROP_BAD_UTF8
+    C_DROP_INVALID
+    C_DROP_MISSING_HASHES
+    C_DROP_BAD_BLOCK_SIZE
+    C_DROP_TOKEN_COUNT
+    C_DROP_BLOCK_SIZE_UNSUPPORTED
+    C_DROP_TOO_MANY_TIERS
+    C_DROP_BAD_HASH
+    C_DROP_BATCH
+    C_DROP_NO_MODEL
+    C_DROP_OUT_OF_MEMORY
+    N_COUNTERS
+
+cdef enum:
+    MAX_PARTIAL_CHAINS = 4096  # per stream, for engines whose blocks are smaller than kvcm's
+    MAX_NAME_CACHE = 256
+
+
+cdef struct Event:
+    Tag tag
+    Py_ssize_t nhashes    # -1: absent
+    bint has_parent
+    uint64_t parent
+    Py_ssize_t ntokens    # -1: absent
+    bint has_block_size
+    int64_t block_size
+    bint has_lora_id
+    int64_t lora_id
+    const unsigned char *medium
+    Py_ssize_t medium_len
+    const unsigned char *lora
+    Py_ssize_t lora_len
+    Py_ssize_t extra_pos
+    Py_ssize_t extra_end  # extra_pos == extra_end: absent or nil
+
+
+cdef struct U64Scratch:
+    uint64_t *data
+    Py_ssize_t cap
+
+
+cdef inline int scratch_reserve(U64Scratch *s, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t *p
+    cdef Py_ssize_t cap
+    if n <= s.cap:
+        return 0
+    cap = s.cap * 2 if s.cap else 256
+    while cap < n:
+        cap *= 2
+    p = <uint64_t *>realloc(s.data, sizeof(uint64_t) * cap)
+    if p == NULL:
+        return -1
+    s.data = p
+    s.cap = cap
+    return 0
+
+
+cdef class _Namespace:
+    """One model (or LoRA) namespace's hash contract."""
+    cdef readonly str name
+    cdef readonly bint lora
+    cdef uint32_t id
+    cdef Mode mode
+    cdef Style style
+    cdef BlockHasher decoupled  # kvcm's own chain, rooted at (seed, name)
+
+    @property
+    def mode_name(self):
+        return "parity" if self.mode == MODE_PARITY else "decoupled"
+
+    @property
+    def style_name(self):
+        return ("unknown", "tagged", "untagged")[<int>self.style]
+
+
+cdef class StreamContext:
+    """Per-stream state the sink keeps between batches: which namespaces the stream has fed
+    (BlockRemoved and token-less stores resolve through them), whether a replay would help,
+    and partial chains for engines whose blocks are smaller than kvcm's."""
+    cdef readonly str pod
+    cdef readonly object model
+    cdef public bint needs_replay
+    cdef object _index  # the Index pod_id belongs to
+    cdef uint32_t pod_id
+    cdef list _fed
+    cdef object _partial  # engine hash -> (parent key, pending tokens, pending engine hashes)
+
+    def __init__(self, str pod, model=None):
+        self.pod = pod
+        self.model = model
+        self.needs_replay = False
+        self._index = None
+        self.pod_id = KVI_NIL
+        self._fed = []
+        self._partial = None
+
+    @property
+    def fed(self):
+        """Names of the namespaces this stream has stored into, in first-seen order."""
+        return tuple((<_Namespace>n).name for n in self._fed)
+
+    cdef inline void feed(self, _Namespace ns):
+        if not self._fed or self._fed[-1] is not ns:
+            if ns not in self._fed:
+                self._fed.append(ns)
+
+
+cdef class EventSink:
+    """Applies vLLM KV-event batches to an Index under kvcm's key contract."""
+    cdef Index _index
+    cdef readonly Py_ssize_t block_size
+    cdef readonly str hash_algo
+    cdef readonly object hash_seed
+    cdef readonly str hash_mode
+    cdef BlockHasher _parity
+    cdef object _warn
+    cdef dict _namespaces
+    cdef list _switched
+    cdef dict _tier_cache   # medium bytes -> tier id
+    cdef dict _lora_cache   # lora name bytes -> str
+    cdef uint32_t _gpu_tier
+    cdef uint64_t _c[<int>N_COUNTERS]
+    cdef U64Scratch _hashes
+    cdef U64Scratch _tokens
+    cdef U64Scratch _keys
+
+    def __init__(self, Index index, Py_ssize_t block_size=16, str hash_algo="sha256",
+                 hash_seed=None, str hash_mode="auto", warn=None):
+        if hash_mode not in HASH_MODES:
+            raise ValueError("unknown hash mode %r (expected one of %s)" % (hash_mode, ", ".join(HASH_MODES)))
+        if hash_algo not in ("sha256", "sha256_cbor", "sha256_cbor_64bit"):
+            raise ValueError("hash algorithm %r cannot be an engine's (expected sha256, sha256_cbor or sha256_cbor_64bit)" % hash_algo)
+        self._parity = BlockHasher(hash_algo, hash_seed, block_size)
+        self._index = index
+        self.block_size = block_size
+        self.hash_algo = hash_algo
+        self.hash_seed = hash_seed
+        self.hash_mode = hash_mode
+        self._warn = warn
+        self._namespaces = {}
+        self._switched = []
+        self._tier_cache = {}
+        self._lora_cache = {}
+        self._gpu_tier = index._tiers.intern("gpu")
+        memset(self._c, 0, sizeof(self._c))
+
+    def __dealloc__(self):
+        free(self._hashes.data)
+        free(self._tokens.data)
+        free(self._keys.data)
+
+    @property
+    def index(self):
+        return self._index
+
+    @property
+    def counters(self):
+        return {name: self._c[i] for i, name in enumerate(COUNTER_NAMES)}
+
+    def namespaces(self):
+        """{name: {"mode", "extra_style", "lora"}} for every namespace seen."""
+        return {name: {"mode": ns.mode_name, "extra_style": ns.style_name, "lora": ns.lora}
+                for name, ns in self._namespaces.items()}
+
+    def take_switched(self):
+        """Namespaces switched to decoupled mode since the last call; their entries were
+        cleared, so the transport should ask their streams for a replay where it can."""
+        out, self._switched = self._switched, []
+        return out
+
+    def clear_pod(self, pod):
+        """An engine restarted: its cache is gone in every namespace."""
+        return self._index.clear_pod(pod)
+
+    # ---- namespaces and the read path -------------------------------------------------
+
+    cdef _Namespace _namespace(self, str name, bint lora):
+        cdef _Namespace ns = self._namespaces.get(name)
+        if ns is not None:
+            return ns
+        ns = _Namespace.__new__(_Namespace)
+        ns.name = name
+        ns.lora = lora
+        ns.id = self._index._ns.intern(name)
+        # LoRA events publish the adapter name but vLLM hashes its path too: never parity.
+        ns.mode = MODE_DECOUPLED if (lora or self.hash_mode == "kvcm") else MODE_PARITY
+        ns.style = STYLE_UNKNOWN
+        ns.decoupled = BlockHasher("kvcm", self.hash_seed, self.block_size, namespace=name)
+        self._namespaces[name] = ns
+        return ns
+
+    def mode_of(self, str model):
+        """"parity" or "decoupled": how keys are computed for requests naming model."""
+        cdef _Namespace ns = self._namespaces.get(model)
+        if ns is not None:
+            return ns.mode_name
+        return "decoupled" if self.hash_mode == "kvcm" else "parity"
+
+    def keys_for(self, str model, tokens, cache_salt=None):
+        """The kvcm keys of a request's tokens for model (a base model or LoRA name), as the
+        write path stores them."""
+        cdef _Namespace ns = self._namespaces.get(model)
+        extra = None
+        if ns is None or ns.mode == MODE_PARITY:
+            if cache_salt is not None:
+                untagged = ns is not None and ns.style == STYLE_UNTAGGED
+                extra = [(cache_salt,) if untagged else (("cache_salt", cache_salt),)]
+            if ns is None and self.hash_mode == "kvcm":
+                return BlockHasher("kvcm", self.hash_seed, self.block_size, namespace=model).keys(
+                    tokens, None if cache_salt is None else [[cache_salt]])
+            return self._parity.keys(tokens, extra)
+        return ns.decoupled.keys(tokens, None if cache_salt is None else [[cache_salt]])
+
+    # ---- batches ------------------------------------------------------------------------
+
+    cdef int _open(self, payload, Py_buffer *view) except -1:
+        PyObject_GetBuffer(payload, view, PyBUF_SIMPLE)
+        return 0
+
+    cdef int _header(self, MpReader *r, double *ts, Py_ssize_t *nfields, Py_ssize_t *nevents) except -1:
+        if mp_read_array(r, nfields) or nfields[0] < 2 or mp_read_float(r, ts) or mp_read_array(r, nevents):
+            raise DecodeError(MP_ERROR_NAMES[<int>r.err] if r.err != MP_OK else "wrong_type",
+                              "not a KV event batch [ts, events, dp_rank?]")
+        return 0
+
+    def batch_header(self, payload):
+        """(ts, dp_rank, number of events) of a batch payload; DecodeError when it is not a
+        well-formed batch. Checks the structure of every event on the way."""
+        cdef Py_buffer view
+        cdef MpReader r
+        cdef double ts
+        cdef Py_ssize_t nfields, nevents, i
+        cdef uint64_t rank = 0
+        cdef bint neg
+        self._open(payload, &view)
+        try:
+            mp_init(&r, <const unsigned char *>view.buf, 0, view.len)
+            self._header(&r, &ts, &nfields, &nevents)
+            for i in range(nevents):
+                if mp_skip(&r, 1):
+                    raise DecodeError(MP_ERROR_NAMES[<int>r.err], "event %d is malformed" % i)
+            if nfields >= 3 and not mp_next_is_nil(&r):
+                if mp_read_int(&r, &rank, &neg) or neg or rank > 0xFFFF:
+                    raise DecodeError("wrong_type", "data_parallel_rank is not a small non-negative int")
+            return ts, rank, nevents
+        finally:
+            PyBuffer_Release(&view)
+
+    def apply(self, StreamContext ctx not None, payload):
+        """Applies every event of a batch for the stream; returns the number of (block, pod)
+        entries stored plus removed. Bad events are dropped and counted; DecodeError only
+        when the batch itself cannot be read."""
+        cdef Py_buffer view
+        cdef MpReader r
+        cdef double ts
+        cdef Py_ssize_t nfields, nevents, i, start
+        cdef int64_t before = self._c[<int>C_BLOCKS_STORED] + self._c[<int>C_BLOCKS_REMOVED]
+        if ctx._index is None:
+            ctx._index = self._index
+            ctx.pod_id = self._index._pod_id(ctx.pod)
+        elif ctx._index is not self._index:
+            raise ValueError("StreamContext belongs to another index")
+        self._open(payload, &view)
+        try:
+            mp_init(&r, <const unsigned char *>view.buf, 0, view.len)
+            try:
+                self._header(&r, &ts, &nfields, &nevents)
+            except DecodeError:
+                self._c[<int>C_DROP_BATCH] += 1
+                raise
+            self._c[<int>C_BATCHES] += 1
+            for i in range(nevents):
+                start = r.pos
+                if mp_skip(&r, 1):
+                    # the rest of the batch cannot be delimited
+                    self._count_reader_error(r.err)
+                    break
+                self._apply_event(ctx, <const unsigned char *>view.buf, start, r.pos)
+        finally:
+            PyBuffer_Release(&view)
+        return self._c[<int>C_BLOCKS_STORED] + self._c[<int>C_BLOCKS_REMOVED] - before
+
+    cdef inline void _count_reader_error(self, MpError err) noexcept:
+        self._c[<int>C_DROP_TRUNCATED + <int>err - <int>MP_TRUNCATED] += 1
+
+    # ---- one event ----------------------------------------------------------------------
+
+    cdef int _read_hash(self, MpReader *r, uint64_t *v) noexcept:
+        """A block hash: any msgpack int (modulo 2**64) or bytes (the last 8, big-endian)."""
+        cdef int t = mp_peek(r)
+        cdef bint neg
+        cdef const unsigned char *p
+        cdef Py_ssize_t n
+        if 0xC4 <= t <= 0xC6:
+            if mp_read_bytes(r, False, &p, &n):
+                return -1
+            if n == 0:
+                return mp_fail(r, MP_INVALID)
+            v[0] = mp_be(p + n - 8, 8) if n >= 8 else mp_be(p, <int>n)
+            return 0
+        return mp_read_int(r, v, &neg)
+
+    cdef int _read_field(self, MpReader *r, Event *ev, Field f) noexcept:
+        cdef Py_ssize_t n, i
+        cdef uint64_t v
+        cdef bint neg
+        cdef Py_ssize_t start
+        if f == F_SKIP or f == F_LORA_ID and mp_next_is_nil(r):
+            return mp_skip(r, 2)
+        if f == F_HASHES or f == F_TOKENS:
+            if mp_next_is_nil(r):
+                r.pos += 1
+                return 0
+            if mp_read_array(r, &n):
+                return -1
+            if f == F_HASHES:
+                if scratch_reserve(&self._hashes, n):
+                    return mp_fail(r, MP_INVALID)
+                for i in range(n):
+                    if self._read_hash(r, &self._hashes.data[i]):
+                        return -1
+                ev.nhashes = n
+            else:
+                if scratch_reserve(&self._tokens, n):
+                    return mp_fail(r, MP_INVALID)
+                for i in range(n):
+                    if mp_read_uint(r, &self._tokens.data[i]):
+                        return -1
+                ev.ntokens = n
+            return 0
+        if mp_next_is_nil(r):
+            r.pos += 1
+            return 0
+        if f == F_PARENT:
+            ev.has_parent = True
+            return self._read_hash(r, &ev.parent)
+        if f == F_BLOCK_SIZE or f == F_LORA_ID:
+            if mp_read_int(r, &v, &neg):
+                return -1
+            if not neg and v > 0x7FFFFFFFFFFFFFFFULL:
+                return mp_fail(r, MP_WRONG_TYPE)
+            if f == F_BLOCK_SIZE:
+                ev.has_block_size = True
+                ev.block_size = <int64_t>v
+            else:
+                ev.has_lora_id = True
+                ev.lora_id = <int64_t>v
+            return 0
+        if f == F_MEDIUM:
+            return mp_read_str(r, &ev.medium, &ev.medium_len)
+        if f == F_LORA_NAME:
+            return mp_read_str(r, &ev.lora, &ev.lora_len)
+        # F_EXTRA: keep the span; decoded only when the event is applied
+        start = r.pos
+        if mp_peek(r) < 0 or not (0x90 <= r.buf[r.pos] <= 0x9F or r.buf[r.pos] in (0xDC, 0xDD)):
+            return mp_fail(r, MP_WRONG_TYPE)
+        if mp_skip(r, 2):
+            return -1
+        ev.extra_pos = start
+        ev.extra_end = r.pos
+        return 0
+
+    cdef Tag _read_tag(self, MpReader *r) noexcept:
+        cdef const unsigned char *p
+        cdef Py_ssize_t n
+        if mp_read_str(r, &p, &n):
+            return TAG_UNKNOWN
+        if n == 11 and memcmp(p, b"BlockStored", 11) == 0:
+            return TAG_STORED
+        if n == 12 and memcmp(p, b"BlockRemoved", 12) == 0:
+            return TAG_REMOVED
+        if n == 16 and memcmp(p, b"AllBlocksCleared", 16) == 0:
+            return TAG_CLEARED
+        return TAG_UNKNOWN
+
+    cdef int _decode_event(self, MpReader *r, Event *ev) noexcept:
+        cdef Py_ssize_t n, i
+        cdef const unsigned char *key
+        cdef Py_ssize_t klen
+        cdef int t = mp_peek(r)
+        cdef object f
+        if t < 0:
+            return -1
+        if 0x90 <= t <= 0x9F or t == 0xDC or t == 0xDD:
+            if mp_read_array(r, &n) or n < 1:
+                return mp_fail(r, MP_WRONG_TYPE)
+            ev.tag = self._read_tag(r)
+            if r.err != MP_OK:
+                return -1
+            for i in range(n - 1):
+                if ev.tag == TAG_STORED and i < 8:
+                    f = STORED_FIELDS[i]
+                elif ev.tag == TAG_REMOVED and i < 2:
+                    f = REMOVED_FIELDS[i]
+                else:
+                    f = F_SKIP
+                if self._read_field(r, ev, <Field><int>f):
+                    return -1
+            return 0
+        if mp_read_map(r, &n):
+            return -1
+        for i in range(n):
+            if mp_read_str(r, &key, &klen):
+                return -1
+            if klen == 4 and memcmp(key, b"type", 4) == 0:
+                ev.tag = self._read_tag(r)
+                if r.err != MP_OK:
+                    return -1
+                continue
+            f = _MAP_FIELDS.get(PyBytes_FromStringAndSize(<const char *>key, klen), F_SKIP)
+            if self._read_field(r, ev, <Field><int>f):
+                return -1
+        return 0
+
+    cdef void _apply_event(self, StreamContext ctx, const unsigned char *buf, Py_ssize_t start, Py_ssize_t end) except *:
+        cdef MpReader r
+        cdef Event ev
+        memset(&ev, 0, sizeof(ev))
+        ev.nhashes = -1
+        ev.ntokens = -1
+        mp_init(&r, buf, start, end)
+        if self._decode_event(&r, &ev):
+            self._count_reader_error(r.err)
+            return
+        if ev.tag == TAG_CLEARED:
+            self._c[<int>C_EVENTS_CLEARED] += 1
+            kvi_clear_pod(&self._index.ix, ctx.pod_id, <int>self._gpu_tier, KVI_NIL)
+            return
+        if ev.tag == TAG_UNKNOWN:
+            self._c[<int>C_EVENTS_UNKNOWN_TAG] += 1
+            return
+        if ev.nhashes < 0:
+            self._c[<int>C_DROP_MISSING_HASHES] += 1
+            return
+        tier = self._tier(&ev)
+        if tier < 0:
+            return
+        if ev.tag == TAG_REMOVED:
+            self._c[<int>C_EVENTS_REMOVED] += 1
+            self._removed(ctx, ev.nhashes, <uint32_t>tier)
+        else:
+            self._stored(ctx, buf, &ev, <uint32_t>tier)
+
+    cdef int64_t _tier(self, Event *ev) except? -2:
+        """The tier id of the event's medium (lower-cased; missing -> gpu), or -1 (counted)."""
+        if ev.medium == NULL:
+            return self._gpu_tier
+        key = PyBytes_FromStringAndSize(<const char *>ev.medium, ev.medium_len)
+        tier = self._tier_cache.get(key)
+        if tier is not None:
+            return tier
+        try:
+            name = key.decode("utf-8").lower()
+        except UnicodeDecodeError:
+            self._c[<int>C_DROP_BAD_UTF8] += 1
+            return -1
+        try:
+            tier = self._index._tiers.intern(name)
+        except ValueError:
+            self._c[<int>C_DROP_TOO_MANY_TIERS] += 1
+            return -1
+        if len(self._tier_cache) < MAX_NAME_CACHE:
+            self._tier_cache[key] = tier
+        return tier
+
+    cdef object _lora_namespace(self, Event *ev):
+        """The LoRA name an event belongs to, None for the base model, or False (counted)."""
+        if ev.lora != NULL:
+            key = PyBytes_FromStringAndSize(<const char *>ev.lora, ev.lora_len)
+            name = self._lora_cache.get(key)
+            if name is None:
+                try:
+                    name = key.decode("utf-8")
+                except UnicodeDecodeError:
+                    self._c[<int>C_DROP_BAD_UTF8] += 1
+                    return False
+                if len(self._lora_cache) < MAX_NAME_CACHE:
+                    self._lora_cache[key] = name
+            return name
+        if ev.has_lora_id:
+            # vLLM before 0.14 published only the adapter's integer id
+            return "lora-id-%d" % ev.lora_id
+        return None
+
+    cdef object _extras(self, const unsigned char *buf, Event *ev):
+        """The event's untagged per-block extra keys as lists, None when absent, or False
+        (counted) when they are not a list of nil-or-list."""
+        cdef MpReader r
+        if ev.extra_pos == ev.extra_end:
+            return None
+        mp_init(&r, buf, ev.extra_pos, ev.extra_end)
+        try:
+            extras = mp_read_object(&r, 2)
+        except _MpFailure:
+            self._count_reader_error(r.err)
+            return False
+        for e in extras:
+            if e is not None and type(e) is not list:
+                self._c[<int>C_DROP_WRONG_TYPE] += 1
+                return False
+        return extras
+
+    # ---- BlockStored ------------------------------------------------------------------------
+
+    cdef void _stored(self, StreamContext ctx, const unsigned char *buf, Event *ev, uint32_t tier) except *:
+        cdef Py_ssize_t n = ev.nhashes, bs
+        cdef _Namespace ns
+        self._c[<int>C_EVENTS_STORED] += 1
+        if n == 0:
+            return
+        if ev.ntokens <= 0:
+            # offload connectors announce tiers of blocks they do not describe
+            self._stored_tokenless(ctx, n, tier)
+            return
+        if ev.has_block_size and ev.block_size != 0:
+            bs = ev.block_size
+        elif ev.ntokens % n == 0:
+            bs = ev.ntokens // n
+        else:
+            bs = 0
+        if bs <= 0:
+            self._c[<int>C_DROP_BAD_BLOCK_SIZE] += 1
+            return
+        if ev.ntokens != n * bs:
+            self._c[<int>C_DROP_TOKEN_COUNT] += 1
+            return
+        if bs != self.block_size and bs % self.block_size and self.block_size % bs:
+            self._c[<int>C_DROP_BLOCK_SIZE_UNSUPPORTED] += 1
+            return
+        lora = self._lora_namespace(ev)
+        if lora is False:
+            return
+        extras = self._extras(buf, ev)
+        if extras is False:
+            return
+        if lora is None:
+            if ctx.model is None:
+                self._c[<int>C_DROP_NO_MODEL] += 1
+                return
+            ns = self._namespace(ctx.model, False)
+        else:
+            ns = self._namespace(lora, True)
+        if ns.mode == MODE_PARITY and bs != self.block_size:
+            self._c[<int>C_BLOCK_SIZE_DECOUPLED] += 1
+            self._switch(ctx, ns, "model %r: engines publish %d-token blocks but --block-size is %d; "
+                         "kvcm keys this model with its own hashes (decoupled mode)" % (ns.name, bs, self.block_size))
+        if ns.mode == MODE_PARITY:
+            if not ev.has_parent and self.hash_mode == "auto" and not self._verify(ctx, ns, ev, extras):
+                self._switch(ctx, ns, self._diagnose(ns, ev, extras))
+            else:
+                self._store(ctx, ns, self._hashes.data, n, tier)
+                return
+        self._stored_decoupled(ctx, ns, ev, extras, bs, lora, tier)
+
+    cdef int _store(self, StreamContext ctx, _Namespace ns, const uint64_t *keys, Py_ssize_t n, uint32_t tier) except -1:
+        cdef int64_t added = kvi_store(&self._index.ix, ns.id, ctx.pod_id, tier, keys, n)
+        if added < 0:
+            self._c[<int>C_DROP_OUT_OF_MEMORY] += 1
+            return 0
+        self._c[<int>C_BLOCKS_STORED] += added
+        ctx.feed(ns)
+        return 0
+
+    cdef void _stored_tokenless(self, StreamContext ctx, Py_ssize_t n, uint32_t tier) except *:
+        cdef Py_ssize_t i
+        cdef uint64_t h
+        cdef uint64_t keys[64]
+        cdef size_t got
+        cdef _Namespace ns, model
+        for i in range(n):
+            h = self._hashes.data[i]
+            got = 0
+            for ns in ctx._fed:
+                if ns.mode == MODE_DECOUPLED:
+                    got = kve_get(&self._index.emap, ns.id, h, keys, 64)
+                    if got:
+                        self._store(ctx, ns, keys, min(got, <size_t>64), tier)
+                        break
+            if got:
+                continue
+            model = self._namespace(ctx.model, False) if ctx.model is not None else None
+            if model is not None and model.mode == MODE_PARITY:
+                self._store(ctx, model, &self._hashes.data[i], 1, tier)
+            else:
+                self._c[<int>C_OFFLOAD_UNRESOLVED] += 1
+
+    cdef list _verifiable_extras(self, extras, Style style):
+        """Extra keys for re-hashing a block-0 run in parity, in one style, or None when
+        the blocks carry none. Only a cache salt (a lone string on block 0) is verifiable."""
+        if extras is None or all(e is None or not e for e in extras):
+            return None
+        salt = extras[0][0]
+        return [((salt,) if style == STYLE_UNTAGGED else (("cache_salt", salt),))]
+
+    cdef bint _is_verifiable(self, extras):
+        if extras is None:
+            return True
+        for i, e in enumerate(extras):
+            if e is None or not e:
+                continue
+            if i != 0 or len(e) != 1 or type(e[0]) is not str:
+                return False  # multimodal or prompt-embeds keys: cannot be recomputed here
+        return True
+
+    cdef bint _matches(self, BlockHasher hasher, Event *ev, extras) except -1:
+        cdef Py_ssize_t n = ev.nhashes
+        cdef unsigned char parent[32]
+        if scratch_reserve(&self._keys, n):
+            raise MemoryError()
+        hasher.root_into(parent)
+        hasher.chain(self._tokens.data, n, extras, parent, self._keys.data, NULL)
+        return memcmp(self._keys.data, self._hashes.data, n * sizeof(uint64_t)) == 0
+
+    cdef bint _verify(self, StreamContext ctx, _Namespace ns, Event *ev, extras) except -1:
+        """Re-hashes a run that starts at block 0 with kvcm's configuration; True when the
+        engine's hashes agree (or cannot be checked). Learns the namespace's extra-key style."""
+        cdef Style style
+        if not self._is_verifiable(extras):
+            return True
+        if self._verifiable_extras(extras, STYLE_TAGGED) is None:
+            styles = (STYLE_TAGGED,)  # no extra keys: the style does not matter
+        elif ns.style != STYLE_UNKNOWN:
+            styles = (ns.style,)
+        else:
+            styles = (STYLE_TAGGED, STYLE_UNTAGGED)
+        for style in styles:
+            if self._matches(self._parity, ev, self._verifiable_extras(extras, style)):
+                if len(styles) > 1 or ns.style == STYLE_UNKNOWN and self._verifiable_extras(extras, style) is not None:
+                    ns.style = style
+                self._c[<int>C_PARITY_VERIFIED] += 1
+                return True
+        self._c[<int>C_PARITY_MISMATCH] += 1
+        return False
+
+    cdef str _diagnose(self, _Namespace ns, Event *ev, extras):
+        """Names the likely engine setting behind a parity mismatch."""
+        seeds = [self.hash_seed] + [s for s in _LIKELY_SEEDS if s != self.hash_seed]
+        for algo in _DIAGNOSE_ALGOS:
+            for seed in seeds:
+                if algo == self.hash_algo and seed == self.hash_seed:
+                    continue
+                hasher = BlockHasher(algo, seed, self.block_size)
+                for style in (STYLE_TAGGED, STYLE_UNTAGGED):
+                    if self._matches(hasher, ev, self._verifiable_extras(extras, style)):
+                        return ("model %r: the engines' block hashes match --hash-algo %s --hash-seed %s, "
+                                "not kvcm's --hash-algo %s --hash-seed %s; keying it with kvcm's own hashes "
+                                "(decoupled mode). Set --hash-algo/--hash-seed to the engines' "
+                                "--prefix-caching-hash-algo/PYTHONHASHSEED to restore parity."
+                                % (ns.name, algo, _seed_flag(seed), self.hash_algo, _seed_flag(self.hash_seed)))
+        return ("model %r: the engines' block hashes match neither kvcm's --hash-algo %s --hash-seed %s nor "
+                "any likely setting (sha256/sha256_cbor with PYTHONHASHSEED unset, 0, 42 or empty); the engines "
+                "may use a random PYTHONHASHSEED or xxhash. Keying it with kvcm's own hashes (decoupled mode)."
+                % (ns.name, self.hash_algo, _seed_flag(self.hash_seed)))
+
+    cdef void _switch(self, StreamContext ctx, _Namespace ns, str message) except *:
+        """One-way switch of a namespace to decoupled mode. Entries stored under parity keys
+        cannot be re-keyed, so the namespace is cleared on all pods and replays requested."""
+        ns.mode = MODE_DECOUPLED
+        self._index.clear_namespace(ns.name)
+        self._switched.append(ns.name)
+        ctx.needs_replay = True
+        _log.warning(message)
+        if self._warn is not None:
+            self._warn(message)
+
+    cdef object _decoupled_extras(self, extras, lora, Py_ssize_t nblocks):
+        """Per-block extras of kvcm's chain: the untagged keys without the LoRA name (the
+        namespace root holds it), None when empty."""
+        if extras is None:
+            return None
+        out = []
+        for e in extras[:nblocks]:
+            if e and lora is not None and e[0] == lora:
+                e = e[1:]
+            out.append(e if e else None)
+        return out if any(e is not None for e in out) else None
+
+    cdef bint _parent_key(self, StreamContext ctx, _Namespace ns, Event *ev, unsigned char *parent) except -1:
+        """The kvcm key to chain from (8 bytes big-endian); False when the parent is unknown."""
+        cdef uint64_t keys[64]
+        cdef size_t got
+        cdef int i
+        if not ev.has_parent:
+            ns.decoupled.root_into(parent)
+            return True
+        got = kve_get(&self._index.emap, ns.id, ev.parent, keys, 64)
+        if not got:
+            # never restart the chain at the root: that would index wrong keys
+            self._c[<int>C_UNKNOWN_PARENT] += 1
+            ctx.needs_replay = True
+            return False
+        for i in range(8):
+            parent[i] = (keys[min(got, <size_t>64) - 1] >> (8 * (7 - i))) & 0xFF
+        return True
+
+    cdef void _stored_decoupled(self, StreamContext ctx, _Namespace ns, Event *ev, extras,
+                                Py_ssize_t bs, lora, uint32_t tier) except *:
+        cdef Py_ssize_t n = ev.nhashes, k, nkv, i
+        cdef unsigned char parent[32]
+        if bs < self.block_size:
+            self._stored_small_blocks(ctx, ns, ev, extras, bs, lora, tier)
+            return
+        if not self._parent_key(ctx, ns, ev, parent):
+            return
+        k = bs // self.block_size
+        nkv = n * k
+        if scratch_reserve(&self._keys, nkv):
+            raise MemoryError()
+        block_extras = self._decoupled_extras(extras, lora, n)
+        if block_extras is not None and k > 1:
+            # an engine block's keys go on its first kvcm block
+            block_extras = [block_extras[j // k] if j % k == 0 else None for j in range(nkv)]
+        ns.decoupled.chain(self._tokens.data, nkv, block_extras, parent, self._keys.data, NULL)
+        self._store(ctx, ns, self._keys.data, nkv, tier)
+        for i in range(n):
+            if kve_set(&self._index.emap, ns.id, self._hashes.data[i], self._keys.data + i * k, k):
+                self._c[<int>C_DROP_OUT_OF_MEMORY] += 1
+
+    cdef void _stored_small_blocks(self, StreamContext ctx, _Namespace ns, Event *ev, extras,
+                                   Py_ssize_t bs, lora, uint32_t tier) except *:
+        """Engine blocks smaller than kvcm's (kvcm = k x engine): tokens are gathered per
+        stream until a kvcm block is complete; every engine block in it then maps to its key.
+        The state after each engine block is remembered (bounded) so later events can chain
+        from any of them."""
+        cdef Py_ssize_t n = ev.nhashes, i, j
+        cdef unsigned char root[32]
+        cdef uint64_t key
+        if ctx._partial is None:
+            ctx._partial = OrderedDict()
+        if not ev.has_parent:
+            ns.decoupled.root_into(root)
+            state = (int.from_bytes(root[:8], "big"), (), ())
+        else:
+            state = ctx._partial.get((ns.id, ev.parent))
+            if state is None:
+                self._c[<int>C_UNKNOWN_PARENT] += 1
+                ctx.needs_replay = True
+                return
+        block_extras = self._decoupled_extras(extras, lora, n)
+        parent_key, pending, pending_hashes = state
+        for i in range(n):
+            h = self._hashes.data[i]
+            tokens = tuple([self._tokens.data[j] for j in range(i * bs, (i + 1) * bs)])
+            extra = block_extras[i] if block_extras is not None and not pending else None
+            if not pending:
+                first_extra = extra
+            pending = pending + tokens
+            pending_hashes = pending_hashes + (h,)
+            if len(pending) == self.block_size:
+                key = ns.decoupled.keys(pending, None if first_extra is None else [first_extra], parent=parent_key)[0]
+                self._store(ctx, ns, &key, 1, tier)
+                for eh in pending_hashes:
+                    kve_set(&self._index.emap, ns.id, eh, &key, 1)
+                parent_key, pending, pending_hashes = key, (), ()
+            ctx._partial[(ns.id, h)] = (parent_key, pending, pending_hashes)
+            ctx._partial.move_to_end((ns.id, h))
+            if len(ctx._partial) > MAX_PARTIAL_CHAINS:
+                ctx._partial.popitem(last=False)
+
+    # ---- BlockRemoved -----------------------------------------------------------------------
+
+    cdef void _removed(self, StreamContext ctx, Py_ssize_t n, uint32_t tier) except *:
+        cdef Py_ssize_t i
+        cdef uint64_t h
+        cdef uint64_t keys[64]
+        cdef size_t got
+        cdef _Namespace ns, model = None
+        if ctx.model is not None:
+            model = self._namespaces.get(ctx.model)
+        for i in range(n):
+            h = self._hashes.data[i]
+            got = 0
+            for ns in ctx._fed:
+                if ns.mode == MODE_DECOUPLED:
+                    got = kve_get(&self._index.emap, ns.id, h, keys, 64)
+                    if got:
+                        self._c[<int>C_BLOCKS_REMOVED] += kvi_remove(&self._index.ix, ns.id, ctx.pod_id, tier, keys, min(got, <size_t>64))
+                        break
+            if got:
+                continue
+            if model is not None and model.mode == MODE_PARITY:
+                self._c[<int>C_BLOCKS_REMOVED] += kvi_remove(&self._index.ix, model.id, ctx.pod_id, tier, &h, 1)
+            else:
+                self._c[<int>C_REMOVE_UNRESOLVED] += 1
+
+
+def _seed_flag(seed):
+    return "(unset)" if seed is None else repr(seed)
