@@ -21,11 +21,11 @@ def _u64s(values, what):
     """The ints of values, checked as the core checks them."""
     out = []
     for i, v in enumerate(values):
-        if type(v) is not int:
+        if not isinstance(v, int) or isinstance(v, bool):
             raise TypeError("%s: position %d is %s, not an int" % (what, i, type(v).__name__))
         if not 0 <= v < 2 ** 64:
             raise ValueError("%s: value %d at position %d is outside [0, 2**64)" % (what, v, i))
-        out.append(v)
+        out.append(int(v))
     return out
 
 
@@ -121,10 +121,15 @@ class BlockHasher:
 
     def digests(self, tokens, extra_keys=None, parent=None):
         tokens = _u64s(tokens, "tokens")
+        dl = len(self._root)
         if parent is None:
             parent = self._root
-        elif isinstance(parent, int):
+        elif dl == 8 and type(parent) is int:
+            if not 0 <= parent < 2 ** 64:
+                raise ValueError("parent key must be in [0, 2**64)")
             parent = parent.to_bytes(8, "big")
+        elif not isinstance(parent, bytes) or len(parent) != dl:
+            raise ValueError("parent must be a %d-byte digest" % dl)
         out = []
         for i in range(len(tokens) // self.block_size):
             extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None

@@ -1,7 +1,7 @@
 # Token ids and keys arrive as lists (orjson, tokenizers), tuples, array.array or any 1-D
 # buffer of integers (numpy); the core works on one C array of uint64.
 
-from cpython.buffer cimport PyObject_CheckBuffer, PyObject_GetBuffer, PyBuffer_Release, PyBUF_FORMAT, PyBUF_ND
+from cpython.buffer cimport PyObject_CheckBuffer, PyObject_GetBuffer, PyBuffer_Release, PyBUF_FORMAT, PyBUF_STRIDES
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.array cimport array, clone
@@ -25,40 +25,49 @@ cdef inline void u64s_free(U64s *a) noexcept:
 
 cdef int _load_buffer(object obj, U64s *out, str what) except -1:
     cdef Py_buffer view
-    cdef Py_ssize_t i, n
+    cdef Py_ssize_t i, n, stride
     cdef bytes fmt
-    cdef char code
     cdef bint signed
     cdef int64_t sv
-    PyObject_GetBuffer(obj, &view, PyBUF_FORMAT | PyBUF_ND)
+    cdef const char *item
+    PyObject_GetBuffer(obj, &view, PyBUF_FORMAT | PyBUF_STRIDES)
     try:
         if view.ndim != 1:
             raise ValueError("%s: expected a 1-D buffer of integers" % what)
         fmt = view.format if view.format != NULL else b"B"
         if len(fmt) == 2 and fmt[0:1] in (b"@", b"=", b"<"):
             fmt = fmt[1:]
-        if len(fmt) != 1 or fmt not in b"BHILQbhilqN":
+        if len(fmt) != 1 or fmt not in b"BHILQbhilqN" or view.itemsize not in (1, 2, 4, 8):
             raise ValueError("%s: buffer format %r is not an integer type" % (what, fmt))
-        code = fmt[0]
-        signed = code in b"bhilq"
-        n = view.shape[0] if view.ndim else 0
+        signed = fmt in b"bhilq"
+        n = view.shape[0]
+        stride = view.strides[0] if view.strides != NULL else view.itemsize
         out.data = <uint64_t *>malloc(sizeof(uint64_t) * (n if n else 1))
         if out.data == NULL:
             raise MemoryError()
         out.n = n
         for i in range(n):
+            item = <const char *>view.buf + i * stride
+            # separate branches: a conditional expression would give both sides one type
             if view.itemsize == 8:
-                sv = (<int64_t *>view.buf)[i]
+                sv = (<const int64_t *>item)[0]
+            elif signed:
+                if view.itemsize == 4:
+                    sv = (<const int *>item)[0]
+                elif view.itemsize == 2:
+                    sv = (<const short *>item)[0]
+                else:
+                    sv = (<const signed char *>item)[0]
+                if sv < 0:
+                    raise ValueError("%s: value %d at position %d is outside [0, 2**64)" % (what, sv, i))
             elif view.itemsize == 4:
-                sv = (<int *>view.buf)[i] if signed else (<uint32_t *>view.buf)[i]
+                sv = (<const uint32_t *>item)[0]
             elif view.itemsize == 2:
-                sv = (<short *>view.buf)[i] if signed else (<unsigned short *>view.buf)[i]
-            elif view.itemsize == 1:
-                sv = (<signed char *>view.buf)[i] if signed else (<unsigned char *>view.buf)[i]
+                sv = (<const unsigned short *>item)[0]
             else:
-                raise ValueError("%s: unsupported item size %d" % (what, view.itemsize))
-            if signed and sv < 0:
-                raise ValueError("%s: negative value %d at position %d" % (what, sv, i))
+                sv = (<const unsigned char *>item)[0]
+            if signed and view.itemsize == 8 and sv < 0:
+                raise ValueError("%s: value %d at position %d is outside [0, 2**64)" % (what, sv, i))
             out.data[i] = <uint64_t>sv
     except BaseException:
         u64s_free(out)

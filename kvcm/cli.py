@@ -53,6 +53,8 @@ def _read_tokens(args):
                 return _parse_token_list(f.read(), args.tokens_file)
         except OSError as exc:
             raise UsageError("--tokens-file: %s" % exc.strerror) from None
+        except UnicodeDecodeError:
+            raise UsageError("--tokens-file: not UTF-8 text") from None
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("give --tokens, --tokens-file, or a JSON list of token ids on stdin")
     return _parse_token_list(sys.stdin.read(), "stdin")
@@ -89,10 +91,12 @@ def cmd_hash(args):
         raise UsageError("--block-size must be positive, got %d" % args.block_size)
     tokens = _read_tokens(args)
     extra = _read_extra_keys(args.extra_keys)
-    hasher = BlockHasher(args.hash_algo, args.hash_seed, args.block_size, namespace=args.model)
     try:
+        hasher = BlockHasher(args.hash_algo, args.hash_seed, args.block_size, namespace=args.model)
         keys = hasher.keys(tokens, extra)
         digests = hasher.digests(tokens, extra)
+    except UnicodeEncodeError:
+        raise UsageError("--hash-seed and --model must be valid Unicode text") from None
     except (ValueError, TypeError, OverflowError) as exc:
         raise UsageError(str(exc)) from None
     json.dump({"keys": list(keys), "digests": [d.hex() for d in digests]}, sys.stdout)
