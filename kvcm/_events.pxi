@@ -174,7 +174,7 @@ cdef class StreamContext:
     cdef object _index  # the Index pod_id belongs to
     cdef uint32_t pod_id
     cdef list _fed
-    cdef object _partial  # engine hash -> (parent key, pending tokens, pending engine hashes)
+    cdef object _partial  # (ns, engine hash) -> (parent key, pending tokens, their engine hashes, extra)
 
     def __init__(self, str pod, model=None):
         self.pod = pod
@@ -603,19 +603,20 @@ cdef class EventSink:
             # offload connectors announce tiers of blocks they do not describe
             self._stored_tokenless(ctx, n, tier)
             return
-        if ev.has_block_size and ev.block_size != 0:
+        if ev.has_block_size:
             bs = ev.block_size
         elif ev.ntokens % n == 0:
-            bs = ev.ntokens // n
+            bs = ev.ntokens // n  # other publishers may leave the size out
         else:
             bs = 0
         if bs <= 0:
             self._c[<int>C_DROP_BAD_BLOCK_SIZE] += 1
             return
-        if ev.ntokens != n * bs:
+        if ev.ntokens % n or ev.ntokens // n != bs:  # not n * bs: that can overflow
             self._c[<int>C_DROP_TOKEN_COUNT] += 1
             return
-        if bs != self.block_size and bs % self.block_size and self.block_size % bs:
+        if (bs != self.block_size and bs % self.block_size and self.block_size % bs) \
+                or bs // self.block_size > MAX_KEYS_PER_ENGINE_HASH:
             self._c[<int>C_DROP_BLOCK_SIZE_UNSUPPORTED] += 1
             return
         lora = self._lora_namespace(ev)
@@ -820,7 +821,7 @@ cdef class EventSink:
             ctx._partial = OrderedDict()
         if not ev.has_parent:
             ns.decoupled.root_into(root)
-            state = (int.from_bytes(root[:8], "big"), (), ())
+            state = (int.from_bytes(root[:8], "big"), (), (), None)
         else:
             state = ctx._partial.get((ns.id, ev.parent))
             if state is None:
@@ -828,13 +829,13 @@ cdef class EventSink:
                 ctx.needs_replay = True
                 return
         block_extras = self._decoupled_extras(extras, lora, n)
-        parent_key, pending, pending_hashes = state
+        # the kvcm block's extra keys are those of its first engine block
+        parent_key, pending, pending_hashes, first_extra = state
         for i in range(n):
             h = self._hashes.data[i]
             tokens = tuple([self._tokens.data[j] for j in range(i * bs, (i + 1) * bs)])
-            extra = block_extras[i] if block_extras is not None and not pending else None
             if not pending:
-                first_extra = extra
+                first_extra = block_extras[i] if block_extras is not None else None
             pending = pending + tokens
             pending_hashes = pending_hashes + (h,)
             if len(pending) == self.block_size:
@@ -842,8 +843,8 @@ cdef class EventSink:
                 self._store(ctx, ns, &key, 1, tier)
                 for eh in pending_hashes:
                     kve_set(&self._index.emap, ns.id, eh, &key, 1)
-                parent_key, pending, pending_hashes = key, (), ()
-            ctx._partial[(ns.id, h)] = (parent_key, pending, pending_hashes)
+                parent_key, pending, pending_hashes, first_extra = key, (), (), None
+            ctx._partial[(ns.id, h)] = (parent_key, pending, pending_hashes, first_extra)
             ctx._partial.move_to_end((ns.id, h))
             if len(ctx._partial) > MAX_PARTIAL_CHAINS:
                 ctx._partial.popitem(last=False)
