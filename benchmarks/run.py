@@ -1,0 +1,438 @@
+#!/usr/bin/env python3
+"""Benchmarks of kvcm's Cython core against the budgets of DESIGN.md §9.
+
+    python benchmarks/run.py                 # everything except `memory`
+    python benchmarks/run.py lookup store    # the named ones
+    python benchmarks/run.py --memory        # everything, the slow 10 M-entry memory one too
+
+Each benchmark prints a small table and one JSON line ({"bench": ..., "rows": [...]}).
+Values are medians over --repeats runs; latency rows give p50/p99 of single calls (median
+over the runs of each), after a warm-up pass, with the cost of reading the clock subtracted
+(the Python call itself is included: a Python caller pays it). Workloads are seeded, so runs
+are comparable. Results and the analysis of misses: benchmarks/RESULTS.md.
+"""
+import argparse
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import pickle
+import platform
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from array import array
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kvcm import _core, _reference  # noqa: E402
+
+pc = time.perf_counter_ns
+NS = "Qwen/Qwen3-0.6B"
+VOCAB = 151_936  # Qwen3's vocabulary: realistic token ids need 17-18 bits
+BLOCK = 16
+
+# ---- timing and reporting ------------------------------------------------------------------
+
+
+def pass_ns(fn, arg_sets):
+    """Wall time of calling fn(*args) once for every args in arg_sets."""
+    t0 = pc()
+    for args in arg_sets:
+        fn(*args)
+    return pc() - t0
+
+
+def median_per_call_ns(fn, arg_sets, repeats):
+    """Median over `repeats` passes of the mean time of one call."""
+    return statistics.median(pass_ns(fn, arg_sets) for _ in range(repeats)) / len(arg_sets)
+
+
+def _clock_cost_ns():
+    samples = []
+    for _ in range(20_000):
+        t0 = pc()
+        t1 = pc()
+        samples.append(t1 - t0)
+    return statistics.median(samples)
+
+
+def latency_ns(fn, arg_sets, rounds, repeats):
+    """(p50, p99) in ns of single calls fn(*args): after one warm-up pass, each of `repeats`
+    runs calls it `rounds` times over arg_sets; the result is the median over runs of each."""
+    clock = _clock_cost_ns()
+    pass_ns(fn, arg_sets)
+    p50s, p99s = [], []
+    for _ in range(repeats):
+        samples = []
+        for _ in range(rounds):
+            for args in arg_sets:
+                t0 = pc()
+                fn(*args)
+                t1 = pc()
+                samples.append(t1 - t0 - clock)
+        samples.sort()
+        p50s.append(samples[len(samples) // 2])
+        p99s.append(samples[len(samples) * 99 // 100])
+    return statistics.median(p50s), statistics.median(p99s)
+
+
+def row(case, value, unit, p99=None, budget=None, note=""):
+    """One result. budget: ("<=" or ">=", limit), judged on value (the median or p50)."""
+    r = {"case": case, "value": value, "unit": unit}
+    if p99 is not None:
+        r["p99"] = p99
+    if budget is not None:
+        op, limit = budget
+        r["budget"] = "%s %s" % (op, _fmt(limit))
+        r["met"] = value <= limit if op == "<=" else value >= limit
+    if note:
+        r["note"] = note
+    return r
+
+
+def _fmt(v):
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, str):
+        return v
+    if abs(v) >= 1000:
+        return "{:,.0f}".format(v)
+    return "%.1f" % v if abs(v) >= 10 else "%.3g" % v
+
+
+def report(bench, rows, **info):
+    cols = ("case", "value", "p99", "unit", "budget", "met", "note")
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    print("\n== %s ==" % bench)
+    for line in [list(cols), ["-" * w for w in widths]] + cells:
+        print("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
+    print(json.dumps({"bench": bench, **info, "rows": rows}))
+    sys.stdout.flush()
+
+
+def random_keys(seed, n):
+    """n uniform 64-bit keys (kvcm keys are SHA-derived, hence uniform), reproducibly."""
+    return array("Q", random.Random(seed).randbytes(8 * n))
+
+
+@contextlib.contextmanager
+def sha256_kernel(name):
+    """Runs the block with SHA-256 kernel `name` ("portable" or "default"), then restores."""
+    saved = os.environ.get("KVCM_SHA256")
+    if name == "portable":
+        os.environ["KVCM_SHA256"] = "portable"
+    else:
+        os.environ.pop("KVCM_SHA256", None)
+    try:
+        yield _core._select_sha256_kernel()
+    finally:
+        if saved is None:
+            os.environ.pop("KVCM_SHA256", None)
+        else:
+            os.environ["KVCM_SHA256"] = saved
+        _core._select_sha256_kernel()
+
+
+def ns_per_compression(repeats):
+    """The active kernel's cost of one 64-byte SHA-256 compression, from a 1 MiB message."""
+    big = os.urandom(1 << 20)
+    return median_per_call_ns(_core.sha256, [(big,)] * 20, repeats) / (len(big) / 64)
+
+
+# ---- 1. tokens -> keys ---------------------------------------------------------------------
+
+
+def vllm_style_keys(tokens, root):
+    """vLLM's hashing loop for hash_algo=sha256 (hashlib over pickle protocol 5), stripped of
+    its per-block extra-key and BlockHash object work: a lower bound of vLLM's own cost."""
+    parent, keys = root, []
+    for i in range(0, len(tokens) - BLOCK + 1, BLOCK):
+        parent = hashlib.sha256(pickle.dumps((parent, tuple(tokens[i:i + BLOCK]), None), protocol=5)).digest()
+        keys.append(int.from_bytes(parent[-8:], "big"))
+    return keys
+
+
+def bench_hash4096(repeats):
+    """4096 random token ids (uniform over a 152k vocabulary), block 16: 256 chained blocks."""
+    rng = random.Random(4096)
+    tokens = [rng.randrange(VOCAB) for _ in range(4096)]
+    per_comp = ns_per_compression(repeats)
+    rows = []
+    for algo in ("sha256", "sha256_cbor"):
+        core, ref = _core.BlockHasher(algo, block_size=BLOCK), _reference.BlockHasher(algo, block_size=BLOCK)
+        assert list(core.keys(tokens)) == list(ref.keys(tokens))
+        us = {}
+        for kind, toks in (("list", tokens), ("array('I')", array("I", tokens))):
+            us[kind] = median_per_call_ns(core.keys, [(toks,)] * 200, repeats) / 1e3
+            rows.append(row("%s, %s" % (algo, kind), us[kind], "µs", budget=("<=", 40)))
+        with sha256_kernel("portable") as name:
+            rows.append(row("%s, list, %s kernel" % (algo, name),
+                            median_per_call_ns(core.keys, [(tokens,)] * 50, repeats) / 1e3, "µs"))
+        ref_us = median_per_call_ns(ref.keys, [(tokens,)] * 5, repeats) / 1e3
+        rows.append(row("%s, _reference" % algo, ref_us, "µs"))
+        rows.append(row("%s, _reference / core(list)" % algo, ref_us / us["list"], "x"))
+        if algo == "sha256":
+            assert vllm_style_keys(tokens, core.root) == list(core.keys(tokens))
+            vllm_us = median_per_call_ns(vllm_style_keys, [(tokens, core.root)] * 5, repeats) / 1e3
+            rows.append(row("sha256, vLLM's loop (hashlib+pickle)", vllm_us, "µs"))
+            rows.append(row("sha256, vLLM's loop / core(list)", vllm_us / us["list"], "x", budget=(">=", 10)))
+        # Where the time goes: SHA compressions at the measured kernel speed, the rest.
+        encode = _reference.pickle5_encode if algo == "sha256" else _reference.cbor_encode
+        parent = core.root
+        compressions = sum((len(encode((parent, tuple(tokens[i:i + BLOCK]), None))) + 9 + 63) // 64
+                           for i in range(0, len(tokens), BLOCK))
+        floor = compressions * per_comp / 1e3
+        rows.append(row("%s, SHA floor" % algo, floor, "µs",
+                        note="%d compressions x %.1f ns" % (compressions, per_comp)))
+        rows.append(row("%s, rest (array('I') - floor)" % algo, us["array('I')"] - floor, "µs"))
+        rows.append(row("%s, list conversion (list - array('I'))" % algo, us["list"] - us["array('I')"], "µs"))
+    report("hash4096", rows, kernel=_core.sha256_backend())
+
+
+# ---- 2. raw SHA-256 ------------------------------------------------------------------------
+
+
+def openssl_speed(nbytes):
+    """bytes/s of `openssl speed -seconds 1 -bytes N sha256`, or None without openssl."""
+    if not shutil.which("openssl"):
+        return None
+    out = subprocess.run(["openssl", "speed", "-seconds", "1", "-bytes", str(nbytes), "sha256"],
+                         capture_output=True, text=True, check=True).stdout
+    last = [line for line in out.splitlines() if line.startswith("sha256")][-1]
+    return float(last.split()[-1].rstrip("k")) * 1000  # "The 'numbers' are in 1000s of bytes"
+
+
+def bench_sha256(repeats):
+    """One SHA-256 per call; both wrapped in a lambda so they pay the same call overhead."""
+    sizes = (64, 128)
+    inputs = {n: os.urandom(n) for n in sizes}
+    kvcm_sha = lambda x: _core.sha256(x)  # noqa: E731
+    hashlib_sha = lambda x: hashlib.sha256(x).digest()  # noqa: E731
+    rows = []
+    for kernel in ("default", "portable"):
+        with sha256_kernel(kernel) as name:
+            for n in sizes:
+                ns = median_per_call_ns(kvcm_sha, [(inputs[n],)] * 20_000, repeats)
+                rows.append(row("kvcm %s, %d B" % (name, n), ns, "ns/hash", note="%.0f MB/s" % (n / ns * 1e3)))
+            rows.append(row("kvcm %s, per compression" % name, ns_per_compression(repeats), "ns",
+                            note="1 MiB message"))
+    for n in sizes:
+        ns = median_per_call_ns(hashlib_sha, [(inputs[n],)] * 20_000, repeats)
+        rows.append(row("hashlib, %d B" % n, ns, "ns/hash", note="%.0f MB/s" % (n / ns * 1e3)))
+    for n in sizes:
+        bps = openssl_speed(n)
+        if bps:
+            rows.append(row("openssl speed, %d B" % n, n / bps * 1e9, "ns/hash", note="%.0f MB/s" % (bps / 1e6)))
+    report("sha256", rows)
+
+
+# ---- 3. lookup + score ---------------------------------------------------------------------
+
+CHAINS, CHAIN_LEN, PODS = 4096, 256, 16  # 4096 x 256 = 1,048,576 distinct blocks
+QUERY_CHAINS = 256
+# A query chain is held by its owner pod (offset 0) and by 5 more pods with shorter prefixes:
+# (pod offset from the owner, prefix length, tier). Offset 3 holds its prefix in two tiers.
+QUERY_LAYOUT = ((1, 240, "gpu"), (2, 200, "cpu"), (3, 128, "gpu"), (3, 128, "cpu"), (4, 64, "gpu"), (5, 16, "gpu"))
+
+
+def pod_name(i):
+    return "10.0.0.%d:8000" % (i + 1)
+
+
+def build_lookup_index():
+    """1 M blocks over 16 pods: 4096 chains of 256 blocks, chain c held whole by pod c % 16;
+    chains 0..255 are popular prefixes, also held (shorter) by 5 more pods each."""
+    keys = random_keys(3, CHAINS * CHAIN_LEN)
+    chains = [keys[c * CHAIN_LEN:(c + 1) * CHAIN_LEN] for c in range(CHAINS)]
+    index = _core.Index(max_blocks=10_000_000)
+    for c, chain in enumerate(chains):
+        index.store(NS, pod_name(c % PODS), "gpu", chain)
+    for c in range(QUERY_CHAINS):
+        for offset, length, tier in QUERY_LAYOUT:
+            index.store(NS, pod_name((c + offset) % PODS), tier, chains[c][:length])
+    return index, chains[:QUERY_CHAINS]
+
+
+def bench_lookup(repeats):
+    index, queries = build_lookup_index()
+    scorer = _core.Scorer()
+    expected = {pod_name(0): 256.0, pod_name(1): 240.0, pod_name(2): 160.0, pod_name(3): 128.0,
+                pod_name(4): 64.0, pod_name(5): 16.0}
+    got = scorer.score(index, NS, queries[0])
+    assert {pod: round(s, 6) for pod, s in got.items()} == expected, got
+    varied = [(index, NS, q) for q in queries]  # a different popular prefix on every call
+    hot = [varied[0]] * len(varied)             # the same prompt prefix again and again
+    hot_list = [(index, NS, list(queries[0]))] * len(varied)  # as decoded from JSON
+    miss = [(index, NS, random_keys(9, CHAIN_LEN))] * len(varied)  # block 0 unknown
+    rows = []
+    for case, fn, args, budget in (
+            ("score, varied queries", scorer.score, varied, ("<=", 3)),
+            ("score, one hot query", scorer.score, hot, ("<=", 3)),
+            ("score, one hot query as list", scorer.score, hot_list, None),
+            ("score_detailed, varied", scorer.score_detailed, varied, None),
+            ("lookup_prefix, varied", index.lookup_prefix, [a[1:] for a in varied], None),
+            ("score, miss at block 0", scorer.score, miss, None)):
+        p50, p99 = latency_ns(fn, args, 8, repeats)
+        mean = median_per_call_ns(fn, args, repeats)
+        rows.append(row(case, p50 / 1e3, "µs", p99=p99 / 1e3, budget=budget,
+                        note="mean %.2f µs" % (mean / 1e3)))
+    walk = (rows[0]["value"] - rows[-1]["value"]) * 1e3 / CHAIN_LEN
+    rows.append(row("walk per block ((varied - miss) / 256)", walk, "ns"))
+    report("lookup", rows, blocks=len(index), entries=index.stats()["entries"])
+
+
+# ---- 4. store ------------------------------------------------------------------------------
+
+STORE_BLOCKS, STORE_BATCH = 2_000_000, 16
+
+
+def bench_store(repeats):
+    """BlockStored-like calls of 16 new random keys, one pod, tier gpu, into a fresh index (it
+    grows to 2 M blocks); then into a full index of 1 M capacity, so every block evicts one."""
+    keys = random_keys(4, STORE_BLOCKS)
+    batches = {"array('Q')": [keys[i:i + STORE_BATCH] for i in range(0, STORE_BLOCKS, STORE_BATCH)]}
+    batches["list"] = [list(b) for b in batches["array('Q')"]]  # what msgpack hands over
+    prefill = random_keys(5, STORE_BLOCKS // 2)
+
+    def run(kind, capacity):
+        index = _core.Index(max_blocks=capacity)
+        if capacity < STORE_BLOCKS:
+            index.store(NS, pod_name(0), "gpu", prefill)
+        args = [(NS, pod_name(0), "gpu", b) for b in batches[kind]]
+        ns = pass_ns(index.store, args)
+        assert len(index) == min(capacity, STORE_BLOCKS)
+        return ns
+
+    rows = []
+    for kind in ("list", "array('Q')"):
+        for case, capacity, budget in (("fresh index", 10_000_000, (">=", 2e6)),
+                                       ("full, evicting", STORE_BLOCKS // 2, (">=", 2e6))):
+            ns = statistics.median(run(kind, capacity) for _ in range(repeats))
+            rows.append(row("%s, %s" % (case, kind), STORE_BLOCKS / ns * 1e9, "blocks/s", budget=budget,
+                            note="%.0f ns/block" % (ns / STORE_BLOCKS)))
+    gc.collect()
+    index = _core.Index()
+    for kind, empty in (("list", []), ("array('Q')", array("Q"))):
+        call = median_per_call_ns(index.store, [(NS, pod_name(0), "gpu", empty)] * 100_000, repeats)
+        rows.append(row("boundary: store() of 0 keys, %s" % kind, call, "ns/call",
+                        note="%.0f ns/block of a 16-key call" % (call / STORE_BATCH)))
+    report("store", rows)
+
+
+# ---- 5. memory (in a subprocess, so RSS holds only this) -----------------------------------
+
+MEM_PODS, MEM_PER_POD, MEM_CHUNK = 16, 625_000, 5_000  # 10 M (block, pod) entries
+ENGINE_SEEDS = 1 << 40  # engine hashes come from seeds apart from the keys'
+
+
+def rss_bytes(field="VmRSS"):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no %s in /proc/self/status" % field)
+
+
+def _mem_seed(pod, chunk):
+    return pod * 1_000_003 + chunk
+
+
+def memory_child():
+    """Stores 10 M distinct blocks, one pod each (parity: no engine map), then maps an engine
+    hash to every block; prints one JSON object with RSS after each step."""
+    index = _core.Index(max_blocks=10_000_000)
+    chunks = [(p, c) for p in range(MEM_PODS) for c in range(MEM_PER_POD // MEM_CHUNK)]
+    gc.collect()
+    out = {"rss_start": rss_bytes()}
+    t0 = pc()
+    for p, c in chunks:
+        index.store(NS, pod_name(p), "gpu", random_keys(_mem_seed(p, c), MEM_CHUNK))
+    out["store_s"] = (pc() - t0) / 1e9
+    gc.collect()
+    out.update(rss_stored=rss_bytes(), hwm_stored=rss_bytes("VmHWM"), stats=index.stats())
+    del out["stats"]["pods"]
+    t0 = pc()
+    for p, c in chunks:
+        index.map_engine(NS, random_keys(ENGINE_SEEDS + _mem_seed(p, c), MEM_CHUNK), random_keys(_mem_seed(p, c), MEM_CHUNK))
+    out["map_s"] = (pc() - t0) / 1e9
+    gc.collect()
+    out.update(rss_mapped=rss_bytes(), hwm_mapped=rss_bytes("VmHWM"),
+               engine_map_entries=index.stats()["engine_map_entries"],
+               maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(json.dumps(out))
+
+
+def bench_memory(repeats):
+    """One run: RSS is deterministic for a seeded workload, unlike time."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child"],
+                          capture_output=True, text=True, check=True)
+    m = json.loads(proc.stdout.splitlines()[-1])
+    entries, blocks = m["stats"]["entries"], m["stats"]["blocks"]
+    assert entries == blocks == MEM_PODS * MEM_PER_POD, m["stats"]
+    per_entry = (m["rss_stored"] - m["rss_start"]) / entries
+    extra = (m["rss_mapped"] - m["rss_stored"]) / blocks
+    mib = lambda b: "%.0f MiB" % (b / 2**20)  # noqa: E731
+    rows = [
+        row("RSS per (block, pod) entry, parity", per_entry, "B", budget=("<=", 64),
+            note="%s -> %s, peak %s" % (mib(m["rss_start"]), mib(m["rss_stored"]), mib(m["hwm_stored"]))),
+        row("engine map, extra RSS per block", extra, "B", budget=("<=", 24),
+            note="%d entries; -> %s, peak %s" % (m["engine_map_entries"], mib(m["rss_mapped"]), mib(m["hwm_mapped"]))),
+        row("store 10 M (chunks of %d)" % MEM_CHUNK, entries / m["store_s"], "blocks/s"),
+        row("map_engine 10 M (chunks of %d)" % MEM_CHUNK, blocks / m["map_s"], "hashes/s"),
+    ]
+    report("memory", rows, **m)
+
+
+def source_version():
+    """The commit the core was built from, with "+dirty" when its sources have local changes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    def git(*argv):
+        return subprocess.run(("git",) + argv, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "kvcm/*.pyx", "kvcm/*.pxi", "kvcm/*.h")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+# ---- main ----------------------------------------------------------------------------------
+
+BENCHMARKS = {"hash4096": bench_hash4096, "sha256": bench_sha256, "lookup": bench_lookup,
+              "store": bench_store, "memory": bench_memory}
+SLOW = {"memory"}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="benchmarks to run (%s); default: all but %s" % (", ".join(BENCHMARKS), ", ".join(SLOW)))
+    parser.add_argument("--memory", action="store_true", help="also run the slow memory benchmark")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per measurement (default 5)")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        return memory_child()
+    unknown = set(args.names) - set(BENCHMARKS)
+    if unknown:
+        parser.error("unknown benchmark(s): %s (choose from %s)" % (", ".join(sorted(unknown)), ", ".join(BENCHMARKS)))
+    names = args.names or [n for n in BENCHMARKS if n not in SLOW or args.memory]
+    print(json.dumps({"source": source_version(), "python": platform.python_version(), "machine": platform.machine(),
+                      "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "sha256_kernel": _core.sha256_backend(),
+                      "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}))
+    gc.disable()  # no collector pauses inside timed loops; nothing here makes cycles
+    for name in names:
+        BENCHMARKS[name](args.repeats)
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
