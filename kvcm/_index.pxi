@@ -6,6 +6,7 @@ cdef extern from "index.h":
     uint32_t KVI_NIL
     int KVI_MAX_TIERS
     uint32_t KVI_MAX_PODS
+    uint32_t KVI_MAX_NS
     ctypedef struct kvi_match:
         uint32_t pod
         uint32_t blocks
@@ -94,7 +95,7 @@ cdef class Index:
             raise ValueError("max_blocks must be at least 1, got %r" % (max_blocks,))
         if kvi_init(&self.ix, max_blocks) or kve_init(&self.emap, max_blocks):
             raise MemoryError()
-        self._ns = _Names("namespace", KVI_NIL - 1)
+        self._ns = _Names("namespace", KVI_MAX_NS + 1)
         self._pods = _Names("pod", KVI_MAX_PODS)
         self._tiers = _Names("tier", KVI_MAX_TIERS)
         for i in range(KVI_MAX_TIERS):

@@ -9,18 +9,21 @@ from cpython.array cimport array, clone
 cdef array _u64_template = array("Q")
 
 cdef extern from "pyint.h":
-    int kvcm_small_uint(object o, uint64_t *out)
+    int kvcm_uint64(object o, uint64_t *out)
 
 
 cdef struct U64s:
     uint64_t *data
     Py_ssize_t n
+    bint borrowed  # data points into the caller's array('Q'): not ours to free
 
 
 cdef inline void u64s_free(U64s *a) noexcept:
-    free(a.data)
+    if not a.borrowed:
+        free(a.data)
     a.data = NULL
     a.n = 0
+    a.borrowed = False
 
 
 cdef int _load_buffer(object obj, U64s *out, str what) except -1:
@@ -77,13 +80,22 @@ cdef int _load_buffer(object obj, U64s *out, str what) except -1:
     return 0
 
 
-cdef int load_u64s(object obj, U64s *out, str what) except -1:
+cdef int load_u64s(object obj, U64s *out, str what, bint may_borrow=True) except -1:
     """Fills out with the integers of obj (caller frees). Raises ValueError for values outside
-    [0, 2**64) and TypeError for non-integers."""
+    [0, 2**64) and TypeError for non-integers. may_borrow: an array('Q') may be read in place;
+    callers that drop the GIL while using the data pass False (another thread could resize
+    the array)."""
     cdef Py_ssize_t i, n
     cdef object item
     out.data = NULL
     out.n = 0
+    out.borrowed = False
+    if may_borrow and type(obj) is array and (<array>obj).ob_descr.typecode in (b"Q", b"L") and (<array>obj).ob_descr.itemsize == 8:
+        # the hasher's own output type: read it in place (the caller holds it meanwhile)
+        out.data = <uint64_t *>(<array>obj).data.as_voidptr
+        out.n = len(<array>obj)
+        out.borrowed = True
+        return 0
     if type(obj) is not list and type(obj) is not tuple:
         if PyObject_CheckBuffer(obj) and not isinstance(obj, (bytes, bytearray, str)):
             return _load_buffer(obj, out, what)
@@ -97,12 +109,12 @@ cdef int load_u64s(object obj, U64s *out, str what) except -1:
         if type(obj) is list:
             for i in range(n):
                 item = <object>PyList_GET_ITEM(obj, i)
-                if not kvcm_small_uint(item, &out.data[i]):
+                if not kvcm_uint64(item, &out.data[i]):
                     out.data[i] = _as_u64(item, what, i)
         else:
             for i in range(n):
                 item = <object>PyTuple_GET_ITEM(obj, i)
-                if not kvcm_small_uint(item, &out.data[i]):
+                if not kvcm_uint64(item, &out.data[i]):
                     out.data[i] = _as_u64(item, what, i)
     except BaseException:
         u64s_free(out)
@@ -110,7 +122,7 @@ cdef int load_u64s(object obj, U64s *out, str what) except -1:
     return 0
 
 
-cdef inline uint64_t _as_u64(object item, str what, Py_ssize_t i) except? 0xFFFFFFFFFFFFFFFF:
+cdef uint64_t _as_u64(object item, str what, Py_ssize_t i) except? 0xFFFFFFFFFFFFFFFF:
     if type(item) is not int:
         if isinstance(item, int) and not isinstance(item, bool):
             item = int(item)

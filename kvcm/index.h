@@ -4,7 +4,9 @@
  * so nothing here is a Python object and every link is a 32-bit index into a slab:
  *
  *   slots[]    open-addressing table (linear probing) of block indices       ~4-8 B/block
- *   blocks[]   24 B: key, namespace, first holder, LRU prev/next
+ *   blocks[]   32 B: key, namespace, first holder, LRU prev/next, and a summary of its
+ *              holders when they use at most two tiers and pod ids < 32 (a pod bit mask
+ *              per tier), which lets a lookup decide a block without walking its holders
  *   holders[]  20 B: one (block, pod, tier) entry, linked twice: into its block's holder
  *              list (scoring walks it) and into its pod's list (clearing a pod walks it,
  *              so clear_pod costs O(that pod's entries), not O(index)).
@@ -28,12 +30,19 @@
 #define KVI_TIER_BITS 4
 #define KVI_MAX_PODS (1u << (32 - KVI_TIER_BITS)) /* pod ids share a u32 with the tier */
 #define KVI_MAX_ITEMS 0xFFFFFFF0u                 /* slab indices stay below KVI_NIL */
+#define KVI_MAX_NS 0xFFFEu                        /* namespaces are stored in 16 bits */
+#define KVI_FREE_NS 0xFFFFu
+#define KVI_MASK_PODS 32                          /* pods that have a bit in the block masks */
+#define KVI_TIER_NONE 0xFEu                       /* tier_b when one tier holds every entry */
+#define KVI_TIER_COMPLEX 0xFFu                    /* tier_b when the masks cannot describe it */
 
 typedef struct {
     uint64_t key;
-    uint32_t ns;      /* KVI_NIL marks a free slab entry */
-    uint32_t holders; /* first holder, or KVI_NIL */
+    uint32_t mask_a, mask_b; /* bit p: pod p holds the block in tier_a / tier_b */
+    uint32_t holders;        /* first holder, or KVI_NIL */
     uint32_t lru_prev, lru_next; /* free entries chain through lru_next */
+    uint16_t ns;             /* KVI_FREE_NS marks a free slab entry */
+    uint8_t tier_a, tier_b;  /* tier_b may be KVI_TIER_NONE or KVI_TIER_COMPLEX */
 } kvi_block;
 
 typedef struct {
@@ -70,6 +79,7 @@ typedef struct {
     uint32_t pods_cap;
     uint32_t lru_head, lru_tail; /* head = most recent */
     uint64_t nblocks, nentries, max_blocks, evictions;
+    uint64_t wide_entries; /* entries of pods >= 32: while there are any, lookups walk holders */
     /* scratch for lookups, sized to pods_cap */
     uint32_t *scr_gen, *scr_slot, gen;
     kvi_match *matches;
@@ -228,10 +238,41 @@ static inline void kvi_touch(kvi_index *ix, uint32_t b) {
 static inline uint32_t kvi_pod_of(uint32_t pod_tier) { return pod_tier >> KVI_TIER_BITS; }
 static inline uint32_t kvi_tier_of(uint32_t pod_tier) { return pod_tier & (KVI_MAX_TIERS - 1); }
 
+/* Folds one more holder into a block's summary. */
+static inline void kvi_summary_add(kvi_block *x, uint32_t pod, uint32_t tier, int first) {
+    if (first) {
+        x->mask_a = x->mask_b = 0;
+        x->tier_a = (uint8_t)tier;
+        x->tier_b = KVI_TIER_NONE;
+    }
+    if (x->tier_b == KVI_TIER_COMPLEX) return;
+    if (pod >= KVI_MASK_PODS) {
+        x->tier_b = KVI_TIER_COMPLEX;
+    } else if (tier == x->tier_a) {
+        x->mask_a |= 1u << pod;
+    } else if (x->tier_b == KVI_TIER_NONE || tier == x->tier_b) {
+        x->tier_b = (uint8_t)tier;
+        x->mask_b |= 1u << pod;
+    } else {
+        x->tier_b = KVI_TIER_COMPLEX;
+    }
+}
+
+/* Recomputes a block's summary from its remaining holders (after a removal). */
+static void kvi_summarize(kvi_index *ix, uint32_t b) {
+    kvi_block *x = &ix->blocks[b];
+    int first = 1;
+    for (uint32_t h = x->holders; h != KVI_NIL; h = ix->holders[h].block_next) {
+        uint32_t pt = ix->holders[h].pod_tier;
+        kvi_summary_add(x, kvi_pod_of(pt), kvi_tier_of(pt), first);
+        first = 0;
+    }
+}
+
 static void kvi_delete_block(kvi_index *ix, uint32_t b) {
     kvi_slot_delete(ix, b);
     kvi_lru_unlink(ix, b);
-    ix->blocks[b].ns = KVI_NIL;
+    ix->blocks[b].ns = KVI_FREE_NS;
     ix->blocks[b].lru_next = ix->free_block;
     ix->free_block = b;
     ix->nblocks--;
@@ -253,11 +294,13 @@ static void kvi_drop_holder(kvi_index *ix, uint32_t h, uint32_t prev) {
     p->total--;
     p->per_tier[kvi_tier_of(x->pod_tier)]--;
     ix->nentries--;
+    if (pod >= KVI_MASK_PODS) ix->wide_entries--;
 
     x->block_next = ix->free_holder;
     x->block = KVI_NIL;
     ix->free_holder = h;
     if (ix->blocks[b].holders == KVI_NIL) kvi_delete_block(ix, b);
+    else kvi_summarize(ix, b);
 }
 
 static void kvi_evict_block(kvi_index *ix, uint32_t b) {
@@ -270,7 +313,7 @@ static void kvi_evict_block(kvi_index *ix, uint32_t b) {
     ix->evictions++;
 }
 
-static uint32_t kvi_alloc_block(kvi_index *ix, uint32_t ns, uint64_t key) {
+static uint32_t kvi_alloc_block(kvi_index *ix, uint16_t ns, uint64_t key) {
     uint32_t b;
     if (ix->free_block != KVI_NIL) {
         b = ix->free_block;
@@ -306,7 +349,7 @@ static uint32_t kvi_alloc_holder(kvi_index *ix) {
  * out (the entries stored before that point stay; the index stays consistent). */
 static int64_t kvi_store(kvi_index *ix, uint32_t ns, uint32_t pod, uint32_t tier,
                          const uint64_t *keys, size_t n) {
-    if (pod >= ix->pods_cap || tier >= KVI_MAX_TIERS || ix->max_blocks == 0) return -1;
+    if (pod >= ix->pods_cap || tier >= KVI_MAX_TIERS || ns > KVI_MAX_NS || ix->max_blocks == 0) return -1;
     uint32_t pod_tier = (pod << KVI_TIER_BITS) | tier;
     int64_t added = 0;
     for (size_t i = 0; i < n; i++) {
@@ -314,7 +357,7 @@ static int64_t kvi_store(kvi_index *ix, uint32_t ns, uint32_t pod, uint32_t tier
         if (b == KVI_NIL) {
             if (ix->nblocks >= ix->max_blocks) kvi_evict_block(ix, ix->lru_tail);
             if (kvi_maybe_rehash(ix)) return -1;
-            b = kvi_alloc_block(ix, ns, keys[i]);
+            b = kvi_alloc_block(ix, (uint16_t)ns, keys[i]);
             if (b == KVI_NIL) return -1;
         } else {
             kvi_touch(ix, b);
@@ -332,7 +375,9 @@ static int64_t kvi_store(kvi_index *ix, uint32_t ns, uint32_t pod, uint32_t tier
         x->block = b;
         x->pod_tier = pod_tier;
         x->block_next = ix->blocks[b].holders;
+        kvi_summary_add(&ix->blocks[b], pod, tier, ix->blocks[b].holders == KVI_NIL);
         ix->blocks[b].holders = h;
+        if (pod >= KVI_MASK_PODS) ix->wide_entries++;
         x->pod_prev = KVI_NIL;
         x->pod_next = p->head;
         if (p->head != KVI_NIL) ix->holders[p->head].pod_prev = h;
@@ -400,6 +445,7 @@ static uint64_t kvi_clear_pod(kvi_index *ix, uint32_t pod, int tier, uint32_t ns
  * namespace's hash mode. */
 static uint64_t kvi_clear_namespace(kvi_index *ix, uint32_t ns) {
     uint64_t removed = 0;
+    if (ns > KVI_MAX_NS) return 0;
     for (uint32_t b = 0; b < ix->blocks_used; b++) {
         if (ix->blocks[b].ns != ns) continue;
         while (ix->blocks[b].ns == ns && ix->blocks[b].holders != KVI_NIL) {
@@ -410,12 +456,23 @@ static uint64_t kvi_clear_namespace(kvi_index *ix, uint32_t ns) {
     return removed;
 }
 
-/* Walks keys from block 0 and stops at the first block no candidate pod holds. A candidate
- * is a pod that holds block 0 (and passes the filter, a bitmap over pod ids, when given) and
- * has held every block since. Results land in ix->matches; returns their count, or -1 when
- * memory ran out. Touches the blocks it matched (a lookup hit refreshes recency). */
-static int64_t kvi_lookup(kvi_index *ix, uint32_t ns, const uint64_t *keys, size_t n,
-                          const uint8_t *filter, uint32_t filter_bits, const double *weights) {
+/* Reserves room for `n` matches in the lookup scratch. */
+static int kvi_reserve_matches(kvi_index *ix, uint32_t n) {
+    if (n <= ix->matches_cap) return 0;
+    if (kvi_grow((void **)&ix->matches, &ix->matches_cap, sizeof(kvi_match), n)) return -1;
+    uint32_t *a = (uint32_t *)realloc(ix->active, sizeof(uint32_t) * ix->matches_cap);
+    if (!a) return -1;
+    ix->active = a;
+    return 0;
+}
+
+static inline int kvi_filtered_out(const uint8_t *filter, uint32_t filter_bits, uint32_t pod) {
+    return filter && (pod >= filter_bits || !(filter[pod >> 3] & (1u << (pod & 7))));
+}
+
+/* The general walk: follows every holder of every block. Used while some pod id is >= 32. */
+static int64_t kvi_lookup_walk(kvi_index *ix, uint32_t ns, const uint64_t *keys, size_t n,
+                               const uint8_t *filter, uint32_t filter_bits, const double *weights) {
     if (++ix->gen == 0) { /* generation wrapped: forget every stale stamp once */
         memset(ix->scr_gen, 0, sizeof(uint32_t) * ix->pods_cap);
         ix->gen = 1;
@@ -429,14 +486,8 @@ static int64_t kvi_lookup(kvi_index *ix, uint32_t ns, const uint64_t *keys, size
             uint32_t pt = ix->holders[h].pod_tier, pod = kvi_pod_of(pt), tier = kvi_tier_of(pt);
             kvi_match *m;
             if (ix->scr_gen[pod] != ix->gen) {
-                if (i != 0) continue;
-                if (filter && (pod >= filter_bits || !(filter[pod >> 3] & (1u << (pod & 7))))) continue;
-                if (nm >= ix->matches_cap) {
-                    if (kvi_grow((void **)&ix->matches, &ix->matches_cap, sizeof(kvi_match), nm + 1)) return -1;
-                    uint32_t *a = (uint32_t *)realloc(ix->active, sizeof(uint32_t) * ix->matches_cap);
-                    if (!a) return -1;
-                    ix->active = a;
-                }
+                if (i != 0 || kvi_filtered_out(filter, filter_bits, pod)) continue;
+                if (kvi_reserve_matches(ix, nm + 1)) return -1;
                 ix->scr_gen[pod] = ix->gen;
                 ix->scr_slot[pod] = nm;
                 m = &ix->matches[nm];
@@ -473,6 +524,117 @@ static int64_t kvi_lookup(kvi_index *ix, uint32_t ns, const uint64_t *keys, size
         if (!nactive) break;
     }
     return nm;
+}
+
+/* Per-pod totals of the masked walk, indexed by pod id (< 32). */
+typedef struct {
+    double score[KVI_MASK_PODS];
+    uint32_t blocks[KVI_MASK_PODS];
+    uint32_t tiers[KVI_MASK_PODS][KVI_MAX_TIERS];
+} kvi_masked_totals;
+
+/* Adds `run` consecutive blocks with the same holders (masks within the candidates) to the
+ * pods holding them. */
+static inline void kvi_masked_flush(kvi_masked_totals *T, uint32_t ma, uint32_t mb, uint32_t ta,
+                                    uint32_t tb, uint32_t run, const double *weights) {
+    if (!run) return;
+    double wa = weights[ta], wb = mb ? weights[tb] : 0.0;
+    for (uint32_t m = ma | mb; m; m &= m - 1) {
+        uint32_t p = (uint32_t)__builtin_ctz(m);
+        int in_a = ma >> p & 1, in_b = mb >> p & 1;
+        double w = in_a && in_b ? (wa > wb ? wa : wb) : in_a ? wa : wb;
+        T->score[p] += w * run;
+        if (in_a) T->tiers[p][ta] += run;
+        if (in_b) T->tiers[p][tb] += run;
+    }
+}
+
+/* The walk while every pod id is < 32, on block summaries. Consecutive blocks usually have
+ * the same holders (pods cache prefixes), so the walk counts runs of identical summaries and
+ * credits each pod once per run instead of once per block; only blocks with more than two
+ * tiers fall back to their holder lists. */
+static int64_t kvi_lookup_masked(kvi_index *ix, uint32_t ns, const uint64_t *keys, size_t n,
+                                 const uint8_t *filter, uint32_t filter_bits, const double *weights) {
+    kvi_masked_totals T;
+    uint32_t alive = 0, allowed = ~0u, candidates = 0;
+    uint32_t ra = 0, rb = 0, rta = 0, rtb = 0, run = 0; /* the current run */
+    size_t i;
+    if (filter) {
+        allowed = 0;
+        for (uint32_t p = 0; p < KVI_MASK_PODS && p < filter_bits; p++)
+            if (filter[p >> 3] & (1u << (p & 7))) allowed |= 1u << p;
+    }
+    for (i = 0; i < n; i++) {
+        uint32_t b = kvi_find(ix, ns, keys[i]);
+        if (b == KVI_NIL) break;
+        const kvi_block *x = &ix->blocks[b];
+        uint32_t within = i == 0 ? allowed : alive, held, a = 0, m2 = 0;
+        if (x->tier_b == KVI_TIER_COMPLEX) {
+            held = 0;
+            for (uint32_t h = x->holders; h != KVI_NIL; h = ix->holders[h].block_next)
+                held |= (1u << kvi_pod_of(ix->holders[h].pod_tier)) & within;
+        } else {
+            a = x->mask_a & within;
+            m2 = x->tier_b == KVI_TIER_NONE ? 0 : x->mask_b & within;
+            held = a | m2;
+        }
+        if (!held) break;
+        if (i == 0) {
+            candidates = held;
+            for (uint32_t m = held; m; m &= m - 1) {
+                uint32_t p = (uint32_t)__builtin_ctz(m);
+                T.score[p] = 0.0;
+                memset(T.tiers[p], 0, sizeof(T.tiers[p]));
+            }
+        }
+        for (uint32_t m = alive & ~held; m; m &= m - 1) T.blocks[__builtin_ctz(m)] = (uint32_t)i;
+        alive = held;
+        if (x->tier_b != KVI_TIER_COMPLEX) {
+            if (run && a == ra && m2 == rb && x->tier_a == rta && (!m2 || x->tier_b == rtb)) {
+                run++;
+            } else {
+                kvi_masked_flush(&T, ra, rb, rta, rtb, run, weights);
+                ra = a, rb = m2, rta = x->tier_a, rtb = x->tier_b, run = 1;
+            }
+        } else {
+            double best[KVI_MASK_PODS];
+            uint32_t seen = 0;
+            kvi_masked_flush(&T, ra, rb, rta, rtb, run, weights);
+            run = 0;
+            for (uint32_t h = x->holders; h != KVI_NIL; h = ix->holders[h].block_next) {
+                uint32_t pt = ix->holders[h].pod_tier, p = kvi_pod_of(pt), t = kvi_tier_of(pt);
+                if (!(alive >> p & 1)) continue;
+                if (!(seen >> p & 1) || weights[t] > best[p]) best[p] = weights[t];
+                seen |= 1u << p;
+                T.tiers[p][t]++;
+            }
+            for (uint32_t m = seen; m; m &= m - 1) T.score[__builtin_ctz(m)] += best[__builtin_ctz(m)];
+        }
+        kvi_touch(ix, b);
+    }
+    kvi_masked_flush(&T, ra, rb, rta, rtb, run, weights);
+    for (uint32_t m = alive; m; m &= m - 1) T.blocks[__builtin_ctz(m)] = (uint32_t)i;
+    uint32_t nm = 0;
+    if (kvi_reserve_matches(ix, (uint32_t)__builtin_popcount(candidates))) return -1;
+    for (uint32_t m = candidates; m; m &= m - 1) {
+        uint32_t p = (uint32_t)__builtin_ctz(m);
+        kvi_match *r = &ix->matches[nm++];
+        r->pod = p;
+        r->blocks = T.blocks[p];
+        r->score = T.score[p];
+        memcpy(r->tiers, T.tiers[p], sizeof(r->tiers));
+    }
+    return nm;
+}
+
+/* Walks keys from block 0 and stops at the first block no candidate pod holds. A candidate
+ * is a pod that holds block 0 (and passes the filter, a bitmap over pod ids, when given) and
+ * has held every block since. Results land in ix->matches; returns their count, or -1 when
+ * memory ran out. Touches the blocks it matched (a lookup hit refreshes recency). */
+static int64_t kvi_lookup(kvi_index *ix, uint32_t ns, const uint64_t *keys, size_t n,
+                          const uint8_t *filter, uint32_t filter_bits, const double *weights) {
+    if (ix->wide_entries) return kvi_lookup_walk(ix, ns, keys, n, filter, filter_bits, weights);
+    return kvi_lookup_masked(ix, ns, keys, n, filter, filter_bits, weights);
 }
 
 #endif
