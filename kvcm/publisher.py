@@ -11,8 +11,9 @@ Used by the tests, `kvcm sim` and `kvcm bench`. Wire format: specs/vllm-kv-event
 - Optional replay: a ROUTER socket keeps the last `buffer_steps` batches and answers a
   request `[seq8]` (a DEALER sends `[b"", seq8]`) with every retained batch whose seq >= the
   start, then an end marker, in the layout of vLLM >= 0.26 (`"v26"`) or before (`"v25"`).
-  Requests are served by a background thread (its own poller), so replays are answered
-  while the owner keeps publishing; `close()` stops it.
+  By default a background thread polling the ROUTER answers requests, so replays are served
+  while the owner keeps publishing; `close()` stops it. With `replay_thread=False` the owner
+  answers them by calling `serve_replays()` (tests use this to decide when a replay lands).
 
 One thread publishes; the replay thread only reads the buffer (under a lock).
 """
@@ -28,7 +29,7 @@ END_SEQ = b"\xff" * 8
 REPLAY_LAYOUTS = ("v26", "v25")
 EVENT_FORMATS = ("map", "array")
 
-_REPLAY_POLL_MS = 50  # how long close() may wait for the replay thread to notice
+_REPLAY_POLL_S = 0.05  # how long close() may wait for the replay thread to notice
 
 
 def dp_endpoint(endpoint, dp_rank):
@@ -56,12 +57,14 @@ def _check_form(form):
 
 def block_stored(block_hashes, parent_block_hash=None, token_ids=(), block_size=16, *,
                  lora_id=None, medium="GPU", lora_name=None, extra_keys=None, group_idx=None,
-                 form="map"):
+                 kv_cache_spec_kind=None, form="map"):
     """A BlockStored event. `form="map"` is vLLM >= 0.24 (fields whose default is None are
     left out when None); `form="array"` is vLLM 0.20's 10-element layout (every field
-    written, nil when unset)."""
+    written, nil when unset), which has no kv_cache_spec_kind."""
     _check_form(form)
     if form == "array":
+        if kv_cache_spec_kind is not None:
+            raise ValueError("vLLM 0.20's array layout has no kv_cache_spec_kind")
         return ["BlockStored", list(block_hashes), parent_block_hash, list(token_ids), block_size,
                 lora_id, medium, lora_name, extra_keys, group_idx]
     event = {"type": "BlockStored", "block_hashes": list(block_hashes),
@@ -71,6 +74,8 @@ def block_stored(block_hashes, parent_block_hash=None, token_ids=(), block_size=
         event["extra_keys"] = extra_keys
     if group_idx is not None:
         event["group_idx"] = group_idx
+    if kv_cache_spec_kind is not None:
+        event["kv_cache_spec_kind"] = kv_cache_spec_kind
     return event
 
 
@@ -103,7 +108,7 @@ class Publisher:
     """
 
     def __init__(self, endpoint="tcp://*:5557", *, topic="", dp_rank=0, replay_endpoint=None,
-                 replay_layout="v26", buffer_steps=10_000, hwm=100_000):
+                 replay_layout="v26", buffer_steps=10_000, hwm=100_000, replay_thread=True):
         if replay_layout not in REPLAY_LAYOUTS:
             raise ValueError("replay_layout must be one of %s, got %r" % (REPLAY_LAYOUTS, replay_layout))
         if buffer_steps < 1:
@@ -131,9 +136,10 @@ class Publisher:
                 self._router.sndhwm = buffer_steps + 1
                 self._router.bind(dp_endpoint(replay_endpoint, dp_rank))
                 self.replay_endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
-                self._thread = threading.Thread(target=self._serve_replays, daemon=True,
-                                                name="kvcm-replay %s" % self.replay_endpoint)
-                self._thread.start()
+                if replay_thread:
+                    self._thread = threading.Thread(target=self._serve_until_closed, daemon=True,
+                                                    name="kvcm-replay %s" % self.replay_endpoint)
+                    self._thread.start()
         except BaseException:
             self.close()
             raise
@@ -160,8 +166,9 @@ class Publisher:
         """Publishes a pre-encoded payload; returns its seq.
 
         seq: send with this seq instead of the next one (the counter continues from seq+1),
-        to skip, duplicate or rewind. deliver=False keeps the batch in the replay buffer
-        without sending it live: a message lost on the way.
+        to skip, duplicate or rewind. topic: bytes sent instead of the publisher's topic.
+        deliver=False keeps the batch in the replay buffer without sending it live: a message
+        lost on the way.
         """
         if seq is None:
             seq = self.next_seq
@@ -183,12 +190,18 @@ class Publisher:
             self._buffer.clear()
         self.next_seq = 0
 
-    def _serve_replays(self):
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
+    def serve_replays(self, timeout=0.0):
+        """Answers the waiting replay requests, waiting up to `timeout` seconds for the first;
+        returns how many were answered. Only for replay_thread=False (or from that thread)."""
+        answered = 0
+        while self._router.poll(0 if answered else int(timeout * 1000)):
+            self._answer(self._router.recv_multipart())
+            answered += 1
+        return answered
+
+    def _serve_until_closed(self):
         while not self._stop.is_set():
-            if poller.poll(_REPLAY_POLL_MS):
-                self._answer(self._router.recv_multipart())
+            self.serve_replays(_REPLAY_POLL_S)
 
     def _answer(self, request):
         # As vLLM: [identity, b"", seq8]; anything else is ignored.

@@ -1,0 +1,602 @@
+"""Event ingest: ZMQ sockets on the running asyncio loop, streams, sequence tracking, replay
+and restart detection (DESIGN.md §4; wire format in specs/vllm-kv-events.md).
+
+This module moves bytes and decides which batches to apply and in which order; decoding and
+applying them is the core's EventSink.
+
+- bind mode: one SUB socket binds every `binds` endpoint, subscribes to `topic_prefix`; pod
+  and model come from the topic `kv@<pod>@<model>`.
+- connect mode: one SUB socket per engine, subscribed to everything; pod = engine name,
+  model = the engine's `model` or else the topic's.
+- A stream is (pod, model, dp_rank). The first batch seen is the baseline; seq == last is a
+  duplicate; a jump is a gap, filled by a replay when the stream has a replay endpoint
+  (live batches are held meanwhile and applied in order afterwards) and otherwise counted,
+  leaving the stream degraded; the live feed going backwards is an engine restart.
+
+Sockets are raw pyzmq sockets read through loop.add_reader on ZMQ_FD. That FD is
+edge-triggered, so a reader drains until EAGAIN, but at most `batch_budget` messages per
+loop turn before it yields with call_soon, so a busy publisher cannot starve HTTP scoring.
+"""
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Optional
+
+import zmq
+
+from kvcm._core import DecodeError, StreamContext
+from kvcm.publisher import END_SEQ, dp_endpoint
+
+log = logging.getLogger("kvcm.ingest")
+
+TRANSPORTS = ("tcp", "ipc", "inproc")
+ENGINE_SYNTAX = "NAME=ENDPOINT[,replay=EP][,model=M]"
+
+
+def check_endpoint(endpoint, what="endpoint"):
+    """Returns endpoint if it is a usable ZMQ endpoint, else raises a ValueError naming `what`."""
+    transport, sep, address = endpoint.partition("://")
+    ok = bool(sep and transport in TRANSPORTS and address)
+    if ok and transport == "tcp":
+        host, colon, port = address.rpartition(":")
+        ok = bool(colon and host) and (port == "*" or (port.isdigit() and int(port) < 65536))
+    if not ok:
+        raise ValueError("%s %r: expected tcp://HOST:PORT, ipc://PATH or inproc://NAME" % (what, endpoint))
+    return endpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """A connect-mode engine: kvcm connects a SUB socket to its PUB `endpoint`."""
+    name: str
+    endpoint: str
+    replay: Optional[str] = None
+    model: Optional[str] = None
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("engine name must not be empty")
+        check_endpoint(self.endpoint, "engine %r: endpoint" % self.name)
+        if self.replay is not None:
+            check_endpoint(self.replay, "engine %r: replay endpoint" % self.name)
+        if self.model is not None and not self.model:
+            raise ValueError("engine %r: model must not be empty" % self.name)
+
+
+def parse_engine(text):
+    """`NAME=ENDPOINT[,replay=EP][,model=M]` -> EngineSpec; ValueError on anything else."""
+    name, sep, rest = text.strip().partition("=")
+    name = name.strip()
+    if not sep or not name or not rest.strip():
+        raise ValueError("engine %r: expected %s" % (text, ENGINE_SYNTAX))
+    endpoint, *options = rest.split(",")
+    fields = {}
+    for option in options:
+        key, sep, value = (part.strip() for part in option.partition("="))
+        if key not in ("replay", "model"):
+            raise ValueError("engine %r: unknown option %r (expected %s)" % (name, key, ENGINE_SYNTAX))
+        if key in fields:
+            raise ValueError("engine %r: %s= given twice" % (name, key))
+        if not value:
+            raise ValueError("engine %r: %s= needs a value" % (name, key))
+        fields[key] = value
+    return EngineSpec(name, endpoint.strip(), **fields)
+
+
+def read_engines_file(path):
+    """One engine spec per line; blank lines and lines starting with # are skipped."""
+    specs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                specs.append(parse_engine(line))
+            except ValueError as exc:
+                raise ValueError("%s:%d: %s" % (path, lineno, exc)) from None
+    return specs
+
+
+def _topic_ids(topic):
+    """(pod, model) from `kv@<pod>@<model>`, or None when the topic is not of that shape."""
+    parts = topic.split(b"@")
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        return None
+    try:
+        return parts[1].decode("utf-8"), parts[2].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _replay_reply(frames):
+    """(seq8, payload) of one replay message as a DEALER receives it, in either layout, or
+    None. The end marker is a reply whose seq8 is END_SEQ."""
+    if len(frames) == 3 and not frames[0]:   # vLLM < 0.26: [b"", seq8, payload]
+        return frames[1], frames[2]
+    if len(frames) == 4 and not frames[0]:   # vLLM >= 0.26: [b"", topic, seq8, payload]
+        return frames[2], frames[3]
+    return None
+
+
+class _Stream:
+    __slots__ = ("pod", "model", "dp_rank", "ctx", "last_seq", "live_seq", "last_time", "degraded",
+                 "held", "replay_task", "replay_started",
+                 "batches", "gaps", "missed", "replays", "restarts", "duplicates", "drops")
+
+    def __init__(self, pod, model, dp_rank):
+        self.pod, self.model, self.dp_rank = pod, model, dp_rank
+        self.ctx = StreamContext(pod, model)
+        self.last_seq = None      # highest seq applied (or skipped as lost)
+        self.live_seq = None      # last seq seen on the live feed; it lags last_seq after a replay
+        self.last_time = time.monotonic()
+        self.degraded = False     # a gap went unfilled; only a restart makes the picture exact again
+        self.held = []            # (seq, payload) that arrived live while a replay was in flight
+        self.replay_task = None
+        self.replay_started = None
+        self.batches = self.gaps = self.missed = self.replays = 0
+        self.restarts = self.duplicates = self.drops = 0
+
+    @property
+    def state(self):
+        if self.replay_task is not None:
+            return "replaying"
+        return "degraded" if self.degraded else "ok"
+
+
+class _Source:
+    """One SUB socket and its reader; engine is None for the bind-mode socket."""
+    __slots__ = ("sock", "fd", "engine", "handle")
+
+    def __init__(self, sock, engine):
+        self.sock, self.fd, self.engine, self.handle = sock, sock.FD, engine, None
+
+
+class Ingest:
+    """Feeds KV-event batches from ZMQ into `sink` (a kvcm._core.EventSink).
+
+    Runs on the event loop that calls start(); every method must be called from it.
+    """
+
+    def __init__(self, sink, *, binds=("tcp://*:5557",), topic_prefix="kv@", engines=(),
+                 replay_endpoints=None, batch_budget=256, replay_timeout=2.0, replay_interval=1.0,
+                 max_held=8192, max_streams=4096, max_engines=1024, max_replays=16,
+                 max_replay_batches=10_000, rcvhwm=10_000):
+        self._sink = sink
+        self._binds = [check_endpoint(ep, "--zmq-bind") for ep in binds]
+        self._topic_prefix = topic_prefix.encode("utf-8")
+        self._replay_endpoints = {pod: check_endpoint(ep, "replay endpoint of pod %r" % pod)
+                                  for pod, ep in (replay_endpoints or {}).items()}
+        self._budget = batch_budget
+        self._replay_timeout = replay_timeout
+        self._replay_interval = replay_interval
+        self._max_held = max_held
+        self._max_streams = max_streams
+        self._max_engines = max_engines
+        self._max_replays = max_replays
+        self._max_replay_batches = max_replay_batches
+        self._rcvhwm = rcvhwm
+        self._engines = {}
+        for spec in engines:
+            self._register(spec)
+        self._streams = {}
+        self._sources = {}          # None -> the bind socket, engine name -> its socket
+        self._replays = set()
+        self._loop = None
+        self._ctx = None
+        self.bound = []             # the endpoints actually bound (ports chosen for * and 0)
+        self.counters = {
+            "messages": 0, "batches": 0, "drops_by_reason": {}, "duplicates": 0,
+            "gaps": 0, "missed_batches": 0, "replays": 0, "replay_failures": 0,
+            "replayed_batches": 0, "held_dropped": 0, "restarts": 0,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self):
+        """Binds the bind-mode socket and connects every registered engine. Raises OSError
+        when an endpoint cannot be bound or connected (everything opened is closed again)."""
+        if self._ctx is not None:
+            raise RuntimeError("ingest already started")
+        self._loop = asyncio.get_running_loop()
+        self._ctx = zmq.Context()
+        try:
+            if self._binds:
+                sock = self._sub_socket(self._topic_prefix)
+                for endpoint in self._binds:
+                    _zmq_call(sock.bind, endpoint, "--zmq-bind")
+                    self.bound.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+                self._listen(None, sock, None)
+            for spec in self._engines.values():
+                self._connect(spec)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self):
+        """Cancels replays and closes every socket. Idempotent."""
+        tasks = list(self._replays)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for source in self._sources.values():
+            self._unlisten(source)
+        self._sources.clear()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+        self.bound = []
+
+    # -- engines (connect mode) ------------------------------------------------------------
+
+    @property
+    def engines(self):
+        return list(self._engines.values())
+
+    def add_engine(self, name, endpoint, replay=None, model=None):
+        """Registers an engine (ValueError for a bad or duplicate entry) and, once started,
+        connects to it."""
+        spec = EngineSpec(name, endpoint, replay, model)
+        self._register(spec)
+        if self._ctx is not None:
+            try:
+                self._connect(spec)
+            except BaseException:
+                del self._engines[name]
+                raise
+        return spec
+
+    def remove_engine(self, name):
+        """Closes the engine's socket. Its streams and index entries stay: if the engine comes
+        back, its seq shows whether it restarted meanwhile."""
+        if name not in self._engines:
+            raise KeyError("no engine named %r" % (name,))
+        del self._engines[name]
+        source = self._sources.pop(name, None)
+        if source is not None:
+            self._unlisten(source)
+
+    def _register(self, spec):
+        if spec.name in self._engines:
+            raise ValueError("engine %r is already registered" % spec.name)
+        if len(self._engines) >= self._max_engines:
+            raise ValueError("too many engines (at most %d)" % self._max_engines)
+        self._engines[spec.name] = spec
+
+    def _connect(self, spec):
+        sock = self._sub_socket(b"")
+        _zmq_call(sock.connect, spec.endpoint, "engine %r" % spec.name)
+        self._listen(spec.name, sock, spec)
+
+    # -- sockets ---------------------------------------------------------------------------
+
+    def _sub_socket(self, subscribe):
+        sock = self._ctx.socket(zmq.SUB)
+        sock.linger = 0
+        sock.rcvhwm = self._rcvhwm
+        sock.setsockopt(zmq.SUBSCRIBE, subscribe)
+        return sock
+
+    def _listen(self, key, sock, engine):
+        source = self._sources[key] = _Source(sock, engine)
+        self._loop.add_reader(source.fd, self._on_readable, source)
+        # Messages may already be queued, and their edge gone.
+        source.handle = self._loop.call_soon(self._drain, source)
+
+    def _unlisten(self, source):
+        if source.handle is not None:
+            source.handle.cancel()
+        self._loop.remove_reader(source.fd)
+        source.sock.close(linger=0)
+
+    def _on_readable(self, source):
+        if source.handle is None:   # else a continuation is already due to drain
+            self._drain(source)
+
+    def _drain(self, source):
+        source.handle = None
+        recv = source.sock.recv_multipart
+        for _ in range(self._budget):
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._receive(source.engine, frames)
+            except Exception:
+                self._drop("error")
+                log.exception("ingest: unexpected error on a message")
+        # Budget spent with messages possibly left: the FD edge may be consumed already, so
+        # come back next loop turn rather than wait for a new edge.
+        source.handle = self._loop.call_soon(self._drain, source)
+
+    # -- live messages ---------------------------------------------------------------------
+
+    def _receive(self, engine, frames):
+        self.counters["messages"] += 1
+        if len(frames) != 3:
+            return self._drop("frames")
+        topic, seq8, payload = frames
+        if len(seq8) != 8:
+            return self._drop("seq")
+        ids = _topic_ids(topic)
+        if engine is None:
+            if ids is None:
+                return self._drop("topic")
+            pod, model = ids
+        else:
+            pod, model = engine.name, engine.model
+            if model is None:
+                if ids is None:
+                    return self._drop("model")
+                model = ids[1]
+        try:
+            _, dp_rank, _ = self._sink.batch_header(payload)
+        except DecodeError as exc:
+            return self._drop(exc.reason)
+        stream = self._stream(pod, model, dp_rank or 0)
+        if stream is None:
+            return self._drop("streams")
+        self._on_live(stream, int.from_bytes(seq8, "big"), payload)
+
+    def _stream(self, pod, model, dp_rank):
+        key = (pod, model, dp_rank)
+        stream = self._streams.get(key)
+        if stream is None and len(self._streams) < self._max_streams:
+            stream = self._streams[key] = _Stream(pod, model, dp_rank)
+        return stream
+
+    def _on_live(self, stream, seq, payload):
+        stream.last_time = time.monotonic()
+        previous, stream.live_seq = stream.live_seq, seq
+        if previous is None:
+            stream.last_seq = seq                       # first sighting: the baseline
+            self._apply(stream, payload)
+        elif seq < previous:
+            # One publisher's live feed is ordered, so going backwards means a new process.
+            # (Compared with the live feed, not last_seq: after a replay the live feed may
+            # still be delivering batches the replay already applied.)
+            self._restart(stream, seq, payload)
+        elif stream.replay_task is not None:
+            self._hold(stream, seq, payload)
+        elif seq <= stream.last_seq:
+            self._duplicate(stream)
+        else:
+            self._advance(stream, seq, payload, may_replay=True)
+
+    def _advance(self, stream, seq, payload, may_replay):
+        """Applies a batch with seq > last_seq, replaying or counting what lies between."""
+        missing = seq - stream.last_seq - 1
+        if missing:
+            if may_replay and self._start_replay(stream, stream.last_seq + 1):
+                self._hold(stream, seq, payload)
+                return
+            self._lost(stream, missing)
+        stream.last_seq = seq
+        self._apply(stream, payload)
+
+    def _apply(self, stream, payload):
+        self.counters["batches"] += 1
+        stream.batches += 1
+        try:
+            self._sink.apply(stream.ctx, payload)
+        except DecodeError as exc:
+            stream.drops += 1
+            self._drop(exc.reason)
+            return
+        except Exception:
+            # A bug, not bad input; counted, and it must not stop the stream (nor a replay).
+            stream.drops += 1
+            self._drop("error")
+            log.exception("ingest: applying a batch of %s failed", _name(stream))
+            return
+        if stream.ctx.needs_replay:
+            stream.ctx.needs_replay = False
+            self._resync(stream)
+
+    def _resync(self, stream):
+        """The sink could not apply everything: a decoupled chain met an unknown parent, or a
+        namespace switched to decoupled mode and lost its entries on every pod. Replaying all
+        that the engines still hold, in order, rebuilds it (parents first). A resync is a
+        replay like any other, so one running refuses a second: no resync loops."""
+        switched = set(self._sink.take_switched())
+        self._start_replay(stream, 0)
+        if switched:
+            for other in self._streams.values():
+                if other is not stream and not switched.isdisjoint(other.ctx.fed):
+                    self._start_replay(other, 0)
+
+    def _restart(self, stream, seq, payload):
+        self.counters["restarts"] += 1
+        stream.restarts += 1
+        log.warning("ingest: %s restarted (seq %d after %d): clearing the pod",
+                    _name(stream), seq, stream.last_seq)
+        if stream.replay_task is not None:
+            stream.replay_task.cancel()      # it was replaying the previous process
+            stream.replay_task = None
+        stream.held.clear()
+        self._sink.clear_pod(stream.pod)
+        stream.ctx = StreamContext(stream.pod, stream.model)
+        stream.degraded = False
+        # The new process counts from 0: batches before seq are a gap of the new epoch.
+        stream.last_seq = -1
+        self._advance(stream, seq, payload, may_replay=True)
+
+    def _hold(self, stream, seq, payload):
+        if len(stream.held) < self._max_held:
+            stream.held.append((seq, payload))
+        else:
+            # The seq is then missing after the replay: a gap like any other.
+            self.counters["held_dropped"] += 1
+
+    def _duplicate(self, stream):
+        self.counters["duplicates"] += 1
+        stream.duplicates += 1
+
+    def _lost(self, stream, missing):
+        self.counters["gaps"] += 1
+        self.counters["missed_batches"] += missing
+        stream.gaps += 1
+        stream.missed += missing
+        if not stream.degraded:
+            log.warning("ingest: %s lost %d batch(es) after seq %d; degraded",
+                        _name(stream), missing, stream.last_seq)
+        stream.degraded = True
+
+    def _drop(self, reason):
+        drops = self.counters["drops_by_reason"]
+        seen = drops.get(reason, 0)
+        drops[reason] = seen + 1
+        if not seen:
+            log.warning("ingest: dropped a message (%s); further drops of this kind are only counted", reason)
+
+    # -- replay ----------------------------------------------------------------------------
+
+    def _replay_endpoint(self, stream):
+        engine = self._engines.get(stream.pod)
+        if engine is not None:
+            return engine.replay     # one entry is one publisher: its address as given
+        endpoint = self._replay_endpoints.get(stream.pod)
+        # A bind-mode pod's entry names rank 0; vLLM offsets each rank's replay port by rank.
+        return None if endpoint is None else dp_endpoint(endpoint, stream.dp_rank)
+
+    def _start_replay(self, stream, start):
+        """Starts a replay from seq `start` unless the stream has no replay endpoint, one is
+        in flight (so a range is never requested twice at once), the last one started less
+        than replay_interval ago, or max_replays are running. Returns whether it started."""
+        endpoint = self._replay_endpoint(stream)
+        now = time.monotonic()
+        if (endpoint is None or stream.replay_task is not None
+                or len(self._replays) >= self._max_replays
+                or (stream.replay_started is not None
+                    and now - stream.replay_started < self._replay_interval)):
+            return False
+        stream.replay_started = now
+        stream.replay_task = task = self._loop.create_task(self._replay(stream, endpoint, start))
+        self._replays.add(task)
+        task.add_done_callback(lambda task: self._replay_done(stream, task))
+        return True
+
+    def _replay_done(self, stream, task):
+        self._replays.discard(task)
+        if stream.replay_task is task:
+            # Cancelled by stop() (a restart detaches its task first), or a bug: the stream
+            # must not stay "replaying", holding batches, for good.
+            stream.replay_task = None
+            stream.held.clear()
+            if not task.cancelled():
+                log.error("ingest: replay of %s failed", _name(stream), exc_info=task.exception())
+
+    async def _replay(self, stream, endpoint, start):
+        """Fetches and applies one replay, then the batches held meanwhile. Cancelled by a
+        restart of the stream or by stop()."""
+        resync = start <= stream.last_seq   # re-applies batches already applied
+        batches, complete = await self._fetch(endpoint, start)
+        if complete:
+            self.counters["replays"] += 1
+            stream.replays += 1
+        else:
+            self.counters["replay_failures"] += 1
+            log.warning("ingest: replay of %s from seq %d via %s did not complete",
+                        _name(stream), start, endpoint)
+        # An incomplete resync would re-apply a prefix of old history over newer state:
+        # leave it. An incomplete gap fill is a prefix of what is missing: apply it.
+        if complete or not resync:
+            for n, (seq, payload) in enumerate(batches, 1):
+                self.counters["replayed_batches"] += 1
+                if seq > stream.last_seq:
+                    self._advance(stream, seq, payload, may_replay=False)
+                elif resync:
+                    self._apply(stream, payload)   # the engine's retained history, in order
+                else:
+                    self._duplicate(stream)
+                if n % self._budget == 0:
+                    await asyncio.sleep(0)
+        stream.replay_task = None
+        held, stream.held = sorted(stream.held, key=_seq_of), []
+        for i, (seq, payload) in enumerate(held):
+            if stream.replay_task is not None:   # a later gap started a new replay: hold on
+                stream.held.extend(held[i:])
+                return
+            if seq <= stream.last_seq:
+                self._duplicate(stream)
+            else:
+                # After a failure, gaps are counted instead of retried at once.
+                self._advance(stream, seq, payload, may_replay=complete)
+
+    async def _fetch(self, endpoint, start):
+        """[(seq, payload)] replayed from `start` until the end marker, and whether the end
+        marker came (before replay_timeout without a message, and within max_replay_batches)."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.rcvhwm = self._max_replay_batches + 1   # a long replay arrives all at once
+        readable = asyncio.Event()
+        self._loop.add_reader(sock.FD, readable.set)
+        batches = []
+        try:
+            sock.connect(endpoint)
+            sock.send_multipart((b"", start.to_bytes(8, "big")), zmq.NOBLOCK)
+            while True:
+                frames = await self._recv(sock, readable)
+                if frames is None:
+                    return batches, False
+                reply = _replay_reply(frames)
+                if reply is None:
+                    self._drop("replay_frames")
+                elif reply[0] == END_SEQ:
+                    return batches, True
+                elif len(reply[0]) != 8:
+                    self._drop("replay_seq")
+                elif len(batches) == self._max_replay_batches:
+                    return batches, False
+                else:
+                    batches.append((int.from_bytes(reply[0], "big"), reply[1]))
+                    if len(batches) % self._budget == 0:
+                        await asyncio.sleep(0)
+        except zmq.ZMQError as exc:
+            log.warning("ingest: replay via %s failed: %s", endpoint, exc)
+            return batches, False
+        finally:
+            self._loop.remove_reader(sock.FD)
+            sock.close(linger=0)
+
+    async def _recv(self, sock, readable):
+        while True:
+            readable.clear()
+            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return sock.recv_multipart(zmq.NOBLOCK)
+            try:
+                await asyncio.wait_for(readable.wait(), self._replay_timeout)
+            except asyncio.TimeoutError:
+                return None
+
+    # -- observability ---------------------------------------------------------------------
+
+    def streams(self):
+        """One dict per stream, for /v1/pods."""
+        now = time.monotonic()
+        return [{
+            "pod": s.pod, "model": s.model, "dp_rank": s.dp_rank,
+            "last_seq": s.last_seq if s.last_seq >= 0 else None,
+            "last_event_age_s": round(now - s.last_time, 3),
+            "gaps": s.gaps, "missed_batches": s.missed, "replays": s.replays,
+            "restarts": s.restarts, "duplicates": s.duplicates, "batches": s.batches,
+            "drops": s.drops, "held": len(s.held), "state": s.state,
+        } for s in self._streams.values()]
+
+
+def _seq_of(item):
+    return item[0]
+
+
+def _name(stream):
+    return "stream %s/%s/dp%d" % (stream.pod, stream.model, stream.dp_rank)
+
+
+def _zmq_call(method, endpoint, what):
+    try:
+        method(endpoint)
+    except zmq.ZMQError as exc:
+        raise OSError(exc.errno, "%s %s: %s" % (what, endpoint, exc.strerror)) from None
