@@ -109,6 +109,60 @@ def cmd_version(args):
     return 0
 
 
+def cmd_serve(args):
+    from kvcm import serve
+
+    return serve.main(args)
+
+
+def _post(url, path, payload):
+    """POSTs JSON to a running kvcm; (status, parsed body)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+    except (urllib.error.URLError, OSError) as e:
+        raise UsageError("cannot reach %s: %s" % (url, getattr(e, "reason", e))) from None
+
+
+def _client_request(args, with_tokens):
+    body = {"model": args.model}
+    if args.messages is not None:
+        try:
+            body["messages"] = json.loads(args.messages)
+        except ValueError as exc:
+            raise UsageError("--messages: invalid JSON (%s)" % exc) from None
+    elif args.prompt is not None:
+        body["prompt"] = args.prompt
+    elif with_tokens and args.tokens is not None:
+        body["token_ids"] = _parse_token_list(args.tokens, "--tokens")
+    else:
+        raise UsageError("give --prompt, --messages%s" % (" or --tokens" if with_tokens else ""))
+    if getattr(args, "pods", None):
+        body["pods"] = args.pods.split(",")
+    return body
+
+
+def _print_reply(status, reply):
+    json.dump(reply, sys.stdout)
+    sys.stdout.write("\n")
+    return 0 if status < 400 else 1
+
+
+def cmd_score(args):
+    return _print_reply(*_post(args.url, "/v1/score", _client_request(args, True)))
+
+
+def cmd_tokenize(args):
+    return _print_reply(*_post(args.url, "/v1/tokenize", _client_request(args, False)))
+
+
 def build_parser():
     parser = _Parser(prog="kvcm", description="KV-cache-aware routing index for LLM inference clusters")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -126,6 +180,29 @@ def build_parser():
     src.add_argument("--tokens", default=None, help="token ids: 1,2,3 or a JSON list")
     src.add_argument("--tokens-file", default=None, help="file holding the token ids")
     p.set_defaults(func=cmd_hash)
+
+    from kvcm.config import add_serve_arguments
+
+    p = sub.add_parser("serve", help="run the service: ZMQ event ingest and the HTTP scoring API",
+                       description="Run kvcm: ingest vLLM KV events over ZMQ and answer scoring requests "
+                                   "over HTTP. Every option also reads KVCM_<NAME> from the environment "
+                                   "and a key of the --config TOML file (flags > env > file > defaults).")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    for name, func, text, with_tokens in (
+            ("score", cmd_score, "ask a running kvcm which pods cache a prompt's prefix", True),
+            ("tokenize", cmd_tokenize, "tokenize a prompt with a running kvcm's tokenizers", False)):
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + "; prints its JSON reply.")
+        p.add_argument("--url", default="http://127.0.0.1:8080", help="kvcm's HTTP address (default: %(default)s)")
+        p.add_argument("--model", required=True, help="model (or LoRA) name")
+        src = p.add_mutually_exclusive_group()
+        src.add_argument("--prompt", help="completion prompt text")
+        src.add_argument("--messages", help="chat messages as a JSON list")
+        if with_tokens:
+            src.add_argument("--tokens", help="token ids: 1,2,3 or a JSON list")
+            p.add_argument("--pods", help="only score these pods (comma-separated)")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

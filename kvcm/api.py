@@ -1,0 +1,291 @@
+"""HTTP routes of `kvcm serve` (DESIGN.md §5) over an Indexer.
+
+Scoring by token ids is answered synchronously, inside the protocol's data_received, with no
+Task: that is the path schedulers call on every request. Requests that need a tokenizer are
+coroutines (long encodes run in a worker thread).
+"""
+
+import hmac
+import ipaddress
+import logging
+
+from kvcm import chat, tokenize
+from kvcm.http import BadRequest, HttpError, Response, Router, json_response
+from kvcm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+log = logging.getLogger("kvcm.api")
+
+_CHAT_OPTIONS = ("chat_template", "chat_template_kwargs", "add_generation_prompt", "tools", "documents",
+                 "continue_final_message")
+
+
+# ---- request fields ---------------------------------------------------------------------
+
+def _body(request):
+    body = request.json()
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def _field(body, name, kinds, what, required=False):
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise BadRequest("field %r is required" % name)
+        return None
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in _as_tuple(kinds)):
+        raise BadRequest("field %r must be %s" % (name, what))
+    return value
+
+
+def _as_tuple(kinds):
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def _model(body):
+    return _field(body, "model", str, "a string", required=True)
+
+
+def _token_ids(body):
+    ids = _field(body, "token_ids", list, "a list of non-negative integers")
+    if ids is not None and not all(type(t) is int and 0 <= t < 2 ** 64 for t in ids):
+        raise BadRequest("field 'token_ids' must be a list of non-negative integers")
+    return ids
+
+
+def _pods(body):
+    pods = _field(body, "pods", list, "a list of pod names")
+    if pods is not None and not all(isinstance(p, str) for p in pods):
+        raise BadRequest("field 'pods' must be a list of pod names")
+    return pods
+
+
+def _messages(body, required=False):
+    messages = _field(body, "messages", list, "a list of chat messages", required)
+    if messages is not None and not all(isinstance(m, dict) for m in messages):
+        raise BadRequest("field 'messages' must be a list of objects")
+    return messages
+
+
+def _chat_options(body):
+    options = {}
+    for name, kinds, what in (("chat_template", str, "a string"),
+                              ("chat_template_kwargs", dict, "an object"),
+                              ("add_generation_prompt", bool, "a boolean"),
+                              ("continue_final_message", bool, "a boolean"),
+                              ("tools", list, "a list"),
+                              ("documents", list, "a list")):
+        value = _field(body, name, kinds, what)
+        if value is not None:
+            options[name] = value
+    return options
+
+
+def _one_input(body, names):
+    given = [n for n in names if body.get(n) is not None]
+    if len(given) != 1:
+        raise BadRequest("give exactly one of %s" % ", ".join(repr(n) for n in names))
+    return given[0]
+
+
+# ---- the routes -------------------------------------------------------------------------
+
+class Api:
+    """Handlers bound to one Indexer; `router` is what the HTTP server serves."""
+
+    def __init__(self, indexer, metrics, *, admin_token=None, ready=lambda: True):
+        self.indexer = indexer
+        self.metrics = metrics
+        self.admin_token = admin_token
+        self.ready = ready
+        r = self.router = Router()
+        r.add("POST", "/v1/score", self.score)
+        r.add("POST", "/score_completions", self.score_completions)
+        r.add("POST", "/score_chat_completions", self.score_chat_completions)
+        r.add("POST", "/v1/tokenize", self.tokenize)
+        r.add("POST", "/v1/hash", self.hash)
+        r.add("GET", "/v1/pods", self.pods)
+        r.add("DELETE", "/v1/pods/{pod}", self.delete_pod)
+        r.add("GET", "/v1/engines", self.engines)
+        r.add("POST", "/v1/engines", self.add_engine)
+        r.add("DELETE", "/v1/engines/{name}", self.remove_engine)
+        r.add("GET", "/health", self.health)
+        r.add("GET", "/ready", self.readiness)
+        r.add("GET", "/metrics", self.metrics_text)
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def score(self, request):
+        body = _body(request)
+        model = _model(body)
+        pods = _pods(body)
+        salt = _field(body, "cache_salt", str, "a string")
+        source = _one_input(body, ("token_ids", "prompt", "messages"))
+        if source == "token_ids":
+            return json_response(200, self.indexer.score_tokens(model, _token_ids(body), pods, salt))
+        return self._score_text(body, model, pods, salt)
+
+    async def _score_text(self, body, model, pods, salt):
+        ids, _ = await self._tokenize(body, model)
+        return json_response(200, self.indexer.score_tokens(model, ids, pods, salt))
+
+    async def _tokenize(self, body, model):
+        """(ids, rendered chat text or None) for a request with a prompt or messages."""
+        messages = _messages(body)
+        prompt = None if messages is not None else _field(body, "prompt", str, "a string", required=True)
+        add_special = _field(body, "add_special_tokens", bool, "a boolean")
+        options = _chat_options(body) if messages is not None else {}
+        try:
+            with self.metrics.timed_tokenize(model):
+                return await self.indexer.tokenize(
+                    model, prompt=prompt, messages=messages,
+                    add_special_tokens=True if add_special is None else add_special, **options)
+        except tokenize.UnknownModel as e:
+            raise HttpError(404, str(e)) from None
+        except tokenize.TokenizerLoadError as e:
+            raise HttpError(500, str(e)) from None
+        except chat.TemplateError as e:
+            raise BadRequest(str(e)) from None
+
+    async def score_completions(self, request):
+        # llm-d: {"prompt", "model"} -> {pod: score}, null when the prompt fills no block
+        body = _body(request)
+        model = _model(body)
+        _field(body, "prompt", str, "a string", required=True)
+        ids, _ = await self._tokenize(body, model)
+        result = self.indexer.score_tokens(model, ids)
+        return json_response(200, result["scores"] if result["blocks"] else None)
+
+    async def score_chat_completions(self, request):
+        # llm-d: {"model", "messages", ...} -> {"podScores": {...} | null, "templated_messages"}
+        body = _body(request)
+        model = _model(body)
+        _messages(body, required=True)
+        ids, text = await self._tokenize(body, model)
+        result = self.indexer.score_tokens(model, ids)
+        return json_response(200, {"podScores": result["scores"] if result["blocks"] else None,
+                                   "templated_messages": text})
+
+    async def tokenize(self, request):
+        body = _body(request)
+        model = _model(body)
+        _one_input(body, ("prompt", "messages"))
+        ids, text = await self._tokenize(body, model)
+        out = {"model": model, "token_ids": ids, "count": len(ids)}
+        if text is not None:
+            out["prompt"] = text
+        return json_response(200, out)
+
+    def hash(self, request):
+        body = _body(request)
+        model = _model(body)
+        ids = _token_ids(body)
+        if ids is None:
+            raise BadRequest("field 'token_ids' is required")
+        salt = _field(body, "cache_salt", str, "a string")
+        keys = self.indexer.keys(model, ids, salt)
+        return json_response(200, {"model": model, "mode": self.indexer.sink.mode_of(model), "keys": list(keys)})
+
+    # -- pods and engines ------------------------------------------------------------------
+
+    def pods(self, request):
+        return json_response(200, {"pods": self.indexer.pods()})
+
+    def delete_pod(self, request):
+        self._admin(request)
+        pod = request.params["pod"]
+        return json_response(200, {"pod": pod, "removed": self.indexer.clear_pod(pod)})
+
+    def engines(self, request):
+        return json_response(200, {"engines": [_engine_json(e) for e in self.indexer.ingest.engines]})
+
+    def add_engine(self, request):
+        self._admin(request)
+        body = _body(request)
+        name = _field(body, "name", str, "a string", required=True)
+        endpoint = _field(body, "endpoint", str, "a string", required=True)
+        replay = _field(body, "replay", str, "a string")
+        model = _field(body, "model", str, "a string")
+        try:
+            self.indexer.ingest.add_engine(name, endpoint, replay=replay, model=model)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        return json_response(201, {"engine": name})
+
+    def remove_engine(self, request):
+        self._admin(request)
+        name = request.params["name"]
+        try:
+            self.indexer.ingest.remove_engine(name)
+        except KeyError:
+            raise HttpError(404, "no engine named %r" % name) from None
+        return json_response(200, {"engine": name, "removed": True})
+
+    def _admin(self, request):
+        """Mutating endpoints: the bearer token when one is configured, else loopback only."""
+        if self.admin_token is not None:
+            auth = request.headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                raise HttpError(401, "this endpoint needs Authorization: Bearer <admin token>",
+                                headers=(("WWW-Authenticate", 'Bearer realm="kvcm"'),))
+            if not hmac.compare_digest(token.strip().encode(), self.admin_token.encode()):
+                raise HttpError(403, "the admin token is wrong")
+            return
+        if not _is_loopback(request.peer):
+            raise HttpError(403, "admin endpoints accept loopback clients only unless --admin-token is set")
+
+    # -- health ----------------------------------------------------------------------------
+
+    def health(self, request):
+        return json_response(200, {"status": "ok"})
+
+    def readiness(self, request):
+        if self.ready():
+            return json_response(200, {"status": "ready"})
+        raise HttpError(503, "not ready: listeners are not up yet")
+
+    def metrics_text(self, request):
+        return Response(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
+
+
+def _engine_json(spec):
+    return {"name": spec.name, "endpoint": spec.endpoint, "replay": spec.replay, "model": spec.model}
+
+
+def _is_loopback(peer):
+    if not peer:
+        return True  # a Unix socket or an inherited socket without an address: local
+    try:
+        return ipaddress.ip_address(peer[0].split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+_STATIC_ENDPOINTS = frozenset(("/v1/score", "/score_completions", "/score_chat_completions", "/v1/tokenize",
+                               "/v1/hash", "/v1/pods", "/v1/engines", "/health", "/ready", "/metrics"))
+_PARAM_ENDPOINTS = (("/v1/pods/", "/v1/pods/{pod}"), ("/v1/engines/", "/v1/engines/{name}"))
+
+
+def _endpoint_label(path):
+    """The route pattern of a path: metric labels must not grow with pod names or junk paths."""
+    if path in _STATIC_ENDPOINTS:
+        return path
+    for prefix, pattern in _PARAM_ENDPOINTS:
+        if path.startswith(prefix):
+            return pattern
+    return "other"
+
+
+def request_timer(metrics):
+    """An HttpServer on_response hook feeding the request histogram."""
+    def on_response(request, status, seconds):
+        if request is None:
+            metrics.observe_request("other", "-", status, seconds)
+        else:
+            metrics.observe_request(_endpoint_label(request.path), request.method, status, seconds)
+    return on_response
+
+
+__all__ = ["Api", "request_timer"]

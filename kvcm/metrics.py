@@ -1,0 +1,145 @@
+"""Prometheus metrics (GET /metrics).
+
+Ingest and index figures are read from the counters the core and the transport already keep,
+at scrape time, so the event path pays nothing for them. Only HTTP requests and tokenizer
+calls are observed as they happen, into histograms.
+"""
+
+import time
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Requests are answered in tens of microseconds; tokenizing long prompts takes milliseconds.
+_REQUEST_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3,
+                    50e-3, 100e-3, 250e-3, 1.0)
+_TOKENIZE_BUCKETS = (100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 1.0)
+
+# EventSink counters -> (metric, help, labels) for those that are not drops.
+_SINK_COUNTERS = {
+    "batches": ("kvcm_ingest_applied_batches_total", "Event batches applied to the index", None),
+    "blocks_stored": ("kvcm_ingest_blocks_stored_total", "(block, pod, tier) entries added by events", None),
+    "blocks_removed": ("kvcm_ingest_blocks_removed_total", "(block, pod, tier) entries removed by events", None),
+    "parity_verified": ("kvcm_hash_parity_verified_total", "BlockStored runs from block 0 whose hashes kvcm recomputed and matched", None),
+    "parity_mismatch": ("kvcm_hash_parity_mismatch_total", "BlockStored runs whose hashes did not match kvcm's configuration", None),
+    "block_size_decoupled": ("kvcm_hash_block_size_decoupled_total", "Namespaces switched to decoupled mode by a block size mismatch", None),
+    "offload_unresolved": ("kvcm_ingest_offload_unresolved_total", "Token-less BlockStored hashes kvcm could not resolve", None),
+    "unknown_parent": ("kvcm_ingest_unknown_parent_total", "Decoupled BlockStored events whose parent was unknown", None),
+    "remove_unresolved": ("kvcm_ingest_remove_unresolved_total", "BlockRemoved hashes kvcm could not resolve", None),
+}
+_EVENT_TYPES = {"events_stored": "BlockStored", "events_removed": "BlockRemoved",
+                "events_cleared": "AllBlocksCleared", "events_unknown_tag": "unknown"}
+
+
+class Metrics:
+    """The registry behind /metrics, reading from an Indexer."""
+
+    def __init__(self, indexer):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_IndexerCollector(indexer))
+        self.requests = Histogram(
+            "kvcm_http_request_duration_seconds", "HTTP requests by endpoint and status",
+            ("endpoint", "method", "status"), buckets=_REQUEST_BUCKETS, registry=self.registry)
+        self.tokenize = Histogram(
+            "kvcm_tokenize_duration_seconds", "Prompt tokenization and chat rendering",
+            ("model",), buckets=_TOKENIZE_BUCKETS, registry=self.registry)
+        self._children = {}  # labelled children cached: labels() costs more than observe()
+
+    def observe_request(self, endpoint, method, status, seconds):
+        key = (endpoint, method, status)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) >= 1024:  # endpoints are route patterns: few; stay bounded
+                return
+            child = self._children[key] = self.requests.labels(endpoint, method, str(status))
+        child.observe(seconds)
+
+    def timed_tokenize(self, model):
+        return _Timer(self.tokenize.labels(model))
+
+    def render(self):
+        return generate_latest(self.registry)
+
+
+class _Timer:
+    __slots__ = ("child", "start")
+
+    def __init__(self, child):
+        self.child = child
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.child.observe(time.perf_counter() - self.start)
+
+
+class _IndexerCollector:
+    def __init__(self, indexer):
+        self.indexer = indexer
+
+    def collect(self):
+        yield from self._sink()
+        yield from self._transport()
+        yield from self._index()
+
+    def _sink(self):
+        counters = self.indexer.sink.counters
+        for name, (metric, text, _) in _SINK_COUNTERS.items():
+            yield _counter(metric, text, counters.get(name, 0))
+        events = CounterMetricFamily("kvcm_ingest_events_total", "KV events applied, by type", labels=("type",))
+        for name, label in _EVENT_TYPES.items():
+            events.add_metric((label,), counters.get(name, 0))
+        yield events
+        drops = CounterMetricFamily("kvcm_ingest_event_drops_total",
+                                    "KV events dropped while decoding or applying, by reason", labels=("reason",))
+        for name, value in counters.items():
+            if name.startswith("drop_"):
+                drops.add_metric((name[5:],), value)
+        yield drops
+        modes = GaugeMetricFamily("kvcm_namespaces", "Model and LoRA namespaces by hash mode", labels=("mode",))
+        by_mode = {"parity": 0, "decoupled": 0}
+        for info in self.indexer.sink.namespaces().values():
+            by_mode[info["mode"]] += 1
+        for mode, n in by_mode.items():
+            modes.add_metric((mode,), n)
+        yield modes
+
+    def _transport(self):
+        counters = self.indexer.ingest.counters
+        for name, value in counters.items():
+            if isinstance(value, dict):
+                continue
+            yield _counter("kvcm_ingest_%s_total" % name, "ZMQ ingest: %s" % name.replace("_", " "), value)
+        drops = CounterMetricFamily("kvcm_ingest_message_drops_total",
+                                    "ZMQ messages dropped before decoding, by reason", labels=("reason",))
+        for reason, value in counters.get("drops_by_reason", {}).items():
+            drops.add_metric((reason,), value)
+        yield drops
+        streams = self.indexer.ingest.streams()
+        yield GaugeMetricFamily("kvcm_ingest_streams", "Event streams (pod, model, dp rank) seen", value=len(streams))
+
+    def _index(self):
+        stats = self.indexer.index.stats()
+        yield GaugeMetricFamily("kvcm_index_blocks", "Distinct blocks in the index", value=stats["blocks"])
+        yield GaugeMetricFamily("kvcm_index_capacity_blocks", "Index capacity in distinct blocks (--max-blocks)",
+                                value=stats["capacity"])
+        yield _counter("kvcm_index_evictions_total", "Blocks evicted by the LRU at capacity", stats["evictions"])
+        yield GaugeMetricFamily("kvcm_index_engine_map_entries", "Engine hash -> kvcm key entries (decoupled mode)",
+                                value=stats["engine_map_entries"])
+        yield GaugeMetricFamily("kvcm_index_pods", "Pods holding at least one block", value=len(stats["pods"]))
+        entries = GaugeMetricFamily("kvcm_index_entries", "(block, pod) entries by tier", labels=("tier",))
+        by_tier = {}
+        for tiers in stats["pods"].values():
+            for tier, n in tiers.items():
+                by_tier[tier] = by_tier.get(tier, 0) + n
+        for tier, n in sorted(by_tier.items()):
+            entries.add_metric((tier,), n)
+        yield entries
+
+
+def _counter(name, text, value):
+    # prometheus_client appends _total itself
+    return CounterMetricFamily(name[:-6] if name.endswith("_total") else name, text, value=value)

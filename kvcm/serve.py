@@ -1,0 +1,138 @@
+"""`kvcm serve`: one process, one uvloop event loop running the ZMQ ingest and the HTTP
+server together, with systemd's notify protocol and graceful shutdown.
+
+Lifecycle: sockets first (ZMQ, then HTTP, or the socket systemd passed), READY=1 only once
+both listen; SIGTERM/SIGINT stop accepting, let in-flight requests finish (bounded),
+STOPPING=1, exit 0; SIGHUP re-reads the configuration for the log level and rescans the
+tokenizer directory.
+"""
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+
+from kvcm import systemd
+from kvcm.api import Api, request_timer
+from kvcm.config import ConfigError, load_config
+from kvcm.http import HttpServer
+from kvcm.indexer import Indexer
+from kvcm.metrics import Metrics
+
+log = logging.getLogger("kvcm.serve")
+
+SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get after SIGTERM
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record):
+        line = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def configure_logging(level, fmt):
+    """Log lines on stderr (journald collects them under systemd): text or JSON."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+class Service:
+    """The running service; `run()` returns when it has stopped."""
+
+    def __init__(self, config, args=None):
+        self.config = config
+        self._args = args  # to re-read the configuration on SIGHUP
+        self.indexer = Indexer(config)
+        self.metrics = Metrics(self.indexer)
+        self._ready = False
+        self.api = Api(self.indexer, self.metrics, admin_token=config.admin_token,
+                       ready=lambda: self._ready)
+        self.http = HttpServer(self.api.router, max_body=config.max_body,
+                               header_timeout=config.header_timeout, idle_timeout=config.idle_timeout,
+                               max_connections=config.max_connections,
+                               on_response=request_timer(self.metrics))
+        self._stop = None
+
+    async def start(self):
+        await self.indexer.start()
+        inherited = systemd.listen_fds()
+        if inherited:
+            await self.http.start_on_socket(inherited[0])
+        else:
+            await self.http.start(self.config.http_host, self.config.http_port)
+        self._ready = True
+        where = "http %s, zmq %s" % (self.http_addresses(), ", ".join(self.indexer.ingest.bound) or "connect mode")
+        log.info("kvcm serving: %s", where)
+        systemd.ready("serving: " + where)
+
+    def http_addresses(self):
+        return ", ".join("%s:%d" % s.getsockname()[:2] for s in self.http.sockets)
+
+    async def run(self):
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            await self.start()
+            watchdog = asyncio.ensure_future(systemd.watchdog_task(lambda: self.indexer.started))
+            await self._stop.wait()
+            log.info("stopping")
+            systemd.stopping()
+            watchdog.cancel()
+            self._ready = False
+            await self.http.close(SHUTDOWN_GRACE)
+        finally:
+            await self.indexer.close()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    def stop(self):
+        if self._stop is not None:
+            self._stop.set()
+
+    def reload(self):
+        """SIGHUP: log level (from a fresh read of flags, env and file) and tokenizers."""
+        try:
+            fresh = load_config(self._args)
+            configure_logging(fresh.log_level, fresh.log_format)
+        except ConfigError as e:
+            log.error("SIGHUP: configuration not reloaded: %s", e)
+        changes = self.indexer.tokenizers.reload()
+        log.info("SIGHUP: reloaded; tokenizers %s", {k: v for k, v in changes.items() if v} or "unchanged")
+        systemd.status("reloaded at %s" % time.strftime("%H:%M:%S"))
+
+
+def main(args):
+    """`kvcm serve` with parsed arguments; returns the exit status."""
+    try:
+        config = load_config(args)
+    except ConfigError as e:
+        sys.stderr.write("kvcm serve: error: %s\n" % e)
+        return 2
+    configure_logging(config.log_level, config.log_format)
+    try:
+        service = Service(config, args)
+    except ValueError as e:  # e.g. a tokenizer directory that does not exist
+        sys.stderr.write("kvcm serve: error: %s\n" % e)
+        return 2
+    import uvloop
+
+    try:
+        uvloop.run(service.run())
+    except OSError as e:
+        sys.stderr.write("kvcm serve: error: cannot listen: %s\n" % e)
+        return 1
+    return 0
