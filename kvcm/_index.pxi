@@ -38,7 +38,7 @@ cdef extern from "engine_map.h":
     int kve_set(kve_map *m, uint32_t ns, uint64_t ehash, const uint64_t *keys, size_t k)
     size_t kve_get(kve_map *m, uint32_t ns, uint64_t ehash, uint64_t *out, size_t max)
     uint64_t kve_count(const kve_map *m)
-    void kve_clear_namespace(kve_map *m, uint32_t ns)
+    int kve_clear_namespace(kve_map *m, uint32_t ns)
 
 DEFAULT_MAX_BLOCKS = 10_000_000
 DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
@@ -168,11 +168,13 @@ cdef class Index:
         return kvi_clear_pod(&self.ix, p, t, n)
 
     def clear_namespace(self, str ns):
-        """Removes every block of a namespace on all pods and its engine map; O(index)."""
+        """Removes every block of a namespace on all pods, O(index), and forgets its engine
+        map entries (they stop resolving at once and leave the count with their generation)."""
         cdef uint32_t n = self._ns.get(ns)
         if n == KVI_NIL:
             return 0
-        kve_clear_namespace(&self.emap, n)
+        if kve_clear_namespace(&self.emap, n):
+            raise MemoryError()
         return kvi_clear_namespace(&self.ix, n)
 
     cdef int64_t _walk(self, str ns, keys, pods, const double *weights) except -1:

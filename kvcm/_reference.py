@@ -289,26 +289,33 @@ class Index:
 class _ReferenceEngineMap:
     """Two generations: inserts go to the young dict; when it holds gen_cap entries the old
     one is dropped and the young one becomes old; a hit in the old one is copied forward.
-    Counted in keys, as the C map counts entries."""
+    Counted in keys, as the C map counts entries. Clearing a namespace starts a new epoch
+    for it: its old entries stop resolving but stay counted until their generation goes."""
 
     def __init__(self, capacity):
         self.gen_cap = max(capacity // 2, 512)
         self.young, self.old = {}, {}
+        self.epochs = {}
 
     def _size(self, gen):
         return sum(len(v) for v in gen.values())
 
+    def _id(self, ns, ehash):
+        return (ns, self.epochs.get(ns, 0), ehash)
+
     def set(self, ns, ehash, keys):
-        self.young.pop((ns, ehash), None)
-        self.old.pop((ns, ehash), None)
+        entry = self._id(ns, ehash)
+        self.young.pop(entry, None)
+        self.old.pop(entry, None)
         if self._size(self.young) >= self.gen_cap:
             self.old, self.young = self.young, {}
-        self.young[(ns, ehash)] = keys
+        self.young[entry] = keys
 
     def get(self, ns, ehash):
-        if (ns, ehash) in self.young:
-            return self.young[(ns, ehash)]
-        keys = self.old.get((ns, ehash), ())
+        entry = self._id(ns, ehash)
+        if entry in self.young:
+            return self.young[entry]
+        keys = self.old.get(entry, ())
         if keys:
             self.set(ns, ehash, keys)
         return keys
@@ -317,9 +324,7 @@ class _ReferenceEngineMap:
         return self._size(self.young) + self._size(self.old)
 
     def clear_namespace(self, ns):
-        for gen in (self.young, self.old):
-            for k in [k for k in gen if k[0] == ns]:
-                del gen[k]
+        self.epochs[ns] = self.epochs.get(ns, 0) + 1
 
 
 class Scorer:

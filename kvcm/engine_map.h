@@ -10,6 +10,12 @@
  * whole and the young one becomes old. A hit in the old table is copied into the young one,
  * so entries in use survive the rotation. At most 2 * gen_cap entries are live.
  *
+ * Memory (budget: <= 24 B per block): an entry is 16 bytes, the engine hash folded with a
+ * per-namespace salt plus the key, and a table grows by doubling only up to the size that
+ * holds gen_cap entries at 4/5 load (slot = multiply-shift of the hash, so that size need
+ * not be a power of two). Occupancy is a bit per slot. Clearing a namespace changes its
+ * salt, which makes its entries unreachable at once; they age out with their generation.
+ *
  * One engine hash may map to several kvcm keys (an engine block of k kvcm blocks): those
  * entries share a home slot, so a probe from it finds all of them, in insertion order.
  */
@@ -19,97 +25,137 @@
 #include "index.h"
 
 typedef struct {
-    uint64_t ehash;
+    uint64_t tag; /* engine hash ^ namespace salt */
     uint64_t key;
-    uint32_t ns; /* KVI_NIL = empty slot */
-    uint32_t _pad;
 } kve_entry;
 
 typedef struct {
     kve_entry *e;
-    uint64_t mask, count;
+    uint64_t *used; /* occupancy, a bit per slot */
+    uint64_t size, count;
 } kve_table;
 
 typedef struct {
     kve_table young, old;
-    uint64_t gen_cap;
+    uint64_t gen_cap;  /* entries per generation */
+    uint64_t max_size; /* slots that hold gen_cap entries at 4/5 load */
+    uint32_t *epochs;  /* per namespace, bumped by a clear */
+    uint32_t nepochs;
 } kve_map;
+
+static inline uint64_t kve_salt(const kve_map *m, uint32_t ns) {
+    uint32_t epoch = ns < m->nepochs ? m->epochs[ns] : 0;
+    return kvi_mix(ns, 0x5851F42D4C957F2Dull ^ epoch) | 1;
+}
+
+static inline uint64_t kve_home(const kve_table *t, uint64_t tag) {
+    return (uint64_t)(((__uint128_t)kvi_mix(0, tag) * t->size) >> 64);
+}
+
+static inline int kve_is_used(const kve_table *t, uint64_t i) { return t->used[i >> 6] >> (i & 63) & 1; }
+static inline void kve_mark(kve_table *t, uint64_t i) { t->used[i >> 6] |= 1ull << (i & 63); }
+static inline void kve_unmark(kve_table *t, uint64_t i) { t->used[i >> 6] &= ~(1ull << (i & 63)); }
+static inline uint64_t kve_next(const kve_table *t, uint64_t i) { return i + 1 == t->size ? 0 : i + 1; }
 
 static int kve_table_init(kve_table *t, uint64_t size) {
     t->e = (kve_entry *)malloc(sizeof(kve_entry) * size);
-    if (!t->e) return -1;
-    for (uint64_t i = 0; i < size; i++) t->e[i].ns = KVI_NIL;
-    t->mask = size - 1;
+    t->used = (uint64_t *)calloc((size + 63) / 64, sizeof(uint64_t));
+    if (!t->e || !t->used) {
+        free(t->e);
+        free(t->used);
+        t->e = NULL;
+        t->used = NULL;
+        return -1;
+    }
+    t->size = size;
     t->count = 0;
     return 0;
 }
 
+static void kve_table_free(kve_table *t) {
+    free(t->e);
+    free(t->used);
+    t->e = NULL;
+    t->used = NULL;
+    t->size = t->count = 0;
+}
+
+static inline uint64_t kve_initial_size(const kve_map *m) { return m->max_size < 1024 ? m->max_size : 1024; }
+
 static int kve_init(kve_map *m, uint64_t capacity) {
     m->gen_cap = capacity / 2 > 512 ? capacity / 2 : 512;
+    m->max_size = m->gen_cap + m->gen_cap / 4 + 1;
+    m->epochs = NULL;
+    m->nepochs = 0;
     m->old.e = NULL;
-    m->old.mask = m->old.count = 0;
-    return kve_table_init(&m->young, 1024);
+    m->old.used = NULL;
+    m->old.size = m->old.count = 0;
+    return kve_table_init(&m->young, kve_initial_size(m));
 }
 
 static void kve_release(kve_map *m) {
-    free(m->young.e);
-    free(m->old.e);
-    m->young.e = m->old.e = NULL;
+    kve_table_free(&m->young);
+    kve_table_free(&m->old);
+    free(m->epochs);
+    m->epochs = NULL;
+    m->nepochs = 0;
 }
 
-static inline void kve_put_raw(kve_table *t, const kve_entry *x) {
-    uint64_t i = kvi_mix(x->ns, x->ehash) & t->mask;
-    while (t->e[i].ns != KVI_NIL) i = (i + 1) & t->mask;
-    t->e[i] = *x;
+static inline void kve_put_raw(kve_table *t, uint64_t tag, uint64_t key) {
+    uint64_t i = kve_home(t, tag);
+    while (kve_is_used(t, i)) i = kve_next(t, i);
+    t->e[i].tag = tag;
+    t->e[i].key = key;
+    kve_mark(t, i);
     t->count++;
 }
 
-/* Copies t's entries (except namespace skip_ns) into n. Starts after an empty slot so that
- * a cluster wrapping past the end is copied in probe order: the keys of one engine hash
- * keep their insertion order. */
-static void kve_copy_live(kve_table *n, const kve_table *t, uint32_t skip_ns) {
-    uint64_t size = t->mask + 1, start = 0;
-    while (t->e[start].ns != KVI_NIL) start++; /* the table is never full */
-    for (uint64_t k = 1; k <= size; k++) {
-        const kve_entry *x = &t->e[(start + k) & t->mask];
-        if (x->ns != KVI_NIL && x->ns != skip_ns) kve_put_raw(n, x);
+/* Copies t's entries into n, starting after an empty slot so that a cluster wrapping past
+ * the end is copied in probe order: the keys of one engine hash keep their order. */
+static void kve_copy_live(kve_table *n, const kve_table *t) {
+    uint64_t start = 0;
+    while (kve_is_used(t, start)) start++; /* the table is never full */
+    for (uint64_t k = 1; k <= t->size; k++) {
+        uint64_t i = (start + k) % t->size;
+        if (kve_is_used(t, i)) kve_put_raw(n, t->e[i].tag, t->e[i].key);
     }
 }
 
-static int kve_table_reserve(kve_table *t) {
-    uint64_t size = t->mask + 1;
-    if ((t->count + 1) * 4 <= size * 3) return 0;
+/* Makes room for one more entry: doubles the young table at 3/4 load, up to max_size. */
+static int kve_table_reserve(const kve_map *m, kve_table *t) {
+    if ((t->count + 1) * 4 <= t->size * 3 || t->size >= m->max_size) return 0;
+    uint64_t size = t->size * 2 < m->max_size ? t->size * 2 : m->max_size;
     kve_table n;
-    if (kve_table_init(&n, size * 2)) return -1;
-    kve_copy_live(&n, t, KVI_NIL);
-    free(t->e);
+    if (kve_table_init(&n, size)) return -1;
+    kve_copy_live(&n, t);
+    kve_table_free(t);
     *t = n;
     return 0;
 }
 
-/* Deletes every entry for (ns, ehash) with backward shift; returns how many. */
-static uint64_t kve_table_delete(kve_table *t, uint32_t ns, uint64_t ehash) {
+/* Deletes every entry with this tag, with backward shift; returns how many. */
+static uint64_t kve_table_delete(kve_table *t, uint64_t tag) {
     if (!t->e) return 0;
-    uint64_t removed = 0, mask = t->mask;
-    uint64_t i = kvi_mix(ns, ehash) & mask;
-    while (t->e[i].ns != KVI_NIL) {
-        if (!(t->e[i].ns == ns && t->e[i].ehash == ehash)) {
-            i = (i + 1) & mask;
+    uint64_t removed = 0;
+    uint64_t i = kve_home(t, tag);
+    while (kve_is_used(t, i)) {
+        if (t->e[i].tag != tag) {
+            i = kve_next(t, i);
             continue;
         }
         /* Shift later members of the cluster back into the hole at i, then re-check i. */
         uint64_t hole = i, j = i;
         for (;;) {
-            j = (j + 1) & mask;
-            if (t->e[j].ns == KVI_NIL) break;
-            uint64_t home = kvi_mix(t->e[j].ns, t->e[j].ehash) & mask;
+            j = kve_next(t, j);
+            if (!kve_is_used(t, j)) break;
+            uint64_t home = kve_home(t, t->e[j].tag);
             int stays = (hole <= j) ? (home > hole && home <= j) : (home > hole || home <= j);
             if (!stays) {
                 t->e[hole] = t->e[j];
                 hole = j;
             }
         }
-        t->e[hole].ns = KVI_NIL;
+        kve_unmark(t, hole);
         t->count--;
         removed++;
     }
@@ -119,8 +165,8 @@ static uint64_t kve_table_delete(kve_table *t, uint32_t ns, uint64_t ehash) {
 static int kve_rotate_if_full(kve_map *m) {
     if (m->young.count < m->gen_cap) return 0;
     kve_table fresh;
-    if (kve_table_init(&fresh, 1024)) return -1;
-    free(m->old.e);
+    if (kve_table_init(&fresh, kve_initial_size(m))) return -1;
+    kve_table_free(&m->old);
     m->old = m->young;
     m->young = fresh;
     return 0;
@@ -128,27 +174,27 @@ static int kve_rotate_if_full(kve_map *m) {
 
 /* Maps ehash to keys[0..k) (replacing what it mapped to before). */
 static int kve_set(kve_map *m, uint32_t ns, uint64_t ehash, const uint64_t *keys, size_t k) {
-    kve_table_delete(&m->young, ns, ehash);
-    kve_table_delete(&m->old, ns, ehash);
+    uint64_t tag = ehash ^ kve_salt(m, ns);
+    kve_table_delete(&m->young, tag);
+    kve_table_delete(&m->old, tag);
     if (kve_rotate_if_full(m)) return -1;
     for (size_t i = 0; i < k; i++) {
-        if (kve_table_reserve(&m->young)) return -1;
-        kve_entry x = {ehash, keys[i], ns, 0};
-        kve_put_raw(&m->young, &x);
+        if (kve_table_reserve(m, &m->young)) return -1;
+        kve_put_raw(&m->young, tag, keys[i]);
     }
     return 0;
 }
 
-static size_t kve_table_get(const kve_table *t, uint32_t ns, uint64_t ehash, uint64_t *out, size_t max) {
+static size_t kve_table_get(const kve_table *t, uint64_t tag, uint64_t *out, size_t max) {
     if (!t->e) return 0;
     size_t n = 0;
-    uint64_t i = kvi_mix(ns, ehash) & t->mask;
-    while (t->e[i].ns != KVI_NIL) {
-        if (t->e[i].ns == ns && t->e[i].ehash == ehash) {
+    uint64_t i = kve_home(t, tag);
+    while (kve_is_used(t, i)) {
+        if (t->e[i].tag == tag) {
             if (n < max) out[n] = t->e[i].key;
             n++;
         }
-        i = (i + 1) & t->mask;
+        i = kve_next(t, i);
     }
     return n;
 }
@@ -156,33 +202,33 @@ static size_t kve_table_get(const kve_table *t, uint32_t ns, uint64_t ehash, uin
 /* Writes up to max keys that ehash maps to into out; returns how many it maps to (0 when
  * unknown). A hit in the old generation is promoted to the young one. */
 static size_t kve_get(kve_map *m, uint32_t ns, uint64_t ehash, uint64_t *out, size_t max) {
-    size_t n = kve_table_get(&m->young, ns, ehash, out, max);
+    uint64_t tag = ehash ^ kve_salt(m, ns);
+    size_t n = kve_table_get(&m->young, tag, out, max);
     if (n) return n;
-    n = kve_table_get(&m->old, ns, ehash, out, max);
-    if (n && n <= max) {
+    n = kve_table_get(&m->old, tag, out, max);
+    if (n && n <= max && n <= 64) {
         uint64_t keys[64];
-        if (n <= 64) {
-            memcpy(keys, out, sizeof(uint64_t) * n);
-            kve_set(m, ns, ehash, keys, n); /* promotion failing on memory only loses recency */
-        }
+        memcpy(keys, out, sizeof(uint64_t) * n);
+        kve_set(m, ns, ehash, keys, n); /* promotion failing on memory only loses recency */
     }
     return n;
 }
 
 static uint64_t kve_count(const kve_map *m) { return m->young.count + m->old.count; }
 
-/* Drops every entry of a namespace (its hash mode changed): O(map). */
-static void kve_clear_namespace(kve_map *m, uint32_t ns) {
-    kve_table *ts[2] = {&m->young, &m->old};
-    for (int t = 0; t < 2; t++) {
-        kve_table *x = ts[t];
-        if (!x->e) continue;
-        kve_table n;
-        if (kve_table_init(&n, x->mask + 1)) continue;
-        kve_copy_live(&n, x, ns);
-        free(x->e);
-        *x = n;
+/* Forgets a namespace's entries in O(1): a new salt makes them unreachable, and they leave
+ * with their generation. Returns -1 when memory ran out. */
+static int kve_clear_namespace(kve_map *m, uint32_t ns) {
+    if (ns >= m->nepochs) {
+        uint32_t n = ns + 1 > 2 * m->nepochs ? ns + 1 : 2 * m->nepochs;
+        uint32_t *e = (uint32_t *)realloc(m->epochs, sizeof(uint32_t) * n);
+        if (!e) return -1;
+        memset(e + m->nepochs, 0, sizeof(uint32_t) * (n - m->nepochs));
+        m->epochs = e;
+        m->nepochs = n;
     }
+    m->epochs[ns]++;
+    return 0;
 }
 
 #endif
