@@ -153,6 +153,7 @@ cdef class _Namespace:
     cdef uint32_t id
     cdef Mode mode
     cdef Style style
+    cdef bint warned  # a forced-parity mismatch was reported
     cdef BlockHasher decoupled  # kvcm's own chain, rooted at (seed, name)
 
     @property
@@ -637,11 +638,19 @@ cdef class EventSink:
             self._switch(ctx, ns, "model %r: engines publish %d-token blocks but --block-size is %d; "
                          "kvcm keys this model with its own hashes (decoupled mode)" % (ns.name, bs, self.block_size))
         if ns.mode == MODE_PARITY:
-            if not ev.has_parent and self.hash_mode == "auto" and not self._verify(ctx, ns, ev, extras):
-                self._switch(ctx, ns, self._diagnose(ns, ev, extras))
-            else:
+            if ev.has_parent or self._verify(ctx, ns, ev, extras):
                 self._store(ctx, ns, self._hashes.data, n, tier)
                 return
+            if self.hash_mode == "vllm":
+                # parity is forced: keep the engine's keys, but never fail silently
+                if not ns.warned:
+                    ns.warned = True
+                    self._report(self._diagnose(ns, ev, extras) + " --hash-mode vllm keeps parity, so "
+                                 "scoring by tokens will not find this model's blocks.")
+                self._store(ctx, ns, self._hashes.data, n, tier)
+                return
+            self._switch(ctx, ns, self._diagnose(ns, ev, extras) +
+                         " Keying it with kvcm's own hashes (decoupled mode).")
         self._stored_decoupled(ctx, ns, ev, extras, bs, lora, tier)
 
     cdef int _store(self, StreamContext ctx, _Namespace ns, const uint64_t *keys, Py_ssize_t n, uint32_t tier) except -1:
@@ -725,7 +734,7 @@ cdef class EventSink:
         return False
 
     cdef str _diagnose(self, _Namespace ns, Event *ev, extras):
-        """Names the likely engine setting behind a parity mismatch."""
+        """What a parity mismatch means: the likely engine setting, when one matches."""
         seeds = [self.hash_seed] + [s for s in _LIKELY_SEEDS if s != self.hash_seed]
         for algo in _DIAGNOSE_ALGOS:
             for seed in seeds:
@@ -735,13 +744,12 @@ cdef class EventSink:
                 for style in (STYLE_TAGGED, STYLE_UNTAGGED):
                     if self._matches(hasher, ev, self._verifiable_extras(extras, style)):
                         return ("model %r: the engines' block hashes match --hash-algo %s --hash-seed %s, "
-                                "not kvcm's --hash-algo %s --hash-seed %s; keying it with kvcm's own hashes "
-                                "(decoupled mode). Set --hash-algo/--hash-seed to the engines' "
-                                "--prefix-caching-hash-algo/PYTHONHASHSEED to restore parity."
+                                "not kvcm's --hash-algo %s --hash-seed %s. Set --hash-algo/--hash-seed to the "
+                                "engines' --prefix-caching-hash-algo/PYTHONHASHSEED for parity."
                                 % (ns.name, algo, _seed_flag(seed), self.hash_algo, _seed_flag(self.hash_seed)))
         return ("model %r: the engines' block hashes match neither kvcm's --hash-algo %s --hash-seed %s nor "
                 "any likely setting (sha256/sha256_cbor with PYTHONHASHSEED unset, 0, 42 or empty); the engines "
-                "may use a random PYTHONHASHSEED or xxhash. Keying it with kvcm's own hashes (decoupled mode)."
+                "may use a random PYTHONHASHSEED or xxhash."
                 % (ns.name, self.hash_algo, _seed_flag(self.hash_seed)))
 
     cdef void _switch(self, StreamContext ctx, _Namespace ns, str message) except *:
@@ -751,6 +759,9 @@ cdef class EventSink:
         self._index.clear_namespace(ns.name)
         self._switched.append(ns.name)
         ctx.needs_replay = True
+        self._report(message)
+
+    cdef void _report(self, str message) except *:
         _log.warning(message)
         if self._warn is not None:
             self._warn(message)

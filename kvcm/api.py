@@ -136,8 +136,10 @@ class Api:
         prompt = None if messages is not None else _field(body, "prompt", str, "a string", required=True)
         add_special = _field(body, "add_special_tokens", bool, "a boolean")
         options = _chat_options(body) if messages is not None else {}
+        # label only models that have a tokenizer: request contents must not grow the metrics
+        label = model if model in self.indexer.tokenizers else "unknown"
         try:
-            with self.metrics.timed_tokenize(model):
+            with self.metrics.timed_tokenize(label):
                 return await self.indexer.tokenize(
                     model, prompt=prompt, messages=messages,
                     add_special_tokens=True if add_special is None else add_special, **options)
@@ -258,9 +260,12 @@ def _is_loopback(peer):
     if not peer:
         return True  # a Unix socket or an inherited socket without an address: local
     try:
-        return ipaddress.ip_address(peer[0].split("%", 1)[0]).is_loopback
+        address = ipaddress.ip_address(peer[0].split("%", 1)[0])
     except ValueError:
         return False
+    # a dual-stack [::] socket shows IPv4 clients as ::ffff:a.b.c.d
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 _STATIC_ENDPOINTS = frozenset(("/v1/score", "/score_completions", "/score_chat_completions", "/v1/tokenize",

@@ -267,7 +267,11 @@ class Ingest:
 
     def _connect(self, spec):
         sock = self._sub_socket(b"")
-        _zmq_call(sock.connect, spec.endpoint, "engine %r" % spec.name)
+        try:
+            _zmq_call(sock.connect, spec.endpoint, "engine %r" % spec.name)
+        except BaseException:
+            sock.close()
+            raise
         self._listen(spec.name, sock, spec)
 
     # -- sockets ---------------------------------------------------------------------------
