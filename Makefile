@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: build test run bench annotate clean
+.PHONY: build test run bench annotate clean binary
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: build
 
 bench: build
 	$(PY) benchmarks/run.py
+
+# dist/kvcm (PyInstaller onefile) + dist/THIRD_PARTY_LICENSES; `make binary ONEDIR=1` adds
+# dist/kvcm-onedir/. Installs PyInstaller into the venv the first time.
+binary: build
+	KVCM_ONEDIR=$(if $(ONEDIR),1,0) PYTHON=$(PY) packaging/build.sh
 
 annotate: $(STAMP)
 	KVCM_ANNOTATE=1 $(PY) setup.py -q build_ext --inplace --force

@@ -105,7 +105,16 @@ def cmd_hash(args):
 
 
 def cmd_version(args):
-    print("kvcm %s" % __version__)
+    from kvcm import _build_info
+
+    info = _build_info.info()
+    build = [info["build"], "Python %s" % sys.version.split()[0]]
+    if _build_info.BUILD_GLIBC:
+        build.append("needs glibc >= %s" % _build_info.BUILD_GLIBC)
+    print("kvcm %s" % info["version"])
+    print("build date: %s" % info["build_date"])
+    print("git revision: %s" % info["git_revision"])
+    print("build: %s" % ", ".join(build))
     return 0
 
 
@@ -204,7 +213,7 @@ def build_parser():
             p.add_argument("--pods", help="only score these pods (comma-separated)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("version", help="print the version")
+    p = sub.add_parser("version", help="print the version, build date and git revision")
     p.set_defaults(func=cmd_version)
     return parser
 

@@ -114,7 +114,10 @@ def test_version_prints_package_version(cmd):
         assert CONSOLE_SCRIPT.is_file() and os.access(CONSOLE_SCRIPT, os.X_OK)
     proc = run("version", cmd=[str(CONSOLE_SCRIPT)] if cmd == "console-script" else None)
     assert proc.returncode == 0 and proc.stderr == b""
-    assert proc.stdout.decode().strip() == "kvcm %s" % kvcm.__version__
+    lines = proc.stdout.decode().splitlines()
+    assert lines[0] == "kvcm %s" % kvcm.__version__
+    assert [line.split(":")[0] for line in lines[1:]] == ["build date", "git revision", "build"]
+    assert lines[1] == "build date: unknown" and lines[3].startswith("build: source, Python ")
 
 
 def test_console_script_hashes_like_the_module():
