@@ -120,7 +120,8 @@ class Server:
     systemd watchdog variables set as systemd sets them: WATCHDOG_PID is the main process
     (the onefile bootloader), so the interpreter must accept its parent's pid."""
 
-    def __init__(self, binary, env, *args, watchdog_usec=300000, prefix=(), notify_mode=None):
+    def __init__(self, binary, env, *args, watchdog_usec=300000, prefix=(), notify_mode=None,
+                 tokenizer=TOKENIZER):
         self.notify = Notify()
         if notify_mode is not None:      # for a service user other than ours
             os.chmod(self.notify.dir, 0o755)
@@ -130,7 +131,7 @@ class Server:
         env = dict(env, NOTIFY_SOCKET=self.notify.path, WATCHDOG_USEC=str(watchdog_usec))
         self.args = ["serve", "--http-host", "127.0.0.1", "--http-port", str(self.http_port),
                      "--zmq-bind", "tcp://127.0.0.1:%d" % self.zmq_port,
-                     "--tokenizer", "%s=%s" % (QWEN, TOKENIZER), *args]
+                     "--tokenizer", "%s=%s" % (QWEN, tokenizer), *args]
         # `exec` keeps the pid: WATCHDOG_PID is the pid of the binary's main process.
         self.proc = subprocess.Popen(["/bin/sh", "-c", 'export WATCHDOG_PID=$$; exec "$0" "$@"',
                                       *map(str, prefix), str(binary), *self.args], env=env,

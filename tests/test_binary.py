@@ -88,6 +88,17 @@ def test_hash_through_the_binary_equals_the_in_tree_core(onefile, bare, algo, se
                                        "digests": [d.hex() for d in hasher.digests(tokens, extra_tuples)]}
 
 
+def test_every_sub_command_answers_help(onefile, bare):
+    """--help of each sub-command the binary lists (their argument setup imports their modules)."""
+    proc = run(onefile, "--help", env=bare)
+    assert proc.returncode == 0, proc.stderr
+    commands = re.findall(r"^    (\w+)\s", proc.stdout.decode(), re.M)
+    assert {"hash", "serve", "score", "tokenize", "version"} <= set(commands), proc.stdout
+    for command in commands:
+        sub = run(onefile, command, "--help", env=bare)
+        assert sub.returncode == 0 and sub.stdout.startswith(b"usage: kvcm " + command.encode()), sub.stderr
+
+
 def test_bad_arguments_exit_2_with_one_line(onefile, bare):
     proc = run(onefile, "serve", "--block-size", "0", env=bare)
     assert proc.returncode == 2

@@ -29,8 +29,8 @@ import pytest
 
 from captures import load_captures
 from conftest import ROOT
-from frozen import (IN_CI, ONEFILE, WAIT, Notify, Server, bare_env, built, expected_scores, free_port,
-                    leftovers, parent_of, publish, until)
+from frozen import (IN_CI, ONEFILE, TOKENIZER, WAIT, Notify, Server, bare_env, built, expected_scores,
+                    free_port, leftovers, parent_of, publish, until)
 from kvcm.config import Config, load_config
 
 UNITS = ROOT / "systemd"
@@ -240,12 +240,18 @@ def test_the_binary_works_inside_the_units_sandbox(sandbox_env, tmp_path, shared
     RestrictAddressFamilies=, RestrictRealtime=, CapabilityBoundingSet= and another UID,
     enforced by the kernel as systemd 252 sets them up. Without sched_setscheduler libzmq
     aborts at start; without AF_NETLINK it aborts binding tcp://127.0.0.1:PORT."""
-    binary = built(ONEFILE)
-    for path in (ROOT, binary.parent):
-        assert os.stat(path).st_mode & 0o005 == 0o005, "%s must be world-readable for UID %d" % (path, SANDBOX_UID)
+    # The binary and the tokenizer as an installation has them: readable by any UID, wherever
+    # this checkout lives.
+    installed = tempfile.mkdtemp(prefix="kvcm-installed-", dir="/tmp")
+    os.chmod(installed, 0o755)
+    binary = shutil.copy(built(ONEFILE), os.path.join(installed, "kvcm"))
+    tokenizer = shutil.copytree(TOKENIZER, os.path.join(installed, "tokenizer"))
+    for base, dirs, files in os.walk(installed):
+        for name in dirs + files:
+            os.chmod(os.path.join(base, name), 0o755 if name in dirs or name == "kvcm" else 0o644)
     captures = [c for c in load_captures(shared) if c.version == "0.33.0"]
     prefix = [sys.executable, ROOT / "tests" / "sandbox.py", UNITS / "kvcm.service", SANDBOX_UID, "--"]
-    server = Server(binary, sandbox_env, prefix=prefix, notify_mode=0o666)
+    server = Server(binary, sandbox_env, prefix=prefix, notify_mode=0o666, tokenizer=tokenizer)
     try:
         pid, _ = server.wait_for("READY=1")
         with open("/proc/%d/status" % pid) as f:
@@ -267,6 +273,7 @@ def test_the_binary_works_inside_the_units_sandbox(sandbox_env, tmp_path, shared
         assert "Operation not permitted" not in server.stderr(), server.stderr()
     finally:
         server.close()
+        shutil.rmtree(installed, ignore_errors=True)
 
 
 # -- ExecStartPre: stale extraction directories ---------------------------------------------------
