@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: build test run bench annotate clean binary
+.PHONY: build test run bench demo annotate clean binary
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ run: build
 
 bench: build
 	$(PY) benchmarks/run.py
+
+# kvcm serve + three `kvcm sim` engines: kvcm-routed vs random routing, side by side
+demo: build
+	$(PY) -m kvcm.sim.demo
 
 # dist/kvcm (PyInstaller onefile) + dist/THIRD_PARTY_LICENSES; `make binary ONEDIR=1` adds
 # dist/kvcm-onedir/. Installs PyInstaller into the venv the first time.

@@ -124,6 +124,12 @@ def cmd_serve(args):
     return serve.main(args)
 
 
+def cmd_sim(args):
+    from kvcm.sim import app
+
+    return app.main(args)
+
+
 def _post(url, path, payload):
     """POSTs JSON to a running kvcm; (status, parsed body)."""
     import urllib.error
@@ -198,6 +204,14 @@ def build_parser():
                                    "and a key of the --config TOML file (flags > env > file > defaults).")
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    from kvcm.sim.config import add_sim_arguments
+
+    p = sub.add_parser("sim", help="simulate a vLLM engine that publishes real KV events",
+                       description="Run a vLLM-compatible engine simulator: the OpenAI API, a KV block "
+                                   "pool with prefix caching, and vLLM's KV events over ZMQ.")
+    add_sim_arguments(p)
+    p.set_defaults(func=cmd_sim)
 
     for name, func, text, with_tokens in (
             ("score", cmd_score, "ask a running kvcm which pods cache a prompt's prefix", True),

@@ -45,6 +45,7 @@ __all__ = [
     "Request",
     "Response",
     "Router",
+    "StreamingResponse",
     "error_response",
     "json_response",
 ]
@@ -158,6 +159,38 @@ class Response:
 
     def __repr__(self):
         return "<Response %d, %d bytes>" % (self.status, len(self.body))
+
+
+class StreamingResponse:
+    """A response whose body is produced while it is sent: `chunks` is an async iterable of
+    bytes (a str is UTF-8 encoded), each written as soon as it arrives, with chunked transfer
+    coding (to an HTTP/1.0 client unframed, and the connection closes after it). Order holds
+    as for any response: the head leaves once every earlier answer on the connection has.
+
+    When the client goes away (closes, or just shuts down its sending side) or the server's
+    shutdown grace ends, the iteration is cancelled and the iterator closed, so its `finally`
+    blocks run; an iterator that never started runs no code at all. An exception from the
+    iterator aborts the connection: the status line is already sent, so an incomplete body is
+    the only signal left.
+    """
+
+    __slots__ = ("status", "chunks", "content_type", "headers")
+
+    def __init__(self, status, chunks, content_type="application/octet-stream", headers=()):
+        self.status = status
+        self.chunks = chunks
+        self.content_type = content_type
+        self.headers = headers
+
+    def __repr__(self):
+        return "<StreamingResponse %d>" % self.status
+
+
+def _close_chunks(response):
+    """Closes the iterator of a StreamingResponse that will never be sent."""
+    aclose = getattr(response.chunks, "aclose", None)
+    if aclose is not None:
+        asyncio.ensure_future(aclose())
 
 
 def json_response(status, obj):
@@ -389,6 +422,92 @@ def _serialize(response, head_only, close, http10):
                      connection, extra, b"\r\n", b"" if head_only else body))
 
 
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+
+
+def _serialize_stream_head(response, close, chunked):
+    """The head of a StreamingResponse: no Content-Length; chunked unless HTTP/1.0."""
+    status = response.status
+    status_line = _STATUS_LINES.get(status) or _status_line(status)
+    extra = _extra_header_lines(response.headers) if response.headers else b""
+    return b"".join((status_line, _common_lines(), _content_type_line(response.content_type),
+                     _CHUNKED if chunked else b"", _CONNECTION_CLOSE if close else b"", extra, b"\r\n"))
+
+
+class _Stream:
+    """Sends one StreamingResponse when its slot reaches the head of its connection's queue;
+    when it ends, pops that slot and lets the answers queued behind it go."""
+
+    __slots__ = ("conn", "request", "response", "close", "start", "task", "_writable")
+
+    def __init__(self, conn, request, response, close, start):
+        self.conn = conn
+        self.request = request
+        self.response = response
+        self.close = close or request.http_version == "1.0"   # unframed: the close ends it
+        self.start = start
+        self.task = None
+        self._writable = None
+
+    def begin(self):
+        if self.task is None:
+            self.conn._stream = self
+            self.task = asyncio.ensure_future(self._run())
+            self.conn._server._tasks.add(self.task)
+            self.task.add_done_callback(self._done)
+
+    def writable(self):
+        """The client reads again (resume_writing)."""
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    async def _run(self):
+        conn, response = self.conn, self.response
+        chunked = self.request.http_version != "1.0"
+        write = conn._transport.write
+        chunks = response.chunks
+        try:
+            write(_serialize_stream_head(response, self.close, chunked))
+            if self.request.method != "HEAD":
+                async for chunk in chunks:
+                    if isinstance(chunk, str):
+                        chunk = chunk.encode()
+                    if not chunk:
+                        continue      # an empty chunk would end the body
+                    write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    while conn._write_paused:
+                        self._writable = conn._loop.create_future()
+                        await self._writable
+                if chunked:
+                    write(b"0\r\n\r\n")
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _done(self, task):
+        conn = self.conn
+        conn._server._tasks.discard(task)
+        conn._stream = None
+        failed = task.cancelled() or task.exception() is not None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("streaming the response to %s %s failed", self.request.method, self.request.path,
+                      exc_info=task.exception())
+        if self.start:
+            conn._server._report(self.request, self.response.status, self.start)
+        if conn._closed or conn._lingering:
+            return
+        if failed:
+            conn._abort()
+            return
+        conn._queue.popleft()         # this stream's slot, at the head since begin()
+        if self.close:
+            conn._queue.clear()
+            conn._close_gracefully()
+            return
+        conn._flush()
+
+
 # --------------------------------------------------------------------------------------------
 # The connection
 
@@ -400,7 +519,7 @@ class _Connection(asyncio.Protocol):
                  "_state", "_queue", "_request", "_raw_path", "_keep_alive", "_need", "_body",
                  "_chunk_left", "_head_started", "_write_paused", "_reading_paused",
                  "_peer_eof", "_lingering", "_closed", "_discarded", "_deadline", "_timer",
-                 "_timer_at")
+                 "_timer_at", "_stream")
 
     def __init__(self, server):
         self._server = server
@@ -411,8 +530,10 @@ class _Connection(asyncio.Protocol):
         self._admitted = False
         self._buf = bytearray()           # unconsumed input
         self._state = _HEAD
-        # Responses not yet written, oldest first: [bytes or None while its handler runs, close]
+        # Responses not yet written, oldest first: [bytes, or None while its handler runs, or
+        # a _Stream, close]
         self._queue = collections.deque()
+        self._stream = None               # the _Stream being sent
         self._request = None              # the request whose body is being read
         self._raw_path = ""
         self._keep_alive = True
@@ -465,6 +586,8 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self):
         self._peer_eof = True
+        if self._stream is not None:
+            self._stream.task.cancel()   # a client that stops sending mid-stream has left
         if not self._lingering and (self._queue or self._write_paused):
             return True     # answers still to send; _settle closes afterwards
         self._close_now()
@@ -477,10 +600,17 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self):
         self._write_paused = False
+        if self._stream is not None:
+            self._stream.writable()
         self._continue()
 
     def connection_lost(self, exc):
         self._closed = True
+        if self._stream is not None:
+            self._stream.task.cancel()
+        for data, _ in self._queue:
+            if type(data) is _Stream and data.task is None:
+                _close_chunks(data.response)
         self._queue.clear()
         self._buf = bytearray()
         if self._timer is not None:
@@ -740,6 +870,12 @@ class _Connection(asyncio.Protocol):
             log.exception("handler for %s %s failed", request.method, request.path)
             result = _INTERNAL_ERROR
         if type(result) is not Response and not isinstance(result, Response):
+            if isinstance(result, StreamingResponse):
+                stream = _Stream(self, request, result, not keep_alive, start)
+                self._queue.append([stream, stream.close])
+                if self._queue[0][0] is stream:
+                    stream.begin()
+                return
             if inspect.isawaitable(result):
                 self._defer(request, result, keep_alive, start)
                 return
@@ -774,12 +910,15 @@ class _Connection(asyncio.Protocol):
         except Exception:
             log.exception("handler for %s %s failed", request.method, request.path)
             response = _INTERNAL_ERROR
-        if not isinstance(response, Response):
+        streaming = isinstance(response, StreamingResponse)
+        if not streaming and not isinstance(response, Response):
             log.error("handler for %s %s returned %r, not a Response", request.method, request.path, response)
             response = _INTERNAL_ERROR
-        if start:
+        if start and not streaming:
             self._server._report(request, response.status, start)
         if self._closed or self._lingering:
+            if streaming:
+                _close_chunks(response)
             return
         queue = self._queue
         close = not keep_alive
@@ -787,10 +926,23 @@ class _Connection(asyncio.Protocol):
                 and not self._buf):
             close = True              # the last answer before a graceful shutdown says so
             self._state = _DISCARD
-        slot[0] = self._render(request, response, close)
-        slot[1] = close
+        if streaming:
+            stream = _Stream(self, request, response, close, start)
+            slot[0], slot[1] = stream, stream.close
+        else:
+            slot[0], slot[1] = self._render(request, response, close), close
+        self._flush()
+
+    def _flush(self):
+        """Writes the finished answers at the head of the queue, in order, up to a stream
+        (which starts, and flushes what follows it when it ends)."""
+        queue = self._queue
         while queue and queue[0][0] is not None:
-            data, close = queue.popleft()
+            data, close = queue[0]
+            if type(data) is _Stream:
+                data.begin()
+                break
+            queue.popleft()
             self._transport.write(data)
             if close:
                 queue.clear()
