@@ -391,6 +391,113 @@ def bench_memory(repeats):
     report("memory", rows, **m)
 
 
+# ---- 6. ingest_apply: EventSink.apply in-process --------------------------------------------
+
+APPLY_CHAINS, APPLY_EVENTS_PER_BATCH = 16_384, 8  # 2 events of 16 blocks per chain: 524,288 blocks
+APPLY_POD = "10.0.0.1:8000"
+
+
+def random_tokens(rng, n):
+    """n token ids, uniform over Qwen3's vocabulary (17-18 bits: msgpack uint16 or uint32)."""
+    return [t % VOCAB for t in array("I", rng.randbytes(4 * n))]
+
+
+def stored_event(hashes, parent, tokens):
+    """A BlockStored event as vLLM >= 0.24 publishes it (map form, int hashes)."""
+    return {"type": "BlockStored", "block_hashes": list(hashes), "parent_block_hash": parent,
+            "token_ids": tokens, "block_size": BLOCK, "lora_id": None, "medium": "GPU",
+            "lora_name": None}
+
+
+def ingest_batches(seed, chains, events_per_batch=APPLY_EVENTS_PER_BATCH, nil_parents=True):
+    """Pre-encoded batch payloads: every chain is 2 BlockStored events of 16 blocks with token
+    ids and vLLM's own (sha256, default seed) block hashes. The first event of a chain starts
+    at block 0 with a nil parent (so kvcm verifies it by rehashing; with nil_parents=False it
+    gets a random parent instead, and nothing is verified), the second continues it with the
+    first's last hash as parent. Both events of a chain are in the same batch, in order.
+    Returns (payloads, number of blocks)."""
+    import msgpack
+    rng = random.Random(seed)
+    hasher = _core.BlockHasher("sha256", block_size=BLOCK)
+    events = []
+    for _ in range(chains):
+        tokens = random_tokens(rng, 2 * BLOCK * BLOCK)
+        keys = list(hasher.keys(tokens))
+        events.append(stored_event(keys[:BLOCK], None if nil_parents else rng.getrandbits(64),
+                                   tokens[:BLOCK * BLOCK]))
+        events.append(stored_event(keys[BLOCK:], keys[BLOCK - 1], tokens[BLOCK * BLOCK:]))
+    payloads = [msgpack.packb([1.7e9 + i, events[i:i + events_per_batch], 0])
+                for i in range(0, len(events), events_per_batch)]
+    return payloads, len(events) * BLOCK
+
+
+def bench_ingest_apply(repeats):
+    """EventSink.apply of pre-encoded batches (8 BlockStored events of 16 blocks with token
+    ids each) into a fresh Index, one stream, per hash mode; plus the decode-only floor
+    (batch_header skips every event), the same with no event to verify, the transport's call
+    pattern and re-announcing blocks the pod already holds. The cases take turns within each
+    repeat; the value is the median over repeats."""
+    workloads = {True: ingest_batches(6, APPLY_CHAINS), False: ingest_batches(6, APPLY_CHAINS, nil_parents=False)}
+    payloads, blocks = workloads[True]
+    nbytes = sum(map(len, payloads))
+
+    def run(mode, again=False, header=False, nil_parents=True):
+        payloads = workloads[nil_parents][0]
+        index = _core.Index(max_blocks=10_000_000)
+        sink = _core.EventSink(index, BLOCK, "sha256", None, mode)
+        ctx = _core.StreamContext(APPLY_POD, NS)
+        if again:
+            for p in payloads:
+                sink.apply(ctx, p)
+        t0 = pc()
+        if header:  # as kvcm/ingest.py calls it: batch_header (for dp_rank), then apply
+            for p in payloads:
+                sink.batch_header(p)
+                sink.apply(ctx, p)
+        else:
+            for p in payloads:
+                sink.apply(ctx, p)
+        ns = pc() - t0
+        c = sink.counters
+        assert c["blocks_stored"] == blocks, c
+        assert c["parity_mismatch"] == 0 and c["unknown_parent"] == 0, c
+        assert index.stats()["entries"] == blocks
+        return ns, c["parity_verified"] // (2 if again else 1)
+
+    def decode_only():
+        sink = _core.EventSink(_core.Index(max_blocks=1024), BLOCK, "sha256", None, "vllm")
+        return pass_ns(sink.batch_header, [(p,) for p in payloads])
+
+    # (case, mode, blocks already held, batch_header first, nil parents, budget)
+    cases = (
+        ("auto mode", "auto", False, False, True, (">=", 2e6)),
+        ("vllm mode", "vllm", False, False, True, (">=", 2e6)),
+        ("kvcm mode (decoupled: every block rehashed, engine map)", "kvcm", False, False, True, (">=", 2e6)),
+        ("auto mode, every parent set (nothing to verify)", "auto", False, False, False, None),
+        ("auto mode, batch_header + apply (as ingest.py calls it)", "auto", False, True, True, None),
+        ("auto mode, blocks already held (re-announced)", "auto", True, False, True, None))
+    times = {case[0]: [] for case in cases}
+    verified = {}
+    decode = []
+    run("vllm")  # warm-up: the first index built faults its pages in; later ones reuse them
+    for _ in range(repeats):  # the cases take turns, so background load hits them alike
+        decode.append(decode_only())
+        for case, mode, again, header, nil_parents, _ in cases:
+            ns, verified[case] = run(mode, again, header, nil_parents)
+            times[case].append(ns)
+    ns = statistics.median(decode)
+    rows = [row("decode only (batch_header skips every event)", blocks / ns * 1e9, "blocks/s",
+                note="%.0f ns/block, %.0f MB/s" % (ns / blocks, nbytes / ns * 1e3))]
+    events = len(payloads) * APPLY_EVENTS_PER_BATCH
+    for case, _, _, _, _, budget in cases:
+        ns = statistics.median(times[case])
+        rows.append(row(case, blocks / ns * 1e9, "blocks/s", budget=budget,
+                        note="%.0f ns/block, %.1f µs/batch; %d of %d events verified by rehashing"
+                        % (ns / blocks, ns / len(payloads) / 1e3, verified[case], events)))
+    report("ingest_apply", rows, blocks=blocks, batches=len(payloads), events_per_batch=APPLY_EVENTS_PER_BATCH,
+           payload_bytes=nbytes)
+
+
 def source_version():
     """The commit the core was built from, with "+dirty" when its sources have local changes."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -407,7 +514,7 @@ def source_version():
 # ---- main ----------------------------------------------------------------------------------
 
 BENCHMARKS = {"hash4096": bench_hash4096, "sha256": bench_sha256, "lookup": bench_lookup,
-              "store": bench_store, "memory": bench_memory}
+              "store": bench_store, "memory": bench_memory, "ingest_apply": bench_ingest_apply}
 SLOW = {"memory"}
 
 

@@ -48,10 +48,13 @@ def _model(body):
 
 
 def _token_ids(body):
-    ids = _field(body, "token_ids", list, "a list of non-negative integers")
-    if ids is not None and not all(type(t) is int and 0 <= t < 2 ** 64 for t in ids):
-        raise BadRequest("field 'token_ids' must be a list of non-negative integers")
-    return ids
+    # only the container here: the core checks every item while it converts them (a Python
+    # loop over 1024 ids would cost more than hashing them)
+    return _field(body, "token_ids", list, "a list of non-negative integers")
+
+
+def _bad_token_ids(error):
+    return BadRequest("field 'token_ids' must be a list of non-negative integers below 2**64 (%s)" % error)
 
 
 def _pods(body):
@@ -123,7 +126,10 @@ class Api:
         salt = _field(body, "cache_salt", str, "a string")
         source = _one_input(body, ("token_ids", "prompt", "messages"))
         if source == "token_ids":
-            return json_response(200, self.indexer.score_tokens(model, _token_ids(body), pods, salt))
+            try:
+                return json_response(200, self.indexer.score_tokens(model, _token_ids(body), pods, salt))
+            except (TypeError, ValueError) as e:
+                raise _bad_token_ids(e) from None
         return self._score_text(body, model, pods, salt)
 
     async def _score_text(self, body, model, pods, salt):
@@ -186,7 +192,10 @@ class Api:
         if ids is None:
             raise BadRequest("field 'token_ids' is required")
         salt = _field(body, "cache_salt", str, "a string")
-        keys = self.indexer.keys(model, ids, salt)
+        try:
+            keys = self.indexer.keys(model, ids, salt)
+        except (TypeError, ValueError) as e:
+            raise _bad_token_ids(e) from None
         return json_response(200, {"model": model, "mode": self.indexer.sink.mode_of(model), "keys": list(keys)})
 
     # -- pods and engines ------------------------------------------------------------------

@@ -14,8 +14,9 @@ applying them is the core's EventSink.
   leaving the stream degraded; the live feed going backwards is an engine restart.
 
 Sockets are raw pyzmq sockets read through loop.add_reader on ZMQ_FD. That FD is
-edge-triggered, so a reader drains until EAGAIN, but at most `batch_budget` messages per
-loop turn before it yields with call_soon, so a busy publisher cannot starve HTTP scoring.
+edge-triggered, so a reader drains until EAGAIN, but at most `batch_budget` messages and
+`turn_seconds` per loop turn before it yields with call_soon, so a busy publisher cannot
+starve HTTP scoring.
 """
 
 import asyncio
@@ -161,7 +162,7 @@ class Ingest:
     """
 
     def __init__(self, sink, *, binds=("tcp://*:5557",), topic_prefix="kv@", engines=(),
-                 replay_endpoints=None, batch_budget=256, replay_timeout=2.0, replay_interval=1.0,
+                 replay_endpoints=None, batch_budget=256, turn_seconds=0.0002, replay_timeout=2.0, replay_interval=1.0,
                  max_held=8192, max_streams=4096, max_engines=1024, max_replays=16,
                  max_replay_batches=10_000, rcvhwm=10_000):
         self._sink = sink
@@ -170,6 +171,7 @@ class Ingest:
         self._replay_endpoints = {pod: check_endpoint(ep, "replay endpoint of pod %r" % pod)
                                   for pod, ep in (replay_endpoints or {}).items()}
         self._budget = batch_budget
+        self._turn_seconds = turn_seconds
         self._replay_timeout = replay_timeout
         self._replay_interval = replay_interval
         self._max_held = max_held
@@ -302,7 +304,11 @@ class Ingest:
     def _drain(self, source):
         source.handle = None
         recv = source.sock.recv_multipart
+        # bounded by count and by time: a turn of big batches must not delay scoring requests
+        deadline = time.perf_counter() + self._turn_seconds
         for _ in range(self._budget):
+            if time.perf_counter() > deadline:
+                break
             try:
                 frames = recv(zmq.NOBLOCK)
             except zmq.Again:
