@@ -1,8 +1,9 @@
-"""Running tests on uvloop, and waiting for conditions without timing assertions."""
+"""Running tests on uvloop, waiting for conditions without timing assertions, free ports."""
 
 import asyncio
 import functools
 import socket
+import time
 
 import uvloop
 
@@ -28,8 +29,33 @@ async def until(condition, what, deadline=WAIT_DEADLINE):
         await asyncio.sleep(0.002)
 
 
-def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago (for endpoints that cannot say *)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def poll_until(condition, what, deadline=20.0):
+    """The first truthy value of condition(), polled from synchronous code (subprocesses,
+    servers on other threads); fails naming `what` after `deadline` seconds."""
+    end = time.monotonic() + deadline
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError("timed out after %gs waiting for %s" % (deadline, what))
+        time.sleep(0.005)
+
+
+def free_port(span=1):
+    """A TCP port P on 127.0.0.1 with P .. P+span-1 free a moment ago (for endpoints that
+    cannot say *, and data-parallel ranks that offset the port)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + span > 65536:
+            continue
+        try:
+            for off in range(1, span):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + off))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free ports")

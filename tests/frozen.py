@@ -15,6 +15,7 @@ import msgpack
 import pytest
 import zmq
 
+from aio import free_port, poll_until
 from captures import IndexModel, event_fields
 from conftest import ROOT, SHARED
 from kvcm._core import BlockHasher
@@ -28,6 +29,11 @@ TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
 WAIT = 30.0
 
 
+def until(condition, what, deadline=WAIT):
+    """poll_until with the frozen binary's longer deadline (onefile unpacks itself first)."""
+    return poll_until(condition, what, deadline)
+
+
 def built(path):
     if not path.is_file():
         if IN_CI:
@@ -38,21 +44,8 @@ def built(path):
     return path
 
 
-def until(condition, what, deadline=WAIT):
-    end = time.monotonic() + deadline
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError("timed out after %gs waiting for %s" % (deadline, what))
-        time.sleep(0.01)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bare_env(tmp_path):

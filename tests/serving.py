@@ -17,11 +17,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
+from aio import free_port, poll_until as until
 from captures import event_fields, hash_value
 from conftest import ROOT, SHARED
 from kvcm._core import BlockHasher
@@ -35,34 +35,8 @@ TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
 PROBE_RANKS = itertools.count(1000)
 
 
-def until(condition, what, deadline=WAIT):
-    """condition()'s first truthy value; AssertionError naming `what` after `deadline` s."""
-    end = time.monotonic() + deadline
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError("timed out after %gs waiting for %s" % (deadline, what))
-        time.sleep(0.005)
 
 
-def free_port(offsets=(0,)):
-    """A TCP port P on 127.0.0.1 with P + each offset free a moment ago."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + max(offsets) > 65535:
-            continue
-        try:
-            for off in offsets:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + off))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free ports")
 
 
 def non_loopback_address():
@@ -375,7 +349,7 @@ class Serve:
     def standard(cls, *args, zmq_offsets=(0,), **kw):
         """A server on free ports with the Qwen fixture tokenizer for the captures' model;
         .http_port and .zmq_port (bound at zmq_port + each offset, as DP ranks do)."""
-        http_port, zmq_port = free_port(), free_port(zmq_offsets)
+        http_port, zmq_port = free_port(), free_port(max(zmq_offsets) + 1)
         binds = [a for off in zmq_offsets for a in ("--zmq-bind", "tcp://127.0.0.1:%d" % (zmq_port + off))]
         server = cls("--http-host", "127.0.0.1", "--http-port", str(http_port), *binds,
                      "--tokenizer", "%s=%s" % (QWEN, TOKENIZERS / "qwen2.5-instruct"), *args, **kw)

@@ -13,44 +13,18 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 import uvloop
 import zmq
 
+from aio import free_port, poll_until as until
 from conftest import ROOT
 
 WAIT = 20.0     # one condition; only reached when something is broken
 
 
-def until(condition, what, deadline=WAIT):
-    """condition()'s first truthy value; AssertionError naming `what` after `deadline` s."""
-    end = time.monotonic() + deadline
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError("timed out after %gs waiting for %s" % (deadline, what))
-        time.sleep(0.005)
 
 
-def free_port(span=1):
-    """A TCP port P of 127.0.0.1 with P .. P+span-1 free a moment ago."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + span > 65535:
-            continue
-        try:
-            for off in range(1, span):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + off))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free ports")
 
 
 def clean_env(**extra):
