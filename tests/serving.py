@@ -6,9 +6,7 @@ need no hashing. Nothing is timed: waits poll a condition under a generous deadl
 
 import asyncio
 import collections
-import http.client
 import itertools
-import json
 import os
 import shutil
 import signal
@@ -21,6 +19,7 @@ import threading
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
+import httpclient
 from aio import free_port, poll_until as until
 from captures import event_fields, hash_value
 from conftest import ROOT, SHARED
@@ -60,61 +59,8 @@ def non_loopback_address():
 
 # -- HTTP -------------------------------------------------------------------------------------
 
-class Reply:
-    def __init__(self, status, headers, body):
-        self.status, self.headers, self.body = status, headers, body
-
-    @property
-    def json(self):
-        return json.loads(self.body)
-
-    @property
-    def error(self):
-        """The message of a JSON error reply, after checking its shape."""
-        error = self.json["error"]
-        assert set(error) == {"message", "type", "code"}, self.body
-        assert error["code"] == self.status and isinstance(error["type"], str), self.body
-        return error["message"]
-
-    def __repr__(self):
-        return "<Reply %d %r>" % (self.status, self.body[:500])
-
-
-class Client:
+class Client(httpclient.Client):
     """Requests to one kvcm, each on a fresh TCP connection."""
-
-    def __init__(self, host, port):
-        self.host, self.port = host, port
-        self.url = "http://%s:%d" % (host, port)
-
-    def request(self, method, path, body=None, headers=None, timeout=30):
-        """body: a JSON-able object, or bytes sent as they are."""
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        try:
-            headers = dict(headers or {})
-            data = None
-            if body is not None:
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                headers.setdefault("Content-Type", "application/json")
-            conn.request(method, path, body=data, headers=headers)
-            response = conn.getresponse()
-            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
-        finally:
-            conn.close()
-
-    def get(self, path, **kw):
-        return self.request("GET", path, **kw)
-
-    def post(self, path, body, **kw):
-        return self.request("POST", path, body, **kw)
-
-    def delete(self, path, **kw):
-        return self.request("DELETE", path, **kw)
-
-    def ok(self, method, path, body=None, status=200, **kw):
-        reply = self.request(method, path, body, **kw)
-        assert reply.status == status, reply
-        return reply.json
 
     def score(self, model, **fields):
         return self.ok("POST", "/v1/score", dict(fields, model=model))

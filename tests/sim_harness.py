@@ -4,7 +4,6 @@ a real ZMQ SUB collecting events, and an independent msgpack reader. Nothing is 
 waits poll a condition under a generous deadline."""
 
 import asyncio
-import http.client
 import json
 import os
 import socket
@@ -17,6 +16,7 @@ import threading
 import uvloop
 import zmq
 
+import httpclient
 from aio import free_port, poll_until as until
 from conftest import ROOT
 
@@ -36,58 +36,11 @@ def clean_env(**extra):
 
 # -- HTTP --------------------------------------------------------------------------------------
 
-class Reply:
-    def __init__(self, status, headers, body):
-        self.status, self.headers, self.body = status, headers, body
-
-    @property
-    def json(self):
-        return json.loads(self.body)
-
-    @property
-    def error(self):
-        """(type, message) of an OpenAI-style error body, after checking its shape."""
-        error = self.json["error"]
-        assert set(error) == {"message", "type", "code"}, self.body
-        assert error["code"] == self.status and isinstance(error["message"], str), self.body
-        return error["type"], error["message"]
-
-    def __repr__(self):
-        return "<Reply %d %r>" % (self.status, self.body[:400])
-
-
-class Client:
-    """Requests to one HTTP server, each on a fresh connection."""
+class Client(httpclient.Client):
+    """Requests to one simulator, each on a fresh connection."""
 
     def __init__(self, port, host="127.0.0.1"):
-        self.host, self.port = host, port
-
-    def request(self, method, path, body=None, headers=None, timeout=60):
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        try:
-            headers = dict(headers or {})
-            data = None
-            if body is not None:
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                headers.setdefault("Content-Type", "application/json")
-            elif method == "POST":
-                data = b""
-            conn.request(method, path, body=data, headers=headers)
-            response = conn.getresponse()
-            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
-        finally:
-            conn.close()
-
-    def get(self, path, **kw):
-        return self.request("GET", path, **kw)
-
-    def post(self, path, body=None, **kw):
-        return self.request("POST", path, body, **kw)
-
-    def ok(self, method, path, body=None, status=200):
-        reply = self.request(method, path, body)
-        assert reply.status == status, reply
-        return reply.json
+        super().__init__(host, port)
 
     def complete(self, **body):
         return self.ok("POST", "/v1/completions", body)

@@ -22,7 +22,7 @@ def sim():
 
 def error_of(reply, status):
     assert reply.status == status, reply
-    return reply.error
+    return reply.error_type, reply.error
 
 
 # -- models, tokenize, health ---------------------------------------------------------------------
