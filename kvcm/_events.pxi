@@ -5,6 +5,10 @@
 # encodings (arrays before vLLM 0.24, maps after), the hash-mode contract (parity vs
 # decoupled, per model namespace), LoRA namespaces, block-size re-chunking, offload tiers,
 # and counting every drop by reason. One bad event never drops the rest of its batch.
+#
+# With a journal (a shared index, kvcm/shared_index.py) the sink does not write block entries
+# into its Index: it reports each effect to the journal, in order, and keeps in the Index only
+# what it needs to resolve later events locally (names and the engine-hash map, as a cache).
 
 import logging
 
@@ -172,6 +176,7 @@ cdef class StreamContext:
     cdef readonly str pod
     cdef readonly object model
     cdef public bint needs_replay
+    cdef readonly double ts    # the timestamp of the last batch applied
     cdef object _index  # the Index pod_id belongs to
     cdef uint32_t pod_id
     cdef list _fed
@@ -215,9 +220,11 @@ cdef class EventSink:
     cdef U64Scratch _hashes
     cdef U64Scratch _tokens
     cdef U64Scratch _keys
+    cdef object _journal    # None: effects go to the Index
+    cdef list _changed      # namespaces whose contract changed since take_changed_namespaces()
 
     def __init__(self, Index index, Py_ssize_t block_size=16, str hash_algo="sha256",
-                 hash_seed=None, str hash_mode="auto", warn=None):
+                 hash_seed=None, str hash_mode="auto", warn=None, journal=None):
         if hash_mode not in HASH_MODES:
             raise ValueError("unknown hash mode %r (expected one of %s)" % (hash_mode, ", ".join(HASH_MODES)))
         if hash_algo not in ("sha256", "sha256_cbor", "sha256_cbor_64bit"):
@@ -234,6 +241,8 @@ cdef class EventSink:
         self._tier_cache = {}
         self._lora_cache = {}
         self._gpu_tier = index._tiers.intern("gpu")
+        self._journal = journal
+        self._changed = []
         memset(self._c, 0, sizeof(self._c))
 
     def __dealloc__(self):
@@ -260,13 +269,32 @@ cdef class EventSink:
         out, self._switched = self._switched, []
         return out
 
+    def take_changed_namespaces(self):
+        """[(name, mode, extra style, lora)] of namespaces created, switched or whose extra-key
+        style was learnt since the last call, for a shared index to record."""
+        out, self._changed = self._changed, []
+        return [(ns.name, ns.mode_name, ns.style_name, ns.lora) for ns in dict.fromkeys(out)]
+
+    def adopt_namespace(self, str name, str mode, str style="unknown", bint lora=False):
+        """Takes on a namespace contract another replica recorded: a switch to decoupled mode
+        and a learnt extra-key style (both one-way). Local entries are not cleared: the
+        replica that switched cleared the shared index."""
+        cdef _Namespace ns = self._namespace(name, lora, False)
+        if mode == "decoupled":
+            ns.mode = MODE_DECOUPLED
+        if ns.style == STYLE_UNKNOWN and style in ("tagged", "untagged"):
+            ns.style = STYLE_TAGGED if style == "tagged" else STYLE_UNTAGGED
+
     def clear_pod(self, pod):
         """An engine restarted: its cache is gone in every namespace."""
+        if self._journal is not None:
+            self._journal.clear_pod(pod, None)
+            return 0
         return self._index.clear_pod(pod)
 
     # ---- namespaces and the read path -------------------------------------------------
 
-    cdef _Namespace _namespace(self, str name, bint lora):
+    cdef _Namespace _namespace(self, str name, bint lora, bint record=True):
         cdef _Namespace ns = self._namespaces.get(name)
         if ns is not None:
             return ns
@@ -279,6 +307,8 @@ cdef class EventSink:
         ns.style = STYLE_UNKNOWN
         ns.decoupled = BlockHasher("kvcm", self.hash_seed, self.block_size, namespace=name)
         self._namespaces[name] = ns
+        if record:
+            self._changed.append(ns)
         return ns
 
     def mode_of(self, str model):
@@ -361,6 +391,7 @@ cdef class EventSink:
                 self._c[<int>C_DROP_BATCH] += 1
                 raise
             self._c[<int>C_BATCHES] += 1
+            ctx.ts = ts
             for i in range(nevents):
                 start = r.pos
                 if mp_skip(&r, 1):
@@ -516,7 +547,10 @@ cdef class EventSink:
             return
         if ev.tag == TAG_CLEARED:
             self._c[<int>C_EVENTS_CLEARED] += 1
-            kvi_clear_pod(&self._index.ix, ctx.pod_id, <int>self._gpu_tier, KVI_NIL)
+            if self._journal is not None:
+                self._journal.clear_pod(ctx.pod, "gpu")
+            else:
+                kvi_clear_pod(&self._index.ix, ctx.pod_id, <int>self._gpu_tier, KVI_NIL)
             return
         if ev.tag == TAG_UNKNOWN:
             self._c[<int>C_EVENTS_UNKNOWN_TAG] += 1
@@ -654,13 +688,38 @@ cdef class EventSink:
         self._stored_decoupled(ctx, ns, ev, extras, bs, lora, tier)
 
     cdef int _store(self, StreamContext ctx, _Namespace ns, const uint64_t *keys, Py_ssize_t n, uint32_t tier) except -1:
-        cdef int64_t added = kvi_store(&self._index.ix, ns.id, ctx.pod_id, tier, keys, n)
-        if added < 0:
-            self._c[<int>C_DROP_OUT_OF_MEMORY] += 1
-            return 0
+        """Adds (pod, tier) to keys. With a journal, blocks_stored counts the entries sent
+        (the shared index knows which were new)."""
+        cdef int64_t added
+        cdef Py_ssize_t i
+        if self._journal is not None:
+            self._journal.store(ns.name, ctx.pod, self._index._tiers.names[tier], [keys[i] for i in range(n)])
+            added = n
+        else:
+            added = kvi_store(&self._index.ix, ns.id, ctx.pod_id, tier, keys, n)
+            if added < 0:
+                self._c[<int>C_DROP_OUT_OF_MEMORY] += 1
+                return 0
         self._c[<int>C_BLOCKS_STORED] += added
         ctx.feed(ns)
         return 0
+
+    cdef void _remove(self, StreamContext ctx, _Namespace ns, const uint64_t *keys, Py_ssize_t n, uint32_t tier) except *:
+        cdef Py_ssize_t i
+        if self._journal is not None:
+            self._journal.remove(ns.name, ctx.pod, self._index._tiers.names[tier], [keys[i] for i in range(n)])
+            self._c[<int>C_BLOCKS_REMOVED] += n
+        else:
+            self._c[<int>C_BLOCKS_REMOVED] += kvi_remove(&self._index.ix, ns.id, ctx.pod_id, tier, keys, n)
+
+    cdef void _map_engine(self, _Namespace ns, uint64_t ehash, const uint64_t *keys, Py_ssize_t k) except *:
+        """Engine hash -> its k kvcm keys, kept locally (to resolve later events without a
+        round trip) and, with a journal, recorded for the other replicas."""
+        cdef Py_ssize_t i
+        if kve_set(&self._index.emap, ns.id, ehash, keys, k):
+            self._c[<int>C_DROP_OUT_OF_MEMORY] += 1
+        if self._journal is not None:
+            self._journal.map_engine(ns.name, ehash, [keys[i] for i in range(k)])
 
     cdef void _stored_tokenless(self, StreamContext ctx, Py_ssize_t n, uint32_t tier) except *:
         cdef Py_ssize_t i
@@ -728,6 +787,7 @@ cdef class EventSink:
             if self._matches(self._parity, ev, self._verifiable_extras(extras, style)):
                 if len(styles) > 1 or ns.style == STYLE_UNKNOWN and self._verifiable_extras(extras, style) is not None:
                     ns.style = style
+                    self._changed.append(ns)
                 self._c[<int>C_PARITY_VERIFIED] += 1
                 return True
         self._c[<int>C_PARITY_MISMATCH] += 1
@@ -757,6 +817,9 @@ cdef class EventSink:
         cannot be re-keyed, so the namespace is cleared on all pods and replays requested."""
         ns.mode = MODE_DECOUPLED
         self._index.clear_namespace(ns.name)
+        if self._journal is not None:
+            self._journal.switch_namespace(ns.name)
+        self._changed.append(ns)
         self._switched.append(ns.name)
         ctx.needs_replay = True
         self._report(message)
@@ -816,8 +879,7 @@ cdef class EventSink:
         ns.decoupled.chain(self._tokens.data, nkv, block_extras, parent, self._keys.data, NULL)
         self._store(ctx, ns, self._keys.data, nkv, tier)
         for i in range(n):
-            if kve_set(&self._index.emap, ns.id, self._hashes.data[i], self._keys.data + i * k, k):
-                self._c[<int>C_DROP_OUT_OF_MEMORY] += 1
+            self._map_engine(ns, self._hashes.data[i], self._keys.data + i * k, k)
 
     cdef void _stored_small_blocks(self, StreamContext ctx, _Namespace ns, Event *ev, extras,
                                    Py_ssize_t bs, lora, uint32_t tier) except *:
@@ -853,7 +915,7 @@ cdef class EventSink:
                 key = ns.decoupled.keys(pending, None if first_extra is None else [first_extra], parent=parent_key)[0]
                 self._store(ctx, ns, &key, 1, tier)
                 for eh in pending_hashes:
-                    kve_set(&self._index.emap, ns.id, eh, &key, 1)
+                    self._map_engine(ns, eh, &key, 1)
                 parent_key, pending, pending_hashes, first_extra = key, (), (), None
             ctx._partial[(ns.id, h)] = (parent_key, pending, pending_hashes, first_extra)
             ctx._partial.move_to_end((ns.id, h))
@@ -877,12 +939,12 @@ cdef class EventSink:
                 if ns.mode == MODE_DECOUPLED:
                     got = kve_get(&self._index.emap, ns.id, h, keys, 64)
                     if got:
-                        self._c[<int>C_BLOCKS_REMOVED] += kvi_remove(&self._index.ix, ns.id, ctx.pod_id, tier, keys, min(got, <size_t>64))
+                        self._remove(ctx, ns, keys, min(got, <size_t>64), tier)
                         break
             if got:
                 continue
             if model is not None and model.mode == MODE_PARITY:
-                self._c[<int>C_BLOCKS_REMOVED] += kvi_remove(&self._index.ix, model.id, ctx.pod_id, tier, &h, 1)
+                self._remove(ctx, model, &h, 1, tier)
             else:
                 self._c[<int>C_REMOVE_UNRESOLVED] += 1
 

@@ -2,7 +2,8 @@
 
 Scoring by token ids is answered synchronously, inside the protocol's data_received, with no
 Task: that is the path schedulers call on every request. Requests that need a tokenizer are
-coroutines (long encodes run in a worker thread).
+coroutines (long encodes run in a worker thread), and so is everything that reads a shared
+index (--index redis://…): a store that cannot answer turns into 503 with Retry-After.
 """
 
 import hmac
@@ -12,6 +13,7 @@ import logging
 from kvcm import chat, tokenize
 from kvcm.http import BadRequest, HttpError, Response, Router, json_response
 from kvcm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from kvcm.shared_index import IndexUnavailable
 
 log = logging.getLogger("kvcm.api")
 
@@ -85,6 +87,10 @@ def _chat_options(body):
     return options
 
 
+def _unavailable(error):
+    return HttpError(503, str(error), type="index_unavailable", headers=(("Retry-After", "1"),))
+
+
 def _one_input(body, names):
     given = [n for n in names if body.get(n) is not None]
     if len(given) != 1:
@@ -126,15 +132,29 @@ class Api:
         salt = _field(body, "cache_salt", str, "a string")
         source = _one_input(body, ("token_ids", "prompt", "messages"))
         if source == "token_ids":
+            if self.indexer.remote:
+                return self._score_ids(model, _token_ids(body), pods, salt)
             try:
                 return json_response(200, self.indexer.score_tokens(model, _token_ids(body), pods, salt))
             except (TypeError, ValueError) as e:
                 raise _bad_token_ids(e) from None
         return self._score_text(body, model, pods, salt)
 
+    async def _score_ids(self, model, ids, pods, salt):
+        try:
+            return json_response(200, await self._scores(model, ids, pods, salt))
+        except (TypeError, ValueError) as e:
+            raise _bad_token_ids(e) from None
+
     async def _score_text(self, body, model, pods, salt):
         ids, _ = await self._tokenize(body, model)
-        return json_response(200, self.indexer.score_tokens(model, ids, pods, salt))
+        return json_response(200, await self._scores(model, ids, pods, salt))
+
+    async def _scores(self, model, ids, pods=None, salt=None):
+        try:
+            return await self.indexer.score_tokens_async(model, ids, pods, salt)
+        except IndexUnavailable as e:
+            raise _unavailable(e) from None
 
     async def _tokenize(self, body, model):
         """(ids, rendered chat text or None) for a request with a prompt or messages."""
@@ -162,7 +182,7 @@ class Api:
         model = _model(body)
         _field(body, "prompt", str, "a string", required=True)
         ids, _ = await self._tokenize(body, model)
-        result = self.indexer.score_tokens(model, ids)
+        result = await self._scores(model, ids)
         return json_response(200, result["scores"] if result["blocks"] else None)
 
     async def score_chat_completions(self, request):
@@ -171,7 +191,7 @@ class Api:
         model = _model(body)
         _messages(body, required=True)
         ids, text = await self._tokenize(body, model)
-        result = self.indexer.score_tokens(model, ids)
+        result = await self._scores(model, ids)
         return json_response(200, {"podScores": result["scores"] if result["blocks"] else None,
                                    "templated_messages": text})
 
@@ -201,12 +221,26 @@ class Api:
     # -- pods and engines ------------------------------------------------------------------
 
     def pods(self, request):
+        if self.indexer.remote:
+            return self._pods_remote()
         return json_response(200, {"pods": self.indexer.pods()})
+
+    async def _pods_remote(self):
+        return json_response(200, await self.indexer.pods_async())
 
     def delete_pod(self, request):
         self._admin(request)
         pod = request.params["pod"]
+        if self.indexer.remote:
+            return self._delete_pod_remote(pod)
         return json_response(200, {"pod": pod, "removed": self.indexer.clear_pod(pod)})
+
+    async def _delete_pod_remote(self, pod):
+        try:
+            removed = await self.indexer.clear_pod_async(pod)
+        except IndexUnavailable as e:
+            raise _unavailable(e) from None
+        return json_response(200, {"pod": pod, "removed": removed})
 
     def engines(self, request):
         return json_response(200, {"engines": [_engine_json(e) for e in self.indexer.ingest.engines]})
@@ -253,9 +287,12 @@ class Api:
         return json_response(200, {"status": "ok"})
 
     def readiness(self, request):
-        if self.ready():
-            return json_response(200, {"status": "ready"})
-        raise HttpError(503, "not ready: listeners are not up yet")
+        if not self.ready():
+            raise HttpError(503, "not ready: listeners are not up yet")
+        reason = self.indexer.unavailable
+        if reason is not None:
+            raise HttpError(503, "not ready: the shared index is unavailable: %s" % reason)
+        return json_response(200, {"status": "ready"})
 
     def metrics_text(self, request):
         return Response(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)

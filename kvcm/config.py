@@ -66,6 +66,7 @@ class _Kind:
     toml_types = (str,)           # TOML value types accepted as they are (bool never counts as int)
     expected = "a string"
     is_path = False
+    is_switch = False
 
     def from_text(self, text):
         raise NotImplementedError
@@ -145,10 +146,36 @@ class _Integer(_Kind):
         return value
 
 
+class _Switch(_Kind):
+    """On or off: a flag with an optional value on the command line (alone = on); true/false
+    (1/0, yes/no, on/off) as text; a boolean in TOML."""
+    toml_types = (bool,)
+    expected = "a boolean"
+    is_switch = True
+    _WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+    def from_text(self, text):
+        value = self._WORDS.get(text.strip().lower())
+        if value is None:
+            raise ValueError("expected true or false (1/0, yes/no, on/off), got %r" % text)
+        return value
+
+    def from_toml(self, value):
+        return value
+
+    def check_toml_type(self, value):
+        if not isinstance(value, bool):
+            raise ValueError("expected a boolean, got %s" % _toml_type(value))
+
+
 class _Seconds(_Kind):
     toml_types = (int, float)
     expected = "a number of seconds"
     MAX = 86400.0
+
+    def __init__(self, maximum=None):
+        if maximum is not None:
+            self.MAX = maximum
 
     def from_text(self, text):
         try:
@@ -395,8 +422,9 @@ LOG_FORMATS = ("text", "json")
 MAX_BLOCK_SIZE = 65536
 MAX_INDEX_BLOCKS = 0xFFFFFFF0     # the index addresses blocks with u32 slab indices (index.h)
 
-_HTTP, _INGEST, _HASHING, _TOKENIZERS, _INDEX, _LOGGING = (
-    "HTTP server", "event ingest (ZMQ)", "block hashing", "tokenizers", "index and scoring", "logging")
+_HTTP, _INGEST, _HASHING, _TOKENIZERS, _INDEX, _SHARED, _LOGGING = (
+    "HTTP server", "event ingest (ZMQ)", "block hashing", "tokenizers", "index and scoring",
+    "shared index (Redis/Valkey)", "logging")
 
 OPTIONS = (
     Option("http_host", "0.0.0.0", "HOST", "HTTP listen address", _HTTP, _Text()),
@@ -445,6 +473,16 @@ OPTIONS = (
            _Integer(1, MAX_INDEX_BLOCKS)),
     Option("tier_weights", "gpu=1.0,cpu=0.8", "TIER=W,...",
            "scorer weight of each tier; tiers not listed weigh 1.0", _INDEX, _TierWeights()),
+    Option("redis_timeout", "1", "SECONDS", "shared index (--index redis://...): limit on every call to the "
+           "store", _SHARED, _Seconds(5.0)),
+    Option("redis_ttl", "0", "SECONDS", "shared index: expire block and engine-hash keys this long after "
+           "their last store; 0 = never (bound memory with maxmemory + allkeys-lru instead)", _SHARED,
+           _Integer(0, 10 * 365 * 86400)),
+    Option("redis_backlog", "100000", "EVENTS", "shared index: events kept while the store is unreachable, "
+           "applied in order on reconnect; beyond it events are dropped, counted, and their pods "
+           "cleared", _SHARED, _Integer(1000, 10_000_000)),
+    Option("redis_fail_open", "false", "BOOL", "shared index: while the store is unreachable, answer scoring "
+           "with empty scores instead of 503", _SHARED, _Switch()),
     Option("log_level", "info", "LEVEL", ", ".join(LOG_LEVELS), _LOGGING, _Choice(*LOG_LEVELS)),
     Option("log_format", "text", "FORMAT", "text or json lines on stderr", _LOGGING, _Choice(*LOG_FORMATS)),
 )
@@ -476,6 +514,10 @@ class Config:
     max_blocks: int = 10_000_000
     tier_weights: Mapping[str, float] = dataclasses.field(
         default_factory=lambda: {"gpu": 1.0, "cpu": 0.8}, hash=False)
+    redis_timeout: float = 1.0
+    redis_ttl: int = 0
+    redis_backlog: int = 100_000
+    redis_fail_open: bool = False
     log_level: str = "info"
     log_format: str = "text"
     # Not an option: the engines read from engines_file, filled in by load_config.
@@ -520,7 +562,8 @@ class Config:
                 lines += ["", "# ---- %s" % group]
             note = "; " + option.env_syntax if option.repeatable else ""
             lines.append("")
-            lines += textwrap.wrap("%s (%s %s)%s" % (option.help, option.flag, option.metavar, note),
+            usage = " ".join(filter(None, (option.flag, option.metavar)))
+            lines += textwrap.wrap("%s (%s)%s" % (option.help, usage, note),
                                    width=92, initial_indent="# ", subsequent_indent="# ",
                                    break_long_words=False, break_on_hyphens=False)
             lines.append("#%s=%s" % (option.env, option.default or ""))
@@ -545,6 +588,12 @@ def add_serve_arguments(parser):
     for option in OPTIONS:
         if option.group not in groups:
             groups[option.group] = parser.add_argument_group(option.group)
+        if getattr(option.kind, "is_switch", False):
+            # `--flag` alone turns it on; `--flag false` says so explicitly
+            groups[option.group].add_argument(option.flag, dest=option.name, metavar=option.metavar,
+                                              default=argparse.SUPPRESS, nargs="?", const="true",
+                                              help=_help(option))
+            continue
         groups[option.group].add_argument(
             option.flag, dest=option.name, metavar=option.metavar, default=argparse.SUPPRESS,
             action="append" if option.repeatable else "store", help=_help(option))

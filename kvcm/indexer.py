@@ -7,6 +7,10 @@ The HTTP service is a thin layer over this; a Python router can embed it instead
     result = await indexer.score("Qwen/Qwen3-0.6B", prompt="...")
     best = max(result["scores"], key=result["scores"].get, default=None)
     await indexer.close()
+
+With `--index redis://…` the index lives in a Redis-protocol store shared with other replicas
+(kvcm/shared_index.py): scoring then needs a round trip, so use the coroutines
+(score_tokens_async, pods_async, clear_pod_async), which work with either index.
 """
 
 import asyncio
@@ -15,6 +19,7 @@ import logging
 from kvcm._core import EventSink, Index, Scorer
 from kvcm.config import Config, load_config
 from kvcm.ingest import Ingest
+from kvcm.shared_index import IndexUnavailable, SharedIndex
 from kvcm.tokenize import TokenizerRegistry
 
 log = logging.getLogger("kvcm.indexer")
@@ -30,25 +35,51 @@ class Indexer:
     def __init__(self, config=None, *, tokenizers=None):
         self.config = config if config is not None else load_config([])
         cfg = self.config
-        if cfg.index != "memory":
-            raise ValueError("--index %s: only the in-memory index is available" % cfg.index)
+        # With a shared index the local Index keeps only names and the engine-hash map (a
+        # cache that resolves later events without a round trip); entries go to the store.
         self.index = Index(cfg.max_blocks)
-        self.sink = EventSink(self.index, cfg.block_size, cfg.hash_algo, cfg.hash_seed, cfg.hash_mode)
+        self.shared = None if cfg.index == "memory" else SharedIndex(
+            cfg.index, timeout=cfg.redis_timeout, ttl=cfg.redis_ttl, backlog_events=cfg.redis_backlog,
+            fail_open=cfg.redis_fail_open)
+        self.sink = EventSink(self.index, cfg.block_size, cfg.hash_algo, cfg.hash_seed, cfg.hash_mode,
+                              journal=None if self.shared is None else self.shared.journal)
         self.scorer = Scorer(cfg.tier_weights)
         self.ingest = Ingest(self.sink, binds=cfg.zmq_bind, topic_prefix=cfg.zmq_topic_prefix,
-                             engines=cfg.engines, replay_endpoints=cfg.replay_endpoint)
+                             engines=cfg.engines, replay_endpoints=cfg.replay_endpoint,
+                             on_applied=None if self.shared is None else self.shared.batch_done,
+                             clears_on_restart=self.shared is None)
         self.tokenizers = tokenizers if tokenizers is not None else TokenizerRegistry(
             cfg.tokenizer, cfg.tokenizers_dir)
         self.started = False
 
+    @property
+    def remote(self):
+        """True when the index is a shared store (scoring is then a coroutine)."""
+        return self.shared is not None
+
+    @property
+    def unavailable(self):
+        """Why the index cannot answer now, or None."""
+        return None if self.shared is None else self.shared.status
+
     async def start(self):
-        """Starts the ZMQ ingest on the running loop (OSError when a socket cannot bind)."""
-        await self.ingest.start()
+        """Connects the shared index, if any (kvcm starts even when the store is down), then
+        starts the ZMQ ingest on the running loop (OSError when a socket cannot bind)."""
+        if self.shared is not None:
+            await self.shared.start(self.sink)
+        try:
+            await self.ingest.start()
+        except BaseException:
+            if self.shared is not None:
+                await self.shared.close()
+            raise
         self.started = True
 
     async def close(self):
         self.started = False
         await self.ingest.stop()
+        if self.shared is not None:
+            await self.shared.close()
 
     # ---- keys and scores --------------------------------------------------------------
 
@@ -57,9 +88,43 @@ class Indexer:
         return self.sink.keys_for(model, token_ids, cache_salt)
 
     def score_tokens(self, model, token_ids, pods=None, cache_salt=None):
-        """Scores by token ids; needs no tokenizer. The native /v1/score result."""
+        """Scores by token ids with the in-memory index; needs no tokenizer. The native
+        /v1/score result."""
+        if self.shared is not None:
+            raise RuntimeError("the index is shared: use score_tokens_async")
         keys = self.keys(model, token_ids, cache_salt)
-        detailed = self.scorer.score_detailed(self.index, model, keys, pods)
+        return self._result(model, token_ids, keys, self.scorer.score_detailed(self.index, model, keys, pods))
+
+    async def score_tokens_async(self, model, token_ids, pods=None, cache_salt=None):
+        """score_tokens for either index. With a shared one: IndexUnavailable while the store
+        cannot answer, unless --redis-fail-open (then empty scores and an `unavailable` note)."""
+        if self.shared is None:
+            return self.score_tokens(model, token_ids, pods, cache_salt)
+        keys = self.keys(model, token_ids, cache_salt)
+        weights, default = self.scorer.weights, self.scorer.default_weight
+        try:
+            contract, detailed = await self.shared.lookup(model, keys, pods, weights, default)
+            if contract[0] and self._adopt(model, contract):
+                # another replica switched the model's contract: key the request its way
+                fresh = self.keys(model, token_ids, cache_salt)
+                if list(fresh) != list(keys):
+                    keys = fresh
+                    contract, detailed = await self.shared.lookup(model, keys, pods, weights, default)
+        except IndexUnavailable as exc:
+            if not self.shared.fail_open:
+                raise
+            result = self._result(model, token_ids, keys, {})
+            result["unavailable"] = str(exc)
+            return result
+        return self._result(model, token_ids, keys, detailed)
+
+    def _adopt(self, model, contract):
+        """Takes on a recorded namespace contract; True when it changed the local one."""
+        before = self.sink.namespaces().get(model)
+        self.sink.adopt_namespace(model, *contract)
+        return self.sink.namespaces().get(model) != before
+
+    def _result(self, model, token_ids, keys, detailed):
         block_size = self.config.block_size
         return {
             "model": model,
@@ -97,23 +162,49 @@ class Indexer:
         if token_ids is None:
             token_ids, _ = await self.tokenize(model, prompt=prompt, messages=messages,
                                                add_special_tokens=add_special_tokens, **chat_options)
-        return self.score_tokens(model, token_ids, pods, cache_salt)
+        return await self.score_tokens_async(model, token_ids, pods, cache_salt)
 
     # ---- pods -------------------------------------------------------------------------
 
     def pods(self):
         """One entry per stream (pod, model, data-parallel rank); `blocks` counts the pod's
-        entries per tier over every namespace it fed."""
+        entries per tier over every namespace it fed. In-memory index only."""
+        if self.shared is not None:
+            raise RuntimeError("the index is shared: use pods_async")
+        return self._pods(self.index.pod_blocks)
+
+    async def pods_async(self):
+        """{"pods": pods()} for either index. A shared one adds "remote": the pods only other
+        replicas ingest, [{"pod", "blocks"}]; `blocks` is null while the store cannot answer."""
+        if self.shared is None:
+            return {"pods": self.pods()}
+        counts = await self.shared.pod_blocks()
+        streams = self._pods(lambda pod: None if counts is None else counts.get(pod, {}))
+        local = {entry["pod"] for entry in streams}
+        remote = [{"pod": pod, "blocks": tiers} for pod, tiers in sorted((counts or {}).items())
+                  if pod not in local]
+        return {"pods": streams, "remote": remote}
+
+    def _pods(self, blocks_of):
         out = []
         for stream in self.ingest.streams():
             entry = dict(stream)
-            entry["blocks"] = self.index.pod_blocks(stream["pod"])
+            entry["blocks"] = blocks_of(stream["pod"])
             out.append(entry)
         return out
 
     def clear_pod(self, pod):
-        """Forgets everything the pod holds; returns how many entries were removed."""
+        """Forgets everything the pod holds; returns how many entries were removed.
+        In-memory index only."""
+        if self.shared is not None:
+            raise RuntimeError("the index is shared: use clear_pod_async")
         return self.index.clear_pod(pod)
 
+    async def clear_pod_async(self, pod):
+        """clear_pod() for either index (IndexUnavailable while a shared store is down)."""
+        if self.shared is None:
+            return self.clear_pod(pod)
+        return await self.shared.clear_pod(pod)
 
-__all__ = ["Config", "Indexer", "load_config"]
+
+__all__ = ["Config", "IndexUnavailable", "Indexer", "load_config"]

@@ -164,8 +164,13 @@ class Ingest:
     def __init__(self, sink, *, binds=("tcp://*:5557",), topic_prefix="kv@", engines=(),
                  replay_endpoints=None, batch_budget=256, turn_seconds=0.0002, replay_timeout=2.0, replay_interval=1.0,
                  max_held=8192, max_streams=4096, max_engines=1024, max_replays=16,
-                 max_replay_batches=10_000, rcvhwm=10_000):
+                 max_replay_batches=10_000, rcvhwm=10_000, on_applied=None, clears_on_restart=True):
         self._sink = sink
+        # A shared index takes each applied batch's effects (on_applied(stream, seq, resync))
+        # and detects engine restarts itself, atomically with the restarted stream's first
+        # batch; a clear sent from here could land after another replica's newer writes.
+        self._on_applied = on_applied
+        self._clears_on_restart = clears_on_restart
         self._binds = [check_endpoint(ep, "--zmq-bind") for ep in binds]
         self._topic_prefix = topic_prefix.encode("utf-8")
         self._replay_endpoints = {pod: check_endpoint(ep, "replay endpoint of pod %r" % pod)
@@ -363,7 +368,7 @@ class Ingest:
         previous, stream.live_seq = stream.live_seq, seq
         if previous is None:
             stream.last_seq = seq                       # first sighting: the baseline
-            self._apply(stream, payload)
+            self._apply(stream, seq, payload)
         elif seq < previous:
             # One publisher's live feed is ordered, so going backwards means a new process.
             # (Compared with the live feed, not last_seq: after a replay the live feed may
@@ -385,9 +390,9 @@ class Ingest:
                 return
             self._lost(stream, missing)
         stream.last_seq = seq
-        self._apply(stream, payload)
+        self._apply(stream, seq, payload)
 
-    def _apply(self, stream, payload):
+    def _apply(self, stream, seq, payload, resync=False):
         self.counters["batches"] += 1
         stream.batches += 1
         try:
@@ -402,6 +407,9 @@ class Ingest:
             self._drop("error")
             log.exception("ingest: applying a batch of %s failed", _name(stream))
             return
+        finally:
+            if self._on_applied is not None:
+                self._on_applied(stream, seq, resync)
         if stream.ctx.needs_replay:
             stream.ctx.needs_replay = False
             self._resync(stream)
@@ -427,7 +435,8 @@ class Ingest:
             stream.replay_task.cancel()      # it was replaying the previous process
             stream.replay_task = None
         stream.held.clear()
-        self._sink.clear_pod(stream.pod)
+        if self._clears_on_restart:
+            self._sink.clear_pod(stream.pod)
         stream.ctx = StreamContext(stream.pod, stream.model)
         stream.degraded = False
         # The new process counts from 0: batches before seq are a gap of the new epoch.
@@ -519,7 +528,7 @@ class Ingest:
                 if seq > stream.last_seq:
                     self._advance(stream, seq, payload, may_replay=False)
                 elif resync:
-                    self._apply(stream, payload)   # the engine's retained history, in order
+                    self._apply(stream, seq, payload, resync=True)   # the engine's retained history, in order
                 else:
                     self._duplicate(stream)
                 if n % self._budget == 0:

@@ -39,6 +39,8 @@ class Metrics:
     def __init__(self, indexer):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_IndexerCollector(indexer))
+        if indexer.shared is not None:
+            self.registry.register(indexer.shared.rtt)
         self.requests = Histogram(
             "kvcm_http_request_duration_seconds", "HTTP requests by endpoint and status",
             ("endpoint", "method", "status"), buckets=_REQUEST_BUCKETS, registry=self.registry)
@@ -83,7 +85,10 @@ class _IndexerCollector:
     def collect(self):
         yield from self._sink()
         yield from self._transport()
-        yield from self._index()
+        if self.indexer.shared is None:
+            yield from self._index()
+        else:
+            yield from self._shared(self.indexer.shared)
 
     def _sink(self):
         counters = self.indexer.sink.counters
@@ -138,6 +143,27 @@ class _IndexerCollector:
         for tier, n in sorted(by_tier.items()):
             entries.add_metric((tier,), n)
         yield entries
+
+
+    def _shared(self, shared):
+        # the store's own figures are the server's (INFO, /v1/pods); these are this replica's
+        yield GaugeMetricFamily("kvcm_redis_up", "1 while the shared index store answers", value=int(shared.up))
+        yield GaugeMetricFamily("kvcm_redis_backlog_events", "Events waiting to be written to the store",
+                                value=shared.backlog_events)
+        errors = CounterMetricFamily("kvcm_redis_errors", "Failed calls to the store, by kind", labels=("kind",))
+        for kind, n in shared.errors.items():
+            errors.add_metric((kind,), n)
+        yield errors
+        for name, text in (("records_written", "Event batches written to the store"),
+                           ("records_duplicate", "Event batches the store had already applied (skipped)"),
+                           ("restarts_detected", "Engine restarts the store detected (pod cleared)"),
+                           ("records_refused", "Event batches the store refused (e.g. out of memory)"),
+                           ("backlog_dropped_events", "Events dropped because the backlog was full"),
+                           ("entries_added", "(block, pod, tier) entries the store added"),
+                           ("entries_removed", "(block, pod, tier) entries the store removed or cleared")):
+            yield _counter("kvcm_redis_%s_total" % name, text, shared.counters[name])
+        yield GaugeMetricFamily("kvcm_index_engine_map_entries", "Engine hash -> kvcm key entries cached locally",
+                                value=self.indexer.index.stats()["engine_map_entries"])
 
 
 def _counter(name, text, value):

@@ -23,3 +23,21 @@ def shared():
     if not SHARED.is_dir():
         pytest.skip("../shared is not beside the project")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def redis_session():
+    """One real Redis-protocol server for the session (tests/redis_server.py)."""
+    from redis_server import start_server
+    server = start_server()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_server(redis_session):
+    """The session's server, running and emptied for this test."""
+    if redis_session.proc.poll() is not None:
+        redis_session.start()
+    redis_session.client().flushall()
+    return redis_session

@@ -110,6 +110,10 @@ SAMPLES = {
     "tier_weights": (("{gpu = 1, cpu = 0.5}", {"gpu": 1.0, "cpu": 0.5}),
                      ("gpu=2,storage=0.1", {"gpu": 2.0, "storage": 0.1}),
                      (["--tier-weights", "cpu=0.9"], {"cpu": 0.9})),
+    "redis_timeout": (("0.5", 0.5), ("0.25", 0.25), (["--redis-timeout", "2"], 2.0)),
+    "redis_ttl": (("3600", 3600), ("60", 60), (["--redis-ttl", "0"], 0)),
+    "redis_backlog": (("5000", 5000), ("200000", 200_000), (["--redis-backlog", "1000"], 1000)),
+    "redis_fail_open": (("true", True), ("no", False), (["--redis-fail-open"], True)),
     "log_level": (('"debug"', "debug"), ("WARNING", "warning"), (["--log-level", "error"], "error")),
     "log_format": (('"json"', "json"), ("text", "text"), (["--log-format", "json"], "json")),
 }
@@ -333,6 +337,9 @@ BAD_TEXT = [
     ("index", "mysql://h", "expected 'memory'"), ("index", "redis://", "needs a host"),
     ("index", "redis://h:port", "bad port"), ("index", "redis://h/x", "database number"),
     ("index", "unix://", "socket path"), ("index", "redis:h", "expected 'memory'"), ("index", "Memory", "expected 'memory'"),
+    ("redis_timeout", "0", "above 0"), ("redis_timeout", "6", "at most 5"),
+    ("redis_ttl", "-1", "between 0"), ("redis_backlog", "999", "between 1000"),
+    ("redis_fail_open", "maybe", "expected true or false"),
 ]
 # repeatable options get two items that clash
 BAD_LISTS = [
@@ -393,6 +400,7 @@ BAD_TOML = [
     ("header_timeout", "0", "above 0"), ("header_timeout", '"10"', "got a string"),
     ("log_level", '"loud"', "expected one of"), ("index", '"http://h"', "expected 'memory'"),
     ("http_host", "1979-05-27", "got a date/time"),
+    ("redis_fail_open", '"true"', "expected a boolean, got a string"), ("redis_ttl", "1.5", "got a float"),
 ]
 
 
@@ -527,6 +535,8 @@ def test_help_documents_every_flag_its_default_and_env_var(build):
     text = _normalized_help(parser)
     assert "--config FILE" in text and CONFIG_ENV in text
     for option in OPTIONS:
-        assert "%s %s" % (option.flag, option.metavar) in text
+        # a switch's value is optional: argparse shows it in brackets
+        shape = "%s [%s]" if getattr(option.kind, "is_switch", False) else "%s %s"
+        assert shape % (option.flag, option.metavar) in text
         assert "(default: %s; env %s" % (option.default if option.default is not None else "unset",
                                           option.env) in text

@@ -207,11 +207,6 @@ async def test_close_releases_the_ports_and_start_fails_loud_on_a_taken_one():
         assert again.ingest.bound == [endpoint]
 
 
-def test_indexer_refuses_an_index_backend_it_does_not_have():
-    with pytest.raises(ValueError, match="--index"):
-        Indexer(load_config(["--index", "redis://127.0.0.1:6379/0"], environ={}))
-
-
 def test_the_package_exports_the_library_api():
     """Issue 4 "Library use": `kvcm.Indexer(config)`; DESIGN.md §1: __init__.py holds the
     public re-exports."""

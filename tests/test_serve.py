@@ -335,7 +335,7 @@ BAD_CONFIG = [
     ("unknown-flag", ["--http-prot", "1"], {}, None, ["--http-prot"]),
     ("missing-config", ["--config", "/nonexistent/kvcm.toml"], {}, None, ["/nonexistent/kvcm.toml"]),
     ("tokenizer-dir", ["--tokenizer", "m=/nonexistent/tok"], {}, None, ["/nonexistent/tok"]),
-    ("index", ["--index", "redis://127.0.0.1:1/0"], {}, None, ["--index"]),
+    ("index", ["--index", "redis://127.0.0.1:port/0"], {}, None, ["--index", "bad port"]),
 ]
 
 

@@ -1,0 +1,390 @@
+"""The kvcm index kept in a Redis-protocol server (Redis >= 7, Valkey >= 7).
+
+Key layout (llm-d's, so both can be inspected the same way; docs/redis.md):
+
+    <model>@<key>                  hash: one field "<pod>@<tier>" per holder
+    engine:<model>@<engine hash>   string "<model>@<key>" (",<model>@<key>"... when an engine
+                                   block spans several kvcm blocks)
+
+kvcm's own bookkeeping lives under `kvcm:`:
+
+    kvcm:epoch:<model>             hash "<pod>@<tier>" -> the holder's current epoch token
+    kvcm:count:<model>             hash "<pod>@<tier>" -> entries the holder has (an upper
+                                   bound once TTLs or maxmemory evictions drop block keys)
+    kvcm:ns:<model>                hash mode, style, lora: the namespace's hash contract
+    kvcm:models                    set of namespaces
+    kvcm:stream:<pod>@<model>@<dp rank>   hash seq, ts: the last batch applied
+    kvcm:generation                counter behind fresh epoch tokens
+
+A block field's value is the epoch token of its holder when it was stored; an entry counts
+only while that token is current. Clearing a pod, a tier of a pod or a namespace is then one
+new token (O(models)), not a scan of the index, and entries left behind are overwritten by the
+next store or expire with their key's TTL. Tokens are never reused (time . counter), so even
+a lost `kvcm:epoch:` hash cannot bring cleared entries back.
+
+Both scripts run in one round trip each and are atomic. The apply script takes one event
+batch: it advances the stream's sequence number by compare-and-set and skips the batch when
+another replica already applied it, so replicas ingesting the same streams leave one state.
+The lookup script walks a request's keys from block 0 and stops at the first block no
+candidate pod holds. Scripts derive key names from their arguments: the server must hold
+every kvcm key (a standalone server, or a proxy that sends scripts to one server).
+"""
+
+import logging
+import time
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from kvcm.config import redact_url
+
+log = logging.getLogger("kvcm.redis")
+
+_APPLY = r"""
+local ttl = tonumber(ARGV[5])
+local function fresh_token()
+  local t = redis.call('TIME')
+  return t[1] .. '.' .. redis.call('INCR', 'kvcm:generation')
+end
+local function epoch(model, field)
+  local key = 'kvcm:epoch:' .. model
+  local token = redis.call('HGET', key, field)
+  if not token then
+    token = fresh_token()
+    redis.call('HSET', key, field, token)
+    redis.call('SADD', 'kvcm:models', model)
+  end
+  return token
+end
+local function clear_pod(pod, tier, only_model)
+  local models = only_model ~= '' and {only_model} or redis.call('SMEMBERS', 'kvcm:models')
+  local prefix = pod .. '@'
+  local cleared = 0
+  for _, model in ipairs(models) do
+    local epochs = redis.call('HGETALL', 'kvcm:epoch:' .. model)
+    for j = 1, #epochs, 2 do
+      local field = epochs[j]
+      if field:sub(1, #prefix) == prefix and (tier == '' or field:sub(#prefix + 1) == tier) then
+        redis.call('HSET', 'kvcm:epoch:' .. model, field, fresh_token())
+        cleared = cleared + (tonumber(redis.call('HGET', 'kvcm:count:' .. model, field)) or 0)
+        redis.call('HDEL', 'kvcm:count:' .. model, field)
+      end
+    end
+  end
+  return cleared
+end
+
+-- the stream's sequence number, by compare-and-set
+local status = 1
+if ARGV[1] ~= '' then
+  local key = 'kvcm:stream:' .. ARGV[1]
+  local seq, ts = tonumber(ARGV[2]), tonumber(ARGV[3])
+  local new_seq, new_ts = ARGV[2], ARGV[3]     -- kept as sent: a duplicate compares equal
+  local last = redis.call('HMGET', key, 'seq', 'ts')
+  if last[1] then
+    local last_seq, last_ts = tonumber(last[1]), tonumber(last[2])
+    if ARGV[4] == '1' then
+      -- a resync re-applies retained history: the stream's position does not go back
+      if seq < last_seq then new_seq = last[1] end
+      if ts < last_ts then new_ts = last[2] end
+    elseif seq <= last_seq then
+      if ts <= last_ts then return {0, 0, 0} end   -- applied already (here or by another replica)
+      status = 2                                  -- an older seq with a newer batch: a new process
+    elseif ts < last_ts - 1 then
+      return {0, 0, 0}                            -- the previous process's batch, after a restart
+    end
+  end
+  redis.call('HSET', key, 'seq', new_seq, 'ts', new_ts)
+  if status == 2 then clear_pod(ARGV[6], '', '') end
+end
+
+local added, removed = 0, 0
+local i = 7
+while i <= #ARGV do
+  local op = ARGV[i]
+  if op == 'S' or op == 'R' then
+    local model, field, n = ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+    local token = epoch(model, field)
+    local changed = 0
+    for j = i + 4, i + 3 + n do
+      local key = model .. '@' .. ARGV[j]
+      local held = redis.call('HGET', key, field)
+      if op == 'S' then
+        if held ~= token then
+          redis.call('HSET', key, field, token)
+          changed = changed + 1
+        end
+        if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+      elseif held then
+        redis.call('HDEL', key, field)
+        if held == token then changed = changed - 1 end
+      end
+    end
+    if changed ~= 0 then redis.call('HINCRBY', 'kvcm:count:' .. model, field, changed) end
+    if changed > 0 then added = added + changed else removed = removed - changed end
+    i = i + 4 + n
+  elseif op == 'M' then
+    local model, n = ARGV[i + 1], tonumber(ARGV[i + 2])
+    for j = i + 3, i + 1 + 2 * n, 2 do
+      if ttl > 0 then
+        redis.call('SET', 'engine:' .. model .. '@' .. ARGV[j], ARGV[j + 1], 'EX', ttl)
+      else
+        redis.call('SET', 'engine:' .. model .. '@' .. ARGV[j], ARGV[j + 1])
+      end
+    end
+    i = i + 3 + 2 * n
+  elseif op == 'P' then
+    removed = removed + clear_pod(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+    i = i + 4
+  elseif op == 'N' then
+    -- a switch to decoupled mode: parity entries cannot be re-keyed, so they go, once
+    local model = ARGV[i + 1]
+    if redis.call('HGET', 'kvcm:ns:' .. model, 'mode') ~= 'decoupled' then
+      redis.call('DEL', 'kvcm:epoch:' .. model, 'kvcm:count:' .. model)
+      redis.call('HSET', 'kvcm:ns:' .. model, 'mode', 'decoupled')
+      redis.call('SADD', 'kvcm:models', model)
+    end
+    i = i + 2
+  elseif op == 'T' then
+    -- a namespace's contract; mode and style change one way only
+    local key, mode, style = 'kvcm:ns:' .. ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    local known = redis.call('HMGET', key, 'mode', 'style')
+    if not known[1] or mode == 'decoupled' then redis.call('HSET', key, 'mode', mode) end
+    if not known[2] or known[2] == 'unknown' then redis.call('HSET', key, 'style', style) end
+    redis.call('HSET', key, 'lora', ARGV[i + 4])
+    redis.call('SADD', 'kvcm:models', ARGV[i + 1])
+    i = i + 5
+  else
+    return redis.error_reply('kvcm apply: unknown op ' .. tostring(op))
+  end
+end
+return {status, added, removed}
+"""
+
+_LOOKUP = r"""
+local model = ARGV[1]
+local i = 2
+local filter = nil
+local nfilter = tonumber(ARGV[i]); i = i + 1
+if nfilter >= 0 then
+  filter = {}
+  for j = i, i + nfilter - 1 do filter[ARGV[j]] = true end
+  i = i + nfilter
+end
+local weights = {}
+local nweights = tonumber(ARGV[i]); i = i + 1
+for j = i, i + 2 * nweights - 1, 2 do weights[ARGV[j]] = tonumber(ARGV[j + 1]) end
+i = i + 2 * nweights
+local default_weight = tonumber(ARGV[i]); i = i + 1
+
+local contract = redis.call('HMGET', 'kvcm:ns:' .. model, 'mode', 'style', 'lora')
+local current = {}
+local epochs = redis.call('HGETALL', 'kvcm:epoch:' .. model)
+for j = 1, #epochs, 2 do current[epochs[j]] = epochs[j + 1] end
+
+local runs, order = {}, {}
+for k = i, #ARGV do
+  local depth = k - i                 -- blocks before this one
+  local fields = redis.call('HGETALL', model .. '@' .. ARGV[k])
+  local best = {}
+  for j = 1, #fields, 2 do
+    local field = fields[j]
+    if current[field] == fields[j + 1] then
+      local at = field:match('^.*()@')
+      local pod, tier = field:sub(1, at - 1), field:sub(at + 1)
+      local run = runs[pod]
+      if (depth == 0 and (filter == nil or filter[pod])) or (run and run.blocks == depth) then
+        if not run then
+          run = {blocks = 0, score = 0, tiers = {}, tier_order = {}}
+          runs[pod] = run
+          order[#order + 1] = pod
+        end
+        local w = weights[tier] or default_weight
+        if best[pod] == nil or w > best[pod] then best[pod] = w end
+        if not run.tiers[tier] then run.tier_order[#run.tier_order + 1] = tier; run.tiers[tier] = 0 end
+        run.tiers[tier] = run.tiers[tier] + 1
+      end
+    end
+  end
+  local alive = false
+  for pod, w in pairs(best) do
+    local run = runs[pod]
+    run.blocks = run.blocks + 1
+    run.score = run.score + w
+    alive = true
+  end
+  if not alive then break end
+end
+
+local out = {contract[1] or '', contract[2] or '', contract[3] or '0'}
+for _, pod in ipairs(order) do
+  local run = runs[pod]
+  out[#out + 1] = pod
+  out[#out + 1] = run.blocks
+  out[#out + 1] = string.format('%.17g', run.score)
+  out[#out + 1] = #run.tier_order
+  for _, tier in ipairs(run.tier_order) do
+    out[#out + 1] = tier
+    out[#out + 1] = run.tiers[tier]
+  end
+end
+return out
+"""
+
+_SCHEMES = {"valkey": "redis", "valkeys": "rediss"}
+
+
+class StoreError(Exception):
+    """A call to the store failed; `kind` (timeout, connection, response, error) labels it."""
+
+    def __init__(self, kind, message):
+        self.kind = kind
+        super().__init__(message)
+
+
+def _store_error(exc):
+    if isinstance(exc, (redis_errors.TimeoutError, TimeoutError)):
+        return StoreError("timeout", "the index store did not answer in time")
+    if isinstance(exc, (redis_errors.ConnectionError, OSError)):
+        return StoreError("connection", "cannot reach the index store: %s" % (exc,))
+    if isinstance(exc, redis_errors.ResponseError):
+        return StoreError("response", "the index store refused a call: %s" % (exc,))
+    return StoreError("error", "index store call failed: %s" % (exc,))
+
+
+def client_url(url):
+    """The URL as the Redis client takes it: valkey:// and valkeys:// are redis:// and rediss://."""
+    scheme, sep, rest = url.partition("://")
+    return _SCHEMES.get(scheme.lower(), scheme) + sep + rest
+
+
+def block_key(model, key):
+    return "%s@%d" % (model, key)
+
+
+def engine_value(model, keys):
+    return ",".join(block_key(model, k) for k in keys)
+
+
+class RedisStore:
+    """Index operations against one Redis-protocol server. Every call is bounded by
+    `timeout` seconds (connect and each read) and raises StoreError when it fails."""
+
+    def __init__(self, url, *, timeout=1.0, ttl=0, max_connections=64, observe=None):
+        self.ttl = int(ttl)
+        self.timeout = timeout
+        self.url_shown = redact_url(url)
+        self._observe = observe      # (operation, seconds) after each successful call
+        # A bounded pool that waits (at most `timeout`) for a free connection under load.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            client_url(url), max_connections=max_connections, timeout=timeout,
+            socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
+            health_check_interval=0)
+        self._client = aioredis.Redis(connection_pool=pool, retry_on_timeout=False)
+        self._apply = self._client.register_script(_APPLY)
+        self._lookup = self._client.register_script(_LOOKUP)
+
+    async def close(self):
+        await self._client.aclose()
+
+    async def _call(self, operation, coroutine):
+        start = time.perf_counter()
+        try:
+            result = await coroutine
+        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+            raise _store_error(exc) from None
+        if self._observe is not None:
+            self._observe(operation, time.perf_counter() - start)
+        return result
+
+    async def ping(self):
+        return await self._call("ping", self._client.ping())
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def apply_args(self, stream, seq, ts, resync, pod, ops):
+        """The apply script's arguments for one batch: stream is "<pod>@<model>@<rank>" or ""
+        for effects outside any stream (an operator's clear)."""
+        return [stream, seq, repr(float(ts)), "1" if resync else "0", self.ttl, pod or ""] + ops
+
+    async def apply(self, batches):
+        """Applies argument lists made by apply_args, in order, in one pipelined round trip.
+        Returns one result per batch: (status, added, removed) with status 0 = already applied
+        (skipped), 1 = applied, 2 = applied as the first batch of a restarted engine (its pod
+        cleared first); or a StoreError when the server refused that batch (out of memory
+        under maxmemory-policy noeviction, say). A StoreError is raised when the round trip
+        itself failed: then some batches may have been applied, and sending them again is
+        safe (their streams' sequence numbers skip them)."""
+        async def run():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for args in batches:
+                    await self._apply(args=args, client=pipe)
+                return await pipe.execute(raise_on_error=False)
+        results = await self._call("apply", run())
+        return [_store_error(r) if isinstance(r, Exception) else tuple(int(x) for x in r) for r in results]
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def lookup(self, model, keys, pods, weights, default_weight):
+        """(contract, {pod: (score, blocks, {tier: blocks})}) for the prefix walk of keys;
+        contract is (mode, style, lora) as recorded, mode "" when the namespace is unknown."""
+        args = [model, -1 if pods is None else len(pods)]
+        if pods is not None:
+            args += pods
+        args.append(len(weights))
+        for tier, w in weights.items():
+            args += (tier, repr(float(w)))
+        args.append(repr(float(default_weight)))
+        args += keys
+        reply = await self._call("lookup", self._lookup(args=args))
+        out = {}
+        i = 3
+        while i < len(reply):
+            pod, blocks, score, ntiers = reply[i], int(reply[i + 1]), float(reply[i + 2]), int(reply[i + 3])
+            i += 4
+            tiers = {reply[i + 2 * t]: int(reply[i + 2 * t + 1]) for t in range(ntiers)}
+            i += 2 * ntiers
+            out[pod] = (score, blocks, tiers)
+        return (reply[0], reply[1], reply[2] == "1"), out
+
+    async def namespaces(self):
+        """{model: (mode, style, lora)} as recorded."""
+        async def run():
+            models = sorted(await self._client.smembers("kvcm:models"))
+            async with self._client.pipeline(transaction=False) as pipe:
+                for model in models:
+                    pipe.hmget("kvcm:ns:" + model, "mode", "style", "lora")
+                states = await pipe.execute()
+            return {m: (s[0], s[1] or "unknown", s[2] == "1")
+                    for m, s in zip(models, states) if s[0]}
+        return await self._call("namespaces", run())
+
+    async def holder_counts(self):
+        """{pod: {tier: entries}} over every namespace."""
+        async def run():
+            models = sorted(await self._client.smembers("kvcm:models"))
+            async with self._client.pipeline(transaction=False) as pipe:
+                for model in models:
+                    pipe.hgetall("kvcm:count:" + model)
+                counts = await pipe.execute()
+            pods = {}
+            for by_holder in counts:
+                for holder, n in by_holder.items():
+                    pod, _, tier = holder.rpartition("@")
+                    if int(n) > 0:
+                        tiers = pods.setdefault(pod, {})
+                        tiers[tier] = tiers.get(tier, 0) + int(n)
+            return pods
+        return await self._call("counts", run())
+
+    async def resolve(self, model, engine_hashes):
+        """For each engine hash, the tuple of kvcm keys it maps to (empty when unknown)."""
+        if not engine_hashes:
+            return []
+        values = await self._call("resolve", self._client.mget(
+            ["engine:%s@%d" % (model, h) for h in engine_hashes]))
+        return [() if v is None else tuple(int(part.rpartition("@")[2]) for part in v.split(","))
+                for v in values]
+
+
+__all__ = ["RedisStore", "StoreError", "block_key", "client_url", "engine_value"]

@@ -1,0 +1,325 @@
+"""An index shared by several kvcm replicas through a Redis-protocol store (--index redis://…).
+
+The event sink runs as with the in-memory index but reports its effects to a Journal; each
+applied batch becomes one record (its stream, seq and timestamp, and the effects), queued in
+a bounded backlog and written in order by one writer task, many records per pipelined round
+trip. The store (kvcm/redis_store.py) applies a record atomically and skips it when its
+stream has already moved past it, so replicas may ingest the same streams.
+
+While the store is unreachable: scoring fails fast with IndexUnavailable (the API answers
+503, or empty scores with --redis-fail-open), records wait in the backlog, and a watcher
+pings with exponential backoff. When the backlog is full, records are dropped and counted,
+and the pods they came from are cleared once writing resumes, after what was kept: missing
+entries are a lost opportunity, stale ones would send requests to the wrong pod.
+"""
+
+import asyncio
+import collections
+import logging
+
+from prometheus_client import Histogram
+
+from kvcm.redis_store import RedisStore, StoreError, engine_value
+
+log = logging.getLogger("kvcm.shared_index")
+
+HEALTH_INTERVAL = 1.0     # seconds between pings while the store is up
+BACKOFF = (0.1, 2.0)      # first and longest wait between reconnection attempts
+CHUNK_RECORDS = 128       # records per pipelined round trip
+CHUNK_ITEMS = 65_536      # and script arguments: each round trip stays far below the timeout
+MAX_BACKLOG_ITEMS = 8_000_000   # bounds the backlog's memory whatever the events' sizes
+
+_RTT_BUCKETS = (100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0)
+ERROR_KINDS = ("timeout", "connection", "response", "error")
+
+
+class IndexUnavailable(Exception):
+    """The shared index cannot answer now (the store is down or a call failed)."""
+
+
+class Journal:
+    """The effects of the batch being applied, as the store's apply-script operations."""
+    __slots__ = ("ops", "events")
+
+    def __init__(self):
+        self.ops = []
+        self.events = 0
+
+    def store(self, model, pod, tier, keys):
+        self.ops += ("S", model, pod + "@" + tier, len(keys))
+        self.ops += keys
+        self.events += 1
+
+    def remove(self, model, pod, tier, keys):
+        self.ops += ("R", model, pod + "@" + tier, len(keys))
+        self.ops += keys
+        self.events += 1
+
+    def map_engine(self, model, engine_hash, keys):
+        self.ops += ("M", model, 1, engine_hash, engine_value(model, keys))
+
+    def clear_pod(self, pod, tier, model=None):
+        self.ops += ("P", pod, tier or "", model or "")
+        self.events += 1
+
+    def switch_namespace(self, model):
+        self.ops += ("N", model)
+        self.events += 1
+
+    def namespace(self, model, mode, style, lora):
+        self.ops += ("T", model, mode, style, "1" if lora else "0")
+
+    def take(self):
+        ops, events = self.ops, self.events
+        self.ops, self.events = [], 0
+        return ops, events
+
+
+class _Record:
+    __slots__ = ("stream", "pod", "seq", "ts", "resync", "ops", "events")
+
+    def __init__(self, stream, pod, seq, ts, resync, ops, events):
+        self.stream, self.pod, self.seq, self.ts = stream, pod, seq, ts
+        self.resync, self.ops, self.events = resync, ops, events
+
+
+class SharedIndex:
+    """The shared index behind an Indexer: backlog, writer, health, lookups."""
+
+    remote = True
+
+    def __init__(self, url, *, timeout=1.0, ttl=0, backlog_events=100_000, fail_open=False):
+        self.url = url
+        self.fail_open = fail_open
+        self.max_backlog_events = backlog_events
+        self.rtt = Histogram("kvcm_redis_call_duration_seconds", "Round trips to the index store, by call",
+                             ("call",), buckets=_RTT_BUCKETS, registry=None)
+        self._rtt_children = {}
+        self.store = RedisStore(url, timeout=timeout, ttl=ttl, observe=self._observe)
+        self.journal = Journal()
+        self.up = False
+        self.errors = dict.fromkeys(ERROR_KINDS, 0)
+        self.counters = {"records_written": 0, "records_duplicate": 0, "restarts_detected": 0,
+                         "records_refused": 0, "backlog_dropped_events": 0, "backlog_dropped_records": 0,
+                         "entries_added": 0, "entries_removed": 0}
+        self._backlog = collections.deque()
+        self._backlog_events = 0
+        self._backlog_items = 0
+        self._cleared_after_drop = set()   # pods with a clear queued after their last dropped record
+        self._sink = None
+        self._wake_writer = None
+        self._wake_watcher = None
+        self._tasks = []
+        self._down_reason = "not connected yet"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, sink):
+        """Starts the writer and the watcher; returns once the first ping has been answered
+        or has failed (kvcm serves either way: /ready tells which)."""
+        self._sink = sink
+        self._wake_writer = asyncio.Event()
+        self._wake_watcher = asyncio.Event()
+        first = asyncio.get_running_loop().create_future()
+        self._tasks = [asyncio.ensure_future(self._write()), asyncio.ensure_future(self._watch(first))]
+        await first
+
+    async def close(self):
+        """Stops the tasks, after one last attempt to write the backlog (bounded by the
+        store's timeout)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.up and self._backlog:
+            try:
+                await self._write_some()
+            except StoreError as exc:
+                log.warning("shared index: %d record(s) not written at shutdown: %s", len(self._backlog), exc)
+        await self.store.close()
+
+    # -- health ------------------------------------------------------------------------------
+
+    @property
+    def status(self):
+        """Why scoring is unavailable, or None when the store is up."""
+        return None if self.up else self._down_reason
+
+    def _observe(self, call, seconds):
+        child = self._rtt_children.get(call)
+        if child is None:
+            child = self._rtt_children[call] = self.rtt.labels(call)
+        child.observe(seconds)
+
+    def _failed(self, exc):
+        self.errors[exc.kind] += 1
+        if exc.kind in ("timeout", "connection"):
+            if self.up:
+                log.warning("shared index: lost the store %s: %s", self.store.url_shown, exc)
+            self.up = False
+            self._down_reason = str(exc)
+            self._wake_watcher.set()
+
+    async def _watch(self, first):
+        """Pings the store: every HEALTH_INTERVAL while up, with backoff while down. Also
+        brings in the namespace contracts other replicas recorded."""
+        delay = BACKOFF[0]
+        while True:
+            try:
+                await self.store.ping()
+                contracts = await self.store.namespaces()
+            except StoreError as exc:
+                self._failed(exc)
+                if not first.done():
+                    log.warning("shared index: store %s not reachable yet: %s", self.store.url_shown, exc)
+                    first.set_result(None)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF[1])
+                continue
+            for model, (mode, style, lora) in contracts.items():
+                self._sink.adopt_namespace(model, mode, style, lora)
+            if not self.up:
+                log.info("shared index: connected to %s", self.store.url_shown)
+                self.up = True
+                self._down_reason = None
+                self._wake_writer.set()
+            if not first.done():
+                first.set_result(None)
+            delay = BACKOFF[0]
+            self._wake_watcher.clear()
+            try:
+                await asyncio.wait_for(self._wake_watcher.wait(), HEALTH_INTERVAL)
+            except asyncio.TimeoutError:
+                pass
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def batch_done(self, stream, seq, resync=False):
+        """Queues the effects of the batch just applied for an ingest stream."""
+        for model, mode, style, lora in self._sink.take_changed_namespaces():
+            self.journal.namespace(model, mode, style, lora)
+        ops, events = self.journal.take()
+        if not ops:
+            return
+        name = "%s@%s@%d" % (stream.pod, stream.model, stream.dp_rank)
+        self._enqueue(_Record(name, stream.pod, seq, stream.ctx.ts, resync, ops, events))
+
+    def _enqueue(self, record):
+        if (self._backlog_events + record.events > self.max_backlog_events
+                or self._backlog_items + len(record.ops) > MAX_BACKLOG_ITEMS) and record.stream:
+            self._drop(record)
+            return
+        self._cleared_after_drop.discard(record.pod)
+        self._backlog.append(record)
+        self._backlog_events += record.events
+        self._backlog_items += len(record.ops)
+        if self.up:
+            self._wake_writer.set()
+
+    def _drop(self, record):
+        self.counters["backlog_dropped_records"] += 1
+        self.counters["backlog_dropped_events"] += record.events
+        if self.counters["backlog_dropped_records"] == 1:
+            log.warning("shared index: backlog full (%d events); dropping batches and clearing their "
+                        "pods once the store is back", self.max_backlog_events)
+        if record.pod not in self._cleared_after_drop:
+            # outside the bound: at most one per pod, and the pod's state must not stay stale
+            self._cleared_after_drop.add(record.pod)
+            clear = Journal()
+            clear.clear_pod(record.pod, None)
+            ops, events = clear.take()
+            self._backlog.append(_Record("", record.pod, 0, 0.0, False, ops, events))
+            self._backlog_events += events
+            self._backlog_items += len(ops)
+
+    @property
+    def backlog_events(self):
+        return self._backlog_events
+
+    async def _write(self):
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer.clear()
+            while self._backlog and self.up:
+                try:
+                    await self._write_some()
+                except StoreError as exc:
+                    self._failed(exc)
+                    break
+
+    async def _write_some(self):
+        """Writes the oldest records in one round trip; they leave the backlog only once the
+        store has answered."""
+        chunk, items = [], 0
+        for record in self._backlog:
+            if chunk and (len(chunk) == CHUNK_RECORDS or items + len(record.ops) > CHUNK_ITEMS):
+                break
+            chunk.append(record)
+            items += len(record.ops)
+        store = self.store
+        results = await store.apply([store.apply_args(r.stream, r.seq, r.ts, r.resync, r.pod, r.ops)
+                                     for r in chunk])
+        for record, result in zip(chunk, results):
+            self._backlog.popleft()
+            self._backlog_events -= record.events
+            self._backlog_items -= len(record.ops)
+            if isinstance(result, StoreError):
+                self.errors[result.kind] += 1
+                self.counters["records_refused"] += 1
+                if self.counters["records_refused"] == 1:
+                    log.error("shared index: the store refused a batch of %s: %s", record.pod, result)
+                continue
+            status, added, removed = result
+            if status == 0:
+                self.counters["records_duplicate"] += 1
+                continue
+            self.counters["records_written"] += 1
+            self.counters["restarts_detected"] += status == 2
+            self.counters["entries_added"] += added
+            self.counters["entries_removed"] += removed
+
+    async def clear_pod(self, pod):
+        """An operator's clear: applied at once, after nothing else. Returns the entries removed."""
+        self._check_up()
+        journal = Journal()
+        journal.clear_pod(pod, None)
+        ops, _ = journal.take()
+        try:
+            (result,) = await self.store.apply([self.store.apply_args("", 0, 0.0, False, pod, ops)])
+        except StoreError as exc:
+            self._failed(exc)
+            raise IndexUnavailable(str(exc)) from None
+        if isinstance(result, StoreError):
+            raise IndexUnavailable(str(result))
+        return result[2]
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def _check_up(self):
+        if not self.up:
+            raise IndexUnavailable("the shared index store %s is unavailable: %s"
+                                   % (self.store.url_shown, self._down_reason))
+
+    async def lookup(self, model, keys, pods, weights, default_weight):
+        """(recorded contract, {pod: (score, blocks, {tier: blocks})}); IndexUnavailable when
+        the store cannot answer (at once while it is known to be down)."""
+        self._check_up()
+        try:
+            return await self.store.lookup(model, keys, pods, weights, default_weight)
+        except StoreError as exc:
+            self._failed(exc)
+            raise IndexUnavailable("the shared index store %s did not answer: %s"
+                                   % (self.store.url_shown, exc)) from None
+
+    async def pod_blocks(self):
+        """{pod: {tier: entries}}, or None while the store cannot answer."""
+        if not self.up:
+            return None
+        try:
+            return await self.store.holder_counts()
+        except StoreError as exc:
+            self._failed(exc)
+            return None
+
+
+__all__ = ["IndexUnavailable", "Journal", "SharedIndex"]

@@ -1,0 +1,83 @@
+"""A real Redis-protocol server for the shared-index tests: `redis-server` (Debian's redis-server
+package; .ci/run installs it) or else a `valkey-server` on PATH, on a free loopback port, with
+persistence off, in a directory of its own. It can be killed and started again on the same
+port, as an operator's restart would."""
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+
+import pytest
+import redis
+
+from aio import free_port, poll_until
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def server_binary():
+    for name in ("redis-server", "valkey-server"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+class RedisServer:
+    def __init__(self, binary, *extra):
+        self.binary = binary
+        self.extra = list(extra)
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="kvcm-redis-")
+        self.proc = None
+        self.url = "redis://127.0.0.1:%d/0" % self.port
+        self.start()
+
+    def start(self):
+        """Starts the server (again) on its port and waits until it answers PING."""
+        self._log = open(os.path.join(self.dir, "server.log"), "ab")
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.dir, "--protected-mode", "no", *self.extra],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+        poll_until(self._answers, "%s on port %d" % (self.binary, self.port))
+
+    def _answers(self):
+        if self.proc.poll() is not None:
+            raise AssertionError("%s exited: %s" % (self.binary, self.log()))
+        try:
+            return self.client().ping()
+        except redis.exceptions.ConnectionError:
+            return False
+
+    def client(self, **kw):
+        """A synchronous client, strings decoded: for assertions and set-up."""
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5, **kw)
+
+    def kill(self):
+        """SIGKILL: the server vanishes with everything it held (no persistence)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()
+
+    def log(self):
+        with open(os.path.join(self.dir, "server.log"), "rb") as f:
+            return f.read().decode(errors="replace")[-2000:]
+
+    def close(self):
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_server(*extra):
+    """A started RedisServer, or a skip (a failure under CI=true) when no server is installed."""
+    binary = server_binary()
+    if binary is None:
+        message = "no redis-server or valkey-server on PATH (apt-get install redis-server)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return RedisServer(binary, *extra)
