@@ -48,6 +48,8 @@ class Indexer:
                              engines=cfg.engines, replay_endpoints=cfg.replay_endpoint,
                              on_applied=None if self.shared is None else self.shared.batch_done,
                              clears_on_restart=self.shared is None)
+        if self.shared is not None:
+            self.shared.on_switch = self.ingest.resync_namespace
         self.tokenizers = tokenizers if tokenizers is not None else TokenizerRegistry(
             cfg.tokenizer, cfg.tokenizers_dir)
         self.started = False
@@ -104,7 +106,7 @@ class Indexer:
         weights, default = self.scorer.weights, self.scorer.default_weight
         try:
             contract, detailed = await self.shared.lookup(model, keys, pods, weights, default)
-            if contract[0] and self._adopt(model, contract):
+            if contract[0] and self.shared.adopt(model, *contract):
                 # another replica switched the model's contract: key the request its way
                 fresh = self.keys(model, token_ids, cache_salt)
                 if list(fresh) != list(keys):
@@ -117,12 +119,6 @@ class Indexer:
             result["unavailable"] = str(exc)
             return result
         return self._result(model, token_ids, keys, detailed)
-
-    def _adopt(self, model, contract):
-        """Takes on a recorded namespace contract; True when it changed the local one."""
-        before = self.sink.namespaces().get(model)
-        self.sink.adopt_namespace(model, *contract)
-        return self.sink.namespaces().get(model) != before
 
     def _result(self, model, token_ids, keys, detailed):
         block_size = self.config.block_size

@@ -426,6 +426,13 @@ class Ingest:
                 if other is not stream and not switched.isdisjoint(other.ctx.fed):
                     self._start_replay(other, 0)
 
+    def resync_namespace(self, namespace):
+        """Another kvcm sharing the index switched `namespace` to decoupled mode, clearing it on
+        every pod: the streams that fed it replay what their engines still hold."""
+        for stream in self._streams.values():
+            if namespace in stream.ctx.fed:
+                self._start_replay(stream, 0)
+
     def _restart(self, stream, seq, payload):
         self.counters["restarts"] += 1
         stream.restarts += 1

@@ -35,6 +35,8 @@ import time
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from kvcm.config import redact_url
 
@@ -58,13 +60,13 @@ local function epoch(model, field)
 end
 local function clear_pod(pod, tier, only_model)
   local models = only_model ~= '' and {only_model} or redis.call('SMEMBERS', 'kvcm:models')
-  local prefix = pod .. '@'
   local cleared = 0
   for _, model in ipairs(models) do
     local epochs = redis.call('HGETALL', 'kvcm:epoch:' .. model)
     for j = 1, #epochs, 2 do
       local field = epochs[j]
-      if field:sub(1, #prefix) == prefix and (tier == '' or field:sub(#prefix + 1) == tier) then
+      local at = field:match('^.*()@')           -- pods may hold '@', tiers do not
+      if field:sub(1, at - 1) == pod and (tier == '' or field:sub(at + 1) == tier) then
         redis.call('HSET', 'kvcm:epoch:' .. model, field, fresh_token())
         cleared = cleared + (tonumber(redis.call('HGET', 'kvcm:count:' .. model, field)) or 0)
         redis.call('HDEL', 'kvcm:count:' .. model, field)
@@ -279,8 +281,8 @@ class RedisStore:
         pool = aioredis.BlockingConnectionPool.from_url(
             client_url(url), max_connections=max_connections, timeout=timeout,
             socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
-            health_check_interval=0)
-        self._client = aioredis.Redis(connection_pool=pool, retry_on_timeout=False)
+            health_check_interval=0, retry=Retry(NoBackoff(), 0))   # retries are the writer's and watcher's
+        self._client = aioredis.Redis(connection_pool=pool)
         self._apply = self._client.register_script(_APPLY)
         self._lookup = self._client.register_script(_LOOKUP)
 

@@ -46,12 +46,12 @@ class Journal:
         self.events = 0
 
     def store(self, model, pod, tier, keys):
-        self.ops += ("S", model, pod + "@" + tier, len(keys))
+        self.ops += ("S", model, _holder(pod, tier), len(keys))
         self.ops += keys
         self.events += 1
 
     def remove(self, model, pod, tier, keys):
-        self.ops += ("R", model, pod + "@" + tier, len(keys))
+        self.ops += ("R", model, _holder(pod, tier), len(keys))
         self.ops += keys
         self.events += 1
 
@@ -110,7 +110,9 @@ class SharedIndex:
         self._wake_writer = None
         self._wake_watcher = None
         self._tasks = []
+        self._closing = False
         self._down_reason = "not connected yet"
+        self.on_switch = None     # called with a model another replica switched to decoupled
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -124,18 +126,27 @@ class SharedIndex:
         self._tasks = [asyncio.ensure_future(self._write()), asyncio.ensure_future(self._watch(first))]
         await first
 
-    async def close(self):
-        """Stops the tasks, after one last attempt to write the backlog (bounded by the
-        store's timeout)."""
+    async def close(self, drain_seconds=5.0):
+        """Stops the tasks, then writes what the backlog holds while the store answers, for
+        at most drain_seconds; logs what is left unwritten."""
+        # The client may turn a cancellation inside a call into a timeout, which the loops
+        # would take for an outage: they also stop on the flag.
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self.up and self._backlog:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_seconds
+        problem = None if self.up else self._down_reason
+        while self._backlog and problem is None and loop.time() < deadline:
             try:
                 await self._write_some()
             except StoreError as exc:
-                log.warning("shared index: %d record(s) not written at shutdown: %s", len(self._backlog), exc)
+                problem = exc
+        if self._backlog:
+            log.warning("shared index: %d batch record(s) (%d events) not written at shutdown: %s",
+                        len(self._backlog), self._backlog_events, problem or "out of time")
         await self.store.close()
 
     # -- health ------------------------------------------------------------------------------
@@ -164,7 +175,7 @@ class SharedIndex:
         """Pings the store: every HEALTH_INTERVAL while up, with backoff while down. Also
         brings in the namespace contracts other replicas recorded."""
         delay = BACKOFF[0]
-        while True:
+        while not self._closing:
             try:
                 await self.store.ping()
                 contracts = await self.store.namespaces()
@@ -177,7 +188,7 @@ class SharedIndex:
                 delay = min(delay * 2, BACKOFF[1])
                 continue
             for model, (mode, style, lora) in contracts.items():
-                self._sink.adopt_namespace(model, mode, style, lora)
+                self.adopt(model, mode, style, lora)
             if not self.up:
                 log.info("shared index: connected to %s", self.store.url_shown)
                 self.up = True
@@ -192,6 +203,17 @@ class SharedIndex:
             except asyncio.TimeoutError:
                 pass
 
+    def adopt(self, model, mode, style, lora):
+        """Takes on a namespace contract recorded in the store; True when it changed ours.
+        A switch to decoupled mode made elsewhere cleared the model on every pod, ours too:
+        on_switch lets the ingest replay the streams that fed it."""
+        before = self._sink.mode_of(model), self._sink.namespaces().get(model)
+        self._sink.adopt_namespace(model, mode, style, lora)
+        after = self._sink.mode_of(model), self._sink.namespaces().get(model)
+        if before[0] == "parity" and after[0] == "decoupled" and self.on_switch is not None:
+            self.on_switch(model)
+        return after != before
+
     # -- writes ------------------------------------------------------------------------------
 
     def batch_done(self, stream, seq, resync=False):
@@ -201,7 +223,7 @@ class SharedIndex:
         ops, events = self.journal.take()
         if not ops:
             return
-        name = "%s@%s@%d" % (stream.pod, stream.model, stream.dp_rank)
+        name = "%s@%s@%d" % (_escape(stream.pod), _escape(stream.model), stream.dp_rank)
         self._enqueue(_Record(name, stream.pod, seq, stream.ctx.ts, resync, ops, events))
 
     def _enqueue(self, record):
@@ -237,7 +259,7 @@ class SharedIndex:
         return self._backlog_events
 
     async def _write(self):
-        while True:
+        while not self._closing:
             await self._wake_writer.wait()
             self._wake_writer.clear()
             while self._backlog and self.up:
@@ -320,6 +342,17 @@ class SharedIndex:
         except StoreError as exc:
             self._failed(exc)
             return None
+
+
+def _holder(pod, tier):
+    """A block field: the store splits it at its last '@', so a tier must not hold one."""
+    return pod + "@" + tier.replace("@", "%40")
+
+
+def _escape(name):
+    """Connect-mode pod and model names may hold '@': escaped in stream ids so that pod "a@b"
+    of model "c" and pod "a" of model "b@c" stay two streams."""
+    return name.replace("%", "%25").replace("@", "%40")
 
 
 __all__ = ["IndexUnavailable", "Journal", "SharedIndex"]

@@ -225,6 +225,27 @@ def test_serve_ingests_vllm_captures_and_scores_them(binary, serve, bare, shared
     assert leftovers(bare) == [], "the onefile bootloader leaves its unpacked directory behind"
 
 
+def test_two_binaries_share_one_redis_index(binary, serve, bare, shared, redis_server):
+    """The frozen binary carries the Redis client (and its hiredis parser): captures ingested
+    by one replica are scored by another that received no event."""
+    captures = [c for c in load_captures(shared) if c.version == "0.33.0"]
+    seed = captures[0].hash_config["seed"]
+    seed_args = [] if seed is None else ["--hash-seed", seed]
+    ingesting = serve(binary, "--index", redis_server.url, *seed_args)
+    scoring = serve(binary, "--index", redis_server.url, *seed_args)
+    for server in (ingesting, scoring):
+        server.wait_for("READY=1")
+    publish(ingesting, captures)
+    cases = [case for case in expected_scores(captures) if case[2]]
+    assert cases, "the captures leave some prompt cached somewhere"
+    for name, tokens, scores in cases:
+        def scored():
+            reply = scoring.ok("POST", "/v1/score", {"model": name, "token_ids": tokens})
+            return reply["scores"] == pytest.approx(scores)
+        until(scored, "the second replica to score what the first ingested")
+    assert scoring.ok("GET", "/ready") == {"status": "ready"}
+
+
 def test_serve_tokenizes_renders_chat_templates_and_reloads_on_sighup(onefile, serve, bare, shared):
     from kvcm.tokenize import Tokenizer
 
