@@ -721,24 +721,96 @@ cdef class EventSink:
         if self._journal is not None:
             self._journal.map_engine(ns.name, ehash, [keys[i] for i in range(k)])
 
+    cdef _Namespace _resolve(self, StreamContext ctx, _Namespace model, uint64_t h, uint64_t *keys, size_t *got):
+        """The decoupled namespace whose engine map knows engine hash h (its kvcm keys then
+        in keys[:got]): those the stream fed first, then the stream's model, which a stream
+        new to this kvcm (a replica taking it over) has not fed yet. None when none does."""
+        cdef _Namespace ns
+        for ns in ctx._fed:
+            if ns.mode == MODE_DECOUPLED:
+                got[0] = min(kve_get(&self._index.emap, ns.id, h, keys, 64), <size_t>64)
+                if got[0]:
+                    return ns
+        if model is not None and model.mode == MODE_DECOUPLED and model not in ctx._fed:
+            got[0] = min(kve_get(&self._index.emap, model.id, h, keys, 64), <size_t>64)
+            if got[0]:
+                return model
+        return None
+
+    def missing_engine_hashes(self, StreamContext ctx not None, payload):
+        """{namespace: [engine hash]}: what the batch would resolve through the engine map
+        (decoupled parents, removals, token-less stores) and this kvcm has not learnt. A
+        kvcm sharing its index fetches them from the store before applying the batch, so a
+        replica taking over a stream goes on without a replay. Changes nothing."""
+        cdef Py_buffer view
+        cdef MpReader r, er
+        cdef Event ev
+        cdef double ts
+        cdef Py_ssize_t nfields, nevents, i, j
+        cdef uint64_t keys[64]
+        cdef size_t got
+        cdef _Namespace ns, model = None
+        out = {}
+        if ctx.model is not None:
+            model = self._namespaces.get(ctx.model)
+        self._open(payload, &view)
+        try:
+            mp_init(&r, <const unsigned char *>view.buf, 0, view.len)
+            try:
+                self._header(&r, &ts, &nfields, &nevents)
+            except DecodeError:
+                return out
+            for i in range(nevents):
+                start = r.pos
+                if mp_skip(&r, 1):
+                    break
+                memset(&ev, 0, sizeof(ev))
+                ev.nhashes = -1
+                ev.ntokens = -1
+                mp_init(&er, <const unsigned char *>view.buf, start, r.pos)
+                if self._decode_event(&er, &ev) or ev.nhashes <= 0:
+                    continue
+                if ev.tag == TAG_STORED and ev.ntokens > 0:
+                    if not ev.has_parent or (ev.has_block_size and ev.block_size < self.block_size):
+                        continue   # a chain's first event, or blocks gathered per stream
+                    name = self._event_namespace_name(ctx, &ev)
+                    ns = self._namespaces.get(name) if name is not None else None
+                    if ns is not None and ns.mode == MODE_DECOUPLED and \
+                            not kve_get(&self._index.emap, ns.id, ev.parent, keys, 64):
+                        out.setdefault(ns.name, []).append(ev.parent)
+                elif ev.tag == TAG_STORED or ev.tag == TAG_REMOVED:
+                    for j in range(ev.nhashes):
+                        if self._resolve(ctx, model, self._hashes.data[j], keys, &got) is not None:
+                            continue
+                        for ns in ctx._fed + ([model] if model is not None else []):
+                            if ns.mode == MODE_DECOUPLED:
+                                out.setdefault(ns.name, []).append(self._hashes.data[j])
+            return out
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef object _event_namespace_name(self, StreamContext ctx, Event *ev):
+        """The namespace a BlockStored belongs to (as _lora_namespace, counting nothing)."""
+        if ev.lora != NULL:
+            try:
+                return PyBytes_FromStringAndSize(<const char *>ev.lora, ev.lora_len).decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        if ev.has_lora_id:
+            return "lora-id-%d" % ev.lora_id
+        return ctx.model
+
     cdef void _stored_tokenless(self, StreamContext ctx, Py_ssize_t n, uint32_t tier) except *:
         cdef Py_ssize_t i
-        cdef uint64_t h
         cdef uint64_t keys[64]
         cdef size_t got
         cdef _Namespace ns, model
+        model = self._namespace(ctx.model, False) if ctx.model is not None else None
         for i in range(n):
-            h = self._hashes.data[i]
-            got = 0
-            for ns in ctx._fed:
-                if ns.mode == MODE_DECOUPLED:
-                    got = kve_get(&self._index.emap, ns.id, h, keys, 64)
-                    if got:
-                        self._store(ctx, ns, keys, min(got, <size_t>64), tier)
-                        break
-            if got:
+            ns = self._resolve(ctx, model, self._hashes.data[i], keys, &got)
+            if ns is not None:
+                self._store(ctx, ns, keys, got, tier)
                 continue
-            model = self._namespace(ctx.model, False) if ctx.model is not None else None
             if model is not None and model.mode == MODE_PARITY:
                 self._store(ctx, model, &self._hashes.data[i], 1, tier)
             else:
@@ -934,14 +1006,9 @@ cdef class EventSink:
             model = self._namespaces.get(ctx.model)
         for i in range(n):
             h = self._hashes.data[i]
-            got = 0
-            for ns in ctx._fed:
-                if ns.mode == MODE_DECOUPLED:
-                    got = kve_get(&self._index.emap, ns.id, h, keys, 64)
-                    if got:
-                        self._remove(ctx, ns, keys, min(got, <size_t>64), tier)
-                        break
-            if got:
+            ns = self._resolve(ctx, model, h, keys, &got)
+            if ns is not None:
+                self._remove(ctx, ns, keys, got, tier)
                 continue
             if model is not None and model.mode == MODE_PARITY:
                 self._remove(ctx, model, &h, 1, tier)

@@ -47,7 +47,8 @@ class Indexer:
         self.ingest = Ingest(self.sink, binds=cfg.zmq_bind, topic_prefix=cfg.zmq_topic_prefix,
                              engines=cfg.engines, replay_endpoints=cfg.replay_endpoint,
                              on_applied=None if self.shared is None else self.shared.batch_done,
-                             clears_on_restart=self.shared is None)
+                             clears_on_restart=self.shared is None,
+                             prefetch=None if self.shared is None else self.shared.prefetch)
         if self.shared is not None:
             self.shared.on_switch = self.ingest.resync_namespace
         self.tokenizers = tokenizers if tokenizers is not None else TokenizerRegistry(

@@ -164,13 +164,18 @@ class Ingest:
     def __init__(self, sink, *, binds=("tcp://*:5557",), topic_prefix="kv@", engines=(),
                  replay_endpoints=None, batch_budget=256, turn_seconds=0.0002, replay_timeout=2.0, replay_interval=1.0,
                  max_held=8192, max_streams=4096, max_engines=1024, max_replays=16,
-                 max_replay_batches=10_000, rcvhwm=10_000, on_applied=None, clears_on_restart=True):
+                 max_replay_batches=10_000, rcvhwm=10_000, on_applied=None, clears_on_restart=True,
+                 prefetch=None):
         self._sink = sink
         # A shared index takes each applied batch's effects (on_applied(stream, seq, resync))
         # and detects engine restarts itself, atomically with the restarted stream's first
         # batch; a clear sent from here could land after another replica's newer writes.
         self._on_applied = on_applied
         self._clears_on_restart = clears_on_restart
+        # A shared index also knows engine hashes this kvcm never saw (a stream it takes over
+        # from another replica): prefetch(missing) brings them in before the batch applies,
+        # the stream's later batches held meanwhile, as during a replay.
+        self._prefetch = prefetch
         self._binds = [check_endpoint(ep, "--zmq-bind") for ep in binds]
         self._topic_prefix = topic_prefix.encode("utf-8")
         self._replay_endpoints = {pod: check_endpoint(ep, "replay endpoint of pod %r" % pod)
@@ -393,6 +398,23 @@ class Ingest:
         self._apply(stream, seq, payload)
 
     def _apply(self, stream, seq, payload, resync=False):
+        if self._prefetch is not None and stream.replay_task is None:
+            missing = self._sink.missing_engine_hashes(stream.ctx, payload)
+            if missing:
+                stream.replay_task = task = self._loop.create_task(
+                    self._prefetch_then_apply(stream, missing, seq, payload, resync))
+                self._replays.add(task)
+                task.add_done_callback(lambda task: self._replay_done(stream, task))
+                return
+        self._apply_now(stream, seq, payload, resync)
+
+    async def _prefetch_then_apply(self, stream, missing, seq, payload, resync):
+        await self._prefetch(missing)
+        stream.replay_task = None
+        self._apply_now(stream, seq, payload, resync)
+        self._release_held(stream, may_replay=True)
+
+    def _apply_now(self, stream, seq, payload, resync):
         self.counters["batches"] += 1
         stream.batches += 1
         try:
@@ -535,22 +557,26 @@ class Ingest:
                 if seq > stream.last_seq:
                     self._advance(stream, seq, payload, may_replay=False)
                 elif resync:
-                    self._apply(stream, seq, payload, resync=True)   # the engine's retained history, in order
+                    self._apply_now(stream, seq, payload, resync=True)   # the engine's retained history, in order
                 else:
                     self._duplicate(stream)
                 if n % self._budget == 0:
                     await asyncio.sleep(0)
         stream.replay_task = None
+        # After a failure, gaps are counted instead of retried at once.
+        self._release_held(stream, may_replay=complete)
+
+    def _release_held(self, stream, may_replay):
+        """Applies the batches held while the stream was catching up, in seq order."""
         held, stream.held = sorted(stream.held, key=_seq_of), []
         for i, (seq, payload) in enumerate(held):
-            if stream.replay_task is not None:   # a later gap started a new replay: hold on
+            if stream.replay_task is not None:   # a later gap (or a prefetch) started a task: hold on
                 stream.held.extend(held[i:])
                 return
             if seq <= stream.last_seq:
                 self._duplicate(stream)
             else:
-                # After a failure, gaps are counted instead of retried at once.
-                self._advance(stream, seq, payload, may_replay=complete)
+                self._advance(stream, seq, payload, may_replay=may_replay)
 
     async def _fetch(self, endpoint, start):
         """[(seq, payload)] replayed from `start` until the end marker, and whether the end

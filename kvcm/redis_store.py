@@ -379,14 +379,18 @@ class RedisStore:
             return pods
         return await self._call("counts", run())
 
-    async def resolve(self, model, engine_hashes):
-        """For each engine hash, the tuple of kvcm keys it maps to (empty when unknown)."""
-        if not engine_hashes:
-            return []
-        values = await self._call("resolve", self._client.mget(
-            ["engine:%s@%d" % (model, h) for h in engine_hashes]))
-        return [() if v is None else tuple(int(part.rpartition("@")[2]) for part in v.split(","))
-                for v in values]
+    async def resolve(self, missing):
+        """{namespace: [engine hash]} -> {namespace: [kvcm keys tuple, empty when unknown]},
+        in one round trip."""
+        names = [(model, h) for model, hashes in missing.items() for h in hashes]
+        if not names:
+            return {}
+        values = await self._call("resolve", self._client.mget(["engine:%s@%d" % name for name in names]))
+        out = {model: [] for model in missing}
+        for (model, _), value in zip(names, values):
+            out[model].append(() if value is None else
+                              tuple(int(part.rpartition("@")[2]) for part in value.split(",")))
+        return out
 
 
 __all__ = ["RedisStore", "StoreError", "block_key", "client_url", "engine_value"]

@@ -101,7 +101,7 @@ class SharedIndex:
         self.errors = dict.fromkeys(ERROR_KINDS, 0)
         self.counters = {"records_written": 0, "records_duplicate": 0, "restarts_detected": 0,
                          "records_refused": 0, "backlog_dropped_events": 0, "backlog_dropped_records": 0,
-                         "entries_added": 0, "entries_removed": 0}
+                         "entries_added": 0, "entries_removed": 0, "engine_hashes_fetched": 0}
         self._backlog = collections.deque()
         self._backlog_events = 0
         self._backlog_items = 0
@@ -299,6 +299,24 @@ class SharedIndex:
             self.counters["restarts_detected"] += status == 2
             self.counters["entries_added"] += added
             self.counters["entries_removed"] += removed
+
+    async def prefetch(self, missing):
+        """Brings engine hashes other replicas recorded into the local engine-map cache
+        ({namespace: [engine hash]}, from EventSink.missing_engine_hashes). Never raises: what
+        stays unknown is then counted by the sink as it applies the batch."""
+        if not self.up:
+            return
+        try:
+            found = await self.store.resolve(missing)
+        except StoreError as exc:
+            self._failed(exc)
+            return
+        index = self._sink.index
+        for model, resolved in found.items():
+            for engine_hash, keys in zip(missing[model], resolved):
+                if keys:
+                    index.map_engine(model, [engine_hash], list(keys))
+                    self.counters["engine_hashes_fetched"] += 1
 
     async def clear_pod(self, pod):
         """An operator's clear: applied at once, after nothing else. Returns the entries removed."""

@@ -222,7 +222,7 @@ async def test_a_mode_switch_a_lora_and_large_engine_blocks_give_the_in_memory_a
         assert recorded[QWEN][0] == "decoupled" and recorded["sql-lora"] == ("decoupled", "unknown", True)
         # the engine map went to the store too: another replica resolves pd's hashes
         keys = list(pair.sink.keys_for(QWEN, big))
-        assert await pair.shared.store.resolve(QWEN, hashes) == [tuple(keys[2 * i:2 * i + 2]) for i in range(4)]
+        assert await pair.shared.store.resolve({QWEN: hashes}) == {QWEN: [tuple(keys[2 * i:2 * i + 2]) for i in range(4)]}
     finally:
         await pair.close()
 
@@ -338,3 +338,41 @@ async def test_the_indexer_scores_through_the_store_and_reports_an_outage(redis_
         assert indexer.unavailable is not None
     finally:
         await indexer.close()
+
+
+def test_a_replica_taking_over_a_decoupled_stream_resolves_parents_through_the_store(redis_server):
+    """Replica A saw the start of a stream; its engine then publishes to replica B (a
+    failover). B has never seen the engine hashes the next events name as parents and
+    removals: it fetches them from the store instead of dropping the events or replaying."""
+    from aio import poll_until
+    from serving import Engine, InProcess
+
+    a = InProcess("--index", redis_server.url, "--hash-mode", "kvcm")
+    b = InProcess("--index", redis_server.url, "--hash-mode", "kvcm")
+    try:
+        ids = tokens(9, 6)
+        with Engine(a.client, a.zmq_endpoint, "pa", QWEN) as to_a:
+            to_a.connect()
+            to_a.send(stored(ids[:48]))
+        poll_until(lambda: b.client.score(QWEN, token_ids=ids)["scores"] == {"pa": 3.0}, "A's blocks in the store")
+        with Engine(b.client, b.zmq_endpoint, "pa", QWEN) as to_b:
+            to_b.connect()
+            to_b.send(stored(ids, 3), seq=1)       # parent: block 2, which only A saw
+            to_b.send(removed(ids, [4]), seq=2)    # a block of this batch: known to B
+            to_b.send(removed(ids, [1]), seq=3)    # a block of A's batch
+        poll_until(lambda: a.client.score(QWEN, token_ids=ids)["matched"].get("pa", {}).get("blocks") == 1,
+                   "B's events applied on top of A's")
+        # block 4 removed too: the run from block 0 stops at block 1 either way; check it held
+        assert b.client.score(QWEN, token_ids=ids[:16 * 4])["matched"] == {
+            "pa": {"blocks": 1, "tokens": 16, "tiers": {"gpu": 1}}}
+        raw = redis_server.client()
+        keys = b.client.ok("POST", "/v1/hash", {"model": QWEN, "token_ids": ids})["keys"]
+        assert set(raw.hgetall("%s@%d" % (QWEN, keys[3]))) == {"pa@gpu"}   # stored by B, chained right
+        assert raw.hgetall("%s@%d" % (QWEN, keys[4])) == {}
+        metrics = b.client.metrics()
+        assert metrics[("kvcm_redis_engine_hashes_fetched_total", ())] >= 2
+        assert metrics[("kvcm_ingest_unknown_parent_total", ())] == 0
+        assert metrics[("kvcm_ingest_remove_unresolved_total", ())] == 0
+    finally:
+        a.close()
+        b.close()
