@@ -30,6 +30,7 @@ candidate pod holds. Scripts derive key names from their arguments: the server m
 every kvcm key (a standalone server, or a proxy that sends scripts to one server).
 """
 
+import asyncio
 import logging
 import time
 
@@ -237,7 +238,8 @@ _SCHEMES = {"valkey": "redis", "valkeys": "rediss"}
 
 
 class StoreError(Exception):
-    """A call to the store failed; `kind` (timeout, connection, response, error) labels it."""
+    """A call to the store failed; `kind` (timeout, connection, response, busy, error)
+    labels it."""
 
     def __init__(self, kind, message):
         self.kind = kind
@@ -277,9 +279,11 @@ class RedisStore:
         self.timeout = timeout
         self.url_shown = redact_url(url)
         self._observe = observe      # (operation, seconds) after each successful call
-        # A bounded pool that waits (at most `timeout`) for a free connection under load.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            client_url(url), max_connections=max_connections, timeout=timeout,
+        # Calls in flight are bounded here, not by the pool: a burst waits (at most `timeout`)
+        # for a slot and then fails as "busy", which is load, not an outage.
+        self._slots = asyncio.Semaphore(max_connections)
+        pool = aioredis.ConnectionPool.from_url(
+            client_url(url), max_connections=max_connections,
             socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
             health_check_interval=0, retry=Retry(NoBackoff(), 0))   # retries are the writer's and watcher's
         self._client = aioredis.Redis(connection_pool=pool)
@@ -290,11 +294,18 @@ class RedisStore:
         await self._client.aclose()
 
     async def _call(self, operation, coroutine):
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.timeout)
+        except asyncio.TimeoutError:
+            coroutine.close()
+            raise StoreError("busy", "every connection to the index store is in use") from None
         start = time.perf_counter()
         try:
             result = await coroutine
         except (redis_errors.RedisError, OSError, TimeoutError) as exc:
             raise _store_error(exc) from None
+        finally:
+            self._slots.release()
         if self._observe is not None:
             self._observe(operation, time.perf_counter() - start)
         return result

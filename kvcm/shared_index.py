@@ -30,7 +30,7 @@ CHUNK_ITEMS = 65_536      # and script arguments: each round trip stays far belo
 MAX_BACKLOG_ITEMS = 8_000_000   # bounds the backlog's memory whatever the events' sizes
 
 _RTT_BUCKETS = (100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0)
-ERROR_KINDS = ("timeout", "connection", "response", "error")
+ERROR_KINDS = ("timeout", "connection", "response", "busy", "error")
 
 
 class IndexUnavailable(Exception):
