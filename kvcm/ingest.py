@@ -123,7 +123,7 @@ def _replay_reply(frames):
 
 
 class _Stream:
-    __slots__ = ("pod", "model", "dp_rank", "ctx", "last_seq", "live_seq", "last_time", "degraded",
+    __slots__ = ("pod", "model", "dp_rank", "ctx", "last_seq", "live_seq", "last_time", "degraded", "restarted",
                  "held", "replay_task", "replay_started",
                  "batches", "gaps", "missed", "replays", "restarts", "duplicates", "drops")
 
@@ -134,6 +134,7 @@ class _Stream:
         self.live_seq = None      # last seq seen on the live feed; it lags last_seq after a replay
         self.last_time = time.monotonic()
         self.degraded = False     # a gap went unfilled; only a restart makes the picture exact again
+        self.restarted = False    # the engine restarted and a shared index has not been told yet
         self.held = []            # (seq, payload) that arrived live while a replay was in flight
         self.replay_task = None
         self.replay_started = None
@@ -466,6 +467,8 @@ class Ingest:
         stream.held.clear()
         if self._clears_on_restart:
             self._sink.clear_pod(stream.pod)
+        else:
+            stream.restarted = True
         stream.ctx = StreamContext(stream.pod, stream.model)
         stream.degraded = False
         # The new process counts from 0: batches before seq are a gap of the new epoch.

@@ -79,6 +79,7 @@ end
 
 -- the stream's sequence number, by compare-and-set
 local status = 1
+local added, removed = 0, 0
 if ARGV[1] ~= '' then
   local key = 'kvcm:stream:' .. ARGV[1]
   local seq, ts = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -90,6 +91,8 @@ if ARGV[1] ~= '' then
       -- a resync re-applies retained history: the stream's position does not go back
       if seq < last_seq then new_seq = last[1] end
       if ts < last_ts then new_ts = last[2] end
+    elseif ARGV[4] == '2' and ts > last_ts then
+      status = 2                                  -- the ingest saw the engine restart
     elseif seq <= last_seq then
       if ts <= last_ts then return {0, 0, 0} end   -- applied already (here or by another replica)
       status = 2                                  -- an older seq with a newer batch: a new process
@@ -98,10 +101,9 @@ if ARGV[1] ~= '' then
     end
   end
   redis.call('HSET', key, 'seq', new_seq, 'ts', new_ts)
-  if status == 2 then clear_pod(ARGV[6], '', '') end
+  if status == 2 then removed = clear_pod(ARGV[6], '', '') end
 end
 
-local added, removed = 0, 0
 local i = 7
 while i <= #ARGV do
   local op = ARGV[i]
@@ -235,6 +237,7 @@ return out
 """
 
 _SCHEMES = {"valkey": "redis", "valkeys": "rediss"}
+_FLAGS = {"": "0", "resync": "1", "restart": "2"}
 
 
 class StoreError(Exception):
@@ -315,10 +318,13 @@ class RedisStore:
 
     # -- writes ------------------------------------------------------------------------------
 
-    def apply_args(self, stream, seq, ts, resync, pod, ops):
+    def apply_args(self, stream, seq, ts, flag, pod, ops):
         """The apply script's arguments for one batch: stream is "<pod>@<model>@<rank>" or ""
-        for effects outside any stream (an operator's clear)."""
-        return [stream, seq, repr(float(ts)), "1" if resync else "0", self.ttl, pod or ""] + ops
+        for effects outside any stream (an operator's clear); flag is "resync" (retained
+        history re-applied: the position does not move back), "restart" (the first batch
+        of a restarted engine, as the ingest saw it: the pod is cleared first, unless the
+        store has newer batches already) or ""."""
+        return [stream, seq, repr(float(ts)), _FLAGS[flag], self.ttl, pod or ""] + ops
 
     async def apply(self, batches):
         """Applies argument lists made by apply_args, in order, in one pipelined round trip.

@@ -76,11 +76,11 @@ class Journal:
 
 
 class _Record:
-    __slots__ = ("stream", "pod", "seq", "ts", "resync", "ops", "events")
+    __slots__ = ("stream", "pod", "seq", "ts", "flag", "ops", "events")
 
-    def __init__(self, stream, pod, seq, ts, resync, ops, events):
+    def __init__(self, stream, pod, seq, ts, flag, ops, events):
         self.stream, self.pod, self.seq, self.ts = stream, pod, seq, ts
-        self.resync, self.ops, self.events = resync, ops, events
+        self.flag, self.ops, self.events = flag, ops, events
 
 
 class SharedIndex:
@@ -217,14 +217,19 @@ class SharedIndex:
     # -- writes ------------------------------------------------------------------------------
 
     def batch_done(self, stream, seq, resync=False):
-        """Queues the effects of the batch just applied for an ingest stream."""
+        """Queues the effects of the batch just applied for an ingest stream. The first
+        record after the ingest saw the stream's engine restart (stream.restarted) clears
+        the pod in the store, as the in-memory index is cleared at once."""
         for model, mode, style, lora in self._sink.take_changed_namespaces():
             self.journal.namespace(model, mode, style, lora)
         ops, events = self.journal.take()
         if not ops:
             return
         name = "%s@%s@%d" % (_escape(stream.pod), _escape(stream.model), stream.dp_rank)
-        self._enqueue(_Record(name, stream.pod, seq, stream.ctx.ts, resync, ops, events))
+        flag = "resync" if resync else ""
+        if getattr(stream, "restarted", False):
+            flag, stream.restarted = "restart", False
+        self._enqueue(_Record(name, stream.pod, seq, stream.ctx.ts, flag, ops, events))
 
     def _enqueue(self, record):
         if (self._backlog_events + record.events > self.max_backlog_events
@@ -250,7 +255,7 @@ class SharedIndex:
             clear = Journal()
             clear.clear_pod(record.pod, None)
             ops, events = clear.take()
-            self._backlog.append(_Record("", record.pod, 0, 0.0, False, ops, events))
+            self._backlog.append(_Record("", record.pod, 0, 0.0, "", ops, events))
             self._backlog_events += events
             self._backlog_items += len(ops)
 
@@ -279,7 +284,7 @@ class SharedIndex:
             chunk.append(record)
             items += len(record.ops)
         store = self.store
-        results = await store.apply([store.apply_args(r.stream, r.seq, r.ts, r.resync, r.pod, r.ops)
+        results = await store.apply([store.apply_args(r.stream, r.seq, r.ts, r.flag, r.pod, r.ops)
                                      for r in chunk])
         for record, result in zip(chunk, results):
             self._backlog.popleft()
@@ -325,7 +330,7 @@ class SharedIndex:
         journal.clear_pod(pod, None)
         ops, _ = journal.take()
         try:
-            (result,) = await self.store.apply([self.store.apply_args("", 0, 0.0, False, pod, ops)])
+            (result,) = await self.store.apply([self.store.apply_args("", 0, 0.0, "", pod, ops)])
         except StoreError as exc:
             self._failed(exc)
             raise IndexUnavailable(str(exc)) from None

@@ -33,7 +33,7 @@ class StoreIndex:
         journal = Journal()
         fill(journal)
         ops, _ = journal.take()
-        (result,) = await self.store.apply([self.store.apply_args("", 0, 0.0, False, "", ops)])
+        (result,) = await self.store.apply([self.store.apply_args("", 0, 0.0, "", "", ops)])
         assert not isinstance(result, Exception), result
         return result
 
@@ -234,11 +234,11 @@ def removed_hashes(hashes):
 
 # -- the store's rules ------------------------------------------------------------------------
 
-def _record(store, stream, seq, ts, fill, resync=False, pod="pa"):
+def _record(store, stream, seq, ts, fill, flag="", pod="pa"):
     journal = Journal()
     fill(journal)
     ops, _ = journal.take()
-    return store.apply_args(stream, seq, ts, resync, pod, ops)
+    return store.apply_args(stream, seq, ts, flag, pod, ops)
 
 
 @on_uvloop
@@ -259,16 +259,25 @@ async def test_a_stream_position_moves_by_compare_and_set(redis_server):
         assert redis_server.client().hgetall("kvcm:stream:" + s) == {"seq": "6", "ts": "101.0"}
         # a lower seq with a newer timestamp: the engine restarted, its old entries go first
         (result,) = await store.apply([_record(store, s, 0, 200.0, lambda j: j.store("m", "pa", "gpu", [99]))])
-        assert result == (2, 1, 0)
+        assert result == (2, 1, 2)
         assert (await store.lookup("m", k, None, *UNIT))[1] == {}
         assert (await store.lookup("m", [99], None, *UNIT))[1] == {"pa": (1.0, 1, {"gpu": 1})}
         # the previous process's batches, delivered late by a lagging replica, are ignored
         (late,) = await store.apply([_record(store, s, 7, 150.0, lambda j: j.store("m", "pa", "gpu", k))])
         assert late == (0, 0, 0)
         # a resync re-applies retained history and leaves the position where it was
-        (again,) = await store.apply([_record(store, s, 0, 200.0, lambda j: j.store("m", "pa", "cpu", [99]), True)])
+        (again,) = await store.apply([_record(store, s, 0, 200.0, lambda j: j.store("m", "pa", "cpu", [99]), "resync")])
         assert again == (1, 1, 0)
         assert redis_server.client().hgetall("kvcm:stream:" + s) == {"seq": "0", "ts": "200.0"}
+        # a restart the ingest saw clears the pod even when the new process's first batch to
+        # reach the store has a higher seq (its first batches carried nothing to write)...
+        (seen,) = await store.apply([_record(store, s, 4, 300.0, lambda j: j.store("m", "pa", "gpu", [7]), "restart")])
+        assert seen == (2, 1, 2)
+        assert (await store.lookup("m", [99], None, *UNIT))[1] == {}
+        # ...but not when the store already has newer batches (a lagging replica's report)
+        (lagging,) = await store.apply([_record(store, s, 1, 250.0, lambda j: j.store("m", "pa", "gpu", [8]), "restart")])
+        assert lagging == (0, 0, 0)
+        assert (await store.lookup("m", [7], None, *UNIT))[1] == {"pa": (1.0, 1, {"gpu": 1})}
     finally:
         await store.close()
 
