@@ -31,6 +31,7 @@ every kvcm key (a standalone server, or a proxy that sends scripts to one server
 """
 
 import asyncio
+import hashlib
 import logging
 import time
 
@@ -108,11 +109,11 @@ local i = 7
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'S' or op == 'R' then
-    local model, field, n = ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+    local model, field = ARGV[i + 1], ARGV[i + 2]
     local token = epoch(model, field)
     local changed = 0
-    for j = i + 4, i + 3 + n do
-      local key = model .. '@' .. ARGV[j]
+    for block in string.gmatch(ARGV[i + 3], '[^,]+') do
+      local key = model .. '@' .. block
       local held = redis.call('HGET', key, field)
       if op == 'S' then
         if held ~= token then
@@ -127,17 +128,23 @@ while i <= #ARGV do
     end
     if changed ~= 0 then redis.call('HINCRBY', 'kvcm:count:' .. model, field, changed) end
     if changed > 0 then added = added + changed else removed = removed - changed end
-    i = i + 4 + n
+    i = i + 4
   elseif op == 'M' then
-    local model, n = ARGV[i + 1], tonumber(ARGV[i + 2])
-    for j = i + 3, i + 1 + 2 * n, 2 do
+    -- engine hashes and, k per hash, their kvcm keys
+    local model, k = ARGV[i + 1], tonumber(ARGV[i + 2])
+    local keys = {}
+    for block in string.gmatch(ARGV[i + 4], '[^,]+') do keys[#keys + 1] = model .. '@' .. block end
+    local first = 1
+    for engine_hash in string.gmatch(ARGV[i + 3], '[^,]+') do
+      local value = table.concat(keys, ',', first, first + k - 1)
       if ttl > 0 then
-        redis.call('SET', 'engine:' .. model .. '@' .. ARGV[j], ARGV[j + 1], 'EX', ttl)
+        redis.call('SET', 'engine:' .. model .. '@' .. engine_hash, value, 'EX', ttl)
       else
-        redis.call('SET', 'engine:' .. model .. '@' .. ARGV[j], ARGV[j + 1])
+        redis.call('SET', 'engine:' .. model .. '@' .. engine_hash, value)
       end
+      first = first + k
     end
-    i = i + 3 + 2 * n
+    i = i + 5
   elseif op == 'P' then
     removed = removed + clear_pod(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
     i = i + 4
@@ -168,57 +175,70 @@ return {status, added, removed}
 
 _LOOKUP = r"""
 local model = ARGV[1]
-local i = 2
 local filter = nil
-local nfilter = tonumber(ARGV[i]); i = i + 1
-if nfilter >= 0 then
+if ARGV[2] ~= '' then
   filter = {}
-  for j = i, i + nfilter - 1 do filter[ARGV[j]] = true end
-  i = i + nfilter
+  for pod in string.gmatch(ARGV[2], '[^\n]+') do filter[pod] = true end
 end
 local weights = {}
+local i = 3
 local nweights = tonumber(ARGV[i]); i = i + 1
 for j = i, i + 2 * nweights - 1, 2 do weights[ARGV[j]] = tonumber(ARGV[j + 1]) end
 i = i + 2 * nweights
-local default_weight = tonumber(ARGV[i]); i = i + 1
+local default_weight = tonumber(ARGV[i])
+local blocks = ARGV[i + 1]
 
 local contract = redis.call('HMGET', 'kvcm:ns:' .. model, 'mode', 'style', 'lora')
-local current = {}
+-- every current holder "<pod>@<tier>" of the model, parsed once: not once per block
+local holders, fields_of = {}, {}
 local epochs = redis.call('HGETALL', 'kvcm:epoch:' .. model)
-for j = 1, #epochs, 2 do current[epochs[j]] = epochs[j + 1] end
+for j = 1, #epochs, 2 do
+  local field = epochs[j]
+  local at = field:match('^.*()@')
+  local pod = field:sub(1, at - 1)
+  if filter == nil or filter[pod] then
+    local tier = field:sub(at + 1)
+    holders[field] = {pod = pod, tier = tier, weight = weights[tier] or default_weight, token = epochs[j + 1]}
+    local list = fields_of[pod]
+    if not list then list = {}; fields_of[pod] = list end
+    list[#list + 1] = field
+  end
+end
 
 local runs, order = {}, {}
-for k = i, #ARGV do
-  local depth = k - i                 -- blocks before this one
-  local fields = redis.call('HGETALL', model .. '@' .. ARGV[k])
+local asked = nil         -- after block 0: the fields of the pods still in their run
+for block in string.gmatch(blocks, '[^,]+') do
+  local key = model .. '@' .. block
   local best = {}
-  for j = 1, #fields, 2 do
-    local field = fields[j]
-    if current[field] == fields[j + 1] then
-      local at = field:match('^.*()@')
-      local pod, tier = field:sub(1, at - 1), field:sub(at + 1)
-      local run = runs[pod]
-      if (depth == 0 and (filter == nil or filter[pod])) or (run and run.blocks == depth) then
-        if not run then
-          run = {blocks = 0, score = 0, tiers = {}, tier_order = {}}
-          runs[pod] = run
-          order[#order + 1] = pod
-        end
-        local w = weights[tier] or default_weight
-        if best[pod] == nil or w > best[pod] then best[pod] = w end
-        if not run.tiers[tier] then run.tier_order[#run.tier_order + 1] = tier; run.tiers[tier] = 0 end
-        run.tiers[tier] = run.tiers[tier] + 1
+  local function held(field, value)
+    local h = holders[field]
+    if h and h.token == value then
+      local run = runs[h.pod]
+      if not run then
+        run = {blocks = 0, score = 0, tiers = {}, tier_order = {}}
+        runs[h.pod] = run
+        order[#order + 1] = h.pod
       end
+      if best[h.pod] == nil or h.weight > best[h.pod] then best[h.pod] = h.weight end
+      if not run.tiers[h.tier] then run.tier_order[#run.tier_order + 1] = h.tier; run.tiers[h.tier] = 0 end
+      run.tiers[h.tier] = run.tiers[h.tier] + 1
     end
   end
-  local alive = false
+  if asked == nil or #asked > 1000 then     -- (unpack has a limit; HGETALL has none)
+    local fields = redis.call('HGETALL', key)
+    for j = 1, #fields, 2 do held(fields[j], fields[j + 1]) end
+  else
+    local values = redis.call('HMGET', key, unpack(asked))
+    for j = 1, #asked do held(asked[j], values[j]) end
+  end
+  asked = {}
   for pod, w in pairs(best) do
     local run = runs[pod]
     run.blocks = run.blocks + 1
     run.score = run.score + w
-    alive = true
+    for _, field in ipairs(fields_of[pod]) do asked[#asked + 1] = field end
   end
-  if not alive then break end
+  if #asked == 0 then break end
 end
 
 local out = {contract[1] or '', contract[2] or '', contract[3] or '0'}
@@ -259,18 +279,14 @@ def _store_error(exc):
     return StoreError("error", "index store call failed: %s" % (exc,))
 
 
+def _joined(numbers):
+    return ",".join(map(str, numbers))
+
+
 def client_url(url):
     """The URL as the Redis client takes it: valkey:// and valkeys:// are redis:// and rediss://."""
     scheme, sep, rest = url.partition("://")
     return _SCHEMES.get(scheme.lower(), scheme) + sep + rest
-
-
-def block_key(model, key):
-    return "%s@%d" % (model, key)
-
-
-def engine_value(model, keys):
-    return ",".join(block_key(model, k) for k in keys)
 
 
 class RedisStore:
@@ -290,7 +306,7 @@ class RedisStore:
             socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
             health_check_interval=0, retry=Retry(NoBackoff(), 0))   # retries are the writer's and watcher's
         self._client = aioredis.Redis(connection_pool=pool)
-        self._apply = self._client.register_script(_APPLY)
+        self._apply_sha = hashlib.sha1(_APPLY.encode()).hexdigest()
         self._lookup = self._client.register_script(_LOOKUP)
 
     async def close(self):
@@ -324,7 +340,8 @@ class RedisStore:
         history re-applied: the position does not move back), "restart" (the first batch
         of a restarted engine, as the ingest saw it: the pod is cleared first, unless the
         store has newer batches already) or ""."""
-        return [stream, seq, repr(float(ts)), _FLAGS[flag], self.ttl, pod or ""] + ops
+        return [stream, seq, repr(float(ts)), _FLAGS[flag], self.ttl, pod or ""] + [
+            _joined(x) if type(x) is list else x for x in ops]
 
     async def apply(self, batches):
         """Applies argument lists made by apply_args, in order, in one pipelined round trip.
@@ -334,12 +351,23 @@ class RedisStore:
         under maxmemory-policy noeviction, say). A StoreError is raised when the round trip
         itself failed: then some batches may have been applied, and sending them again is
         safe (their streams' sequence numbers skip them)."""
-        async def run():
+        async def run(todo):
             async with self._client.pipeline(transaction=False) as pipe:
-                for args in batches:
-                    await self._apply(args=args, client=pipe)
+                for args in todo:
+                    pipe.evalsha(self._apply_sha, 0, *args)
                 return await pipe.execute(raise_on_error=False)
-        results = await self._call("apply", run())
+
+        async def run_loading():
+            # EVALSHA alone (a registered Script would ask SCRIPT EXISTS on every pipeline);
+            # a server that restarted has forgotten the script: load it, send those again
+            results = await run(batches)
+            again = [i for i, r in enumerate(results) if isinstance(r, redis_errors.NoScriptError)]
+            if again:
+                await self._client.script_load(_APPLY)
+                for i, result in zip(again, await run([batches[i] for i in again])):
+                    results[i] = result
+            return results
+        results = await self._call("apply", run_loading())
         return [_store_error(r) if isinstance(r, Exception) else tuple(int(x) for x in r) for r in results]
 
     # -- reads -------------------------------------------------------------------------------
@@ -347,14 +375,11 @@ class RedisStore:
     async def lookup(self, model, keys, pods, weights, default_weight):
         """(contract, {pod: (score, blocks, {tier: blocks})}) for the prefix walk of keys;
         contract is (mode, style, lora) as recorded, mode "" when the namespace is unknown."""
-        args = [model, -1 if pods is None else len(pods)]
-        if pods is not None:
-            args += pods
-        args.append(len(weights))
+        # lists travel as one argument each (the client packs arguments one by one, slowly)
+        args = [model, "" if pods is None else "\n" + "\n".join(pods), len(weights)]
         for tier, w in weights.items():
             args += (tier, repr(float(w)))
-        args.append(repr(float(default_weight)))
-        args += keys
+        args += (repr(float(default_weight)), _joined(keys))
         reply = await self._call("lookup", self._lookup(args=args))
         out = {}
         i = 3
@@ -410,4 +435,4 @@ class RedisStore:
         return out
 
 
-__all__ = ["RedisStore", "StoreError", "block_key", "client_url", "engine_value"]
+__all__ = ["RedisStore", "StoreError", "client_url"]

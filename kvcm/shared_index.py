@@ -19,15 +19,17 @@ import logging
 
 from prometheus_client import Histogram
 
-from kvcm.redis_store import RedisStore, StoreError, engine_value
+from kvcm.redis_store import RedisStore, StoreError
 
 log = logging.getLogger("kvcm.shared_index")
 
 HEALTH_INTERVAL = 1.0     # seconds between pings while the store is up
 BACKOFF = (0.1, 2.0)      # first and longest wait between reconnection attempts
-CHUNK_RECORDS = 128       # records per pipelined round trip
-CHUNK_ITEMS = 65_536      # and script arguments: each round trip stays far below the timeout
-MAX_BACKLOG_ITEMS = 8_000_000   # bounds the backlog's memory whatever the events' sizes
+# Records per pipelined round trip, and their keys: the server runs scripts one at a time,
+# so a round trip's work (about 3 µs a key) delays lookups by as much: keep it to ~10 ms.
+CHUNK_RECORDS = 64
+CHUNK_KEYS = 4096
+MAX_BACKLOG_KEYS = 8_000_000   # bounds the backlog's memory whatever the events' sizes
 
 _RTT_BUCKETS = (100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0)
 ERROR_KINDS = ("timeout", "connection", "response", "busy", "error")
@@ -38,25 +40,32 @@ class IndexUnavailable(Exception):
 
 
 class Journal:
-    """The effects of the batch being applied, as the store's apply-script operations."""
-    __slots__ = ("ops", "events")
+    """The effects of the batch being applied, as the store's apply-script operations. Lists
+    of keys stay lists (RedisStore.apply_args joins each into one argument). Engine-map
+    writes commute with everything else in a batch, so all those of one namespace (and one
+    engine block size) share one operation."""
+    __slots__ = ("ops", "events", "_mappings")
 
     def __init__(self):
         self.ops = []
         self.events = 0
+        self._mappings = {}    # (model, keys per hash) -> (its engine hashes, their keys)
 
     def store(self, model, pod, tier, keys):
-        self.ops += ("S", model, _holder(pod, tier), len(keys))
-        self.ops += keys
+        self.ops += ("S", model, _holder(pod, tier), keys)
         self.events += 1
 
     def remove(self, model, pod, tier, keys):
-        self.ops += ("R", model, _holder(pod, tier), len(keys))
-        self.ops += keys
+        self.ops += ("R", model, _holder(pod, tier), keys)
         self.events += 1
 
     def map_engine(self, model, engine_hash, keys):
-        self.ops += ("M", model, 1, engine_hash, engine_value(model, keys))
+        mapping = self._mappings.get((model, len(keys)))
+        if mapping is None:
+            mapping = self._mappings[model, len(keys)] = ([], [])
+            self.ops += ("M", model, len(keys)) + mapping
+        mapping[0].append(engine_hash)
+        mapping[1].extend(keys)
 
     def clear_pod(self, pod, tier, model=None):
         self.ops += ("P", pod, tier or "", model or "")
@@ -71,16 +80,17 @@ class Journal:
 
     def take(self):
         ops, events = self.ops, self.events
-        self.ops, self.events = [], 0
+        self.ops, self.events, self._mappings = [], 0, {}
         return ops, events
 
 
 class _Record:
-    __slots__ = ("stream", "pod", "seq", "ts", "flag", "ops", "events")
+    __slots__ = ("stream", "pod", "seq", "ts", "flag", "ops", "events", "size")
 
     def __init__(self, stream, pod, seq, ts, flag, ops, events):
         self.stream, self.pod, self.seq, self.ts = stream, pod, seq, ts
         self.flag, self.ops, self.events = flag, ops, events
+        self.size = len(ops) + sum(len(x) for x in ops if type(x) is list)   # arguments and keys
 
 
 class SharedIndex:
@@ -104,7 +114,7 @@ class SharedIndex:
                          "entries_added": 0, "entries_removed": 0, "engine_hashes_fetched": 0}
         self._backlog = collections.deque()
         self._backlog_events = 0
-        self._backlog_items = 0
+        self._backlog_keys = 0
         self._cleared_after_drop = set()   # pods with a clear queued after their last dropped record
         self._sink = None
         self._wake_writer = None
@@ -233,13 +243,13 @@ class SharedIndex:
 
     def _enqueue(self, record):
         if (self._backlog_events + record.events > self.max_backlog_events
-                or self._backlog_items + len(record.ops) > MAX_BACKLOG_ITEMS) and record.stream:
+                or self._backlog_keys + record.size > MAX_BACKLOG_KEYS) and record.stream:
             self._drop(record)
             return
         self._cleared_after_drop.discard(record.pod)
         self._backlog.append(record)
         self._backlog_events += record.events
-        self._backlog_items += len(record.ops)
+        self._backlog_keys += record.size
         if self.up:
             self._wake_writer.set()
 
@@ -255,9 +265,10 @@ class SharedIndex:
             clear = Journal()
             clear.clear_pod(record.pod, None)
             ops, events = clear.take()
-            self._backlog.append(_Record("", record.pod, 0, 0.0, "", ops, events))
+            marker = _Record("", record.pod, 0, 0.0, "", ops, events)
+            self._backlog.append(marker)
             self._backlog_events += events
-            self._backlog_items += len(ops)
+            self._backlog_keys += marker.size
 
     @property
     def backlog_events(self):
@@ -277,19 +288,19 @@ class SharedIndex:
     async def _write_some(self):
         """Writes the oldest records in one round trip; they leave the backlog only once the
         store has answered."""
-        chunk, items = [], 0
+        chunk, keys = [], 0
         for record in self._backlog:
-            if chunk and (len(chunk) == CHUNK_RECORDS or items + len(record.ops) > CHUNK_ITEMS):
+            if chunk and (len(chunk) == CHUNK_RECORDS or keys + record.size > CHUNK_KEYS):
                 break
             chunk.append(record)
-            items += len(record.ops)
+            keys += record.size
         store = self.store
         results = await store.apply([store.apply_args(r.stream, r.seq, r.ts, r.flag, r.pod, r.ops)
                                      for r in chunk])
         for record, result in zip(chunk, results):
             self._backlog.popleft()
             self._backlog_events -= record.events
-            self._backlog_items -= len(record.ops)
+            self._backlog_keys -= record.size
             if isinstance(result, StoreError):
                 self.errors[result.kind] += 1
                 self.counters["records_refused"] += 1
