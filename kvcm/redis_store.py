@@ -206,39 +206,66 @@ for j = 1, #epochs, 2 do
 end
 
 local runs, order = {}, {}
-local asked = nil         -- after block 0: the fields of the pods still in their run
+local function run_of(pod)
+  local run = runs[pod]
+  if not run then
+    run = {blocks = 0, score = 0, tiers = {}, tier_order = {}}
+    runs[pod] = run
+    order[#order + 1] = pod
+  end
+  return run
+end
+-- after block 0 the walk asks each block for the fields of the pods still in their run
+-- (HMGET), and rebuilds that list only when a pod drops out
+local asked, asked_holders, alive = nil, nil, 0
+local depth = 0           -- blocks walked so far
+local best, held          -- this block: each holding pod's best tier weight, and their number
+local function hit(h)
+  local run = run_of(h.pod)
+  local b = best[h.pod]
+  if b == nil then held = held + 1 end
+  if b == nil or h.weight > b then best[h.pod] = h.weight end
+  local tiers = run.tiers
+  local n = tiers[h.tier]
+  if not n then run.tier_order[#run.tier_order + 1] = h.tier; n = 0 end
+  tiers[h.tier] = n + 1
+end
 for block in string.gmatch(blocks, '[^,]+') do
   local key = model .. '@' .. block
-  local best = {}
-  local function held(field, value)
-    local h = holders[field]
-    if h and h.token == value then
-      local run = runs[h.pod]
-      if not run then
-        run = {blocks = 0, score = 0, tiers = {}, tier_order = {}}
-        runs[h.pod] = run
-        order[#order + 1] = h.pod
-      end
-      if best[h.pod] == nil or h.weight > best[h.pod] then best[h.pod] = h.weight end
-      if not run.tiers[h.tier] then run.tier_order[#run.tier_order + 1] = h.tier; run.tiers[h.tier] = 0 end
-      run.tiers[h.tier] = run.tiers[h.tier] + 1
-    end
-  end
+  best, held = {}, 0
   if asked == nil or #asked > 1000 then     -- (unpack has a limit; HGETALL has none)
     local fields = redis.call('HGETALL', key)
-    for j = 1, #fields, 2 do held(fields[j], fields[j + 1]) end
+    for j = 1, #fields, 2 do
+      local h = holders[fields[j]]
+      if h and h.token == fields[j + 1] then
+        local run = runs[h.pod]
+        if depth == 0 or (run and run.blocks == depth) then hit(h) end
+      end
+    end
   else
     local values = redis.call('HMGET', key, unpack(asked))
-    for j = 1, #asked do held(asked[j], values[j]) end
+    for j = 1, #asked do
+      local h = asked_holders[j]
+      if values[j] == h.token then hit(h) end
+    end
   end
-  asked = {}
+  if held == 0 then break end
   for pod, w in pairs(best) do
     local run = runs[pod]
     run.blocks = run.blocks + 1
     run.score = run.score + w
-    for _, field in ipairs(fields_of[pod]) do asked[#asked + 1] = field end
   end
-  if #asked == 0 then break end
+  depth = depth + 1
+  if held ~= alive or asked == nil then
+    asked, asked_holders = {}, {}
+    for pod in pairs(best) do
+      for _, field in ipairs(fields_of[pod]) do
+        asked[#asked + 1] = field
+        asked_holders[#asked_holders + 1] = holders[field]
+      end
+    end
+  end
+  alive = held
 end
 
 local out = {contract[1] or '', contract[2] or '', contract[3] or '0'}

@@ -385,3 +385,31 @@ def test_a_replica_taking_over_a_decoupled_stream_resolves_parents_through_the_s
     finally:
         a.close()
         b.close()
+
+
+@on_uvloop
+async def test_a_lookup_over_more_holders_than_one_call_can_ask_for(redis_server):
+    """Past block 0 the lookup asks only for the fields of the pods still in their run, in
+    one HMGET; with over 1000 such fields it reads whole blocks instead. Both ways agree
+    with the in-memory walk."""
+    memory = _core.Index()
+    store = RedisStore(redis_server.url)
+    chain = [5000 + i for i in range(4)]
+    journal = Journal()
+    try:
+        for p in range(1100):
+            pod, held = "p%04d" % p, chain[:1 + p % 4]
+            for tier in (("gpu", "cpu") if p % 3 == 0 else ("gpu",)):
+                memory.store("m", pod, tier, held)
+                journal.store("m", pod, tier, list(held))
+        ops, _ = journal.take()
+        (result,) = await store.apply([store.apply_args("", 0, 0.0, "", "", ops)])
+        assert result[1] == memory.stats()["entries"]
+        scorer = _core.Scorer()
+        for pods in (None, ["p0003", "p0007", "p0010"]):
+            want = _rounded(scorer.score_detailed(memory, "m", chain, pods))
+            _, got = await store.lookup("m", chain, pods, scorer.weights, scorer.default_weight)
+            assert _rounded(got) == want
+        assert len(want) == 3 and len(got) == 3
+    finally:
+        await store.close()
