@@ -227,17 +227,17 @@ LOOKUP_CALLS, LOOKUP_WARMUP = 2000, 100   # calls per case in all (over --repeat
 CONCURRENT, CONCURRENT_ROUNDS = 16, 20
 PROBE_CALLS = 150   # in all, over --repeats rounds
 PACK_CALLS = 300
-# Scripts taking the lookup script's arguments (model, -1, weights, default weight, keys) that
-# do part of its work, to split its server-side time: the call, the walk of HGETALLs, and the
-# walk plus splitting each field into pod and tier as kvcm's script does.
-_PROBE_KEYS = "local first = 4 + 2 * tonumber(ARGV[3]) + 1\n"
+# Scripts taking the lookup script's arguments (RedisStore.lookup_args: the model first, the
+# keys comma-joined last) that do part of its work, to split its server-side time: the call,
+# the walk of HGETALLs, and the walk plus splitting each field into pod and tier.
+_PROBE_KEYS = "local blocks = string.gmatch(ARGV[#ARGV], '[^,]+')\n"
 PROBES = (
-    ("return at once (the call and its 264 arguments)", "return 1"),
+    ("return at once (the call and its arguments)", "return 1"),
     ("HGETALL every block key, nothing else",
-     _PROBE_KEYS + "for k = first, #ARGV do redis.call('HGETALL', ARGV[1] .. '@' .. ARGV[k]) end return 1"),
+     _PROBE_KEYS + "for k in blocks do redis.call('HGETALL', ARGV[1] .. '@' .. k) end return 1"),
     ("HGETALL every block key + split each field into pod and tier",
-     _PROBE_KEYS + "local n = 0\nfor k = first, #ARGV do\n"
-     "  local fields = redis.call('HGETALL', ARGV[1] .. '@' .. ARGV[k])\n"
+     _PROBE_KEYS + "local n = 0\nfor k in blocks do\n"
+     "  local fields = redis.call('HGETALL', ARGV[1] .. '@' .. k)\n"
      "  for j = 1, #fields, 2 do\n"
      "    local at = fields[j]:match('^.*()@')\n"
      "    local pod, tier = fields[j]:sub(1, at - 1), fields[j]:sub(at + 1)\n"
@@ -395,8 +395,7 @@ async def bench_lookup(server, repeats):
 
         # the client's share: redis-py packing the lookup's EVALSHA, in-process, nothing sent
         packer = RespConnection()
-        command = ["EVALSHA", "0" * 40, 0, NS, -1, len(weights)]   # the lookup's arguments, as RedisStore sends
-        command += [x for t, w in weights.items() for x in (t, repr(float(w)))] + [repr(float(default))] + list(keys)
+        command = ["EVALSHA", "0" * 40, 0] + redis_store.RedisStore.lookup_args(NS, list(keys), None, weights, default)
         pack_ns = percentiles(await time_calls(lambda: packer.pack_command(*command), PACK_CALLS, clock, False))
         rows.append(row("redis: client side: redis-py packing the lookup's EVALSHA (%d arguments)" % len(command),
                         pack_ns[0] / 1e3, "µs", p99=pack_ns[1] / 1e3,
@@ -405,8 +404,7 @@ async def bench_lookup(server, repeats):
 
 
         # where the server's time goes: probe scripts over the same 256 keys (commandstats means)
-        args = [NS, -1, len(weights)] + [x for t, w in weights.items() for x in (t, repr(float(w)))]
-        args += [repr(float(default))] + [str(k) for k in keys]
+        args = redis_store.RedisStore.lookup_args(NS, list(keys), None, weights, default)
         shas = [server.sync.script_load(script) for _, script in PROBES]
         probe_usec = collections.Counter()
         for _ in range(repeats):  # the probes take turns too

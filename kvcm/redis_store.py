@@ -189,96 +189,99 @@ local default_weight = tonumber(ARGV[i])
 local blocks = ARGV[i + 1]
 
 local contract = redis.call('HMGET', 'kvcm:ns:' .. model, 'mode', 'style', 'lora')
--- every current holder "<pod>@<tier>" of the model, parsed once: not once per block
-local holders, fields_of = {}, {}
+-- Every current holder "<pod>@<tier>" of the model, parsed once into flat arrays indexed by
+-- field number f (name, pod number, tier, weight, epoch token, blocks held in the run); the
+-- walk below then allocates nothing per block but when a pod drops out.
+local field_no, f_name, f_pod, f_tier, f_weight, f_token, f_count = {}, {}, {}, {}, {}, {}, {}
+local pod_no, pods, pod_fields = {}, {}, {}
 local epochs = redis.call('HGETALL', 'kvcm:epoch:' .. model)
 for j = 1, #epochs, 2 do
   local field = epochs[j]
   local at = field:match('^.*()@')
   local pod = field:sub(1, at - 1)
   if filter == nil or filter[pod] then
+    local p = pod_no[pod]
+    if not p then
+      p = #pods + 1
+      pod_no[pod], pods[p], pod_fields[p] = p, pod, {}
+    end
+    local f = #f_pod + 1
     local tier = field:sub(at + 1)
-    holders[field] = {pod = pod, tier = tier, weight = weights[tier] or default_weight, token = epochs[j + 1]}
-    local list = fields_of[pod]
-    if not list then list = {}; fields_of[pod] = list end
-    list[#list + 1] = field
+    field_no[field], f_name[f] = f, field
+    f_pod[f], f_tier[f], f_weight[f], f_token[f], f_count[f] = p, tier, weights[tier] or default_weight, epochs[j + 1], 0
+    pod_fields[p][#pod_fields[p] + 1] = f
   end
 end
 
-local runs, order = {}, {}
-local function run_of(pod)
-  local run = runs[pod]
-  if not run then
-    run = {blocks = 0, score = 0, tiers = {}, tier_order = {}}
-    runs[pod] = run
-    order[#order + 1] = pod
+local p_blocks, p_score, p_best, p_stamp = {}, {}, {}, {}
+for p = 1, #pods do p_blocks[p], p_score[p], p_stamp[p] = 0, 0, -1 end
+local depth = 0                      -- blocks walked so far
+local held, nheld = {}, 0            -- the pods holding the current block
+local order = {}                     -- pods in the order they were first seen
+local function hit(f)
+  local p = f_pod[f]
+  if p_stamp[p] ~= depth then
+    if depth > 0 and p_blocks[p] ~= depth then return end   -- its run ended before
+    p_stamp[p], p_best[p] = depth, f_weight[f]
+    nheld = nheld + 1
+    held[nheld] = p
+  elseif f_weight[f] > p_best[p] then
+    p_best[p] = f_weight[f]
   end
-  return run
+  f_count[f] = f_count[f] + 1
 end
--- after block 0 the walk asks each block for the fields of the pods still in their run
--- (HMGET), and rebuilds that list only when a pod drops out
-local asked, asked_holders, alive = nil, nil, 0
-local depth = 0           -- blocks walked so far
-local best, held          -- this block: each holding pod's best tier weight, and their number
-local function hit(h)
-  local run = run_of(h.pod)
-  local b = best[h.pod]
-  if b == nil then held = held + 1 end
-  if b == nil or h.weight > b then best[h.pod] = h.weight end
-  local tiers = run.tiers
-  local n = tiers[h.tier]
-  if not n then run.tier_order[#run.tier_order + 1] = h.tier; n = 0 end
-  tiers[h.tier] = n + 1
-end
+-- after block 0 the walk asks each block only for the fields of the pods still in their
+-- run (HMGET), and lists those again only when a pod drops out
+local asked, asked_f, alive = nil, nil, -1
 for block in string.gmatch(blocks, '[^,]+') do
   local key = model .. '@' .. block
-  best, held = {}, 0
+  nheld = 0
   if asked == nil or #asked > 1000 then     -- (unpack has a limit; HGETALL has none)
     local fields = redis.call('HGETALL', key)
     for j = 1, #fields, 2 do
-      local h = holders[fields[j]]
-      if h and h.token == fields[j + 1] then
-        local run = runs[h.pod]
-        if depth == 0 or (run and run.blocks == depth) then hit(h) end
-      end
+      local f = field_no[fields[j]]
+      if f and f_token[f] == fields[j + 1] then hit(f) end
     end
   else
     local values = redis.call('HMGET', key, unpack(asked))
     for j = 1, #asked do
-      local h = asked_holders[j]
-      if values[j] == h.token then hit(h) end
+      if values[j] == f_token[asked_f[j]] then hit(asked_f[j]) end
     end
   end
-  if held == 0 then break end
-  for pod, w in pairs(best) do
-    local run = runs[pod]
-    run.blocks = run.blocks + 1
-    run.score = run.score + w
+  if nheld == 0 then break end
+  for k = 1, nheld do
+    local p = held[k]
+    if depth == 0 then order[#order + 1] = p end
+    p_blocks[p] = p_blocks[p] + 1
+    p_score[p] = p_score[p] + p_best[p]
   end
   depth = depth + 1
-  if held ~= alive or asked == nil then
-    asked, asked_holders = {}, {}
-    for pod in pairs(best) do
-      for _, field in ipairs(fields_of[pod]) do
-        asked[#asked + 1] = field
-        asked_holders[#asked_holders + 1] = holders[field]
+  if nheld ~= alive then
+    asked, asked_f = {}, {}
+    for k = 1, nheld do
+      for _, f in ipairs(pod_fields[held[k]]) do
+        asked[#asked + 1] = f_name[f]
+        asked_f[#asked_f + 1] = f
       end
     end
+    alive = nheld
   end
-  alive = held
 end
 
 local out = {contract[1] or '', contract[2] or '', contract[3] or '0'}
-for _, pod in ipairs(order) do
-  local run = runs[pod]
-  out[#out + 1] = pod
-  out[#out + 1] = run.blocks
-  out[#out + 1] = string.format('%.17g', run.score)
-  out[#out + 1] = #run.tier_order
-  for _, tier in ipairs(run.tier_order) do
-    out[#out + 1] = tier
-    out[#out + 1] = run.tiers[tier]
+for _, p in ipairs(order) do
+  local tiers = {}
+  for _, f in ipairs(pod_fields[p]) do
+    if f_count[f] > 0 then
+      tiers[#tiers + 1] = f_tier[f]
+      tiers[#tiers + 1] = f_count[f]
+    end
   end
+  out[#out + 1] = pods[p]
+  out[#out + 1] = p_blocks[p]
+  out[#out + 1] = string.format('%.17g', p_score[p])
+  out[#out + 1] = #tiers / 2
+  for _, x in ipairs(tiers) do out[#out + 1] = x end
 end
 return out
 """
@@ -399,15 +402,19 @@ class RedisStore:
 
     # -- reads -------------------------------------------------------------------------------
 
-    async def lookup(self, model, keys, pods, weights, default_weight):
-        """(contract, {pod: (score, blocks, {tier: blocks})}) for the prefix walk of keys;
-        contract is (mode, style, lora) as recorded, mode "" when the namespace is unknown."""
-        # lists travel as one argument each (the client packs arguments one by one, slowly)
+    @staticmethod
+    def lookup_args(model, keys, pods, weights, default_weight):
+        """The lookup script's arguments. Lists travel as one argument each: the client packs
+        arguments one by one, in Python."""
         args = [model, "" if pods is None else "\n" + "\n".join(pods), len(weights)]
         for tier, w in weights.items():
             args += (tier, repr(float(w)))
-        args += (repr(float(default_weight)), _joined(keys))
-        reply = await self._call("lookup", self._lookup(args=args))
+        return args + [repr(float(default_weight)), _joined(keys)]
+
+    async def lookup(self, model, keys, pods, weights, default_weight):
+        """(contract, {pod: (score, blocks, {tier: blocks})}) for the prefix walk of keys;
+        contract is (mode, style, lora) as recorded, mode "" when the namespace is unknown."""
+        reply = await self._call("lookup", self._lookup(args=self.lookup_args(model, keys, pods, weights, default_weight)))
         out = {}
         i = 3
         while i < len(reply):
