@@ -25,11 +25,12 @@ def shared():
     return SHARED
 
 
-@pytest.fixture(scope="session")
-def redis_session():
-    """One real Redis-protocol server for the session (tests/redis_server.py)."""
+@pytest.fixture(scope="session", params=["redis", "valkey"])
+def redis_session(request):
+    """One real Redis-protocol server for the session, of each kind: every shared-index test
+    runs against Redis and against Valkey (tests/redis_server.py)."""
     from redis_server import start_server
-    server = start_server()
+    server = start_server(kind=request.param)
     yield server
     server.close()
 

