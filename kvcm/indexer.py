@@ -48,7 +48,8 @@ class Indexer:
                              engines=cfg.engines, replay_endpoints=cfg.replay_endpoint,
                              on_applied=None if self.shared is None else self.shared.batch_done,
                              clears_on_restart=self.shared is None,
-                             prefetch=None if self.shared is None else self.shared.prefetch)
+                             prefetch=None if self.shared is None else self.shared.prefetch,
+                             position=None if self.shared is None else self.shared.position)
         if self.shared is not None:
             self.shared.on_switch = self.ingest.resync_namespace
         self.tokenizers = tokenizers if tokenizers is not None else TokenizerRegistry(

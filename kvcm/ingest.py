@@ -166,7 +166,7 @@ class Ingest:
                  replay_endpoints=None, batch_budget=256, turn_seconds=0.0002, replay_timeout=2.0, replay_interval=1.0,
                  max_held=8192, max_streams=4096, max_engines=1024, max_replays=16,
                  max_replay_batches=10_000, rcvhwm=10_000, on_applied=None, clears_on_restart=True,
-                 prefetch=None):
+                 prefetch=None, position=None):
         self._sink = sink
         # A shared index takes each applied batch's effects (on_applied(stream, seq, resync))
         # and detects engine restarts itself, atomically with the restarted stream's first
@@ -177,6 +177,8 @@ class Ingest:
         # from another replica): prefetch(missing) brings them in before the batch applies,
         # the stream's later batches held meanwhile, as during a replay.
         self._prefetch = prefetch
+        # position(stream): the seq a shared index last applied for the stream, or None.
+        self._position = position
         self._binds = [check_endpoint(ep, "--zmq-bind") for ep in binds]
         self._topic_prefix = topic_prefix.encode("utf-8")
         self._replay_endpoints = {pod: check_endpoint(ep, "replay endpoint of pod %r" % pod)
@@ -373,7 +375,14 @@ class Ingest:
         stream.last_time = time.monotonic()
         previous, stream.live_seq = stream.live_seq, seq
         if previous is None:
-            stream.last_seq = seq                       # first sighting: the baseline
+            # First sighting: the baseline, unless a shared index has the stream further back
+            # (another replica ingested it): then what lies between is a gap like any other.
+            known = self._position(stream) if self._position is not None else None
+            if known is not None and known + 1 < seq:
+                stream.last_seq = known
+                self._advance(stream, seq, payload, may_replay=True)
+                return
+            stream.last_seq = seq
             self._apply(stream, seq, payload)
         elif seq < previous:
             # One publisher's live feed is ordered, so going backwards means a new process.

@@ -14,6 +14,7 @@ kvcm's own bookkeeping lives under `kvcm:`:
     kvcm:ns:<model>                hash mode, style, lora: the namespace's hash contract
     kvcm:models                    set of namespaces
     kvcm:stream:<pod>@<model>@<dp rank>   hash seq, ts: the last batch applied
+    kvcm:streams                   set of those stream ids
     kvcm:generation                counter behind fresh epoch tokens
 
 A block field's value is the epoch token of its holder when it was stored; an entry counts
@@ -102,6 +103,7 @@ if ARGV[1] ~= '' then
     end
   end
   redis.call('HSET', key, 'seq', new_seq, 'ts', new_ts)
+  if not last[1] then redis.call('SADD', 'kvcm:streams', ARGV[1]) end
   if status == 2 then removed = clear_pod(ARGV[6], '', '') end
 end
 
@@ -436,6 +438,17 @@ class RedisStore:
             return {m: (s[0], s[1] or "unknown", s[2] == "1")
                     for m, s in zip(models, states) if s[0]}
         return await self._call("namespaces", run())
+
+    async def stream_positions(self):
+        """{stream id: seq of the last batch applied}."""
+        async def run():
+            streams = sorted(await self._client.smembers("kvcm:streams"))
+            async with self._client.pipeline(transaction=False) as pipe:
+                for stream in streams:
+                    pipe.hget("kvcm:stream:" + stream, "seq")
+                seqs = await pipe.execute()
+            return {stream: int(seq) for stream, seq in zip(streams, seqs) if seq is not None}
+        return await self._call("positions", run())
 
     async def holder_counts(self):
         """{pod: {tier: entries}} over every namespace."""

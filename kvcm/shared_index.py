@@ -24,6 +24,7 @@ from kvcm.redis_store import RedisStore, StoreError
 log = logging.getLogger("kvcm.shared_index")
 
 HEALTH_INTERVAL = 1.0     # seconds between pings while the store is up
+POSITIONS_INTERVAL = 5.0  # seconds between reads of the streams' recorded positions
 BACKOFF = (0.1, 2.0)      # first and longest wait between reconnection attempts
 # Records per pipelined round trip, and their keys: the server runs scripts one at a time,
 # so a round trip's work (about 3 µs a key) delays lookups by as much: keep it to ~10 ms.
@@ -123,6 +124,8 @@ class SharedIndex:
         self._closing = False
         self._down_reason = "not connected yet"
         self.on_switch = None     # called with a model another replica switched to decoupled
+        self._positions = {}      # stream id -> seq last applied, as read from the store
+        self._positions_read = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -183,12 +186,17 @@ class SharedIndex:
 
     async def _watch(self, first):
         """Pings the store: every HEALTH_INTERVAL while up, with backoff while down. Also
-        brings in the namespace contracts other replicas recorded."""
+        brings in the namespace contracts other replicas recorded, and (every
+        POSITIONS_INTERVAL) the streams' recorded positions."""
         delay = BACKOFF[0]
         while not self._closing:
+            loop_time = asyncio.get_running_loop().time()
             try:
                 await self.store.ping()
                 contracts = await self.store.namespaces()
+                if self._positions_read is None or loop_time - self._positions_read >= POSITIONS_INTERVAL:
+                    self._positions = await self.store.stream_positions()
+                    self._positions_read = loop_time
             except StoreError as exc:
                 self._failed(exc)
                 if not first.done():
@@ -224,6 +232,12 @@ class SharedIndex:
             self.on_switch(model)
         return after != before
 
+    def position(self, stream):
+        """The seq the store last applied for an ingest stream (read at most POSITIONS_INTERVAL
+        ago), or None: a replica that takes a stream over continues from there, replaying
+        only what no replica applied."""
+        return self._positions.get(_stream_id(stream))
+
     # -- writes ------------------------------------------------------------------------------
 
     def batch_done(self, stream, seq, resync=False):
@@ -235,7 +249,7 @@ class SharedIndex:
         ops, events = self.journal.take()
         if not ops:
             return
-        name = "%s@%s@%d" % (_escape(stream.pod), _escape(stream.model), stream.dp_rank)
+        name = _stream_id(stream)
         flag = "resync" if resync else ""
         if getattr(stream, "restarted", False):
             flag, stream.restarted = "restart", False
@@ -381,6 +395,10 @@ class SharedIndex:
 def _holder(pod, tier):
     """A block field: the store splits it at its last '@', so a tier must not hold one."""
     return pod + "@" + tier.replace("@", "%40")
+
+
+def _stream_id(stream):
+    return "%s@%s@%d" % (_escape(stream.pod), _escape(stream.model), stream.dp_rank)
 
 
 def _escape(name):

@@ -413,3 +413,42 @@ async def test_a_lookup_over_more_holders_than_one_call_can_ask_for(redis_server
         assert len(want) == 3 and len(got) == 3
     finally:
         await store.close()
+
+
+def test_a_replica_taking_over_a_stream_replays_only_what_no_replica_applied(redis_server):
+    """A's stream reached seq 2 in the store; batches 3 and 4 reached no replica; B, started
+    afterwards, first sees seq 5. B continues from the store's position: it asks the
+    engine's replay endpoint for 3 onwards (not from 0, and not nothing)."""
+    from aio import free_port, poll_until
+    from serving import Engine, InProcess
+
+    replay = "tcp://127.0.0.1:%d" % free_port()
+    ids = tokens(21, 6)
+    a = InProcess("--index", redis_server.url)
+    b = None
+    with Engine(a.client, a.zmq_endpoint, "pa", QWEN, replay_endpoint=replay) as engine:
+        try:
+            engine.connect()
+            for i in range(3):
+                engine.send(stored(ids[:16 * (i + 1)], i))
+            poll_until(lambda: redis_server.client().hget("kvcm:stream:pa@%s@0" % QWEN, "seq") == "2",
+                       "seq 2 in the store")
+            a, first = None, a
+            first.close()
+            for i in (3, 4):      # published while no replica listened
+                engine.pub.publish_raw(encode_batch([stored(ids[:16 * (i + 1)], i)]), seq=i, deliver=False)
+            b = InProcess("--index", redis_server.url, "--replay-endpoint", "pa=" + replay)
+            engine.client = b.client
+            engine.pub.socket.connect(b.zmq_endpoint)   # a PUB may connect to several SUBs
+            engine.connect()
+            engine.send(stored(ids, 5), seq=5)
+            poll_until(lambda: b.client.score(QWEN, token_ids=ids)["scores"] == {"pa": 6.0},
+                       "all six blocks, 3 and 4 by replay")
+            stream = b.client.stream("pa", QWEN)
+            assert stream["replays"] == 1 and stream["missed_batches"] == 0, stream
+            # the replay started at 3: nothing the store had applied came again
+            assert b.client.metrics()[("kvcm_redis_records_duplicate_total", ())] == 0
+        finally:
+            for replica in (a, b):
+                if replica is not None:
+                    replica.close()
