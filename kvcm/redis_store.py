@@ -116,16 +116,21 @@ while i <= #ARGV do
     local changed = 0
     for block in string.gmatch(ARGV[i + 3], '[^,]+') do
       local key = model .. '@' .. block
-      local held = redis.call('HGET', key, field)
       if op == 'S' then
-        if held ~= token then
-          redis.call('HSET', key, field, token)
+        -- most stores are of new entries: one call for those
+        if redis.call('HSETNX', key, field, token) == 1 then
+          changed = changed + 1
+        elseif redis.call('HGET', key, field) ~= token then
+          redis.call('HSET', key, field, token)    -- left by a clear: an entry again
           changed = changed + 1
         end
         if ttl > 0 then redis.call('EXPIRE', key, ttl) end
-      elseif held then
-        redis.call('HDEL', key, field)
-        if held == token then changed = changed - 1 end
+      else
+        local held = redis.call('HGET', key, field)
+        if held then
+          redis.call('HDEL', key, field)
+          if held == token then changed = changed - 1 end
+        end
       end
     end
     if changed ~= 0 then redis.call('HINCRBY', 'kvcm:count:' .. model, field, changed) end
