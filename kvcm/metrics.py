@@ -161,7 +161,8 @@ class _IndexerCollector:
                            ("backlog_dropped_events", "Events dropped because the backlog was full"),
                            ("entries_added", "(block, pod, tier) entries the store added"),
                            ("entries_removed", "(block, pod, tier) entries the store removed or cleared"),
-                           ("engine_hashes_fetched", "Engine hashes learnt from the store (streams taken over)")):
+                           ("engine_hashes_fetched", "Engine hashes learnt from the store (streams taken over)"),
+                           ("writes_refused_full", "Write round trips the store refused for lack of memory (retried)")):
             yield _counter("kvcm_redis_%s_total" % name, text, shared.counters[name])
         yield GaugeMetricFamily("kvcm_index_engine_map_entries", "Engine hash -> kvcm key entries cached locally",
                                 value=self.indexer.index.stats()["engine_map_entries"])

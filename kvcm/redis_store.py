@@ -299,10 +299,11 @@ _FLAGS = {"": "0", "resync": "1", "restart": "2"}
 
 class StoreError(Exception):
     """A call to the store failed; `kind` (timeout, connection, response, busy, error)
-    labels it."""
+    labels it. `out_of_memory`: the server refused a write under maxmemory (retryable)."""
 
-    def __init__(self, kind, message):
+    def __init__(self, kind, message, out_of_memory=False):
         self.kind = kind
+        self.out_of_memory = out_of_memory
         super().__init__(message)
 
 
@@ -312,7 +313,8 @@ def _store_error(exc):
     if isinstance(exc, (redis_errors.ConnectionError, OSError)):
         return StoreError("connection", "cannot reach the index store: %s" % (exc,))
     if isinstance(exc, redis_errors.ResponseError):
-        return StoreError("response", "the index store refused a call: %s" % (exc,))
+        return StoreError("response", "the index store refused a call: %s" % (exc,),
+                          out_of_memory=isinstance(exc, redis_errors.OutOfMemoryError))
     return StoreError("error", "index store call failed: %s" % (exc,))
 
 

@@ -112,7 +112,8 @@ class SharedIndex:
         self.errors = dict.fromkeys(ERROR_KINDS, 0)
         self.counters = {"records_written": 0, "records_duplicate": 0, "restarts_detected": 0,
                          "records_refused": 0, "backlog_dropped_events": 0, "backlog_dropped_records": 0,
-                         "entries_added": 0, "entries_removed": 0, "engine_hashes_fetched": 0}
+                         "entries_added": 0, "entries_removed": 0, "engine_hashes_fetched": 0,
+                         "writes_refused_full": 0}
         self._backlog = collections.deque()
         self._backlog_events = 0
         self._backlog_keys = 0
@@ -154,7 +155,8 @@ class SharedIndex:
         problem = None if self.up else self._down_reason
         while self._backlog and problem is None and loop.time() < deadline:
             try:
-                await self._write_some()
+                if not await self._write_some():
+                    problem = "the store is out of memory"
             except StoreError as exc:
                 problem = exc
         if self._backlog:
@@ -273,16 +275,22 @@ class SharedIndex:
         if self.counters["backlog_dropped_records"] == 1:
             log.warning("shared index: backlog full (%d events); dropping batches and clearing their "
                         "pods once the store is back", self.max_backlog_events)
-        if record.pod not in self._cleared_after_drop:
-            # outside the bound: at most one per pod, and the pod's state must not stay stale
-            self._cleared_after_drop.add(record.pod)
-            clear = Journal()
-            clear.clear_pod(record.pod, None)
-            ops, events = clear.take()
-            marker = _Record("", record.pod, 0, 0.0, "", ops, events)
-            self._backlog.append(marker)
-            self._backlog_events += events
-            self._backlog_keys += marker.size
+        self._clear_later(record.pod)
+
+    def _clear_later(self, pod):
+        """Queues a clear of a pod some of whose batches were lost, after what is queued:
+        its entries may then be missing, never stale. Outside the backlog's bound: at most
+        one per pod between two of its records."""
+        if pod in self._cleared_after_drop:
+            return
+        self._cleared_after_drop.add(pod)
+        clear = Journal()
+        clear.clear_pod(pod, None)
+        ops, events = clear.take()
+        marker = _Record("", pod, 0, 0.0, "", ops, events)
+        self._backlog.append(marker)
+        self._backlog_events += events
+        self._backlog_keys += marker.size
 
     @property
     def backlog_events(self):
@@ -294,14 +302,18 @@ class SharedIndex:
             self._wake_writer.clear()
             while self._backlog and self.up:
                 try:
-                    await self._write_some()
+                    if not await self._write_some():
+                        # the store is full and takes no writes: records wait, in order
+                        # (the backlog's bound still applies), and scoring goes on
+                        await asyncio.sleep(BACKOFF[1])
                 except StoreError as exc:
                     self._failed(exc)
                     break
 
     async def _write_some(self):
         """Writes the oldest records in one round trip; they leave the backlog only once the
-        store has answered."""
+        store has answered. False when the store refused writes for lack of memory (the
+        refused record and those after it stay queued)."""
         chunk, keys = [], 0
         for record in self._backlog:
             if chunk and (len(chunk) == CHUNK_RECORDS or keys + record.size > CHUNK_KEYS):
@@ -312,14 +324,25 @@ class SharedIndex:
         results = await store.apply([store.apply_args(r.stream, r.seq, r.ts, r.flag, r.pod, r.ops)
                                      for r in chunk])
         for record, result in zip(chunk, results):
+            if isinstance(result, StoreError):
+                self.errors[result.kind] += 1
+                if result.out_of_memory:
+                    self.counters["writes_refused_full"] += 1
+                    if self.counters["writes_refused_full"] == 1:
+                        log.error("shared index: the store is out of memory and refuses writes; "
+                                  "batches wait in the backlog (set maxmemory-policy allkeys-lru): %s", result)
+                    return False
             self._backlog.popleft()
             self._backlog_events -= record.events
             self._backlog_keys -= record.size
             if isinstance(result, StoreError):
-                self.errors[result.kind] += 1
+                # a batch the store cannot apply at all: it is lost, and its pod cleared
                 self.counters["records_refused"] += 1
                 if self.counters["records_refused"] == 1:
-                    log.error("shared index: the store refused a batch of %s: %s", record.pod, result)
+                    log.error("shared index: the store refused a batch of %s (its pod will be "
+                              "cleared): %s", record.pod, result)
+                if record.stream:
+                    self._clear_later(record.pod)
                 continue
             status, added, removed = result
             if status == 0:
@@ -329,6 +352,7 @@ class SharedIndex:
             self.counters["restarts_detected"] += status == 2
             self.counters["entries_added"] += added
             self.counters["entries_removed"] += removed
+        return True
 
     async def prefetch(self, missing):
         """Brings engine hashes other replicas recorded into the local engine-map cache

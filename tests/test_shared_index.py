@@ -452,3 +452,36 @@ def test_a_replica_taking_over_a_stream_replays_only_what_no_replica_applied(red
             for replica in (a, b):
                 if replica is not None:
                     replica.close()
+
+
+@on_uvloop
+async def test_a_full_store_holds_writes_back_in_order_and_still_answers_lookups(redis_server):
+    """Under maxmemory with noeviction the server refuses writes: records wait in the
+    backlog (none is dropped, nothing applies out of order), lookups go on, and once the
+    server takes writes again everything applies."""
+    from aio import until
+
+    raw = redis_server.client()
+    policy = raw.config_get("maxmemory-policy")["maxmemory-policy"]
+    pair = Pair(redis_server.url)
+    await pair.start()
+    try:
+        before = tokens(5, 2)
+        pair.send("pa", [stored(before)])
+        await pair.synced()
+        raw.config_set("maxmemory-policy", "noeviction")
+        raw.config_set("maxmemory", 1)
+        ids = tokens(6, 4)
+        pair.send("pa", [stored(ids)])
+        pair.send("pa", [removed(ids, [3]), removed(before, [1])])
+        await until(lambda: pair.shared.counters["writes_refused_full"] > 0, "a write refused")
+        assert pair.shared.backlog_events == 3
+        _, found = await pair.shared.lookup(QWEN, list(pair.sink.keys_for(QWEN, before)), None, *UNIT)
+        assert found == {"pa": (2.0, 2, {"gpu": 2})}
+        raw.config_set("maxmemory", 0)
+        await pair.compare(QWEN, [before, ids])
+        assert pair.shared.counters["records_refused"] == 0
+    finally:
+        raw.config_set("maxmemory", 0)
+        raw.config_set("maxmemory-policy", policy)
+        await pair.close()
