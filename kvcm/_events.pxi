@@ -129,6 +129,36 @@ cdef struct Event:
     Py_ssize_t extra_end  # extra_pos == extra_end: absent or nil
 
 
+cdef bytes u64_csv(const uint64_t *values, Py_ssize_t n):
+    """values as comma-separated decimal ASCII: how a shared index's journal carries keys
+    (one store argument per list, split by the store's script)."""
+    cdef bytes out
+    cdef char *p
+    cdef char digits[20]
+    cdef Py_ssize_t i, d
+    cdef uint64_t v
+    if n <= 0:
+        return b""
+    out = PyBytes_FromStringAndSize(NULL, n * 21)
+    p = PyBytes_AS_STRING(out)
+    for i in range(n):
+        v = values[i]
+        d = 0
+        while True:
+            digits[d] = <char>(48 + v % 10)
+            d += 1
+            v //= 10
+            if v == 0:
+                break
+        while d:
+            d -= 1
+            p[0] = digits[d]
+            p += 1
+        p[0] = 44   # ','
+        p += 1
+    return out[:p - PyBytes_AS_STRING(out) - 1]
+
+
 cdef struct U64Scratch:
     uint64_t *data
     Py_ssize_t cap
@@ -693,7 +723,7 @@ cdef class EventSink:
         cdef int64_t added
         cdef Py_ssize_t i
         if self._journal is not None:
-            self._journal.store(ns.name, ctx.pod, self._index._tiers.names[tier], [keys[i] for i in range(n)])
+            self._journal.store(ns.name, ctx.pod, self._index._tiers.names[tier], u64_csv(keys, n), n)
             added = n
         else:
             added = kvi_store(&self._index.ix, ns.id, ctx.pod_id, tier, keys, n)
@@ -707,7 +737,7 @@ cdef class EventSink:
     cdef void _remove(self, StreamContext ctx, _Namespace ns, const uint64_t *keys, Py_ssize_t n, uint32_t tier) except *:
         cdef Py_ssize_t i
         if self._journal is not None:
-            self._journal.remove(ns.name, ctx.pod, self._index._tiers.names[tier], [keys[i] for i in range(n)])
+            self._journal.remove(ns.name, ctx.pod, self._index._tiers.names[tier], u64_csv(keys, n), n)
             self._c[<int>C_BLOCKS_REMOVED] += n
         else:
             self._c[<int>C_BLOCKS_REMOVED] += kvi_remove(&self._index.ix, ns.id, ctx.pod_id, tier, keys, n)
@@ -719,7 +749,7 @@ cdef class EventSink:
         if kve_set(&self._index.emap, ns.id, ehash, keys, k):
             self._c[<int>C_DROP_OUT_OF_MEMORY] += 1
         if self._journal is not None:
-            self._journal.map_engine(ns.name, ehash, [keys[i] for i in range(k)])
+            self._journal.map_engine(ns.name, u64_csv(&ehash, 1), u64_csv(keys, k), k)
 
     cdef _Namespace _resolve(self, StreamContext ctx, _Namespace model, uint64_t h, uint64_t *keys, size_t *got):
         """The decoupled namespace whose engine map knows engine hash h (its kvcm keys then

@@ -374,13 +374,14 @@ class RedisStore:
     # -- writes ------------------------------------------------------------------------------
 
     def apply_args(self, stream, seq, ts, flag, pod, ops):
-        """The apply script's arguments for one batch: stream is "<pod>@<model>@<rank>" or ""
+        """The apply script's arguments for one batch of a Journal's ops (lists in them are
+        chunks of one comma-separated argument): stream is "<pod>@<model>@<rank>" or ""
         for effects outside any stream (an operator's clear); flag is "resync" (retained
         history re-applied: the position does not move back), "restart" (the first batch
         of a restarted engine, as the ingest saw it: the pod is cleared first, unless the
         store has newer batches already) or ""."""
         return [stream, seq, repr(float(ts)), _FLAGS[flag], self.ttl, pod or ""] + [
-            _joined(x) if type(x) is list else x for x in ops]
+            b",".join(x) if type(x) is list else x for x in ops]
 
     async def apply(self, batches):
         """Applies argument lists made by apply_args, in order, in one pipelined round trip.

@@ -41,57 +41,74 @@ class IndexUnavailable(Exception):
 
 
 class Journal:
-    """The effects of the batch being applied, as the store's apply-script operations. Lists
-    of keys stay lists (RedisStore.apply_args joins each into one argument). Engine-map
-    writes commute with everything else in a batch, so all those of one namespace (and one
-    engine block size) share one operation."""
-    __slots__ = ("ops", "events", "_mappings")
+    """The effects of the batch being applied, as the store's apply-script operations. Key
+    lists travel as one argument each: comma-separated decimal bytes (the sink formats them
+    in C; sequences of ints are accepted too). Engine-map writes commute with everything
+    else in a batch, so all those of one namespace (and one engine block size) share one
+    operation. `size` counts arguments and keys, to bound round trips and the backlog."""
+    __slots__ = ("ops", "events", "size", "_mappings")
 
     def __init__(self):
         self.ops = []
         self.events = 0
-        self._mappings = {}    # (model, keys per hash) -> (its engine hashes, their keys)
+        self.size = 0
+        self._mappings = {}    # (model, keys per hash) -> (engine hash chunks, key chunks)
 
-    def store(self, model, pod, tier, keys):
-        self.ops += ("S", model, _holder(pod, tier), keys)
+    def store(self, model, pod, tier, keys, n=None):
+        self._entries("S", model, pod, tier, keys, n)
+
+    def remove(self, model, pod, tier, keys, n=None):
+        self._entries("R", model, pod, tier, keys, n)
+
+    def _entries(self, op, model, pod, tier, keys, n):
+        if type(keys) is not bytes:
+            keys = list(keys)
+            keys, n = _csv(keys), len(keys)
+        self.ops += (op, model, _holder(pod, tier), keys)
         self.events += 1
+        self.size += 4 + n
 
-    def remove(self, model, pod, tier, keys):
-        self.ops += ("R", model, _holder(pod, tier), keys)
-        self.events += 1
-
-    def map_engine(self, model, engine_hash, keys):
-        mapping = self._mappings.get((model, len(keys)))
+    def map_engine(self, model, engine_hash, keys, k=None):
+        """engine_hash and its k keys, as bytes (from the sink) or as ints."""
+        if type(keys) is not bytes:
+            keys = list(keys)
+            keys, k, engine_hash = _csv(keys), len(keys), _csv([engine_hash])
+        mapping = self._mappings.get((model, k))
         if mapping is None:
-            mapping = self._mappings[model, len(keys)] = ([], [])
-            self.ops += ("M", model, len(keys)) + mapping
+            mapping = self._mappings[model, k] = ([], [])
+            self.ops += ("M", model, k) + mapping
+            self.size += 5
         mapping[0].append(engine_hash)
-        mapping[1].extend(keys)
+        mapping[1].append(keys)
+        self.size += 1 + k
 
     def clear_pod(self, pod, tier, model=None):
         self.ops += ("P", pod, tier or "", model or "")
         self.events += 1
+        self.size += 4
 
     def switch_namespace(self, model):
         self.ops += ("N", model)
         self.events += 1
+        self.size += 2
 
     def namespace(self, model, mode, style, lora):
         self.ops += ("T", model, mode, style, "1" if lora else "0")
+        self.size += 5
 
     def take(self):
-        ops, events = self.ops, self.events
-        self.ops, self.events, self._mappings = [], 0, {}
-        return ops, events
+        """(ops, events, size) of the batch, and a fresh start."""
+        taken = self.ops, self.events, self.size
+        self.ops, self.events, self.size, self._mappings = [], 0, 0, {}
+        return taken
 
 
 class _Record:
     __slots__ = ("stream", "pod", "seq", "ts", "flag", "ops", "events", "size")
 
-    def __init__(self, stream, pod, seq, ts, flag, ops, events):
+    def __init__(self, stream, pod, seq, ts, flag, ops, events, size):
         self.stream, self.pod, self.seq, self.ts = stream, pod, seq, ts
-        self.flag, self.ops, self.events = flag, ops, events
-        self.size = len(ops) + sum(len(x) for x in ops if type(x) is list)   # arguments and keys
+        self.flag, self.ops, self.events, self.size = flag, ops, events, size
 
 
 class SharedIndex:
@@ -248,14 +265,14 @@ class SharedIndex:
         the pod in the store, as the in-memory index is cleared at once."""
         for model, mode, style, lora in self._sink.take_changed_namespaces():
             self.journal.namespace(model, mode, style, lora)
-        ops, events = self.journal.take()
+        ops, events, size = self.journal.take()
         if not ops:
             return
         name = _stream_id(stream)
         flag = "resync" if resync else ""
         if getattr(stream, "restarted", False):
             flag, stream.restarted = "restart", False
-        self._enqueue(_Record(name, stream.pod, seq, stream.ctx.ts, flag, ops, events))
+        self._enqueue(_Record(name, stream.pod, seq, stream.ctx.ts, flag, ops, events, size))
 
     def _enqueue(self, record):
         if (self._backlog_events + record.events > self.max_backlog_events
@@ -286,10 +303,9 @@ class SharedIndex:
         self._cleared_after_drop.add(pod)
         clear = Journal()
         clear.clear_pod(pod, None)
-        ops, events = clear.take()
-        marker = _Record("", pod, 0, 0.0, "", ops, events)
+        marker = _Record("", pod, 0, 0.0, "", *clear.take())
         self._backlog.append(marker)
-        self._backlog_events += events
+        self._backlog_events += marker.events
         self._backlog_keys += marker.size
 
     @property
@@ -377,7 +393,7 @@ class SharedIndex:
         self._check_up()
         journal = Journal()
         journal.clear_pod(pod, None)
-        ops, _ = journal.take()
+        ops, _, _ = journal.take()
         try:
             (result,) = await self.store.apply([self.store.apply_args("", 0, 0.0, "", pod, ops)])
         except StoreError as exc:
@@ -414,6 +430,10 @@ class SharedIndex:
         except StoreError as exc:
             self._failed(exc)
             return None
+
+
+def _csv(numbers):
+    return ",".join(map(str, numbers)).encode()
 
 
 def _holder(pod, tier):

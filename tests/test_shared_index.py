@@ -32,7 +32,7 @@ class StoreIndex:
     async def _apply(self, fill):
         journal = Journal()
         fill(journal)
-        ops, _ = journal.take()
+        ops, _, _ = journal.take()
         (result,) = await self.store.apply([self.store.apply_args("", 0, 0.0, "", "", ops)])
         assert not isinstance(result, Exception), result
         return result
@@ -237,7 +237,7 @@ def removed_hashes(hashes):
 def _record(store, stream, seq, ts, fill, flag="", pod="pa"):
     journal = Journal()
     fill(journal)
-    ops, _ = journal.take()
+    ops, _, _ = journal.take()
     return store.apply_args(stream, seq, ts, flag, pod, ops)
 
 
@@ -402,7 +402,7 @@ async def test_a_lookup_over_more_holders_than_one_call_can_ask_for(redis_server
             for tier in (("gpu", "cpu") if p % 3 == 0 else ("gpu",)):
                 memory.store("m", pod, tier, held)
                 journal.store("m", pod, tier, list(held))
-        ops, _ = journal.take()
+        ops, _, _ = journal.take()
         (result,) = await store.apply([store.apply_args("", 0, 0.0, "", "", ops)])
         assert result[1] == memory.stats()["entries"]
         scorer = _core.Scorer()
@@ -485,3 +485,19 @@ async def test_a_full_store_holds_writes_back_in_order_and_still_answers_lookups
         raw.config_set("maxmemory", 0)
         raw.config_set("maxmemory-policy", policy)
         await pair.close()
+
+
+def test_the_sink_hands_the_journal_keys_as_decimal_text_at_both_ends_of_the_u64_range():
+    class Recorder(Journal):
+        def store(self, model, pod, tier, keys, n=None):
+            self.seen = (keys, n)
+            super().store(model, pod, tier, keys, n)
+
+    journal = Recorder()
+    sink = _core.EventSink(_core.Index(), journal=journal)
+    ctx = _core.StreamContext("pa", QWEN)
+    extremes = [0, 2**64 - 1, 10, 2**63]
+    # a parent: parity keys taken as the engine's, unverified
+    sink.apply(ctx, encode_batch([block_stored(extremes, 7, list(range(64)), 16)]))
+    assert journal.seen == (b"0,18446744073709551615,10,9223372036854775808", 4)
+    assert journal.take()[2] == 4 + 4
