@@ -501,3 +501,24 @@ def test_the_sink_hands_the_journal_keys_as_decimal_text_at_both_ends_of_the_u64
     sink.apply(ctx, encode_batch([block_stored(extremes, 7, list(range(64)), 16)]))
     assert journal.seen == (b"0,18446744073709551615,10,9223372036854775808", 4)
     assert journal.take()[2] == 4 + 4
+
+
+@on_uvloop
+async def test_valkey_and_unix_socket_urls_reach_the_server(redis_server, tmp_path):
+    """--index takes valkey:// as redis:// and unix:///path?db=N for a local socket."""
+    from redis_server import start_server
+
+    socket_path = "/tmp/kvcm-%s.sock" % tmp_path.name[-12:]   # socket paths are short
+    local = start_server("--unixsocket", socket_path, "--unixsocketperm", "700")
+    try:
+        for url in (redis_server.url.replace("redis://", "valkey://"), "unix://%s?db=2" % socket_path):
+            store = RedisStore(url)
+            try:
+                await store.apply([_record(store, "", 0, 0, lambda j: j.store("m", "pa", "gpu", [1, 2]))])
+                assert (await store.lookup("m", [1, 2, 3], None, *UNIT))[1] == {"pa": (2.0, 2, {"gpu": 2})}
+            finally:
+                await store.close()
+        assert local.client(db=2).hgetall("m@1") != {}     # database 2 of the socket's server
+        assert local.client().exists("m@1") == 0
+    finally:
+        local.close()
