@@ -162,8 +162,14 @@ class Server:
 
     def close(self):
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            # SIGTERM: the onefile bootloader passes it on to kvcm; a SIGKILL would leave
+            # that child running
+            self.proc.terminate()
+            try:
+                self.proc.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.stderr_file.close()
         self.notify.close()
 

@@ -244,6 +244,9 @@ def test_two_binaries_share_one_redis_index(binary, serve, bare, shared, redis_s
             return reply["scores"] == pytest.approx(scores)
         until(scored, "the second replica to score what the first ingested")
     assert scoring.ok("GET", "/ready") == {"status": "ready"}
+    for server in (ingesting, scoring):
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(WAIT) == 0, server.stderr()
 
 
 def test_serve_tokenizes_renders_chat_templates_and_reloads_on_sighup(onefile, serve, bare, shared):
