@@ -411,10 +411,7 @@ class Ingest:
         if self._prefetch is not None and stream.replay_task is None:
             missing = self._sink.missing_engine_hashes(stream.ctx, payload)
             if missing:
-                stream.replay_task = task = self._loop.create_task(
-                    self._prefetch_then_apply(stream, missing, seq, payload, resync))
-                self._replays.add(task)
-                task.add_done_callback(lambda task: self._replay_done(stream, task))
+                self._catch_up(stream, self._prefetch_then_apply(stream, missing, seq, payload, resync))
                 return
         self._apply_now(stream, seq, payload, resync)
 
@@ -534,10 +531,14 @@ class Ingest:
                     and now - stream.replay_started < self._replay_interval)):
             return False
         stream.replay_started = now
-        stream.replay_task = task = self._loop.create_task(self._replay(stream, endpoint, start))
+        self._catch_up(stream, self._replay(stream, endpoint, start))
+        return True
+
+    def _catch_up(self, stream, coroutine):
+        """Runs a replay or a prefetch as the stream's task: live batches are held meanwhile."""
+        stream.replay_task = task = self._loop.create_task(coroutine)
         self._replays.add(task)
         task.add_done_callback(lambda task: self._replay_done(stream, task))
-        return True
 
     def _replay_done(self, stream, task):
         self._replays.discard(task)

@@ -435,46 +435,39 @@ class RedisStore:
             out[pod] = (score, blocks, tiers)
         return (reply[0], reply[1], reply[2] == "1"), out
 
+    async def _for_members(self, set_key, read):
+        """[(member, reply)] for each member of a set: read(pipe, member) queues one command
+        per member; two round trips in all."""
+        members = sorted(await self._client.smembers(set_key))
+        async with self._client.pipeline(transaction=False) as pipe:
+            for member in members:
+                read(pipe, member)
+            return list(zip(members, await pipe.execute()))
+
     async def namespaces(self):
         """{model: (mode, style, lora)} as recorded."""
-        async def run():
-            models = sorted(await self._client.smembers("kvcm:models"))
-            async with self._client.pipeline(transaction=False) as pipe:
-                for model in models:
-                    pipe.hmget("kvcm:ns:" + model, "mode", "style", "lora")
-                states = await pipe.execute()
-            return {m: (s[0], s[1] or "unknown", s[2] == "1")
-                    for m, s in zip(models, states) if s[0]}
-        return await self._call("namespaces", run())
+        states = await self._call("namespaces", self._for_members(
+            "kvcm:models", lambda pipe, model: pipe.hmget("kvcm:ns:" + model, "mode", "style", "lora")))
+        return {m: (s[0], s[1] or "unknown", s[2] == "1") for m, s in states if s[0]}
 
     async def stream_positions(self):
         """{stream id: seq of the last batch applied}."""
-        async def run():
-            streams = sorted(await self._client.smembers("kvcm:streams"))
-            async with self._client.pipeline(transaction=False) as pipe:
-                for stream in streams:
-                    pipe.hget("kvcm:stream:" + stream, "seq")
-                seqs = await pipe.execute()
-            return {stream: int(seq) for stream, seq in zip(streams, seqs) if seq is not None}
-        return await self._call("positions", run())
+        seqs = await self._call("positions", self._for_members(
+            "kvcm:streams", lambda pipe, stream: pipe.hget("kvcm:stream:" + stream, "seq")))
+        return {stream: int(seq) for stream, seq in seqs if seq is not None}
 
     async def holder_counts(self):
         """{pod: {tier: entries}} over every namespace."""
-        async def run():
-            models = sorted(await self._client.smembers("kvcm:models"))
-            async with self._client.pipeline(transaction=False) as pipe:
-                for model in models:
-                    pipe.hgetall("kvcm:count:" + model)
-                counts = await pipe.execute()
-            pods = {}
-            for by_holder in counts:
-                for holder, n in by_holder.items():
-                    pod, _, tier = holder.rpartition("@")
-                    if int(n) > 0:
-                        tiers = pods.setdefault(pod, {})
-                        tiers[tier] = tiers.get(tier, 0) + int(n)
-            return pods
-        return await self._call("counts", run())
+        counts = await self._call("counts", self._for_members(
+            "kvcm:models", lambda pipe, model: pipe.hgetall("kvcm:count:" + model)))
+        pods = {}
+        for _, by_holder in counts:
+            for holder, n in by_holder.items():
+                pod, _, tier = holder.rpartition("@")
+                if int(n) > 0:
+                    tiers = pods.setdefault(pod, {})
+                    tiers[tier] = tiers.get(tier, 0) + int(n)
+        return pods
 
     async def resolve(self, missing):
         """{namespace: [engine hash]} -> {namespace: [kvcm keys tuple, empty when unknown]},
