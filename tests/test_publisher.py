@@ -6,7 +6,6 @@ import pytest
 import zmq
 
 from captures import event_fields, load_captures
-from aio import free_port
 from kvcm.publisher import (END_SEQ, Publisher, all_blocks_cleared, binds, block_removed,
                             block_stored, dp_endpoint, encode_batch)
 
@@ -58,15 +57,17 @@ def test_binds_only_wildcard_and_local_endpoints(endpoint, bind):
 
 
 def test_connecting_publisher_applies_the_rank_offset(ctx):
-    base = free_port()
-    with ctx.socket(zmq.SUB) as sub, Publisher("tcp://127.0.0.1:%d" % base, topic="kv@p@m", dp_rank=1) as pub:
+    with ctx.socket(zmq.SUB) as sub:
+        # The subscriber takes a port first, so no other process can take it in between.
         sub.subscribe(b"")
-        sub.bind("tcp://127.0.0.1:%d" % (base + 1))
-        assert pub.endpoint == "tcp://127.0.0.1:%d" % (base + 1)
-        while not sub.poll(10):        # PUB drops until the connection and subscription exist
-            pub.publish([])
-        topic, _, payload = sub.recv_multipart()
-        assert topic == b"kv@p@m" and msgpack.unpackb(payload)[2] == 1
+        sub.bind("tcp://127.0.0.1:*")
+        port = int(sub.last_endpoint.rsplit(b":", 1)[1])
+        with Publisher("tcp://127.0.0.1:%d" % (port - 1), topic="kv@p@m", dp_rank=1) as pub:
+            assert pub.endpoint == "tcp://127.0.0.1:%d" % port
+            while not sub.poll(10):        # PUB drops until the connection and subscription exist
+                pub.publish([])
+            topic, _, payload = sub.recv_multipart()
+            assert topic == b"kv@p@m" and msgpack.unpackb(payload)[2] == 1
 
 
 def test_live_frames_are_the_captured_bytes(ctx, captures):
