@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks of the shared index (--index redis://...) against the in-memory one, in one run.
 
-    python benchmarks/redis_index.py                   # all: lookup ingest memory (~1 min)
+    python benchmarks/redis_index.py                   # all: lookup ingest memory serve (~4 min)
     python benchmarks/redis_index.py ingest --repeats 5
     python benchmarks/redis_index.py --json            # one JSON object instead of the tables
 
@@ -23,19 +23,29 @@ each have a core. Nothing is pinned.
   EventSink(journal=...) + SharedIndex.batch_done into the redis-server, timed until every
   record is written and the backlog is empty; parity (auto) and decoupled (kvcm) hash modes;
   also with all batches applied first (the writer alone, and the longest event-loop stall it
-  causes) and with a client looking up back to back meanwhile.
+  causes), with a client looking up back to back meanwhile, and with --redis-ttl (an EXPIRE
+  per stored key, a TTL on every engine key).
 - memory: INFO memory used_memory before and after storing 200,000 blocks for 1 pod, then the
   same blocks for 3 more pods; and 200,000 blocks in decoupled mode (an engine-hash key each).
+- serve: the whole path through `kvcm serve` subprocesses (benchmarks/service.py's Server,
+  Publishers, Client): 16 publisher processes per server sending 819,200 blocks over ZMQ into
+  an in-memory server, one shared replica, and two shared replicas at once (blocks/s until
+  every batch is applied and, shared, written); publish -> visible on the same replica and
+  from replica A to replica B; /v1/score (4096 tokens, 16 pods) on replica B idle and while
+  replica A ingests at full speed, against the in-memory server. Fresh servers per round.
 
 Reporting is run.py's (a table per benchmark; --json: one JSON object with every row).
 Latency percentiles are over all calls of a case, LOOKUP_CALLS in all, made in --repeats
 rounds in which the cases take turns; ingest values are medians over --repeats runs; memory is
-one run. kvcm CPU is this process's CPU time (time.process_time), redis-server CPU its
-threads' (/proc/PID/task/*/schedstat). Results: benchmarks/RESULTS.md, "Shared index (Redis)".
+one run; serve values are medians over --repeats rounds of per-round percentiles. kvcm CPU is
+this process's CPU time (time.process_time; serve: the servers' /proc/PID/stat), redis-server
+CPU its threads' (/proc/PID/task/*/schedstat). Results: benchmarks/RESULTS.md, "Shared index
+(Redis)".
 """
 import argparse
 import asyncio
 import collections
+import contextlib
 import gc
 import json
 import os
@@ -57,11 +67,12 @@ import redis  # noqa: E402
 import uvloop  # noqa: E402
 
 import run  # noqa: E402  (the core benchmarks: reporting helpers and workloads)
+import service  # noqa: E402  (the service benchmarks: kvcm serve, publishers, an HTTP client)
 from kvcm import _core, redis_store  # noqa: E402
 from kvcm.config import load_config  # noqa: E402
 from kvcm.indexer import Indexer  # noqa: E402
 from kvcm.publisher import block_stored, encode_batch  # noqa: E402
-from kvcm.shared_index import CHUNK_RECORDS, SharedIndex  # noqa: E402
+from kvcm.shared_index import CHUNK_KEYS, CHUNK_RECORDS, SharedIndex  # noqa: E402
 from redis.asyncio.connection import Connection as RespConnection  # noqa: E402  (its RESP packing)
 from run import BLOCK, NS, pc, row  # noqa: E402
 
@@ -429,6 +440,8 @@ async def bench_lookup(server, repeats):
 # ---- 2. ingest ------------------------------------------------------------------------------
 
 INGEST_PODS, INGEST_BATCHES, EVENTS_PER_BATCH = 32, 48, 8   # 32 x 48 x 8 x 16 = 196,608 blocks
+INGEST_TTL = 3600
+TTL_CASE = "redis, --redis-ttl %d" % INGEST_TTL
 TURN_S = 0.0002   # kvcm.ingest.Ingest's default turn_seconds: the loop is yielded this often
 
 
@@ -495,16 +508,17 @@ class PackTimer:
 
 
 async def apply_shared(server, batches, pods, mode, interleave=True, pod_offset=0, flush=True, prefill=(),
-                       during=None):
+                       during=None, ttl=0):
     """Applies batches through a fresh SharedIndex (and EventSink with its journal) and waits
     until every record is written. interleave: yield the loop every TURN_S, as kvcm.ingest
     does, so the writer overlaps the apply; else apply everything, then let the writer drain
     the backlog (timed on its own, with a task measuring the longest loop stall). prefill:
     [(pod, payload)] applied and written first, untimed; during(store, stop): a coroutine run
-    from the start until everything is written (then `stop` is set), its result in "during"."""
+    from the start until everything is written (then `stop` is set), its result in "during";
+    ttl: --redis-ttl (seconds; 0: none)."""
     if flush:
         server.sync.flushall()
-    shared = SharedIndex(server.url, backlog_events=10 ** 9)  # timeout 1 s as kvcm's default
+    shared = SharedIndex(server.url, backlog_events=10 ** 9, ttl=ttl)  # timeout 1 s as kvcm's default
     sink = _core.EventSink(_core.Index(max_blocks=10_000_000), BLOCK, "sha256", None, mode, journal=shared.journal)
     await shared.start(sink)
     streams = [Stream(pod_name(p + pod_offset)) for p in range(pods)]
@@ -582,7 +596,8 @@ async def bench_ingest(server, repeats):
         return out
 
     cases = [("auto", "memory"), ("auto", "redis"), ("auto", "redis, apply all then drain"),
-             ("auto", "redis, a client looking up meanwhile"), ("kvcm", "memory"), ("kvcm", "redis")]
+             ("auto", "redis, a client looking up meanwhile"), ("auto", TTL_CASE), ("kvcm", "memory"),
+             ("kvcm", "redis"), ("kvcm", TTL_CASE)]
     runs = {c: [] for c in cases}
     las = []
     for _ in range(repeats):
@@ -595,13 +610,16 @@ async def bench_ingest(server, repeats):
                 runs[(mode, backend)].append({"ns": ns, "cpu_ns": cpu})
             else:
                 busy = backend.endswith("meanwhile")
+                ttl = INGEST_TTL if backend == TTL_CASE else 0
                 r = await apply_shared(server, batches, INGEST_PODS, mode, interleave=not backend.endswith("drain"),
-                                       prefill=prefill if busy else (), during=lookups if busy else None)
+                                       prefill=prefill if busy else (), during=lookups if busy else None, ttl=ttl)
                 prefilled = sum(lookup_depth(i) for i in range(LOOKUP_PODS)) if busy else 0
                 assert r["sink"]["blocks_stored"] == blocks + prefilled, r["sink"]
                 assert r["counters"]["entries_added"] == blocks and r["counters"]["records_written"] == nbatches, r
                 assert r["evalsha"][0] == nbatches + len(r.get("during", ())), r["evalsha"]
                 assert server.sync.dbsize() >= blocks
+                sample = next(server.sync.scan_iter(match=NS + "@*", count=1000))  # a block key
+                assert (server.sync.ttl(sample) > 0) == bool(ttl), (sample, server.sync.ttl(sample))
                 runs[(mode, backend)].append(r)
     rows = []
     for mode, backend in cases:
@@ -634,6 +652,9 @@ async def bench_ingest(server, repeats):
         if backend == "redis":
             mem = statistics.median(r["ns"] for r in runs[(mode, "memory")])
             rows.append(row("  redis / memory wall time (%s)" % mode, ns / mem, "x"))
+        if backend == TTL_CASE:
+            plain = statistics.median(r["ns"] for r in runs[(mode, "redis")])
+            rows.append(row("  with TTL / without (%s)" % mode, ns / plain, "x"))
         if backend.endswith("meanwhile"):
             p50, p99, mean = percentiles([x for r in rs for x in r["during"]])
             rows.append(row("  the lookups meanwhile: RedisStore.lookup, 256 keys", p50 / 1e3, "µs", p99=p99 / 1e3,
@@ -641,7 +662,7 @@ async def bench_ingest(server, repeats):
                                 sum(len(r["during"]) for r in rs), len(rs),
                                 max(x for r in rs for x in r["during"]) / 1e6)))
     report("ingest", rows, blocks=blocks, batches=nbatches, pods=INGEST_PODS, events_per_batch=EVENTS_PER_BATCH,
-           chunk_records=CHUNK_RECORDS, loadavg=las)
+           chunk_records=CHUNK_RECORDS, chunk_keys=CHUNK_KEYS, loadavg=las)
 
 
 # ---- 3. memory ------------------------------------------------------------------------------
@@ -691,6 +712,171 @@ async def bench_memory(server, repeats):
            server.sync.config_get("hash-max-listpack-entries")["hash-max-listpack-entries"])
 
 
+# ---- 4. serve: `kvcm serve` processes, ZMQ in and HTTP out ----------------------------------
+
+SERVE_BATCHES = 400   # per publisher: 16 publishers x 400 batches x 128 blocks = 819,200 blocks
+SERVE_PROBES = 200
+SERVE_WINDOW_S = 2.0
+SERVE_BACKLOG = 1_000_000   # --redis-backlog: a pass queues up to 51,200 events; no drop here
+
+
+def store_progress(client):
+    """(records the store has answered, events still queued, events dropped) per /metrics."""
+    m = client.metrics()
+    answered = sum(m["kvcm_redis_records_%s_total" % k] for k in ("written", "duplicate", "refused"))
+    return answered, m["kvcm_redis_backlog_events"], m["kvcm_redis_backlog_dropped_events_total"]
+
+
+def store_drained(client):
+    service.wait_until("the store to drain", lambda: store_progress(client)[1] == 0, DEADLINE, 0.01)
+
+
+def serve_ingest(replicas, seed, shared, first_pod):
+    """16 publisher processes of their own pods per replica (pods first_pod.., pods no server
+    has seen: a new publisher on a known pod is an engine restart), started together, each sending
+    SERVE_BATCHES batches as fast as it can. Returns blocks/s over all replicas from the go
+    signal until every replica has applied every batch (/metrics) and, shared, the store has
+    answered every record with nothing left queued; then checks that every block was counted,
+    no gap was seen and nothing was dropped."""
+    expected = service.PODS * SERVE_BATCHES
+    with contextlib.ExitStack() as stack:
+        groups = []
+        for r, (server, client) in enumerate(replicas):
+            pubs = stack.enter_context(service.Publishers(server, client, seed * 10 + r, SERVE_BATCHES,
+                                                          pod_offset=first_pod + r * service.PODS))
+            pubs.start()
+            groups.append(pubs)
+        for server, client in replicas:   # the connection pokes: written before the clock starts
+            if shared:
+                store_drained(client)
+        base = [client.metrics() for _, client in replicas]
+        answered0 = [store_progress(client)[0] if shared else 0 for _, client in replicas]
+        cpu0 = [server.cpu_seconds() for server, _ in replicas]
+        t0 = time.perf_counter()
+        for pubs in groups:
+            pubs.ctl["go"].set()
+
+        def finished():
+            for (_, client), m0, a0 in zip(replicas, base, answered0):
+                m = client.metrics()
+                if m["kvcm_ingest_applied_batches_total"] - m0["kvcm_ingest_applied_batches_total"] < expected:
+                    return False
+                if shared:
+                    answered, queued, _ = store_progress(client)
+                    if answered - a0 < expected or queued:
+                        return False
+            return True
+        service.wait_until("every batch applied%s" % (" and written" if shared else ""), finished, 120, 0.01)
+        seconds = time.perf_counter() - t0
+        cpu = sum(server.cpu_seconds() - c for (server, _), c in zip(replicas, cpu0))
+        for (_, client), m0 in zip(replicas, base):
+            m = client.metrics()
+            assert m["kvcm_ingest_blocks_stored_total"] - m0["kvcm_ingest_blocks_stored_total"] == \
+                expected * service.BATCH_BLOCKS, m
+            assert m["kvcm_ingest_gaps_total"] == m0["kvcm_ingest_gaps_total"], m
+            if shared:
+                assert store_progress(client)[2] == 0, "the backlog dropped events"
+                assert m["kvcm_redis_records_written_total"] - m0["kvcm_redis_records_written_total"] == expected, m
+    blocks = expected * service.BATCH_BLOCKS * len(replicas)
+    return {"blocks_per_s": blocks / seconds, "seconds": seconds, "kvcm_cpu": cpu / seconds}
+
+
+def serve_servers(redis_server, n, *args):
+    """n `kvcm serve` replicas sharing redis_server (None: one in-memory server)."""
+    index = () if redis_server is None else ("--index", redis_server.url, "--redis-backlog", str(SERVE_BACKLOG))
+    return [service.Server(*index, *args) for _ in range(n if redis_server else 1)]
+
+
+def serve_run(redis_server, seed):
+    """One round on fresh servers and an empty store: /v1/score on replica B idle and while
+    replica A ingests at full speed; the ZMQ ingest of one in-memory server, of one shared
+    replica and of two shared replicas at once; publish -> visible on the same replica and
+    across replicas."""
+    out = {}
+    redis_server.sync.flushall()
+    with contextlib.ExitStack() as stack:
+        memory = stack.enter_context(serve_servers(None, 1)[0])
+        a, b = [stack.enter_context(s) for s in serve_servers(redis_server, 2)]
+        cm, ca, cb = (stack.enter_context(contextlib.closing(service.Client(s.port))) for s in (memory, a, b))
+
+        # /v1/score: one 4096-token query chain on both indexes, pod i (0..15) holding 16 (i + 1) blocks
+        queries = service.prefill(memory, cm, background_per_pod=0)
+        assert service.prefill(a, ca, background_per_pod=0) == queries
+        store_drained(ca)
+        req = service.score_request(NS, queries[NS])
+        scores = cm.json(req)["scores"]
+        assert len(scores) >= service.PODS and cb.json(req)["scores"] == scores, "the replicas disagree"
+        service.closed_loop(cb, req, 0.3)  # warm-up
+        out["score_memory"] = percentiles(service.closed_loop(cm, req, SERVE_WINDOW_S))
+        out["score_idle"] = percentiles(service.closed_loop(cb, req, SERVE_WINDOW_S))
+        with service.Publishers(a, ca, seed + 200, SERVE_BATCHES, pod_offset=service.PODS) as pubs:
+            pubs.start()
+            store_drained(ca)
+            answered0 = store_progress(ca)[0]
+            pubs.ctl["go"].set()
+            time.sleep(0.2)   # the publishers' first batches reach the store
+            out["score_loaded"] = percentiles(service.closed_loop(cb, req, SERVE_WINDOW_S))
+            out["loaded_records"] = store_progress(ca)[0] - answered0
+        assert cb.json(req)["scores"] == scores
+
+        out["memory"] = serve_ingest([(memory, cm)], seed, False, 2 * service.PODS)
+        rcpu0 = redis_server.cpu_ns()
+        out["shared"] = serve_ingest([(a, ca)], seed, True, 2 * service.PODS)
+        out["shared"]["redis_cpu"] = (redis_server.cpu_ns() - rcpu0) / 1e9 / out["shared"]["seconds"]
+        rcpu0 = redis_server.cpu_ns()
+        out["two"] = serve_ingest([(a, ca), (b, cb)], seed + 100, True, 3 * service.PODS)
+        out["two"]["redis_cpu"] = (redis_server.cpu_ns() - rcpu0) / 1e9 / out["two"]["seconds"]
+        out["probe_memory"] = service.probe_latency(memory, cm, SERVE_PROBES)
+        out["probe_same"] = service.probe_latency(a, ca, SERVE_PROBES)
+        out["probe_across"] = service.probe_latency(a, ca, SERVE_PROBES, poll_client=cb)
+    return out
+
+
+async def bench_serve(server, repeats):
+    """`kvcm serve` subprocesses (benchmarks/service.py's Server: `python -m kvcm serve` on
+    127.0.0.1, free ports), the engines' events from publisher processes over ZMQ, HTTP from
+    a keep-alive client in this process: the whole path, not the pieces of the other
+    benchmarks. Blocking calls on the loop: nothing else runs on it meanwhile."""
+    runs = []
+    for r in range(repeats):
+        la = loadavg()
+        res = serve_run(server, r + 1)
+        res["loadavg"] = la
+        runs.append(res)
+        if not JSON:
+            print("  run %d: memory %.2f M blocks/s, shared %.0f k/s, two replicas %.0f k/s; load %s" % (
+                r + 1, res["memory"]["blocks_per_s"] / 1e6, res["shared"]["blocks_per_s"] / 1e3,
+                res["two"]["blocks_per_s"] / 1e3, la), flush=True)
+    med = lambda f: statistics.median(f(x) for x in runs)  # noqa: E731
+    per_replica = service.PODS * SERVE_BATCHES * service.BATCH_BLOCKS
+    rows = []
+    for key, label, n in (("memory", "memory index, one server", 1), ("shared", "shared index, one replica", 1),
+                          ("two", "shared index, two replicas at once (their own pods each)", 2)):
+        note = "%d blocks; runs %s k/s; kvcm CPU %.0f%% of a core" % (
+            per_replica * n, ", ".join("%.0f" % (x[key]["blocks_per_s"] / 1e3) for x in runs),
+            med(lambda x: x[key]["kvcm_cpu"]) * 100)
+        if key != "memory":
+            note += "; redis-server CPU %.0f%%" % (med(lambda x: x[key]["redis_cpu"]) * 100)
+        rows.append(row("ZMQ -> applied%s, 16 publishers per server, %s" % (
+            "" if key == "memory" else " and written", label), med(lambda x: x[key]["blocks_per_s"]), "blocks/s",
+            note=note))
+    for key, label in (("probe_memory", "memory index"), ("probe_same", "shared index, the same replica"),
+                       ("probe_across", "shared index, published to replica A, scored on replica B")):
+        rows.append(row("publish -> visible, %s" % label, med(lambda x: x[key]["p50"]) / 1e3, "µs",
+                        p99=med(lambda x: x[key]["p99"]) / 1e3,
+                        note="%d probes/run; /v1/score poll %.0f µs" % (
+                            SERVE_PROBES, med(lambda x: x[key]["rtt_p50"] or 0) / 1e3)))
+    for key, label in (("score_memory", "memory index"), ("score_idle", "shared index, replica B, idle"),
+                       ("score_loaded", "shared index, replica B, while replica A ingests at full speed")):
+        note = "%.1f s closed loop" % SERVE_WINDOW_S
+        if key == "score_loaded":
+            note += "; A's store answered %.0f records in the window" % med(lambda x: x["loaded_records"])
+        rows.append(row("/v1/score, 4096 tokens (256 keys), 16 pods: %s" % label, med(lambda x: x[key][0]) / 1e3,
+                        "µs", p99=med(lambda x: x[key][1]) / 1e3, note=note))
+    report("serve", rows, batches_per_publisher=SERVE_BATCHES, redis_backlog=SERVE_BACKLOG,
+           loadavg=[x["loadavg"] for x in runs])
+
+
 # ---- main -----------------------------------------------------------------------------------
 
 
@@ -705,7 +891,7 @@ def source_version():
     return head + (" +dirty (%s)" % ", ".join(line[3:] for line in dirty.splitlines()) if dirty else "")
 
 
-BENCHMARKS = {"lookup": bench_lookup, "ingest": bench_ingest, "memory": bench_memory}
+BENCHMARKS = {"lookup": bench_lookup, "ingest": bench_ingest, "memory": bench_memory, "serve": bench_serve}
 
 
 async def run_all(names, repeats):

@@ -503,19 +503,21 @@ def ingest_run(seed):
 _probes = 0
 
 
-def probe_latency(server, client, n, seconds=None):
+def probe_latency(server, client, n, seconds=None, poll_client=None):
     """Publish -> visible: a probe publisher sends a batch of one BlockStored event with one
     fresh block (16 new random tokens, vLLM's hash, nil parent: verified by rehashing in auto
-    mode), then this process polls /v1/score by those token_ids, back to back on a keep-alive
-    connection, until the probe pod is scored; latency = from just before the send to the
-    end of the first response that shows it. Resolution: one /v1/score round trip (also
-    reported). Stops after n probes or `seconds`."""
+    mode) to `server` (`client` is its HTTP connection), then this process polls /v1/score by
+    those token_ids, back to back on a keep-alive connection (`poll_client`, default `client`:
+    another replica of a shared index), until the probe pod is scored; latency = from just
+    before the send to the end of the first response that shows it. Resolution: one
+    /v1/score round trip (also reported). Stops after n probes or `seconds`."""
     global _probes
     _probes += 1
     hasher = _core.BlockHasher("sha256", block_size=BLOCK)
     rng = random.Random(_probes)
     probe_pod, model = "probe-%d" % _probes, NS  # a new pod: a new publisher on an old one is a restart
     marker = b'"%s"' % probe_pod.encode()
+    poll = poll_client or client
     with Publisher(server.zmq, topic="kv@%s@%s" % (probe_pod, model)) as pub:
         wait_until("the probe stream", lambda: (pub.publish_raw(EMPTY_BATCH), (probe_pod, model) in streams_seen(client))[1],
                    20, 0.02)
@@ -532,7 +534,7 @@ def probe_latency(server, client, n, seconds=None):
             pub.publish_raw(payload)
             while True:
                 t = pc()
-                status, body = client.call(req)
+                status, body = poll.call(req)
                 t1 = pc()
                 k += 1
                 if marker in body:
