@@ -26,10 +26,12 @@ log = logging.getLogger("kvcm.shared_index")
 HEALTH_INTERVAL = 1.0     # seconds between pings while the store is up
 POSITIONS_INTERVAL = 5.0  # seconds between reads of the streams' recorded positions
 BACKOFF = (0.1, 2.0)      # first and longest wait between reconnection attempts
-# Records per pipelined round trip, and their keys: the server runs scripts one at a time,
-# so a round trip's work (about 3 µs a key) delays lookups by as much: keep it to ~10 ms.
+# Records per pipelined round trip, and their keys. The server runs scripts one at a time,
+# about 2.5 µs a key, so a lookup waits behind the round trip in progress: 1,024 keys halved
+# the p99 of lookups made while ingesting (12 -> 6 ms) against 4,096, for ~13% less ingest
+# throughput (benchmarks/RESULTS.md, "Shared index (Redis)").
 CHUNK_RECORDS = 64
-CHUNK_KEYS = 4096
+CHUNK_KEYS = 1024
 MAX_BACKLOG_KEYS = 8_000_000   # bounds the backlog's memory whatever the events' sizes
 
 _RTT_BUCKETS = (100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0)
