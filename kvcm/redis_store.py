@@ -32,6 +32,7 @@ every kvcm key (a standalone server, or a proxy that sends scripts to one server
 """
 
 import asyncio
+import collections
 import hashlib
 import logging
 import time
@@ -299,11 +300,13 @@ _FLAGS = {"": "0", "resync": "1", "restart": "2"}
 
 class StoreError(Exception):
     """A call to the store failed; `kind` (timeout, connection, response, busy, error)
-    labels it. `out_of_memory`: the server refused a write under maxmemory (retryable)."""
+    labels it. Retryable refusals of a write: `out_of_memory` (the server is over maxmemory)
+    and `script_missing` (the server forgot the apply script; it is loaded again)."""
 
-    def __init__(self, kind, message, out_of_memory=False):
+    def __init__(self, kind, message, out_of_memory=False, script_missing=False):
         self.kind = kind
         self.out_of_memory = out_of_memory
+        self.script_missing = script_missing
         super().__init__(message)
 
 
@@ -314,7 +317,8 @@ def _store_error(exc):
         return StoreError("connection", "cannot reach the index store: %s" % (exc,))
     if isinstance(exc, redis_errors.ResponseError):
         return StoreError("response", "the index store refused a call: %s" % (exc,),
-                          out_of_memory=isinstance(exc, redis_errors.OutOfMemoryError))
+                          out_of_memory=isinstance(exc, redis_errors.OutOfMemoryError),
+                          script_missing=isinstance(exc, redis_errors.NoScriptError))
     return StoreError("error", "index store call failed: %s" % (exc,))
 
 
@@ -347,8 +351,13 @@ class RedisStore:
         self._client = aioredis.Redis(connection_pool=pool)
         self._apply_sha = hashlib.sha1(_APPLY.encode()).hexdigest()
         self._lookup = self._client.register_script(_LOOKUP)
+        # The writer's connection, outside the pool: round trips sent, not yet answered
+        self._writes = pool.connection_class(**pool.connection_kwargs)
+        self._writes_in_flight = collections.deque()    # (batches, time sent)
+        self._writes_need_script = True
 
     async def close(self):
+        await self._writes.disconnect()
         await self._client.aclose()
 
     async def _call(self, operation, coroutine):
@@ -370,6 +379,17 @@ class RedisStore:
 
     async def ping(self):
         return await self._call("ping", self._client.ping())
+
+    async def reconnect(self):
+        """Closes the idle connections (pooled, and the writer's unless it waits for answers):
+        after an outage they may be to a server that is gone (a restart), and each would
+        fail its next call."""
+        try:
+            await self._client.connection_pool.disconnect(inuse_connections=False)
+        except (redis_errors.RedisError, OSError):
+            pass    # closing a dead connection may fail; it is closed either way
+        if not self._writes_in_flight:
+            await self._drop_writes()
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -409,6 +429,64 @@ class RedisStore:
             return results
         results = await self._call("apply", run_loading())
         return [_store_error(r) if isinstance(r, Exception) else tuple(int(x) for x in r) for r in results]
+
+    # The writer's path. The server answers one connection's commands in order, so a round
+    # trip can be sent before the previous one is answered: kvcm packs the next while the
+    # server runs the last, and the server does not sit idle between round trips.
+
+    async def send_applies(self, batches):
+        """Sends apply calls (argument lists made by apply_args) in one round trip on the
+        writer's connection, without waiting for their answers (receive_applies reads them,
+        oldest round trip first). A new connection loads the apply script first (it may reach
+        a server that restarted), and so does the first send after a NOSCRIPT answer: the
+        caller sends again only once every round trip in flight is answered. StoreError when
+        sending failed: then no batch in flight is known applied, and the connection is closed."""
+        conn = self._writes
+        try:
+            if not conn.is_connected or self._writes_need_script:
+                await conn.connect()
+                await conn.send_command("SCRIPT", "LOAD", _APPLY)
+                await conn.read_response()
+                self._writes_need_script = False
+            await conn.send_packed_command(
+                conn.pack_commands([("EVALSHA", self._apply_sha, 0, *args) for args in batches]), check_health=False)
+        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+            await self._drop_writes()
+            raise _store_error(exc) from None
+        self._writes_in_flight.append((len(batches), time.perf_counter()))
+
+    @property
+    def applies_in_flight(self):
+        """Round trips sent by send_applies and not yet answered."""
+        return len(self._writes_in_flight)
+
+    async def receive_applies(self):
+        """The answers to the oldest round trip in flight, one per batch, as apply() returns
+        them (a NOSCRIPT answer is a StoreError with script_missing). StoreError when reading
+        failed, as for send_applies."""
+        conn = self._writes
+        n, sent = self._writes_in_flight[0]
+        results = []
+        try:
+            for _ in range(n):
+                try:
+                    results.append(await conn.read_response())
+                except redis_errors.ResponseError as exc:
+                    results.append(exc)
+        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+            await self._drop_writes()
+            raise _store_error(exc) from None
+        self._writes_in_flight.popleft()
+        if self._observe is not None:
+            self._observe("apply", time.perf_counter() - sent)
+        if any(isinstance(r, redis_errors.NoScriptError) for r in results):
+            self._writes_need_script = True
+        return [_store_error(r) if isinstance(r, Exception) else tuple(int(x) for x in r) for r in results]
+
+    async def _drop_writes(self):
+        self._writes_in_flight.clear()
+        self._writes_need_script = True
+        await self._writes.disconnect(nowait=True)
 
     # -- reads -------------------------------------------------------------------------------
 

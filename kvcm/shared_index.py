@@ -32,6 +32,7 @@ BACKOFF = (0.1, 2.0)      # first and longest wait between reconnection attempts
 # throughput (benchmarks/RESULTS.md, "Shared index (Redis)").
 CHUNK_RECORDS = 64
 CHUNK_KEYS = 1024
+IN_FLIGHT = 2      # round trips sent ahead of their answers: the server never waits for kvcm
 MAX_BACKLOG_KEYS = 8_000_000   # bounds the backlog's memory whatever the events' sizes
 
 _RTT_BUCKETS = (100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0)
@@ -174,7 +175,7 @@ class SharedIndex:
         problem = None if self.up else self._down_reason
         while self._backlog and problem is None and loop.time() < deadline:
             try:
-                if not await self._write_some():
+                if await self._write_backlog(deadline) == "full":
                     problem = "the store is out of memory"
             except StoreError as exc:
                 problem = exc
@@ -230,6 +231,7 @@ class SharedIndex:
                 self.adopt(model, mode, style, lora)
             if not self.up:
                 log.info("shared index: connected to %s", self.store.url_shown)
+                await self.store.reconnect()
                 self.up = True
                 self._down_reason = None
                 self._wake_writer.set()
@@ -320,7 +322,7 @@ class SharedIndex:
             self._wake_writer.clear()
             while self._backlog and self.up:
                 try:
-                    if not await self._write_some():
+                    if await self._write_backlog() == "full":
                         # the store is full and takes no writes: records wait, in order
                         # (the backlog's bound still applies), and scoring goes on
                         await asyncio.sleep(BACKOFF[1])
@@ -328,28 +330,57 @@ class SharedIndex:
                     self._failed(exc)
                     break
 
-    async def _write_some(self):
-        """Writes the oldest records in one round trip; they leave the backlog only once the
-        store has answered. False when the store refused writes for lack of memory (the
-        refused record and those after it stay queued)."""
+    async def _write_backlog(self, deadline=None):
+        """Writes the backlog from its head, in order, with up to IN_FLIGHT round trips sent
+        and not yet answered, until it is empty, the store is down or the loop time passes
+        `deadline`. Records leave the backlog only once the store has answered them.
+        Returns "done", or "full" / "retry" when the store refused a record for lack of
+        memory / of the script: that record and those after it stay queued (the answers
+        still in flight are read, and whatever they applied is skipped when sent again)."""
+        store, loop = self.store, asyncio.get_running_loop()
+        chunks = collections.deque()   # records sent and not yet answered, by round trip
+        sent = 0                       # how many, at the backlog's head
+        outcome = "done"
+        while True:
+            while (outcome == "done" and len(chunks) < IN_FLIGHT and sent < len(self._backlog) and self.up
+                   and (deadline is None or loop.time() < deadline)):
+                chunk = self._next_chunk(sent)
+                await store.send_applies([store.apply_args(r.stream, r.seq, r.ts, r.flag, r.pod, r.ops)
+                                          for r in chunk])
+                chunks.append(chunk)
+                sent += len(chunk)
+            if not chunks:
+                return outcome
+            chunk = chunks.popleft()
+            results = await store.receive_applies()
+            sent -= len(chunk)
+            if outcome == "done":
+                outcome = self._settle(chunk, results)
+
+    def _next_chunk(self, skip):
+        """The backlog's records after the first `skip`, as many as one round trip takes."""
         chunk, keys = [], 0
-        for record in self._backlog:
+        for i in range(skip, len(self._backlog)):
+            record = self._backlog[i]
             if chunk and (len(chunk) == CHUNK_RECORDS or keys + record.size > CHUNK_KEYS):
                 break
             chunk.append(record)
             keys += record.size
-        store = self.store
-        results = await store.apply([store.apply_args(r.stream, r.seq, r.ts, r.flag, r.pod, r.ops)
-                                     for r in chunk])
+        return chunk
+
+    def _settle(self, chunk, results):
+        """Takes the answered records out of the backlog's head and counts their results."""
         for record, result in zip(chunk, results):
             if isinstance(result, StoreError):
                 self.errors[result.kind] += 1
+                if result.script_missing:
+                    return "retry"
                 if result.out_of_memory:
                     self.counters["writes_refused_full"] += 1
                     if self.counters["writes_refused_full"] == 1:
                         log.error("shared index: the store is out of memory and refuses writes; "
                                   "batches wait in the backlog (set maxmemory-policy allkeys-lru): %s", result)
-                    return False
+                    return "full"
             self._backlog.popleft()
             self._backlog_events -= record.events
             self._backlog_keys -= record.size
@@ -370,7 +401,7 @@ class SharedIndex:
             self.counters["restarts_detected"] += status == 2
             self.counters["entries_added"] += added
             self.counters["entries_removed"] += removed
-        return True
+        return "done"
 
     async def prefetch(self, missing):
         """Brings engine hashes other replicas recorded into the local engine-map cache

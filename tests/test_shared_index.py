@@ -487,6 +487,31 @@ async def test_a_full_store_holds_writes_back_in_order_and_still_answers_lookups
         await pair.close()
 
 
+@on_uvloop
+async def test_the_writer_loads_a_flushed_script_again_and_loses_no_batch(redis_server):
+    """SCRIPT FLUSH (or a server that forgot its scripts) answers NOSCRIPT to the round trips
+    in flight: their records stay queued, the script is loaded, and they apply in order."""
+    raw = redis_server.client()
+    pair = Pair(redis_server.url)
+    await pair.start()
+    try:
+        first = tokens(40, 3)
+        pair.send("pa", [stored(first)])
+        await pair.synced()
+        raw.script_flush()
+        prompts = [tokens(41 + i, 8) for i in range(50)]
+        for i, ids in enumerate(prompts):      # many round trips, sent two at a time
+            pod = "p%d" % (i % 4)
+            pair.send(pod, [stored(ids)])
+            pair.send(pod, [removed(ids, [5])])
+        await pair.compare(QWEN, [first] + prompts)
+        assert pair.shared.counters["records_refused"] == 0
+        assert pair.shared.counters["records_written"] == 1 + 2 * len(prompts)
+        assert pair.shared.errors["response"] >= 1     # the NOSCRIPT answers, counted
+    finally:
+        await pair.close()
+
+
 def test_the_sink_hands_the_journal_keys_as_decimal_text_at_both_ends_of_the_u64_range():
     class Recorder(Journal):
         def store(self, model, pod, tier, keys, n=None):
