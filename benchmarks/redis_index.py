@@ -186,6 +186,11 @@ class RedisServer:
         Redis 7's per-command HdrHistogram (latency-tracking, on by default)."""
         return {k[len("latency_percentiles_usec_"):]: v for k, v in self.sync.info("latencystats").items()}
 
+    def flush(self):
+        """FLUSHALL SYNC: freed before it answers (Valkey 8 frees in the background by default,
+        which would show in used_memory afterwards)."""
+        self.sync.execute_command("FLUSHALL", "SYNC")
+
     def used_memory(self):
         return self.sync.info("memory")["used_memory"]
 
@@ -299,7 +304,7 @@ async def bench_lookup(server, repeats):
     tokens, hashes, payloads = lookup_workload()
     entries = sum(lookup_depth(i) for i in range(LOOKUP_PODS))
 
-    server.sync.flushall()
+    server.flush()
     mem = Indexer(new_config())
     shared = Indexer(new_config("--index", server.url))  # --redis-timeout 1 as by default
     await shared.shared.start(shared.sink)  # Indexer.start() minus the ZMQ ingest
@@ -518,7 +523,7 @@ async def apply_shared(server, batches, pods, mode, interleave=True, pod_offset=
     from the start until everything is written (then `stop` is set), its result in "during";
     ttl: --redis-ttl (seconds; 0: none)."""
     if flush:
-        server.sync.flushall()
+        server.flush()
     shared = SharedIndex(server.url, backlog_events=10 ** 9, ttl=ttl)  # timeout 1 s as kvcm's default
     sink = _core.EventSink(_core.Index(max_blocks=10_000_000), BLOCK, "sha256", None, mode, journal=shared.journal)
     await shared.start(sink)
@@ -683,7 +688,7 @@ async def bench_memory(server, repeats):
     for mode in ("auto", "kvcm"):
         if mode == "kvcm":
             batches = chain_batches(31, 1, events // per_batch, True, per_batch, hashes_seed=77)
-        server.sync.flushall()
+        server.flush()
         for script in (redis_store._APPLY, redis_store._LOOKUP):
             server.sync.script_load(script)
         before = server.used_memory()
@@ -795,7 +800,7 @@ def serve_run(redis_server, seed):
     replica and of two shared replicas at once; publish -> visible on the same replica and
     across replicas."""
     out = {}
-    redis_server.sync.flushall()
+    redis_server.flush()
     with contextlib.ExitStack() as stack:
         memory = stack.enter_context(serve_servers(None, 1)[0])
         a, b = [stack.enter_context(s) for s in serve_servers(redis_server, 2)]
