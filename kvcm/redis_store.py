@@ -443,7 +443,11 @@ class RedisStore:
         sending failed: then no batch in flight is known applied, and the connection is closed."""
         conn = self._writes
         try:
-            if not conn.is_connected or self._writes_need_script:
+            if not conn.is_connected:
+                # answers still owed on a closed connection (a read cancelled, say) never come
+                self._writes_in_flight.clear()
+                self._writes_need_script = True
+            if self._writes_need_script:
                 await conn.connect()
                 await conn.send_command("SCRIPT", "LOAD", _APPLY)
                 await conn.read_response()
@@ -454,11 +458,6 @@ class RedisStore:
             await self._drop_writes()
             raise _store_error(exc) from None
         self._writes_in_flight.append((len(batches), time.perf_counter()))
-
-    @property
-    def applies_in_flight(self):
-        """Round trips sent by send_applies and not yet answered."""
-        return len(self._writes_in_flight)
 
     async def receive_applies(self):
         """The answers to the oldest round trip in flight, one per batch, as apply() returns

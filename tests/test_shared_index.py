@@ -512,6 +512,40 @@ async def test_the_writer_loads_a_flushed_script_again_and_loses_no_batch(redis_
         await pair.close()
 
 
+@on_uvloop
+async def test_closing_with_round_trips_in_flight_still_writes_every_batch_in_order(redis_server):
+    """close() cancels the writer, maybe while it waits for answers; the records it had sent
+    stay queued, and the drain sends them again on a new connection, in order."""
+    from aio import until
+
+    pair = Pair(redis_server.url)
+    await pair.start()
+    prompts = [tokens(90 + i, 64) for i in range(200)]   # round trips of 16 records, 1,024 keys
+    try:
+        for i, ids in enumerate(prompts):
+            pod = "p%d" % (i % 3)
+            pair.send(pod, [stored(ids)])
+            pair.send(pod, [removed(ids, [2, 60])])
+        # the first answers are in: the writer now keeps round trips in flight
+        await until(lambda: pair.shared.counters["records_written"], "a first write", 20.0)
+        assert pair.shared.backlog_events
+    finally:
+        await pair.close()
+    assert pair.shared.backlog_events == 0
+    reader = SharedIndex(redis_server.url)
+    await reader.start(_core.EventSink(_core.Index(), journal=reader.journal))
+    try:
+        scorer = _core.Scorer()
+        for ids in prompts:
+            keys = pair.memory_sink.keys_for(QWEN, ids)
+            want = _rounded(scorer.score_detailed(pair.memory, QWEN, keys, None))
+            _, got = await reader.lookup(QWEN, list(keys), None, scorer.weights, scorer.default_weight)
+            assert _rounded(got) == want
+        assert await reader.pod_blocks() == pair.memory.stats()["pods"]
+    finally:
+        await reader.close()
+
+
 def test_the_sink_hands_the_journal_keys_as_decimal_text_at_both_ends_of_the_u64_range():
     class Recorder(Journal):
         def store(self, model, pod, tier, keys, n=None):
