@@ -26,13 +26,15 @@ log = logging.getLogger("kvcm.shared_index")
 HEALTH_INTERVAL = 1.0     # seconds between pings while the store is up
 POSITIONS_INTERVAL = 5.0  # seconds between reads of the streams' recorded positions
 BACKOFF = (0.1, 2.0)      # first and longest wait between reconnection attempts
-# Records per pipelined round trip, and their keys. The server runs scripts one at a time,
-# about 2.5 µs a key, so a lookup waits behind the round trip in progress: 1,024 keys halved
-# the p99 of lookups made while ingesting (12 -> 6 ms) against 4,096, for ~13% less ingest
-# throughput (benchmarks/RESULTS.md, "Shared index (Redis)").
+# Records per pipelined round trip, their keys, and round trips sent ahead of their answers.
+# The server runs scripts one at a time, about 2.5 µs a key, and a lookup waits behind the
+# writes already sent: with the store saturated by writes, its p99 was 10.8 ms at 1,024 keys
+# x 2 and 6.5 ms at 512 x 2, for 8% less write throughput. Two in flight keep the server
+# from waiting for kvcm between round trips (+47% against one; benchmarks/RESULTS.md,
+# "Shared index (Redis)").
 CHUNK_RECORDS = 64
-CHUNK_KEYS = 1024
-IN_FLIGHT = 2      # round trips sent ahead of their answers: the server never waits for kvcm
+CHUNK_KEYS = 512
+IN_FLIGHT = 2
 MAX_BACKLOG_KEYS = 8_000_000   # bounds the backlog's memory whatever the events' sizes
 
 _RTT_BUCKETS = (100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0)
