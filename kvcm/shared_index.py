@@ -30,9 +30,8 @@ BACKOFF = (0.1, 2.0)      # first and longest wait between reconnection attempts
 # The server runs scripts one at a time, about 2.5 µs a key, and a lookup waits behind the
 # writes already sent: with the store saturated by writes, its p99 was 10.8 ms at 1,024 keys
 # x 2 and 6.5 ms at 512 x 2, for 8% (in process) to 15-20% (through ZMQ) less write
-# throughput. Two in flight keep the server
-# from waiting for kvcm between round trips (+47% against one; benchmarks/RESULTS.md,
-# "Shared index (Redis)").
+# throughput. Two in flight keep the server from waiting for kvcm between round trips
+# (+47% against one; benchmarks/RESULTS.md, "Shared index (Redis)").
 CHUNK_RECORDS = 64
 CHUNK_KEYS = 512
 IN_FLIGHT = 2
