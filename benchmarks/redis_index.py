@@ -753,8 +753,8 @@ def serve_ingest(replicas, seed, shared, first_pod):
                                                           pod_offset=first_pod + r * service.PODS))
             pubs.start()
             groups.append(pubs)
-        for server, client in replicas:   # the connection pokes: written before the clock starts
-            if shared:
+        if shared:   # the connection pokes: written before the clock starts
+            for _, client in replicas:
                 store_drained(client)
         base = [client.metrics() for _, client in replicas]
         answered0 = [store_progress(client)[0] if shared else 0 for _, client in replicas]

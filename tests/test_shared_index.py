@@ -143,17 +143,27 @@ class Pair:
         while self.shared.backlog_events:
             await asyncio.sleep(0.005)
 
-    async def compare(self, model, prompts, pods_filters=(None,)):
+    def send_prompts(self, prompts, pods, trim):
+        """Per prompt, round-robin over `pods`: a batch storing it, then one removing the
+        blocks at the positions `trim`."""
+        for i, ids in enumerate(prompts):
+            pod = pods[i % len(pods)]
+            self.send(pod, [stored(ids)])
+            self.send(pod, [removed(ids, trim)])
+
+    async def compare(self, model, prompts, pods_filters=(None,), shared=None):
+        """The shared index (or another replica's, `shared`) answers as the in-memory one."""
         await self.synced()
+        shared = shared or self.shared
         scorer = _core.Scorer()
         for ids in prompts:
             keys = self.memory_sink.keys_for(model, ids)
             assert list(self.sink.keys_for(model, ids)) == list(keys)
             for pods in pods_filters:
                 want = _rounded(scorer.score_detailed(self.memory, model, keys, pods))
-                _, got = await self.shared.lookup(model, list(keys), pods, scorer.weights, scorer.default_weight)
+                _, got = await shared.lookup(model, list(keys), pods, scorer.weights, scorer.default_weight)
                 assert _rounded(got) == want, (model, pods)
-        assert await self.shared.pod_blocks() == self.memory.stats()["pods"]
+        assert await shared.pod_blocks() == self.memory.stats()["pods"]
 
     async def close(self):
         await self.shared.close()
@@ -500,10 +510,7 @@ async def test_the_writer_loads_a_flushed_script_again_and_loses_no_batch(redis_
         await pair.synced()
         raw.script_flush()
         prompts = [tokens(41 + i, 8) for i in range(50)]
-        for i, ids in enumerate(prompts):      # many round trips, sent two at a time
-            pod = "p%d" % (i % 4)
-            pair.send(pod, [stored(ids)])
-            pair.send(pod, [removed(ids, [5])])
+        pair.send_prompts(prompts, ["p0", "p1", "p2", "p3"], [5])   # many round trips, two in flight
         await pair.compare(QWEN, [first] + prompts)
         assert pair.shared.counters["records_refused"] == 0
         assert pair.shared.counters["records_written"] == 1 + 2 * len(prompts)
@@ -522,26 +529,17 @@ async def test_closing_with_round_trips_in_flight_still_writes_every_batch_in_or
     await pair.start()
     prompts = [tokens(90 + i, 64) for i in range(200)]   # round trips of 16 records, 1,024 keys
     try:
-        for i, ids in enumerate(prompts):
-            pod = "p%d" % (i % 3)
-            pair.send(pod, [stored(ids)])
-            pair.send(pod, [removed(ids, [2, 60])])
+        pair.send_prompts(prompts, ["p0", "p1", "p2"], [2, 60])
         # the first answers are in: the writer now keeps round trips in flight
         await until(lambda: pair.shared.counters["records_written"], "a first write", 20.0)
         assert pair.shared.backlog_events
     finally:
         await pair.close()
     assert pair.shared.backlog_events == 0
-    reader = SharedIndex(redis_server.url)
+    reader = SharedIndex(redis_server.url)      # another replica: this one is closed
     await reader.start(_core.EventSink(_core.Index(), journal=reader.journal))
     try:
-        scorer = _core.Scorer()
-        for ids in prompts:
-            keys = pair.memory_sink.keys_for(QWEN, ids)
-            want = _rounded(scorer.score_detailed(pair.memory, QWEN, keys, None))
-            _, got = await reader.lookup(QWEN, list(keys), None, scorer.weights, scorer.default_weight)
-            assert _rounded(got) == want
-        assert await reader.pod_blocks() == pair.memory.stats()["pods"]
+        await pair.compare(QWEN, prompts, shared=reader)
     finally:
         await reader.close()
 
