@@ -18,7 +18,8 @@ from kvcm import __version__
 # Set by the generated module of a frozen build; None when running from source.
 BUILD_DATE = None        # "2026-01-31T12:00:00Z" (UTC; SOURCE_DATE_EPOCH when set)
 GIT_REVISION = None      # "1234abcd5678" or "1234abcd5678-dirty"
-BUILD_GLIBC = None       # glibc of the build host: the oldest glibc the binary runs on
+GLIBC_FLOOR = None       # "2.28": the newest glibc symbol version the bundle needs, the
+                         # oldest glibc it runs on (packaging/glibc_floor.py)
 
 _ARCHIVE_REVISION = "$Format:%H$"
 UNKNOWN = "unknown"

@@ -105,16 +105,21 @@ def cmd_hash(args):
 
 
 def cmd_version(args):
+    import platform
+
     from kvcm import _build_info
+    from kvcm._core import sha256_backend
 
     info = _build_info.info()
     build = [info["build"], "Python %s" % sys.version.split()[0]]
-    if _build_info.BUILD_GLIBC:
-        build.append("needs glibc >= %s" % _build_info.BUILD_GLIBC)
+    if _build_info.GLIBC_FLOOR:
+        build.append("needs glibc >= %s" % _build_info.GLIBC_FLOOR)
     print("kvcm %s" % info["version"])
     print("build date: %s" % info["build_date"])
     print("git revision: %s" % info["git_revision"])
     print("build: %s" % ", ".join(build))
+    # the SHA-256 kernel the CPU allows (KVCM_SHA256=portable forces the portable one)
+    print("cpu: %s, sha256 kernel %s" % (platform.machine(), sha256_backend()))
     return 0
 
 
