@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: build test run bench demo annotate clean binary
+.PHONY: build test run bench demo annotate clean binary prereq-binary prereq-bullseye
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-test: build
+test: build prereq-binary prereq-bullseye
 	$(PY) -m pytest
 
 run: build
@@ -30,10 +30,23 @@ bench: build
 demo: build
 	$(PY) -m kvcm.sim.demo
 
-# dist/kvcm (PyInstaller onefile) + dist/THIRD_PARTY_LICENSES; `make binary ONEDIR=1` adds
-# dist/kvcm-onedir/. Installs PyInstaller into the venv the first time.
-binary: build
+# dist/kvcm (PyInstaller onefile, glibc >= 2.28) + dist/THIRD_PARTY_LICENSES; `make binary
+# ONEDIR=1` adds dist/kvcm-onedir/. Frozen in a Debian 11 build root made the first time
+# under .cache/build-root (packaging/build.sh; KVCM_BUILD_ROOT=host: with .venv instead).
+binary:
 	KVCM_ONEDIR=$(if $(ONEDIR),1,0) PYTHON=$(PY) packaging/build.sh
+
+# Test prerequisites (tests/setup/): each is cached and done again only when its inputs
+# change; without root they print why not, and the tests needing them skip (fail in CI).
+BINARY_INPUTS := setup.py pyproject.toml $(shell find kvcm packaging -type f \( -name '*.py' \
+	-o -name '*.pyx' -o -name '*.pxi' -o -name '*.pxd' -o -name '*.h' -o -name '*.pyi' \
+	-o -name '*.typed' -o -name '*.sh' -o -name '*.spec' \) -not -path '*/__pycache__/*')
+prereq-binary: dist/kvcm-onedir/kvcm
+dist/kvcm-onedir/kvcm: $(BINARY_INPUTS)
+	tests/setup/binary.sh
+
+prereq-bullseye:
+	tests/setup/bullseye.sh
 
 annotate: $(STAMP)
 	KVCM_ANNOTATE=1 $(PY) setup.py -q build_ext --inplace --force

@@ -34,18 +34,19 @@ def until(condition, what, deadline=WAIT):
     return poll_until(condition, what, deadline)
 
 
-def built(path):
-    if not path.is_file():
+def prerequisite(present, message):
+    """Skips the test when something it needs is missing; fails instead under CI=true, where
+    `make test` must have made it (its prereq-* targets)."""
+    if not present:
         if IN_CI:
-            pytest.fail("%s is missing: .ci/run must build it (make binary ONEDIR=1) before the tests"
-                        % path.relative_to(ROOT))
-        pytest.skip("%s is not built: run `make binary` (`make binary ONEDIR=1` for onedir)"
-                    % path.relative_to(ROOT))
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def built(path):
+    prerequisite(path.is_file(), "%s is not built: `make prereq-binary` builds it as root (`make test` does)"
+                 % path.relative_to(ROOT))
     return path
-
-
-
-
 
 
 def bare_env(tmp_path):
@@ -67,8 +68,8 @@ def run(binary, *args, env, stdin=None, timeout=WAIT):
 class Notify:
     """A fake NOTIFY_SOCKET that records each datagram with its sender's pid (SCM_CREDENTIALS)."""
 
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="kvcm-nfy-", dir="/tmp")
+    def __init__(self, directory="/tmp"):
+        self.dir = tempfile.mkdtemp(prefix="kvcm-nfy-", dir=directory)
         self.path = os.path.join(self.dir, "notify")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -111,17 +112,21 @@ def parent_of(pid):
 class Server:
     """The binary's `kvcm serve` in a bare environment, with a fake NOTIFY_SOCKET and the
     systemd watchdog variables set as systemd sets them: WATCHDOG_PID is the main process
-    (the onefile bootloader), so the interpreter must accept its parent's pid."""
+    (the onefile bootloader), so the interpreter must accept its parent's pid.
+
+    With `root` (a directory the prefix chroots into), the binary and tokenizer paths are
+    paths inside it, and the notify socket is made there too."""
 
     def __init__(self, binary, env, *args, watchdog_usec=300000, prefix=(), notify_mode=None,
-                 tokenizer=TOKENIZER):
-        self.notify = Notify()
+                 tokenizer=TOKENIZER, root=None):
+        self.notify = Notify(os.path.join(root, "tmp") if root else "/tmp")
         if notify_mode is not None:      # for a service user other than ours
             os.chmod(self.notify.dir, 0o755)
             os.chmod(self.notify.path, notify_mode)
         self.http_port, self.zmq_port = free_port(), free_port()
         self.stderr_file = tempfile.TemporaryFile()
-        env = dict(env, NOTIFY_SOCKET=self.notify.path, WATCHDOG_USEC=str(watchdog_usec))
+        notify_path = "/" + os.path.relpath(self.notify.path, root) if root else self.notify.path
+        env = dict(env, NOTIFY_SOCKET=notify_path, WATCHDOG_USEC=str(watchdog_usec))
         self.args = ["serve", "--http-host", "127.0.0.1", "--http-port", str(self.http_port),
                      "--zmq-bind", "tcp://127.0.0.1:%d" % self.zmq_port,
                      "--tokenizer", "%s=%s" % (QWEN, tokenizer), *args]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import pathlib
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 import kvcm
+from kvcm import _core
 from kvcm._core import BlockHasher
 
 CONSOLE_SCRIPT = pathlib.Path(sys.executable).parent / "kvcm"
@@ -116,8 +118,16 @@ def test_version_prints_package_version(cmd):
     assert proc.returncode == 0 and proc.stderr == b""
     lines = proc.stdout.decode().splitlines()
     assert lines[0] == "kvcm %s" % kvcm.__version__
-    assert [line.split(":")[0] for line in lines[1:]] == ["build date", "git revision", "build"]
+    assert [line.split(":")[0] for line in lines[1:]] == ["build date", "git revision", "build", "cpu"]
     assert lines[1] == "build date: unknown" and lines[3].startswith("build: source, Python ")
+    assert lines[4] == "cpu: %s, sha256 kernel %s" % (platform.machine(), _core.sha256_backend())
+
+
+def test_version_names_the_sha256_kernel_the_environment_forces(monkeypatch):
+    monkeypatch.setenv("KVCM_SHA256", "portable")
+    proc = run("version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().splitlines()[-1].endswith(", sha256 kernel portable")
 
 
 def test_console_script_hashes_like_the_module():
