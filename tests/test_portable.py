@@ -10,7 +10,8 @@
   itself shown to catch a newer requirement).
 - CPU (x86-64 baseline, "v1"): the parts compiled for the bundle (CPython, the core)
   record -march=x86-64, and disassembled they use no newer instruction outside the core's
-  SHA-NI kernel, which CPUID guards; `KVCM_SHA256=portable` makes the binary hash with the
+  SHA-NI kernel, which CPUID guards; in the rest of the bundle only libraries that choose
+  their SIMD code by CPUID hold any. `KVCM_SHA256=portable` makes the binary hash with the
   portable kernel (above, in Debian 11) and `kvcm version` says which kernel it uses.
 
 The tests skip, naming what is missing, without root or the prerequisites; under CI=true
@@ -234,3 +235,23 @@ def test_nothing_compiled_for_the_bundle_uses_newer_instructions_outside_the_sha
     assert len(core) == 1, "the SHA-NI kernel is found (the scan works): %s" % sorted(found)
     assert {f for f, _ in found.pop(core[0])} == {"kvcm_sha256_compress_shani"}
     assert not found, found
+
+
+# Libraries that choose their SIMD code at run time, by CPUID: OpenSSL's libcrypto (its
+# ia32cap), libsodium, orjson and the Rust crates inside tokenizers (memchr, aho-corasick,
+# rand_chacha: is_x86_feature_detected), libstdc++ (rdrand for std::random_device). The core's
+# SHA-NI kernel is checked on its own above.
+DISPATCHING = ("libcrypto.so", "libsodium-", "orjson/orjson.", "tokenizers/tokenizers.", "libstdc++.so",
+               "kvcm/_core.")
+
+
+def test_only_libraries_that_dispatch_by_cpuid_hold_newer_instructions():
+    """Every other ELF file of the bundle (libpython, libzmq, uvloop, msgpack, hiredis, zlib,
+    ...) is plain x86-64 baseline code: a dependency built for a newer CPU would show here."""
+    top = built(ONEDIR).parent / "_internal"
+    newer = []
+    for name, path in glibc_floor.directory_members(str(top)):
+        if glibc_floor.is_elf(path) and cpu_extensions.newer_than_baseline(path):
+            newer.append(name)
+    assert any("libsodium-" in n for n in newer), "the scan sees libsodium's AES-NI code: %s" % newer
+    assert [n for n in newer if not any(d in n for d in DISPATCHING)] == []
