@@ -202,7 +202,7 @@ class EngineCheck:
                 return self.report
             self._listen()
             self._describe_arrival()
-            if any(l.messages for l in self.listeners):
+            if any(listener.messages for listener in self.listeners):
                 self._describe_format()
                 self._describe_topics()
                 self._describe_ranks()
@@ -253,7 +253,7 @@ class EngineCheck:
                     except zmq.Again:
                         break
                     self._observe(listener, frames, time.time())
-            if all(l.has_runs for l in self.listeners):
+            if all(listener.has_runs for listener in self.listeners):
                 break     # enough to judge every endpoint
         self.elapsed = time.monotonic() - start
 
@@ -349,34 +349,37 @@ class EngineCheck:
     # -- the findings ------------------------------------------------------------------
 
     def _describe_arrival(self):
-        for l in self.listeners:
-            where = l.endpoint if len(self.listeners) == 1 else "%s (rank %d)" % (l.endpoint, l.rank)
-            if not l.messages:
+        for listener in self.listeners:
+            where = listener.endpoint
+            if len(self.listeners) > 1:
+                where += " (rank %d)" % listener.rank
+            if not listener.messages:
                 self.report.add(PROBLEM, "No events arrived from %s in %.1f s. Check that the engine publishes "
                                          "there (vLLM: --kv-events-config with enable_kv_cache_events true, publisher "
                                          "zmq), and send it a request while the doctor listens: an idle engine "
                                          "sends nothing." % (where, self.elapsed))
                 continue
-            batches = sum(l.batch_ranks.values())
-            events = sum(l.events.values())
+            batches = sum(listener.batch_ranks.values())
+            events = sum(listener.events.values())
             self.report.add(OK, "Events arrive from %s: %d batch%s with %d event%s in %.1f s."
                             % (where, batches, "" if batches == 1 else "es", events, "" if events == 1 else "s",
                                self.elapsed))
-            for reason, n in sorted(l.bad_frames.items()):
+            for reason, n in sorted(listener.bad_frames.items()):
                 self.report.add(PROBLEM, "%d message%s from %s had %s; kvcm drops them."
                                 % (n, "" if n == 1 else "s", where, reason))
-            if l.gaps or l.restarts:
+            if listener.gaps or listener.restarts:
                 self.report.add(NOTE, "While the doctor listened the stream on %s skipped sequence numbers %d "
-                                      "time(s) and went back %d time(s) (an engine restart)." % (where, l.gaps, l.restarts))
+                                      "time(s) and went back %d time(s) (an engine restart)."
+                                % (where, listener.gaps, listener.restarts))
 
     def _describe_format(self):
         forms = collections.Counter()
         keys, lengths, kinds = set(), collections.Counter(), collections.Counter()
-        for l in self.listeners:
-            forms.update(l.forms)
-            keys |= l.map_keys
-            lengths.update(l.batch_lengths)
-            kinds.update(l.hash_kinds)
+        for listener in self.listeners:
+            forms.update(listener.forms)
+            keys |= listener.map_keys
+            lengths.update(listener.batch_lengths)
+            kinds.update(listener.hash_kinds)
         if not forms:
             self.report.add(NOTE, "No BlockStored event arrived, so the event format and the block hashes "
                                   "could not be seen.")
@@ -403,8 +406,8 @@ class EngineCheck:
 
     def _describe_topics(self):
         model = self.args.model
-        for l in self.listeners:
-            for topic in sorted(l.topics):
+        for listener in self.listeners:
+            for topic in sorted(listener.topics):
                 ids = _topic_ids(topic.encode("utf-8"))
                 if ids is not None:
                     pod, topic_model = ids
@@ -427,25 +430,26 @@ class EngineCheck:
 
     def _describe_ranks(self):
         several = len(self.listeners) > 1
-        for l in self.listeners:
-            ranks = sorted(l.batch_ranks)
-            if ranks == [l.rank]:
-                if several or l.rank:
-                    self.report.add(OK, "Data-parallel rank %d publishes on %s." % (l.rank, l.endpoint))
+        for listener in self.listeners:
+            ranks = sorted(listener.batch_ranks)
+            if ranks == [listener.rank]:
+                if several or listener.rank:
+                    self.report.add(OK, "Data-parallel rank %d publishes on %s." % (listener.rank, listener.endpoint))
                 else:
                     self.report.add(OK, "Data-parallel rank: 0 only (no data parallelism on this endpoint).")
             elif several:
-                self.report.add(PROBLEM, "%s carries batches of data-parallel rank(s) %s, not %d: vLLM offsets rank "
-                                         "r's port by r, and kvcm asks rank r's replay endpoint (port + r) for its gaps."
-                                % (l.endpoint, ", ".join(map(str, ranks)), l.rank))
+                self.report.add(PROBLEM, "%s carries batches of data-parallel rank(s) %s, not %d: vLLM offsets "
+                                         "rank r's port by r, and kvcm asks rank r's replay endpoint (port + r) "
+                                         "for its gaps."
+                                % (listener.endpoint, ", ".join(map(str, ranks)), listener.rank))
             else:
                 self.report.add(NOTE, "%s carries data-parallel rank(s) %s: the engine runs data parallel, and rank r "
                                       "publishes on the port + r. Give kvcm every rank's endpoint (a --zmq-bind or "
                                       "--engine per rank) and check them all with --data-parallel-size."
-                                % (l.endpoint, ", ".join(map(str, ranks))))
+                                % (listener.endpoint, ", ".join(map(str, ranks))))
 
     def _kept(self):
-        return [item for l in self.listeners for item in l.kept]
+        return [item for listener in self.listeners for item in listener.kept]
 
     def _verify(self, block_size):
         """(verified runs, mismatched runs, {namespace: diagnosis}) from kvcm's own event sink,
@@ -466,8 +470,8 @@ class EngineCheck:
 
     def _check_block_size_and_hashes(self):
         sizes = collections.Counter()
-        for l in self.listeners:
-            sizes.update(l.block_sizes)
+        for listener in self.listeners:
+            sizes.update(listener.block_sizes)
         want = self.args.block_size
         others = sorted(size for size in sizes if size != want)
         if sizes and not others:
@@ -477,7 +481,7 @@ class EngineCheck:
                                      "key this model with its own hashes (decoupled mode) instead of the engine's. "
                                      "Set --block-size %d." % (size, want, size))
         if not self._kept():
-            if sizes or any(l.stored_without_tokens for l in self.listeners):
+            if sizes or any(listener.stored_without_tokens for listener in self.listeners):
                 self.report.add(PROBLEM, "Block hashes could not be checked: no run of blocks from block 0 with "
                                          "token ids arrived. Send the engine a prompt it has not cached while the "
                                          "doctor listens.")
@@ -502,9 +506,9 @@ class EngineCheck:
                                      "recompute. Send the engine a plain prompt while the doctor listens.")
 
     def _check_token_ids(self):
-        with_tokens = sum(l.stored_with_tokens for l in self.listeners)
-        without = sum(l.stored_without_tokens for l in self.listeners)
-        offload = sum(l.offload_without_tokens for l in self.listeners)
+        with_tokens = sum(listener.stored_with_tokens for listener in self.listeners)
+        without = sum(listener.stored_without_tokens for listener in self.listeners)
+        offload = sum(listener.offload_without_tokens for listener in self.listeners)
         if not (with_tokens or without or offload):
             return
         if without:
@@ -550,7 +554,7 @@ class EngineCheck:
                             % (self.args.tokenizer, len(runs), "" if len(runs) == 1 else "s"))
 
     def _check_clock(self):
-        skews = [s for l in self.listeners for s in l.skews]
+        skews = [s for listener in self.listeners for s in listener.skews]
         if not skews:
             return
         median = statistics.median(skews)
@@ -571,8 +575,8 @@ class EngineCheck:
                                   "gap in this engine's stream and marks it degraded instead of filling it; vLLM "
                                   "offers one with replay_endpoint in --kv-events-config.")
             return
-        for l in self.listeners:
-            self._probe_replay(ctx, dp_endpoint(replay, l.rank), l)
+        for listener in self.listeners:
+            self._probe_replay(ctx, dp_endpoint(replay, listener.rank), listener)
 
     def _probe_replay(self, ctx, endpoint, listener):
         """Asks for the last live batch seen (or, when none was, for nothing: the end marker)."""

@@ -91,6 +91,13 @@ def engine():
         sim.close()
 
 
+def diagnose(engine, capsys, *sim_flags, doctor_flags=()):
+    """(endpoint, exit status, lines, output) of the doctor on a fresh engine with sim_flags."""
+    _, endpoint, feeder = engine(*sim_flags)
+    with feeder:
+        return (endpoint,) + doctor(capsys, "--engine", endpoint, *doctor_flags)
+
+
 # -- configured right --------------------------------------------------------------------------------
 
 def test_an_engine_configured_as_kvcm_is_healthy(capsys, engine):
@@ -115,18 +122,14 @@ def test_an_engine_configured_as_kvcm_is_healthy(capsys, engine):
 
 
 def test_matching_non_default_settings_are_healthy(capsys, engine):
-    _, endpoint, feeder = engine("--hash-algo", "sha256_cbor", "--hash-seed", "42", "--block-size", "32")
-    with feeder:
-        status, lines, out = doctor(capsys, "--engine", endpoint, "--hash-algo", "sha256_cbor", "--hash-seed", "42",
-                                    "--block-size", "32")
+    settings = ("--hash-algo", "sha256_cbor", "--hash-seed", "42", "--block-size", "32")
+    endpoint, status, lines, out = diagnose(engine, capsys, *settings, doctor_flags=settings)
     assert status == 0, out
     line(lines, "ok", "Block hashes match --hash-algo sha256_cbor --hash-seed '42' --block-size 32 (")
 
 
 def test_array_events_are_named_with_their_vllm_versions(capsys, engine):
-    _, endpoint, feeder = engine("--event-format", "array")
-    with feeder:
-        status, lines, out = doctor(capsys, "--engine", endpoint)
+    endpoint, status, lines, out = diagnose(engine, capsys, "--event-format", "array")
     assert status == 0, out
     assert line(lines, "ok", "Format:").startswith("Format: array events of 10 elements (vLLM 0.20 to 0.21)")
     line(lines, "ok", "Block hashes match")
@@ -141,9 +144,7 @@ def test_array_events_are_named_with_their_vllm_versions(capsys, engine):
     (("--hash-algo", "sha256_cbor", "--hash-seed", ""), "--hash-algo sha256_cbor --hash-seed ''"),
 ])
 def test_a_hash_mismatch_names_the_engines_setting(capsys, engine, sim_flags, names):
-    _, endpoint, feeder = engine(*sim_flags)
-    with feeder:
-        status, lines, out = doctor(capsys, "--engine", endpoint)
+    endpoint, status, lines, out = diagnose(engine, capsys, *sim_flags)
     assert status == 1, out
     problem = line(lines, "PROBLEM", "Block hashes do not match:")
     # the event sink's own diagnosis, as kvcm serve logs it
@@ -153,9 +154,7 @@ def test_a_hash_mismatch_names_the_engines_setting(capsys, engine, sim_flags, na
 
 
 def test_a_seed_nobody_uses_is_reported_as_unrecognised(capsys, engine):
-    _, endpoint, feeder = engine("--hash-seed", "a-seed-of-their-own")
-    with feeder:
-        status, lines, out = doctor(capsys, "--engine", endpoint)
+    endpoint, status, lines, out = diagnose(engine, capsys, "--hash-seed", "a-seed-of-their-own")
     assert status == 1, out
     assert "match neither kvcm's --hash-algo sha256 --hash-seed (unset) nor any likely setting" in \
         line(lines, "PROBLEM", "Block hashes do not match:")
@@ -163,18 +162,14 @@ def test_a_seed_nobody_uses_is_reported_as_unrecognised(capsys, engine):
 
 def test_the_doctor_checks_against_the_settings_it_is_given(capsys, engine):
     # the engine is vLLM's default; the doctor is told kvcm runs with seed 42
-    _, endpoint, feeder = engine()
-    with feeder:
-        status, lines, out = doctor(capsys, "--engine", endpoint, "--hash-seed", "42")
+    endpoint, status, lines, out = diagnose(engine, capsys, doctor_flags=("--hash-seed", "42"))
     assert status == 1, out
     assert ("match --hash-algo sha256 --hash-seed (unset), not kvcm's --hash-algo sha256 --hash-seed '42'"
             in line(lines, "PROBLEM", "Block hashes do not match:"))
 
 
 def test_a_block_size_mismatch_names_the_size_and_checks_the_hashes_at_it(capsys, engine):
-    _, endpoint, feeder = engine("--block-size", "32")
-    with feeder:
-        status, lines, out = doctor(capsys, "--engine", endpoint)
+    endpoint, status, lines, out = diagnose(engine, capsys, "--block-size", "32")
     assert status == 1, out
     assert line(lines, "PROBLEM", "Block size:") == (
         "Block size: the engine uses 32-token blocks but --block-size is 16: kvcm would key this model with its "
@@ -183,9 +178,7 @@ def test_a_block_size_mismatch_names_the_size_and_checks_the_hashes_at_it(capsys
 
 
 def test_a_block_size_and_a_seed_mismatch_are_both_reported(capsys, engine):
-    _, endpoint, feeder = engine("--block-size", "32", "--hash-seed", "0")
-    with feeder:
-        status, lines, out = doctor(capsys, "--engine", endpoint)
+    endpoint, status, lines, out = diagnose(engine, capsys, "--block-size", "32", "--hash-seed", "0")
     assert status == 1, out
     line(lines, "PROBLEM", "Block size: the engine uses 32-token blocks")
     assert "match --hash-algo sha256 --hash-seed '0'" in line(lines, "PROBLEM", "With --block-size 32, block hashes "
@@ -212,9 +205,8 @@ def test_a_topic_without_a_model_needs_one_given(capsys, engine):
 
 def test_a_replay_endpoint_that_holds_the_stream_is_healthy(capsys, engine):
     replay = "tcp://127.0.0.1:%d" % free_port()
-    _, endpoint, feeder = engine("--replay-endpoint", replay)
-    with feeder:
-        status, lines, out = doctor(capsys, "--engine", endpoint, "--replay-endpoint", replay)
+    endpoint, status, lines, out = diagnose(engine, capsys, "--replay-endpoint", replay,
+                                            doctor_flags=("--replay-endpoint", replay))
     assert status == 0, out
     assert "answers (vLLM 0.26 or later layout) and holds the live stream's batch" in line(lines, "ok", "Replay:")
     assert "note" not in lines or not any(t.startswith("Replay") for t in lines["note"])
@@ -222,18 +214,15 @@ def test_a_replay_endpoint_that_holds_the_stream_is_healthy(capsys, engine):
 
 def test_the_replay_layout_before_vllm_0_26_is_named(capsys, engine):
     replay = "tcp://127.0.0.1:%d" % free_port()
-    _, endpoint, feeder = engine("--replay-endpoint", replay, "--event-format", "array")
-    with feeder:
-        status, lines, out = doctor(capsys, "--engine", endpoint, "--replay-endpoint", replay)
+    endpoint, status, lines, out = diagnose(engine, capsys, "--replay-endpoint", replay, "--event-format", "array",
+                                            doctor_flags=("--replay-endpoint", replay))
     assert status == 0, out
     assert "answers (before vLLM 0.26 layout) and holds" in line(lines, "ok", "Replay:")
 
 
 def test_a_replay_endpoint_that_does_not_answer_is_a_problem(capsys, engine):
     nobody = "tcp://127.0.0.1:%d" % free_port()
-    _, endpoint, feeder = engine()
-    with feeder:
-        status, lines, out = doctor(capsys, "--engine", endpoint, "--replay-endpoint", nobody)
+    endpoint, status, lines, out = diagnose(engine, capsys, doctor_flags=("--replay-endpoint", nobody))
     assert status == 1, out
     assert line(lines, "PROBLEM", "Replay:").startswith("Replay: %s did not answer within" % nobody)
 
@@ -241,9 +230,7 @@ def test_a_replay_endpoint_that_does_not_answer_is_a_problem(capsys, engine):
 def test_another_engines_replay_endpoint_is_a_problem(capsys, engine):
     replay = "tcp://127.0.0.1:%d" % free_port()
     engine("--replay-endpoint", replay)       # an engine of its own, which never published
-    _, endpoint, feeder = engine()
-    with feeder:
-        status, lines, out = doctor(capsys, "--engine", endpoint, "--replay-endpoint", replay)
+    endpoint, status, lines, out = diagnose(engine, capsys, doctor_flags=("--replay-endpoint", replay))
     assert status == 1, out
     assert "but does not hold batch" in line(lines, "PROBLEM", "Replay:")
 
@@ -329,16 +316,15 @@ def test_the_tokenizer_the_engine_uses_matches(capsys, engine):
         status, lines, out = doctor(capsys, "--engine", endpoint, "--tokenizer", qwen)
         assert status == 0, out
         line(lines, "ok", "Tokenizer: %s encodes the text of the" % qwen)
-        status, lines, out = doctor(capsys, "--engine", endpoint, "--tokenizer", str(TOKENIZERS / "llama-3.2-instruct"))
+        llama = str(TOKENIZERS / "llama-3.2-instruct")
+        status, lines, out = doctor(capsys, "--engine", endpoint, "--tokenizer", llama)
     assert status == 1, out
     assert "the engine uses another tokenizer" in line(lines, "PROBLEM", "Tokenizer:")
 
 
 def test_token_ids_outside_the_tokenizer_are_a_problem(capsys, engine):
     # the simulator's word tokenizer has ids far beyond gpt2's vocabulary
-    _, endpoint, feeder = engine()
-    with feeder:
-        status, lines, out = doctor(capsys, "--engine", endpoint, "--tokenizer", str(TOKENIZERS / "gpt2"))
+    endpoint, status, lines, out = diagnose(engine, capsys, doctor_flags=("--tokenizer", str(TOKENIZERS / "gpt2")))
     assert status == 1, out
     assert "past the 50257 ids of" in line(lines, "PROBLEM", "Tokenizer:")
 

@@ -121,14 +121,18 @@ def _all_panels(dashboard):
         yield from panel.get("panels", ())
 
 
-def test_the_dashboard_queries_only_what_kvcm_serve_exports():
-    serve = Serve()
+def metrics_of_serve(*args):
+    """/metrics of a fresh `kvcm serve ARGS`."""
+    serve = Serve(*args)
     try:
-        metrics_text = serve.client.get("/metrics").body.decode()
+        return serve.client.get("/metrics").body.decode()
     finally:
         serve.stop()
         serve.close()
-    queried = check_dashboard(load("kvcm.json"), metrics_text)
+
+
+def test_the_dashboard_queries_only_what_kvcm_serve_exports():
+    queried = check_dashboard(load("kvcm.json"), metrics_of_serve())
     # what an operator looks for: ingest and drops, stream health, index fill and evictions,
     # scoring rate, latency and hit ratio, blocks per pod
     assert {"kvcm_ingest_messages_total", "kvcm_ingest_blocks_stored_total", "kvcm_ingest_event_drops_total",
@@ -141,12 +145,6 @@ def test_the_dashboard_queries_only_what_kvcm_serve_exports():
 
 
 def test_the_shared_index_dashboard_queries_only_what_kvcm_exports(redis_server):
-    serve = Serve("--index", redis_server.url)
-    try:
-        metrics_text = serve.client.get("/metrics").body.decode()
-    finally:
-        serve.stop()
-        serve.close()
-    queried = check_dashboard(load("kvcm-redis.json"), metrics_text)
+    queried = check_dashboard(load("kvcm-redis.json"), metrics_of_serve("--index", redis_server.url))
     assert {"kvcm_redis_up", "kvcm_redis_backlog_events", "kvcm_redis_errors_total",
             "kvcm_redis_call_duration_seconds_bucket", "kvcm_redis_records_written_total"} <= queried

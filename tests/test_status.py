@@ -117,7 +117,8 @@ def test_the_page_renders_the_json(kvcm_with_traffic):
         # under every stream of the model (the connection probe's too)
         assert set(page.diagnoses) == {probe_free(status["streams"])[("pod-b", OTHER, 0)]["diagnosis"]}
         assert page.namespaces[OTHER]["mode"] == "decoupled"
-        assert page.namespaces[OTHER]["diagnosis"] == {ns["name"]: ns for ns in status["namespaces"]}[OTHER]["diagnosis"]
+        namespaces = {ns["name"]: ns for ns in status["namespaces"]}
+        assert page.namespaces[OTHER]["diagnosis"] == namespaces[OTHER]["diagnosis"]
         assert page.namespaces[QWEN]["diagnosis"] == ""
         assert page.figures["entries_gpu"] == "7" and page.figures["entries_cpu"] == "2"
         assert page.figures["blocks"] == "7 of 10,000,000 (< 0.1 %)"
