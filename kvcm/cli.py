@@ -226,6 +226,7 @@ def build_parser():
                                    "say in plain sentences whether it suits kvcm's hash settings and what to change. "
                                    "Exit status 0 when healthy, 1 with problems.")
     add_doctor_arguments(p)
+    add_hash_options(p.add_argument_group("kvcm serve's hash settings to check against (its defaults)"))
     p.set_defaults(func=cmd_doctor)
 
     for name, func, text, with_tokens in (

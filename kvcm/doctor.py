@@ -54,8 +54,7 @@ OK, NOTE, PROBLEM = "ok", "note", "PROBLEM"
 
 
 def add_doctor_arguments(parser):
-    from kvcm.cli import add_hash_options
-
+    """The doctor's own flags; the command line adds kvcm serve's hash flags beside them."""
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--engine", metavar="ENDPOINT",
                       help="an engine's KV-event publisher: tcp://HOST:5557 or ipc://PATH (connected); "
@@ -76,8 +75,6 @@ def add_doctor_arguments(parser):
     parser.add_argument("--max-skew", type=float, default=DEFAULT_MAX_SKEW, metavar="SECONDS",
                         help="event timestamps further than this from this host's clock are a problem "
                              "(default: %g)" % DEFAULT_MAX_SKEW)
-    g = parser.add_argument_group("kvcm serve's hash settings to check against (its defaults)")
-    add_hash_options(g)
 
 
 class Report:
@@ -103,27 +100,19 @@ class Report:
 
 
 def main(args, out=None):
-    """`kvcm doctor` with parsed arguments; returns the exit status."""
+    """`kvcm doctor` with parsed arguments (its own and the hash flags); returns the exit
+    status. A bad argument value is one line on stderr and status 2, as for any command."""
     out = out or sys.stdout
-    from kvcm.cli import UsageError
-
     # the report says what the event sink would log
     logging.getLogger("kvcm.events").setLevel(logging.ERROR)
-
-    if args.block_size <= 0:
-        raise UsageError("--block-size must be positive, got %d" % args.block_size)
-    if args.data_parallel_size < 1:
-        raise UsageError("--data-parallel-size must be at least 1")
-    if not args.duration > 0:
-        raise UsageError("--duration must be positive")
-    if args.url is not None:
-        report = inspect_kvcm(args.url)
-    else:
-        try:
-            check = EngineCheck(args)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        report = check.run()
+    try:
+        if args.url is not None:
+            report = inspect_kvcm(args.url)
+        else:
+            report = EngineCheck(args).run()
+    except ValueError as exc:
+        sys.stderr.write("kvcm doctor: error: %s\n" % exc)
+        return EXIT_USAGE
     report.write(out)
     out.flush()
     return EXIT_PROBLEMS if report.problems else EXIT_OK
@@ -177,8 +166,18 @@ class EngineCheck:
     """Listens to an engine's publisher (each data-parallel rank's endpoint) and reports."""
 
     def __init__(self, args):
+        """ValueError when an argument's value is unusable."""
+        if args.block_size <= 0:
+            raise ValueError("--block-size must be positive, got %d" % args.block_size)
+        if args.data_parallel_size < 1:
+            raise ValueError("--data-parallel-size must be at least 1")
+        if not args.duration > 0:
+            raise ValueError("--duration must be positive")
+        if args.replay_endpoint is not None:
+            check_endpoint(args.replay_endpoint, "--replay-endpoint")
         self.args = args
-        self.listeners = [_Listener(r, dp_endpoint(args.engine, r)) for r in range(args.data_parallel_size)]
+        self.listeners = [_Listener(r, check_endpoint(dp_endpoint(args.engine, r), "--engine"))
+                          for r in range(args.data_parallel_size)]
         self.report = Report("engine %s, listening up to %g s; kvcm's settings: %s"
                              % (args.engine, args.duration, _settings(args)))
         self.elapsed = 0.0
@@ -188,14 +187,6 @@ class EngineCheck:
     # -- listening ---------------------------------------------------------------------
 
     def run(self):
-        try:
-            for listener in self.listeners:
-                check_endpoint(listener.endpoint, "--engine")
-            if self.args.replay_endpoint is not None:
-                check_endpoint(self.args.replay_endpoint, "--replay-endpoint")
-        except ValueError as exc:
-            from kvcm.cli import UsageError
-            raise UsageError(str(exc)) from None
         ctx = zmq.Context()
         try:
             if not self._open(ctx):
