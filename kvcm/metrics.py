@@ -33,8 +33,6 @@ _SINK_COUNTERS = {
 _SCORE_COUNTERS = {
     "requests": ("kvcm_score_requests_total", "Scoring requests answered"),
     "warm": ("kvcm_score_warm_requests_total", "Scoring requests where some pod held the prompt's first block"),
-    "blocks": ("kvcm_score_blocks_total", "Full blocks of the prompts scored"),
-    "matched_blocks": ("kvcm_score_matched_blocks_total", "Blocks of the prompts scored that the best pod held"),
 }
 # The routes that score: their request latencies are the scoring latency.
 SCORE_ENDPOINTS = ("/v1/score", "/score_completions", "/score_chat_completions")

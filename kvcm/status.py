@@ -130,9 +130,7 @@ class Status:
     def _scoring(self):
         counts = self.indexer.score_counts
         return {"requests": counts["requests"], "warm_requests": counts["warm"],
-                "warm_fraction": _ratio(counts["warm"], counts["requests"]),
-                "blocks": counts["blocks"], "matched_blocks": counts["matched_blocks"],
-                "block_hit_ratio": _ratio(counts["matched_blocks"], counts["blocks"])}
+                "warm_fraction": _ratio(counts["warm"], counts["requests"])}
 
     def _counts(self):
         sink = self.indexer.sink.counters
@@ -338,7 +336,6 @@ def _scoring_card(scoring, recent):
              ("recent_warm", "Found a warm pod (recent)", _percent(recent["warm_fraction"])),
              ("warm", "Found a warm pod (since start)", "%s of %s" % (_percent(scoring["warm_fraction"]),
                                                                        _count(scoring["requests"]))),
-             ("block_hits", "Blocks cached on the best pod", _percent(scoring["block_hit_ratio"])),
              ("latency", "Latency p50 / p90 / p99", " / ".join(_seconds(latency[p]) for p in ("p50", "p90", "p99")))]
     return ('<section id="scoring"><h2>Scoring <small>(last %s)</small></h2><table>%s</table></section>'
             % (_e(_age(recent["window_s"])), _rows(pairs)))

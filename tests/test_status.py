@@ -73,9 +73,8 @@ def test_the_json_has_every_figure_of_the_page(kvcm_with_traffic):
     assert index["entries_by_tier"] == {"cpu": 2, "gpu": 7}
     assert index["blocks"] == 7
 
-    # one request found pod-a warm (4 of its 4 blocks), one found nothing (0 of 2)
-    assert status["scoring"] == {"requests": 2, "warm_requests": 1, "warm_fraction": 0.5, "blocks": 6,
-                                 "matched_blocks": 4, "block_hit_ratio": 4 / 6}
+    # one request found pod-a warm, one found nothing
+    assert status["scoring"] == {"requests": 2, "warm_requests": 1, "warm_fraction": 0.5}
     recent = status["recent"]
     assert recent["score_requests"] == 2 and recent["warm_fraction"] == 0.5
     latency = recent["score_latency_s"]
@@ -88,8 +87,6 @@ def test_the_new_figures_are_metrics_too(kvcm_with_traffic):
     metrics = kvcm_with_traffic.client.metrics()
     assert metrics[("kvcm_score_requests_total", ())] == 2
     assert metrics[("kvcm_score_warm_requests_total", ())] == 1
-    assert metrics[("kvcm_score_blocks_total", ())] == 6
-    assert metrics[("kvcm_score_matched_blocks_total", ())] == 4
     assert metrics[("kvcm_pod_blocks", (("pod", "pod-a"), ("tier", "cpu")))] == 2
     assert metrics[("kvcm_pod_blocks", (("pod", "pod-a"), ("tier", "gpu")))] == 4
     assert metrics[("kvcm_pod_blocks", (("pod", "pod-b"), ("tier", "gpu")))] == 3
@@ -123,7 +120,6 @@ def test_the_page_renders_the_json(kvcm_with_traffic):
         assert page.figures["entries_gpu"] == "7" and page.figures["entries_cpu"] == "2"
         assert page.figures["blocks"] == "7 of 10,000,000 (< 0.1 %)"
         assert page.figures["warm"] == "50.0 % of 2"
-        assert page.figures["block_hits"] == "66.7 %"
         assert page.figures["hash"] == "--hash-algo sha256 --hash-seed (unset) --block-size 16 --hash-mode auto"
         assert "version %s" % kvcm.__version__ in page.text and "ready" in page.text
 
