@@ -51,7 +51,8 @@ class Status:
         self.indexer = indexer
         self.metrics = metrics
         self.not_ready = not_ready
-        self._build = None
+        # from source this asks git, once: here, before the event loop runs
+        self._build = _build_info.info()
         # at most one sample per SAMPLE_EVERY, and only those that can still be the oldest
         self._samples = collections.deque([_Sample(time.monotonic(), {}, {})],
                                           maxlen=int(WINDOW / SAMPLE_EVERY) + 2)
@@ -71,8 +72,6 @@ class Status:
     async def snapshot(self):
         """Everything the page shows, as plain JSON-able data."""
         indexer = self.indexer
-        if self._build is None:
-            self._build = _build_info.info()   # may ask git once: not at start, not per request
         reason = self.not_ready()
         listing = await indexer.pods_async()
         namespaces = indexer.sink.namespaces()
