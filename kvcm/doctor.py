@@ -31,7 +31,7 @@ from kvcm.publisher import END_SEQ, dp_endpoint
 
 DEFAULT_DURATION = 10.0
 DEFAULT_MAX_SKEW = 2.0
-REPLAY_TIMEOUT = 2.0
+DEFAULT_REPLAY_TIMEOUT = 2.0
 KEEP_BATCHES = 256       # batches with a run from block 0, kept per endpoint for the hash check
 DESCRIBE_BATCHES = 2000  # batches per endpoint whose events are decoded for the description
 KEEP_SKEWS = 1000
@@ -68,6 +68,8 @@ def add_doctor_arguments(parser):
                              "token ids are its")
     parser.add_argument("--replay-endpoint", default=None, metavar="ENDPOINT",
                         help="the engine's replay endpoint, to check that it answers")
+    parser.add_argument("--replay-timeout", type=float, default=DEFAULT_REPLAY_TIMEOUT, metavar="SECONDS",
+                        help="how long the replay endpoint may take to answer (default: %g)" % DEFAULT_REPLAY_TIMEOUT)
     parser.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
                         help="listen to N ranks: rank r publishes on the endpoint's port + r (default: 1)")
     parser.add_argument("--duration", type=float, default=DEFAULT_DURATION, metavar="SECONDS",
@@ -171,8 +173,9 @@ class EngineCheck:
             raise ValueError("--block-size must be positive, got %d" % args.block_size)
         if args.data_parallel_size < 1:
             raise ValueError("--data-parallel-size must be at least 1")
-        if not args.duration > 0:
-            raise ValueError("--duration must be positive")
+        for flag in ("duration", "replay_timeout", "max_skew"):
+            if not getattr(args, flag) > 0:
+                raise ValueError("--%s must be positive" % flag.replace("_", "-"))
         if args.replay_endpoint is not None:
             check_endpoint(args.replay_endpoint, "--replay-endpoint")
         self.args = args
@@ -579,7 +582,7 @@ class EngineCheck:
         try:
             sock.connect(endpoint)
             sock.send_multipart((b"", start.to_bytes(8, "big")))
-            while sock.poll(int(REPLAY_TIMEOUT * 1000)):
+            while sock.poll(int(self.args.replay_timeout * 1000)):
                 frames = sock.recv_multipart()
                 replies.append(frames)
                 if END_SEQ in frames[1:3] or len(replies) > 16:
@@ -594,7 +597,8 @@ class EngineCheck:
     def _report_replay(self, endpoint, start, last, replies):
         if not replies or END_SEQ not in replies[-1][1:3]:
             self.report.add(PROBLEM, "Replay: %s did not answer within %g s: check the address and that the engine "
-                                     "binds it (replay_endpoint in --kv-events-config)." % (endpoint, REPLAY_TIMEOUT))
+                                     "binds it (replay_endpoint in --kv-events-config)."
+                            % (endpoint, self.args.replay_timeout))
             return
         layout = "vLLM 0.26 or later" if len(replies[-1]) == 4 else "before vLLM 0.26"
         batches = [(f[-2], f[-1]) for f in replies[:-1] if len(f) in (3, 4)]
