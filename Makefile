@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: build test run bench demo annotate clean binary prereq-binary prereq-bullseye
+.PHONY: build test run bench demo annotate clean binary prereq-chromium prereq-binary prereq-bullseye
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,27 @@ $(STAMP): pyproject.toml setup.py
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-test: build prereq-binary prereq-bullseye
+test: build prereq-chromium prereq-binary prereq-bullseye
 	$(PY) -m pytest
+
+# Test prerequisites: each installs (or finds) what some tests need, and says why when it
+# cannot; those tests then skip with that reason (and fail under CI=true).
+# Debian's chromium, for the status page's browser tests (apt-get, as root).
+prereq-chromium:
+	tests/setup/chromium.sh
+
+# dist/kvcm and dist/kvcm-onedir, frozen in the Debian 11 build root (as root), again only
+# when one of their sources is newer.
+BINARY_INPUTS := setup.py pyproject.toml $(shell find kvcm packaging -type f \( -name '*.py' \
+	-o -name '*.pyx' -o -name '*.pxi' -o -name '*.pxd' -o -name '*.h' -o -name '*.pyi' \
+	-o -name '*.typed' -o -name '*.sh' -o -name '*.spec' \) -not -path '*/__pycache__/*')
+prereq-binary: dist/kvcm-onedir/kvcm
+dist/kvcm-onedir/kvcm: $(BINARY_INPUTS)
+	tests/setup/binary.sh
+
+# .cache/bullseye, a minimal Debian 11 root (debootstrap, as root) the binary is tested in.
+prereq-bullseye:
+	tests/setup/bullseye.sh
 
 run: build
 	$(VENV)/bin/kvcm serve
@@ -35,18 +54,6 @@ demo: build
 # under .cache/build-root (packaging/build.sh; KVCM_BUILD_ROOT=host: with .venv instead).
 binary:
 	KVCM_ONEDIR=$(if $(ONEDIR),1,0) PYTHON=$(PY) packaging/build.sh
-
-# Test prerequisites (tests/setup/): each is cached and done again only when its inputs
-# change; without root they print why not, and the tests needing them skip (fail in CI).
-BINARY_INPUTS := setup.py pyproject.toml $(shell find kvcm packaging -type f \( -name '*.py' \
-	-o -name '*.pyx' -o -name '*.pxi' -o -name '*.pxd' -o -name '*.h' -o -name '*.pyi' \
-	-o -name '*.typed' -o -name '*.sh' -o -name '*.spec' \) -not -path '*/__pycache__/*')
-prereq-binary: dist/kvcm-onedir/kvcm
-dist/kvcm-onedir/kvcm: $(BINARY_INPUTS)
-	tests/setup/binary.sh
-
-prereq-bullseye:
-	tests/setup/bullseye.sh
 
 annotate: $(STAMP)
 	KVCM_ANNOTATE=1 $(PY) setup.py -q build_ext --inplace --force
