@@ -269,7 +269,9 @@ def test_serve_tokenizes_renders_chat_templates_and_reloads_on_sighup(onefile, s
 
     server.proc.send_signal(signal.SIGHUP)      # to the bootloader, which forwards it
     until(lambda: "SIGHUP: reloaded" in server.stderr(), "the SIGHUP reload in kvcm's log")
-    assert any(p == pid and text.startswith("STATUS=reloaded") for p, text in server.notify.receive())
+    # kvcm logs the reload, then tells systemd: the datagram may arrive just after the line
+    until(lambda: any(p == pid and text.startswith("STATUS=reloaded") for p, text in server.notify.receive()),
+          "STATUS=reloaded from the interpreter")
     assert server.proc.poll() is None
     assert server.ok("GET", "/health") == {"status": "ok"}
 
