@@ -805,7 +805,9 @@ def test_a_client_that_never_reads_is_dropped_after_idle_timeout(serve):
         while True:
             slow.sock.send(request_bytes("GET", "/sized/65536"))
     except BlockingIOError:
-        pass
+        pass                # the buffers are full: kvcm's writes stall from here on
+    except ConnectionResetError:
+        pass                # on a loaded machine kvcm may drop it before they fill
     served.until(lambda: not served.server._connections, "the stalled connection to be dropped")
 
 
