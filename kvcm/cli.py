@@ -130,6 +130,13 @@ def cmd_sim(args):
     return app.main(args)
 
 
+def cmd_bench(args):
+    from kvcm.bench import cli
+
+    args.argv = args.argv[2:]          # what follows `bench index` / `bench routing`
+    return cli.main(args, UsageError)
+
+
 def _post(url, path, payload):
     """POSTs JSON to a running kvcm; (status, parsed body)."""
     import urllib.error
@@ -213,6 +220,15 @@ def build_parser():
     add_sim_arguments(p)
     p.set_defaults(func=cmd_sim)
 
+    from kvcm.bench.cli import add_bench_arguments
+
+    p = sub.add_parser("bench", help="profile an index (and Dynamo's) or routing policies on this machine",
+                       description="Local performance profiling: `kvcm bench index` measures a KV-cache index "
+                                   "(kvcm, NVIDIA Dynamo's indexer, an llm-d server) side by side; `kvcm bench "
+                                   "routing` compares routing policies on simulated engines.")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
     for name, func, text, with_tokens in (
             ("score", cmd_score, "ask a running kvcm which pods cache a prompt's prefix", True),
             ("tokenize", cmd_tokenize, "tokenize a prompt with a running kvcm's tokenizers", False)):
@@ -234,7 +250,9 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except UsageError as exc:
