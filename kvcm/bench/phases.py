@@ -37,7 +37,7 @@ def ingest(ctx):
     streams = w.streams
     total = sum(s.blocks for s in streams)
     closing = len(w.markers) - 1
-    marker_req = [api.query(Query(w.marker_query(j), {})) for j in range(len(w.markers))]
+    marker_req = [api.query(w.marker_query(j)) for j in range(len(w.markers))]
     seen = [0] * len(streams)            # markers seen per engine (in order, so a count)
     cpu0 = _cpu()
     t0 = time.perf_counter_ns()
@@ -156,7 +156,8 @@ def score_while_ingesting(ctx, qs, streams, rate, seconds, concurrency):
     loaded = load.closed_loop(address, requests, 10 ** 9, concurrency, seconds)
     blocks, sent_seconds = pacer.result(timeout=INGEST_TIMEOUT_S)
     t_sent = time.perf_counter()
-    request = api.query(Query(ctx.workload.swi_marker.tokens, {}))
+    swi = ctx.workload.swi_marker
+    request = api.query(Query(swi.tokens, {}, swi.text))
     engines = {s.engine for s in streams}
     deadline = t_sent + VISIBLE_TIMEOUT_S * 6
     catch_up = None

@@ -152,17 +152,19 @@ class Workload:
 
     def _text_conversation(self, rng, n_tokens, shared_prefix):
         """Text of about n_tokens tokens (words of a seeded vocabulary) after the shared
-        prefix's text; its tokens are the tokenizer's, cut to whole blocks."""
-        words = ["w%x" % rng.getrandbits(20) for _ in range(n_tokens)]
+        prefix's text, cut after whole blocks where the cut text alone tokenizes back to
+        exactly those blocks (so a server tokenizing it hashes what the engine published)."""
+        words = ["w%x" % rng.getrandbits(20) for _ in range(n_tokens + 8)]
         text = (shared_prefix.text + "\n" if shared_prefix is not None else "") + " ".join(words)
         enc = self.tokenizer.backend.encode(text, add_special_tokens=True)
         bs = self.spec.block_size
-        n = min(len(enc.ids), n_tokens) // bs * bs
-        if n == 0:
-            raise WorkloadError("the tokenizer made fewer than one block of %r" % text[:40])
-        ends = [end for _, end in enc.offsets[:n]]
-        tokens = list(enc.ids[:n])
-        return Conversation(tokens, list(self.hasher.keys(tokens)), text=text[:ends[-1]], ends=ends)
+        ends = [end for _, end in enc.offsets]
+        first = max(bs, min(n_tokens, len(ends)) // bs * bs)
+        for n in list(range(first, len(ends) + 1, bs)) + list(range(first - bs, 0, -bs)):
+            tokens = list(enc.ids[:n])
+            if self.tokenizer.encode(text[:ends[n - 1]]) == tokens:
+                return Conversation(tokens, list(self.hasher.keys(tokens)), text=text[:ends[n - 1]], ends=ends[:n])
+        raise WorkloadError("no whole block of %r tokenizes back to itself" % text[:40])
 
     def new_conversation(self, rng, engine):
         """The next conversation of an engine: from the trace, or generated."""
@@ -230,7 +232,7 @@ class Workload:
         for i in range(count if pools else 0):
             conv = rng.choice(pools[i % len(pools)])
             if conv.text is not None:
-                text = conv.text[:conv.ends[n_tokens - 1]]
+                text = conv.text[:conv.ends[n_blocks * bs - 1]]
                 tokens = self.tokenizer.encode(text)
             else:
                 text, tokens = None, conv.tokens[:n_tokens]
@@ -251,8 +253,9 @@ class Workload:
         return out
 
     def marker_query(self, j):
-        """Tokens of marker j (len(self.markers) - 1: the closing one)."""
-        return self.markers[j].tokens
+        """The query of marker j (len(self.markers) - 1: the closing one)."""
+        conv = self.markers[j]
+        return Query(conv.tokens, {}, conv.text)
 
     def held_entries(self):
         """(block, engine) entries held at the end of the ingest stream."""
