@@ -34,6 +34,14 @@ def _non_negative(kind):
     return parse
 
 
+def _rate(text):
+    """requests/s, or N% (of a measured rate)."""
+    number = text[:-1] if text.endswith("%") else text
+    if float(number) < 0:
+        raise ValueError("must not be negative: %r" % text)
+    return text if float(number) else ""
+
+
 def _output_options(p):
     g = p.add_argument_group("output")
     g.add_argument("--repeats", type=_positive(int), default=3,
@@ -95,8 +103,10 @@ def add_index_arguments(p):
                    help="closed-loop requests in flight (default: %(default)s)")
     g.add_argument("--warmup", type=_non_negative(int), default=200,
                    help="requests before each length's measurement, excluded and reported (default: %(default)s)")
-    g.add_argument("--open-rate", type=_non_negative(float), default=500.0,
-                   help="open-loop requests/s per length, latency from when each was due; 0: off (default: %(default)s)")
+    g.add_argument("--open-rate", type=_rate, default="50%",
+                   help="open-loop requests/s per length, latency counted from when each was due; N%% offers N%% "
+                        "of the closed-loop rate the first run measured at that length, to every target alike; "
+                        "0: off (default: %(default)s)")
     g.add_argument("--open-seconds", type=_positive(float), default=3.0,
                    help="open-loop duration per length (default: %(default)s)")
     g.add_argument("--probes", type=_non_negative(int), default=200,

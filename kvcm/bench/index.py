@@ -8,6 +8,7 @@ runs for the plots.
 """
 
 import dataclasses
+import gc
 import os
 import platform
 import shlex
@@ -34,7 +35,8 @@ class Settings:
     distinct: int = 64
     concurrency: int = 1
     warmup: int = 200
-    open_rate: float = 500.0
+    open_rate: str = "50%"              # requests/s, or N%: of the first closed-loop rate at that length
+    open_rates: dict = dataclasses.field(default_factory=dict)
     open_seconds: float = 3.0
     probes: int = 200
     ingest_rate: float = 200_000.0
@@ -70,11 +72,12 @@ def prepare(settings):
     w.build()
     lengths = [n for n, _ in spec.prompt_tokens]
     queries = {n: w.queries(n, settings.distinct) for n in lengths}
+    held = w.held_entries()
     swi_streams = None
     if "swi" not in settings.skip:
         swi_streams = w.more(int(settings.ingest_rate * (settings.swi_seconds + phases.RAMP_S)))
     info = {"generate_seconds": time.perf_counter() - t0, "generate_cpu_seconds": time.process_time() - cpu0,
-            "blocks": sum(s.blocks for s in w.streams), "held_entries": w.held_entries(),
+            "blocks": sum(s.blocks for s in w.streams), "held_entries": held,
             "batches": sum(len(s.payloads) for s in w.streams),
             "payload_bytes": sum(len(p) for s in w.streams for p in s.payloads),
             "lengths_without_queries": [n for n in lengths if not queries[n]]}
@@ -113,7 +116,8 @@ def run_target(spec, w, queries, swi_streams, settings, progress):
                 if not qs:
                     continue
                 progress.step("%s: query %d tokens" % (label, n))
-                rate = 0 if "open" in settings.skip else settings.open_rate
+                rate = None if "open" in settings.skip or not settings.open_rate else \
+                    (lambda rps, n=n: open_rate(settings, n, rps))
                 q = phases.queries(ctx, n, qs, settings.queries, settings.concurrency, rate, settings.warmup)
                 out["query"][n] = q
                 progress.note("  %-18s query %6d tokens: p50 %s µs, p99 %s µs%s" % (
@@ -133,6 +137,15 @@ def run_target(spec, w, queries, swi_streams, settings, progress):
         target.close()
 
 
+def open_rate(settings, length, closed_rps):
+    """The open-loop rate at one length: given, or a share of the closed-loop rate the first
+    run measured there, then kept, so every target and run is offered the same load."""
+    spec = settings.open_rate
+    if spec.endswith("%"):
+        return settings.open_rates.setdefault(length, float(spec[:-1]) / 100 * closed_rps)
+    return float(spec)
+
+
 def _middle(values):
     values = sorted(values)
     return values[len(values) // 2] if values else None
@@ -144,6 +157,11 @@ def _us(v):
 
 def run(settings, progress_factory):
     w, queries, swi_streams, info = prepare(settings)
+    # the workload is millions of objects that live to the end: out of the collector's way,
+    # and no collection during a run (they would pause this process's clocks, not the target)
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     n_lengths = sum(1 for qs in queries.values() if qs)
     steps = settings.repeats * len(settings.targets) * (4 + n_lengths)
     progress = progress_factory(steps)
@@ -159,6 +177,8 @@ def run(settings, progress_factory):
                 runs[spec.label].append(run_target(spec, w, queries, swi_streams, settings, progress))
     finally:
         progress.close()
+        gc.enable()
+        gc.unfreeze()
     return summarize(settings, info, started, runs)
 
 
@@ -210,6 +230,7 @@ def summarize_target(runs):
         if all("open" in q for q in qs):
             opens = [q["open"] for q in qs]
             entry["open_loop"] = {"rate": qs[0]["open_rate"], "p50_us": _pct_spread(opens, 50),
+                                  "client_send_lag_p99_us": _merged(q["open_lag"] for q in qs).percentile_us(99),
                                   "p99_us": _pct_spread(opens, 99), "p999_us": _pct_spread(opens, 99.9),
                                   "requests": _merged(opens).count}
         out["query"][str(n)] = entry

@@ -148,11 +148,12 @@ def _open(address, n):
     return slots
 
 
-def _drive(address, requests, count, n_conns, schedule, until_ns=None):
+def _drive(address, requests, count, n_conns, schedule, until_ns=None, lags=None):
     """The engine of both loops: sends requests[i % len] for i < count (and, with until_ns,
     until then) over n_conns connections; schedule(i) is when request i is due (ns), or None
     to send as soon as a connection is free. Returns array('q') of latencies in ns, from due
-    (or sent) to answered."""
+    (or sent) to answered; `lags` (a list) gets how late each request was sent after it was
+    due: the client's own delay, already inside the latencies."""
     lat = array("q")
     slots = _open(address, n_conns)
     sel = selectors.DefaultSelector()
@@ -174,6 +175,8 @@ def _drive(address, requests, count, n_conns, schedule, until_ns=None):
                 slot = free.pop()
                 slot.due = due if due is not None else t
                 slot.sent = t
+                if lags is not None:
+                    lags.append(t - slot.due)
                 slot.sock.sendall(requests[i % nreq])
                 i += 1
                 sending = i < count
@@ -212,9 +215,9 @@ def closed_loop(address, requests, count, concurrency=1, seconds=None):
     return _drive(address, requests, count, concurrency, lambda i: None, until)
 
 
-def open_loop(address, requests, count, rate, connections=16):
+def open_loop(address, requests, count, rate, connections=16, lags=None):
     """Latencies (ns) of `count` requests due at `rate` per second from now, measured from
     when each was due (see the module docstring); at most `connections` in flight."""
     start = now_ns() + 1_000_000
     interval = 1e9 / rate
-    return _drive(address, requests, count, connections, lambda i: start + int(i * interval))
+    return _drive(address, requests, count, connections, lambda i: start + int(i * interval), lags=lags)

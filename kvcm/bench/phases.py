@@ -118,7 +118,8 @@ def check_answers(ctx, queries):
 
 def queries(ctx, length, qs, count, concurrency, open_rate, warmup):
     """Latency of queries of one prompt length: `warmup` requests first (excluded, their
-    p50 reported), then `count` closed-loop at `concurrency`, then open loop at open_rate."""
+    p50 reported), then `count` closed-loop at `concurrency`, then open loop at the rate
+    open_rate(closed-loop requests/s) returns (0 or None: no open loop)."""
     api, address = ctx.target.api, ctx.target.address
     requests = [api.query(q) for q in qs]
     bad, first = check_answers(ctx, qs)
@@ -130,10 +131,13 @@ def queries(ctx, length, qs, count, concurrency, open_rate, warmup):
     out = {"length": length, "distinct": len(qs), "mismatches": bad, "first_mismatch": first,
            "warmup": Latency(warm), "closed": Latency(closed), "closed_rps": count / seconds,
            "client_cpu_us_per_request": cpu / count * 1e6}
-    if open_rate:
-        n = max(1, min(count, int(open_rate * ctx.open_seconds)))
-        out["open"] = Latency(load.open_loop(address, requests, n, open_rate))
-        out["open_rate"] = open_rate
+    rate = open_rate(out["closed_rps"]) if open_rate else None
+    if rate:
+        n = max(1, min(count, int(rate * ctx.open_seconds)))
+        lags = []
+        out["open"] = Latency(load.open_loop(address, requests, n, rate, lags=lags))
+        out["open_lag"] = Latency(lags)
+        out["open_rate"] = rate
     return out
 
 

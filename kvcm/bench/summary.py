@@ -89,6 +89,11 @@ def index_text(result):
                      "connect warm-up %s s, not timed" % (
                          label, fmt(_median(g, "send_seconds")), "%.0f%%" % (100 * (_median(g, "bench_cpu_share_during_ingest") or 0)),
                          fmt(_median(t, "warmup", "connect_seconds"))))
+        lags = ["%s tokens %s µs" % (n, fmt(q["open_loop"]["client_send_lag_p99_us"]))
+                for n, q in t["query"].items() if "open_loop" in q]
+        if lags:
+            notes.append("%s: open loop, this client's own send lag p99 (inside those latencies): %s" % (
+                label, ", ".join(lags)))
         for n, q in t["query"].items():
             if q["mismatches"]:
                 notes.append("%s: %d answers at %s tokens differ from the workload's (first: %s)" % (
