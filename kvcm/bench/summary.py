@@ -89,6 +89,10 @@ def index_text(result):
                      "connect warm-up %s s, not timed" % (
                          label, fmt(_median(g, "send_seconds")), "%.0f%%" % (100 * (_median(g, "bench_cpu_share_during_ingest") or 0)),
                          fmt(_median(t, "warmup", "connect_seconds"))))
+        send, took = _median(g, "send_seconds"), _median(t, "ingest_seconds")
+        if send and took and send > 0.8 * took:
+            notes.append("%s: the generator's sending took %.0f%% of the ingest time: it may have set the pace, "
+                         "not the target" % (label, 100 * send / took))
         lags = ["%s tokens %s µs" % (n, fmt(q["open_loop"]["client_send_lag_p99_us"]))
                 for n, q in t["query"].items() if "open_loop" in q]
         if lags:
