@@ -43,13 +43,11 @@ def _svg(chart):
     return _SCRIPT_OR_COMMENT.sub("", _NS.sub("", chart.render(is_unicode=True)))
 
 
-def xy_chart(title, x_title, y_title, series, logarithmic=False):
+def xy_chart(title, x_title, y_title, series):
     """series: {name: [(x, y)]}."""
     pygal, config = _pygal()
-    chart = pygal.XY(config, title=title, x_title=x_title, y_title=y_title, logarithmic=False,
-                     show_dots=False, stroke=True, dots_size=1)
-    if logarithmic:
-        chart.x_value_formatter = lambda v: "%.0f" % v
+    chart = pygal.XY(config, title=title, x_title=x_title, y_title=y_title, show_dots=False, stroke=True)
+    chart.x_value_formatter = chart.value_formatter = lambda v: "%.3g" % v
     for name, points in series.items():
         if points:
             chart.add(name, [(float(x), float(y)) for x, y in points])

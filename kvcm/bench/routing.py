@@ -222,7 +222,8 @@ def stream_completion(address, prompt, max_tokens):
                 usage = chunk["usage"]
         if usage is None:
             raise TargetError("an engine's stream ended without usage")
-        return first, time.perf_counter() - start, usage
+        end = time.perf_counter() - start
+        return (first if first is not None else end), end, usage
     finally:
         conn.close()
 

@@ -79,7 +79,7 @@ class Spread:
         if not v:
             return "not measured"
         if len(v) == 1:
-            return "1 run: no spread known, repeat (--repeats) before trusting it"
+            return "1 run: no spread known"
         med = statistics.median(v)
         spread = (max(v) - min(v)) / 2 / med * 100 if med else 0.0
         word = "noisy: re-measure on a quiet machine" if spread > 15 else "spread"
