@@ -194,7 +194,7 @@ def build_parser():
                        description="Print the block keys (the uint64 values vLLM publishes in KV "
                                    "events) and full digests of every full block of a token list.")
     add_hash_options(p)
-    p.add_argument("--model", default=None, help="namespace for --hash-algo kvcm (model or LoRA name)")
+    p.add_argument("--model", default=None, help="namespace for --hash-algo kvcm, and the model llmd_fnv64a keys are salted with (model or LoRA name)")
     p.add_argument("--extra-keys", default=None,
                    help='JSON list, one entry per block: null or vLLM\'s tagged extra keys, '
                         'e.g. \'[[["cache_salt","tenant-a"]]]\'')
