@@ -73,9 +73,11 @@ def test_kvcm_target_every_phase_reports_and_every_answer_is_right(tmp_path):
 
 
 def test_the_summary_table_and_plain_progress_lines():
-    proc = bench(*TINY, "--ingest-rate", "0", "--probes", "0", "--open-rate", "0")
+    proc = bench(*TINY, "--ingest-rate", "0", "--probes", "0", "--open-rate", "0", "--query-tokens", "128,256")
     assert re.search(r"^ingest, blocks/s +[\d,]+ +1 run", proc.stdout, re.M), proc.stdout
     assert re.search(r"^query 256 tokens p99, µs +[\d.,]+", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^query 128 tokens p50, µs +[\d.,]+", proc.stdout, re.M), proc.stdout   # prefixes of 256
+    assert "query 64 tokens" not in proc.stdout
     assert "generator sent everything" in proc.stdout
     assert re.search(r"^  kvcm +ingest [\d,]+ blocks/s", proc.stderr, re.M), proc.stderr    # not a terminal
 

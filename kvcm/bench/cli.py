@@ -75,6 +75,8 @@ def add_index_arguments(p):
                    help="blocks the engines store in the ingest phase (default: %(default)s)")
     g.add_argument("--prompt-tokens", default="1024,4096,32768",
                    help="conversation lengths, TOKENS[:WEIGHT],...; queries are asked at each (default: %(default)s)")
+    g.add_argument("--query-tokens", metavar="TOKENS,...",
+                   help="prompt lengths to query at (prefixes of longer conversations); default: --prompt-tokens)")
     g.add_argument("--system-prompts", type=_non_negative(int), default=4,
                    help="system prompts shared by every engine (default: %(default)s)")
     g.add_argument("--system-tokens", type=_non_negative(int), default=128,
@@ -193,6 +195,7 @@ def run_index(args, usage_error):
                              seed=args.seed)
         spec.check()
         trace = workload.read_trace(args.trace) if args.trace else None
+        query_tokens = [n for n, _ in workload.parse_lengths(args.query_tokens)] if args.query_tokens else None
     except workload.WorkloadError as exc:
         raise usage_error(str(exc)) from None
     tokenizer = None
@@ -210,7 +213,7 @@ def run_index(args, usage_error):
         else None, repeats=args.repeats, queries=args.queries, concurrency=args.concurrency, warmup=args.warmup,
         open_rate=args.open_rate, open_seconds=args.open_seconds, probes=args.probes,
         ingest_rate=args.ingest_rate or 200_000.0, swi_seconds=args.swi_seconds,
-        skip=() if args.ingest_rate else ("swi",), argv=args.argv)
+        skip=() if args.ingest_rate else ("swi",), query_tokens=query_tokens, argv=args.argv)
     result = index.run(settings, lambda steps: Progress(steps, args.quiet))
     _finish(args, result, summary.index_text, report.index_report)
     return 0

@@ -43,6 +43,7 @@ class Settings:
     swi_seconds: float = 2.0
     swi_tokens: int = 0                 # 0: the middle prompt length
     skip: tuple = ()
+    query_tokens: list = None           # None: the workload's prompt lengths
     argv: list = dataclasses.field(default_factory=list)
 
 
@@ -70,7 +71,7 @@ def prepare(settings):
     t0, cpu0 = time.perf_counter(), time.process_time()
     w = Workload(spec, settings.trace, settings.tokenizer)
     w.build()
-    lengths = [n for n, _ in spec.prompt_tokens]
+    lengths = settings.query_tokens or [n for n, _ in spec.prompt_tokens]
     queries = {n: w.queries(n, settings.distinct) for n in lengths}
     held = w.held_entries()
     swi_streams = None
