@@ -95,6 +95,8 @@ def fmt(v):
         return "-"
     if isinstance(v, str):
         return v
+    if isinstance(v, int) and abs(v) < 1e6:
+        return "{:,}".format(v)
     if abs(v) >= 1e6:
         return "%.2f M" % (v / 1e6)
     if abs(v) >= 1000:
