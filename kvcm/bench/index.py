@@ -231,7 +231,7 @@ def summarize_target(runs):
         if all("open" in q for q in qs):
             opens = [q["open"] for q in qs]
             entry["open_loop"] = {"rate": qs[0]["open_rate"], "p50_us": _pct_spread(opens, 50),
-                                  "client_send_lag_p99_us": _merged(q["open_lag"] for q in qs).percentile_us(99),
+                                  "sent_late_p99_us": _merged(q["open_lag"] for q in qs).percentile_us(99),
                                   "p99_us": _pct_spread(opens, 99), "p999_us": _pct_spread(opens, 99.9),
                                   "requests": _merged(opens).count}
         out["query"][str(n)] = entry

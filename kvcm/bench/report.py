@@ -8,6 +8,7 @@ inline <svg>) is dropped. The page opens in any browser without a network.
 """
 
 import html
+import math
 import re
 
 from kvcm.bench import summary
@@ -51,6 +52,23 @@ def xy_chart(title, x_title, y_title, series):
     for name, points in series.items():
         if points:
             chart.add(name, [(float(x), float(y)) for x, y in points])
+    return _svg(chart)
+
+
+def latency_chart(title, series, unit="µs", scale=1.0):
+    """HdrHistogram's usual plot: latency against percentile, the percentile axis in nines
+    (p90, p99, p99.9 equally apart), so the tail is as wide as the body. series: {name: cdf}
+    as Latency.cdf_us() gives it."""
+    pygal, config = _pygal()
+    chart = pygal.XY(config, title=title, x_title="percentile", y_title="latency (%s)" % unit,
+                     show_dots=False, stroke=True, xrange=(0, 3.5))
+    chart.x_labels = [0, 1, 2, 3]
+    chart.x_value_formatter = lambda v: "p%.4g" % (100 - 100 / 10 ** v)
+    chart.value_formatter = lambda v: "%.3g" % v
+    for name, cdf in series.items():
+        points = [(-math.log10(1 - p / 100), lat * scale) for lat, p in cdf if p < 100]
+        if points:
+            chart.add(name, points)
     return _svg(chart)
 
 
@@ -108,11 +126,10 @@ def index_report(result):
     if all("rss_bytes_per_block" in targets[lb] for lb in labels):
         side.append(bar_chart("RSS growth per block (bytes, lower is better)", "bytes", ["RSS/block"],
                               {lb: [med(lb, "rss_bytes_per_block")] for lb in labels}))
-    dists = [xy_chart("Query latency, %s tokens (all runs)" % n, "latency (µs)", "percentile",
-                      {lb: plots[lb]["query"].get(int(n), []) for lb in labels}) for n in lengths]
+    dists = [latency_chart("Query latency, %s tokens (all runs)" % n,
+                           {lb: plots[lb]["query"].get(int(n), []) for lb in labels}) for n in lengths]
     if all("freshness" in plots[lb] for lb in labels):
-        dists.append(xy_chart("Publish → visible", "latency (µs)", "percentile",
-                              {lb: plots[lb]["freshness"] for lb in labels}))
+        dists.append(latency_chart("Publish → visible", {lb: plots[lb]["freshness"] for lb in labels}))
     ingest = xy_chart("Ingest: blocks visible over time", "seconds from the first send", "blocks visible",
                       {"%s run %d" % (lb, i + 1): c for lb in labels for i, c in enumerate(plots[lb]["ingest"])})
     rss = xy_chart("RSS of the target during ingest", "seconds from the first send", "MiB",
@@ -140,6 +157,5 @@ def routing_report(result):
                                                  "p99": [policies[p]["ttft_ms"]["p99"] for p in names]}),
             bar_chart("Requests per engine: max / mean", "×", names,
                       {"imbalance": [policies[p]["imbalance"] for p in names]})]
-    cdf = xy_chart("TTFT distribution", "TTFT (ms)", "percentile",
-                   {p: [(x / 1e3, y) for x, y in result["_plots"][p]] for p in names})
+    cdf = latency_chart("TTFT distribution", result["_plots"], unit="ms", scale=1e-3)
     return _page("kvcm bench routing", meta, [("Summary", _table(header, rows)), ("Policies", _plots(*bars, cdf))])

@@ -93,10 +93,11 @@ def index_text(result):
         if send and took and send > 0.8 * took:
             notes.append("%s: the generator's sending took %.0f%% of the ingest time: it may have set the pace, "
                          "not the target" % (label, 100 * send / took))
-        lags = ["%s tokens %s µs" % (n, fmt(q["open_loop"]["client_send_lag_p99_us"]))
+        lags = ["%s tokens %s µs" % (n, fmt(q["open_loop"]["sent_late_p99_us"]))
                 for n, q in t["query"].items() if "open_loop" in q]
         if lags:
-            notes.append("%s: open loop, this client's own send lag p99 (inside those latencies): %s" % (
+            notes.append("%s: open loop, how late requests went out p99 (no free connection, or this client "
+                         "behind; inside those latencies): %s" % (
                 label, ", ".join(lags)))
         for n, q in t["query"].items():
             if q["mismatches"]:
