@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: build test run bench demo annotate clean binary prereq-dynamo
+.PHONY: build test run bench demo annotate clean binary prereq-chromium prereq-dynamo
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,14 @@ $(STAMP): pyproject.toml setup.py
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-# Whatever a test needs is made by `make test` itself, cached under .cache/ (prereq-*).
-test: build prereq-dynamo
+test: build prereq-chromium prereq-dynamo
 	$(PY) -m pytest
+
+# Test prerequisites: each installs (or finds) what some tests need, and says why when it
+# cannot; those tests then skip with that reason (and fail under CI=true). Cached under .cache/.
+# Debian's chromium, for the status page's browser tests (apt-get, as root).
+prereq-chromium:
+	tests/setup/chromium.sh
 
 # NVIDIA Dynamo's indexer in a venv of its own (.cache/dynamo-venv): the peer of the
 # `kvcm bench index --target dynamo` tests
