@@ -4,7 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: build test run bench demo annotate clean binary prereq-chromium prereq-binary prereq-bullseye
+.PHONY: build test run bench demo annotate clean binary prereq-chromium prereq-dynamo prereq-binary \
+	prereq-bullseye
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +18,11 @@ $(STAMP): pyproject.toml setup.py
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-test: build prereq-chromium prereq-binary prereq-bullseye
+test: build prereq-chromium prereq-dynamo prereq-binary prereq-bullseye
 	$(PY) -m pytest
 
 # Test prerequisites: each installs (or finds) what some tests need, and says why when it
-# cannot; those tests then skip with that reason (and fail under CI=true).
+# cannot; those tests then skip with that reason (and fail under CI=true). Cached under .cache/.
 # Debian's chromium, for the status page's browser tests (apt-get, as root).
 prereq-chromium:
 	tests/setup/chromium.sh
@@ -39,15 +40,20 @@ dist/kvcm-onedir/kvcm: $(BINARY_INPUTS)
 prereq-bullseye:
 	tests/setup/bullseye.sh
 
+# NVIDIA Dynamo's indexer in a venv of its own (.cache/dynamo-venv): the peer of the
+# `kvcm bench index --target dynamo` tests
+prereq-dynamo:
+	PYTHON=$(PYTHON) tests/setup/dynamo.sh
+
 run: build
 	$(VENV)/bin/kvcm serve
 
 bench: build
 	$(PY) benchmarks/run.py
 
-# kvcm serve + three `kvcm sim` engines: kvcm-routed vs random routing, side by side
+# a short `kvcm bench routing`: kvcm serve + three `kvcm sim` engines, every routing policy
 demo: build
-	$(PY) -m kvcm.sim.demo
+	$(VENV)/bin/kvcm bench routing --engines 3 --requests 60 --repeats 1
 
 # dist/kvcm (PyInstaller onefile, glibc >= 2.28) + dist/THIRD_PARTY_LICENSES; `make binary
 # ONEDIR=1` adds dist/kvcm-onedir/. Frozen in a Debian 11 build root made the first time
