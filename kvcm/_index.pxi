@@ -27,6 +27,7 @@ cdef extern from "index.h":
     uint64_t kvi_remove(kvi_index *ix, uint32_t ns, uint32_t pod, uint32_t tier, const uint64_t *keys, size_t n)
     uint64_t kvi_clear_pod(kvi_index *ix, uint32_t pod, int tier, uint32_t ns)
     uint64_t kvi_clear_namespace(kvi_index *ix, uint32_t ns)
+    uint64_t kvi_clear_namespaces(kvi_index *ix, const uint8_t *dead)
     int64_t kvi_lookup(kvi_index *ix, uint32_t ns, const uint64_t *keys, size_t n,
                        const uint8_t *filter, uint32_t filter_bits, const double *weights)
 
@@ -41,22 +42,27 @@ cdef extern from "engine_map.h":
     int kve_clear_namespace(kve_map *m, uint32_t ns)
 
 DEFAULT_MAX_BLOCKS = 10_000_000
+MAX_NAMESPACES = KVI_MAX_NS + 1   # namespace ids are 16 bits, and one value marks a free block
+MAX_TIERS = KVI_MAX_TIERS
 DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
 
 cdef enum:
     MAX_KEYS_PER_ENGINE_HASH = 64  # engine block / kvcm block ratios above this are refused
+    NS_BITMAP_BYTES = 1 << 13      # a bit per 16-bit namespace id
 
 
 cdef class _Names:
-    """Interns strings to dense integer ids, up to a limit."""
+    """Interns strings to dense integer ids, up to a limit. Released ids are handed out again."""
     cdef dict ids
-    cdef list names
+    cdef list names   # by id; None for a released id
+    cdef list free
     cdef uint32_t limit
     cdef str kind
 
     def __init__(self, str kind, uint32_t limit):
         self.ids = {}
         self.names = []
+        self.free = []
         self.limit = limit
         self.kind = kind
 
@@ -65,17 +71,31 @@ cdef class _Names:
         cdef object i = self.ids.get(name)
         return KVI_NIL if i is None else <uint32_t>i
 
+    cdef inline bint full(self):
+        return len(self.ids) >= self.limit
+
     cdef uint32_t intern(self, name) except? 0xFFFFFFFF:
         cdef object i = self.ids.get(name)
+        cdef uint32_t n
         if i is not None:
             return <uint32_t>i
         if not isinstance(name, str):
             raise TypeError("%s name must be a str, got %s" % (self.kind, type(name).__name__))
-        if len(self.names) >= self.limit:
+        if self.full():
             raise ValueError("too many distinct %s names (limit %d)" % (self.kind, self.limit))
-        self.ids[name] = len(self.names)
-        self.names.append(name)
-        return len(self.names) - 1
+        if self.free:
+            n = self.free.pop()
+            self.names[n] = name
+        else:
+            n = len(self.names)
+            self.names.append(name)
+        self.ids[name] = n
+        return n
+
+    cdef void release(self, name) except *:
+        cdef uint32_t n = self.ids.pop(name)
+        self.names[n] = None
+        self.free.append(n)
 
 
 cdef class Index:
@@ -90,12 +110,14 @@ cdef class Index:
     cdef uint32_t _filter_cap
     cdef double _unit_weights[16]
 
-    def __cinit__(self, max_blocks=DEFAULT_MAX_BLOCKS):
+    def __cinit__(self, max_blocks=DEFAULT_MAX_BLOCKS, max_namespaces=MAX_NAMESPACES):
         if max_blocks < 1:
             raise ValueError("max_blocks must be at least 1, got %r" % (max_blocks,))
+        if not 2 <= max_namespaces <= MAX_NAMESPACES:
+            raise ValueError("max_namespaces must be between 2 and %d, got %r" % (MAX_NAMESPACES, max_namespaces))
         if kvi_init(&self.ix, max_blocks) or kve_init(&self.emap, max_blocks):
             raise MemoryError()
-        self._ns = _Names("namespace", KVI_MAX_NS + 1)
+        self._ns = _Names("namespace", max_namespaces)
         self._pods = _Names("pod", KVI_MAX_PODS)
         self._tiers = _Names("tier", KVI_MAX_TIERS)
         for i in range(KVI_MAX_TIERS):
@@ -120,6 +142,11 @@ cdef class Index:
     def tiers(self):
         """Tier names in id order."""
         return tuple(self._tiers.names)
+
+    @property
+    def namespaces(self):
+        """How many namespace names are interned, and how many can be."""
+        return len(self._ns.ids), self._ns.limit
 
     def __len__(self):
         return self.ix.nblocks
@@ -176,6 +203,27 @@ cdef class Index:
         if kve_clear_namespace(&self.emap, n):
             raise MemoryError()
         return kvi_clear_namespace(&self.ix, n)
+
+    def forget_namespaces(self, names):
+        """Forgets namespaces as if they had never been seen: their blocks on every pod and
+        their engine-map entries go, and their ids serve new names. One walk of the index at
+        most, however many they are. Returns how many entries were removed."""
+        cdef uint8_t dead[NS_BITMAP_BYTES]
+        cdef uint32_t n
+        cdef list known = []
+        memset(dead, 0, sizeof(dead))
+        for name in names:
+            n = self._ns.get(name)
+            if n == KVI_NIL or dead[n >> 3] & (1 << (n & 7)):
+                continue
+            if kve_clear_namespace(&self.emap, n):
+                raise MemoryError()
+            dead[n >> 3] |= 1 << (n & 7)
+            known.append(name)
+        removed = kvi_clear_namespaces(&self.ix, dead) if known else 0
+        for name in known:
+            self._ns.release(name)
+        return removed
 
     cdef int64_t _walk(self, str ns, keys, pods, const double *weights) except -1:
         """Runs the prefix walk; results stay in self.ix.matches."""
