@@ -10,12 +10,13 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "setuptools>=65" wheel "Cython>=3.0,<3.4"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	KVCM_WERROR=1 $(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
 # Recompiles the core only when a .pyx/.pxi/.h changed (setup.py lists them as depends).
+# Warnings of Cython and of the C compiler fail this build (KVCM_WERROR, setup.py).
 build: $(STAMP)
-	$(PY) setup.py -q build_ext --inplace
+	KVCM_WERROR=1 $(PY) setup.py -q build_ext --inplace
 
 test: build
 	$(PY) -m pytest
