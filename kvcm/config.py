@@ -37,7 +37,10 @@ import tomllib
 import urllib.parse
 from typing import Mapping, Optional, Sequence, Union
 
-from kvcm.ingest import EngineSpec, check_endpoint, parse_engine, read_engines_file
+from kvcm._core import KNOWN_TIERS, MAX_TIERS
+from kvcm.endpoints import check_endpoint
+from kvcm.ingest import DEFAULT_MAX_MESSAGE, EngineSpec, parse_engine, read_engines_file
+from kvcm.zap import parse_network
 
 ENV_PREFIX = "KVCM_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -252,6 +255,10 @@ class _TierWeights(_Kind):
             if not (math.isfinite(weight) and weight >= 0):
                 raise ValueError("tier %r: weight must be a finite number >= 0, got %r" % (name, weight))
             weights[name] = float(weight)
+        # events may name the known media and these: together they must fit the tier table
+        if len(set(weights) | set(KNOWN_TIERS)) > MAX_TIERS:
+            raise ValueError("at most %d tiers counting the known ones (%s), got %d"
+                             % (MAX_TIERS, ", ".join(KNOWN_TIERS), len(set(weights) | set(KNOWN_TIERS))))
         return weights
 
 
@@ -294,8 +301,16 @@ class _IndexUrl(_Kind):
 
 
 class _Endpoint(_Kind):
+    def __init__(self, connect=False):
+        self.connect = connect
+
     def from_text(self, text):
-        return check_endpoint(text.strip(), "endpoint")
+        return check_endpoint(text.strip(), "endpoint", self.connect)
+
+
+class _Network(_Kind):
+    def from_text(self, text):
+        return str(parse_network(text))
 
 
 class _Engine(_Kind):
@@ -451,7 +466,13 @@ OPTIONS = (
            _Repeated(_Engine(), separator=r"[;\n]+")),
     Option("engines_file", None, "FILE", "file of engine specs, one per line (# comments)", _INGEST, _Path()),
     Option("replay_endpoint", None, "POD=EP", "replay (ROUTER) endpoint of a bind-mode pod; repeatable",
-           _INGEST, _Repeated(_Pair("POD=ENDPOINT", _Endpoint()))),
+           _INGEST, _Repeated(_Pair("POD=ENDPOINT", _Endpoint(connect=True)))),
+    Option("zmq_max_message", "64MiB", "SIZE",
+           "largest ZMQ message accepted; libzmq drops the connection of a publisher that sends a larger one",
+           _INGEST, _Size()),
+    Option("zmq_allow", None, "CIDR",
+           "accept ZMQ publishers (and connect-mode engines) only from this network, e.g. 10.0.0.0/8; "
+           "repeatable; unset = from any address", _INGEST, _Repeated(_Network())),
     Option("hash_algo", "sha256", "ALGO", "the engines' prefix-caching hash: " + ", ".join(HASH_ALGOS),
            _HASHING, _Choice(*HASH_ALGOS)),
     Option("hash_seed", None, "SEED",
@@ -504,6 +525,8 @@ class Config:
     engine: tuple = ()                      # EngineSpec from --engine, in order
     engines_file: Optional[str] = None
     replay_endpoint: Mapping[str, str] = dataclasses.field(default_factory=dict, hash=False)
+    zmq_max_message: int = DEFAULT_MAX_MESSAGE
+    zmq_allow: tuple = ()
     hash_algo: str = "sha256"
     hash_seed: Optional[str] = None         # None = unset; "" is a real seed
     block_size: int = 16

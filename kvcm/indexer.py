@@ -42,14 +42,16 @@ class Indexer:
             cfg.index, timeout=cfg.redis_timeout, ttl=cfg.redis_ttl, backlog_events=cfg.redis_backlog,
             fail_open=cfg.redis_fail_open)
         self.sink = EventSink(self.index, cfg.block_size, cfg.hash_algo, cfg.hash_seed, cfg.hash_mode,
-                              journal=None if self.shared is None else self.shared.journal)
+                              journal=None if self.shared is None else self.shared.journal,
+                              tiers=cfg.tier_weights)
         self.scorer = Scorer(cfg.tier_weights)
         self.ingest = Ingest(self.sink, binds=cfg.zmq_bind, topic_prefix=cfg.zmq_topic_prefix,
                              engines=cfg.engines, replay_endpoints=cfg.replay_endpoint,
                              on_applied=None if self.shared is None else self.shared.batch_done,
                              clears_on_restart=self.shared is None,
                              prefetch=None if self.shared is None else self.shared.prefetch,
-                             position=None if self.shared is None else self.shared.position)
+                             position=None if self.shared is None else self.shared.position,
+                             max_message=cfg.zmq_max_message, allow=cfg.zmq_allow)
         if self.shared is not None:
             self.shared.on_switch = self.ingest.resync_namespace
         self.tokenizers = tokenizers if tokenizers is not None else TokenizerRegistry(
@@ -192,17 +194,20 @@ class Indexer:
         return out
 
     def clear_pod(self, pod):
-        """Forgets everything the pod holds; returns how many entries were removed.
-        In-memory index only."""
+        """Forgets everything the pod holds, and its streams (the next batch of each is a
+        new baseline); returns how many entries were removed. In-memory index only."""
         if self.shared is not None:
             raise RuntimeError("the index is shared: use clear_pod_async")
+        self.ingest.forget_pod(pod)
         return self.index.clear_pod(pod)
 
     async def clear_pod_async(self, pod):
         """clear_pod() for either index (IndexUnavailable while a shared store is down)."""
         if self.shared is None:
             return self.clear_pod(pod)
-        return await self.shared.clear_pod(pod)
+        removed = await self.shared.clear_pod(pod)
+        self.ingest.forget_pod(pod)
+        return removed
 
 
 __all__ = ["Config", "IndexUnavailable", "Indexer", "load_config"]

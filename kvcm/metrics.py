@@ -10,6 +10,8 @@ import time
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from kvcm._core import MAX_TIERS
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Requests are answered in tens of microseconds; tokenizing long prompts takes milliseconds.
@@ -28,6 +30,8 @@ _SINK_COUNTERS = {
     "offload_unresolved": ("kvcm_ingest_offload_unresolved_total", "Token-less BlockStored hashes kvcm could not resolve", None),
     "unknown_parent": ("kvcm_ingest_unknown_parent_total", "Decoupled BlockStored events whose parent was unknown", None),
     "remove_unresolved": ("kvcm_ingest_remove_unresolved_total", "BlockRemoved hashes kvcm could not resolve", None),
+    "namespaces_evicted": ("kvcm_ingest_namespaces_evicted_total",
+                           "Namespaces forgotten, with their entries, to make room in a full namespace table", None),
 }
 _EVENT_TYPES = {"events_stored": "BlockStored", "events_removed": "BlockRemoved",
                 "events_cleared": "AllBlocksCleared", "events_unknown_tag": "unknown"}
@@ -123,8 +127,19 @@ class _IndexerCollector:
         for reason, value in counters.get("drops_by_reason", {}).items():
             drops.add_metric((reason,), value)
         yield drops
-        streams = self.indexer.ingest.streams()
-        yield GaugeMetricFamily("kvcm_ingest_streams", "Event streams (pod, model, dp rank) seen", value=len(streams))
+        tables = dict(self.indexer.ingest.tables())
+        tables["namespaces"] = self.indexer.index.namespaces
+        tables["tiers"] = (len(self.indexer.index.tiers), MAX_TIERS)
+        yield GaugeMetricFamily("kvcm_ingest_streams", "Event streams (pod, model, dp rank) seen",
+                                value=tables["streams"][0])
+        entries = GaugeMetricFamily("kvcm_name_table_entries", "Names in each bounded table", labels=("table",))
+        capacity = GaugeMetricFamily("kvcm_name_table_capacity", "Capacity of each bounded name table",
+                                     labels=("table",))
+        for table, (n, cap) in sorted(tables.items()):
+            entries.add_metric((table,), n)
+            capacity.add_metric((table,), cap)
+        yield entries
+        yield capacity
 
     def _index(self):
         stats = self.indexer.index.stats()

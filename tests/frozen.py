@@ -197,7 +197,7 @@ def publish(server, captures):
 
             def applied():
                 return any((s["pod"], s["model"], s["dp_rank"]) == (capture.pod, capture.model, capture.dp_rank)
-                           and s["last_seq"] == last and s["state"] != "replaying"
+                           and s["last_seq"] == last and s["state"] not in ("replaying", "applying")
                            for s in server.ok("GET", "/v1/pods")["pods"])
             until(applied, "kvcm to apply %s up to seq %d" % (capture.dir, last))
     finally:

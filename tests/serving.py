@@ -83,7 +83,7 @@ class Client(httpclient.Client):
         """Waits until the stream applied seq (and no replay runs); returns its entry."""
         def done():
             s = self.stream(pod, model, dp_rank)
-            return s if s is not None and s["last_seq"] == seq and s["state"] != "replaying" else None
+            return s if s is not None and s["last_seq"] == seq and s["state"] not in ("replaying", "applying") else None
         return until(done, "stream %s/%s/dp%d to reach seq %d" % (pod, model, dp_rank, seq))
 
     def connected(self, pub):

@@ -12,7 +12,7 @@ import re
 from typing import Optional, Tuple
 
 from kvcm.cli import add_hash_options
-from kvcm.ingest import check_endpoint
+from kvcm.endpoints import check_endpoint
 from kvcm.publisher import EVENT_FORMATS, dp_endpoint
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
