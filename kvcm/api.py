@@ -11,6 +11,7 @@ import ipaddress
 import logging
 
 from kvcm import chat, tokenize
+from kvcm.endpoints import check_registered_endpoint
 from kvcm.http import BadRequest, HttpError, Response, Router, json_response
 from kvcm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvcm.shared_index import IndexUnavailable
@@ -252,10 +253,19 @@ class Api:
         endpoint = _field(body, "endpoint", str, "a string", required=True)
         replay = _field(body, "replay", str, "a string")
         model = _field(body, "model", str, "a string")
+        return self._add_engine(name, endpoint, replay, model)
+
+    async def _add_engine(self, name, endpoint, replay, model):
+        # a client of the admin API may only name reachable TCP engines (kvcm/endpoints.py)
         try:
+            await check_registered_endpoint(endpoint, "endpoint")
+            if replay is not None:
+                await check_registered_endpoint(replay, "replay endpoint")
             self.indexer.ingest.add_engine(name, endpoint, replay=replay, model=model)
         except ValueError as e:
             raise BadRequest(str(e)) from None
+        except OSError as e:     # out of sockets or file descriptors
+            raise HttpError(503, str(e), headers=(("Retry-After", "1"),)) from None
         return json_response(201, {"engine": name})
 
     def remove_engine(self, request):

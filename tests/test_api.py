@@ -416,11 +416,13 @@ def test_delete_pod_clears_it_and_only_it(client, engine, pod):
     out = client.ok("DELETE", "/v1/pods/" + urllib.parse.quote(pod, safe=""))
     assert out == {"pod": pod, "removed": 4}
     assert set(client.score(model, token_ids=ids)["scores"]) == {stays.pod}
-    assert client.streams(pod)[0]["blocks"] == {}
+    assert client.streams(pod) == []            # its stream state went too
     assert client.ok("DELETE", "/v1/pods/" + urllib.parse.quote(pod, safe="")) == {"pod": pod, "removed": 0}
-    # the pod's later events index again
+    # the pod's later events index again, from a new baseline
     gone.send(stored(ids))
     assert client.score(model, token_ids=ids)["scores"] == {gone.pod: 3.0, stays.pod: 3.0}
+    (s,) = client.streams(pod)
+    assert (s["batches"], s["gaps"], s["restarts"], s["blocks"]) == (1, 0, 0, {"gpu": 3})
 
 
 # -- admin authorization ----------------------------------------------------------------------------
