@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks of `kvcm serve` (ZMQ ingest and HTTP scoring) against the budgets of DESIGN.md §9.
 
-    python benchmarks/service.py                       # all: ingest_zmq score_while_ingesting http_score
+    python benchmarks/service.py                       # all: ingest_zmq score_while_ingesting http_score huge_batch
     python benchmarks/service.py http_score --repeats 3
 
 `kvcm serve` runs as a subprocess (`python -m kvcm serve`, uvloop, default configuration
@@ -929,6 +929,66 @@ def bench_http_score(repeats):
             client.close()
 
 
+# ---- huge_batch: the event loop while one huge batch is ingested -----------------------------
+
+HUGE_BATCH_BYTES = 16_700_000
+
+
+def huge_batch_run(seed):
+    """One batch of HUGE_BATCH_BYTES (chains of BlockStored events of 16 blocks with token
+    ids, half of them from block 0, so auto mode verifies them) published to a fresh server
+    while this process sends GET /health back to back on a keep-alive connection. Returns
+    the longest /health round trip from just before the publish until the batch is applied
+    (the longest stall a client saw), the median one, and how long applying took."""
+    rng = random.Random(seed)
+    hasher = _core.BlockHasher("sha256", block_size=BLOCK)
+    events, size = [], 0
+    while size < HUGE_BATCH_BYTES:
+        tokens = run.random_tokens(rng, 2 * BLOCK * BLOCK)
+        chain = chain_events(tokens, hasher)
+        events += chain
+        size += len(msgpack.packb(chain))
+    payload = msgpack.packb([time.time(), events, 0])
+    with Server() as server, Publisher(server.zmq, topic=topic(0)) as pub:
+        client = Client(server.port)
+        wait_until("the stream", lambda: (pub.publish_raw(EMPTY_BATCH), (pod(0), NS) in streams_seen(client))[1],
+                   20, 0.02)
+        rtts = []
+        t0 = pc()
+        seq = pub.publish_raw(payload)
+        while True:
+            for _ in range(50):
+                t = pc()
+                client.call(HEALTH)
+                rtts.append(pc() - t)
+            entry = next(p for p in client.json(PODS_REQ)["pods"] if p["pod"] == pod(0) and p["dp_rank"] == 0)
+            if entry["last_seq"] == seq and entry["state"] not in ("replaying", "applying"):
+                break
+            if pc() - t0 > 60e9:
+                raise RuntimeError("the huge batch was not applied within 60 s")
+        applied = pc() - t0
+        client.close()
+    return {"bytes": len(payload), "events": len(events), "stall": max(rtts),
+            "health_p50": percentiles(rtts)[0], "applied": applied}
+
+
+def bench_huge_batch(repeats):
+    runs = []
+    for r in range(repeats):
+        la = loadavg()
+        res = huge_batch_run(r + 1)
+        runs.append(res)
+        print("  run %d: %.1f MB, %d events applied in %.0f ms; longest /health %.1f ms (p50 %.0f µs); load %s"
+              % (r + 1, res["bytes"] / 1e6, res["events"], res["applied"] / 1e6, res["stall"] / 1e6,
+                 res["health_p50"] / 1e3, la))
+    med = {k: statistics.median(x[k] for x in runs) for k in ("stall", "health_p50", "applied")}
+    report("huge_batch", [
+        row("longest GET /health while one %.1f MB batch is ingested" % (runs[0]["bytes"] / 1e6), med["stall"] / 1e6,
+            "ms", note="median /health %.0f µs" % (med["health_p50"] / 1e3)),
+        row("publish to applied, the whole batch", med["applied"] / 1e6, "ms"),
+    ], repeats=repeats)
+
+
 # ---- main -----------------------------------------------------------------------------------
 
 def service_source_version():
@@ -944,7 +1004,7 @@ def service_source_version():
 
 
 BENCHMARKS = {"ingest_zmq": bench_ingest_zmq, "score_while_ingesting": bench_score_while_ingesting,
-              "http_score": bench_http_score}
+              "http_score": bench_http_score, "huge_batch": bench_huge_batch}
 
 
 def main():
