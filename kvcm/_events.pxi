@@ -216,6 +216,7 @@ cdef class _Namespace:
         return ("unknown", "tagged", "untagged")[<int>self.style]
 
 
+@cython.no_gc_clear   # __dealloc__ unbinds the pod from _index
 cdef class StreamContext:
     """Per-stream state the sink keeps between batches: which namespaces the stream has fed
     (BlockRemoved and token-less stores resolve through them), whether a replay would help,
@@ -239,6 +240,10 @@ cdef class StreamContext:
         self._fed = {}
         self._last_fed = None
         self._partial = None
+
+    def __dealloc__(self):
+        if self._index is not None:
+            (<Index>self._index)._unbind_pod(self.pod_id)
 
     @property
     def fed(self):
@@ -494,8 +499,8 @@ cdef class EventSink:
         cdef BatchCursor cursor
         cdef _Namespace model
         if ctx._index is None:
+            ctx.pod_id = self._index._bind_pod(ctx.pod)
             ctx._index = self._index
-            ctx.pod_id = self._index._pod_id(ctx.pod)
         elif ctx._index is not self._index:
             raise ValueError("StreamContext belongs to another index")
         self._open(payload, &view)

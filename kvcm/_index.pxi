@@ -44,11 +44,13 @@ cdef extern from "engine_map.h":
 DEFAULT_MAX_BLOCKS = 10_000_000
 MAX_NAMESPACES = KVI_MAX_NS + 1   # namespace ids are 16 bits, and one value marks a free block
 MAX_TIERS = KVI_MAX_TIERS
+MAX_PODS = KVI_MAX_PODS
 DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
 
 cdef enum:
     MAX_KEYS_PER_ENGINE_HASH = 64  # engine block / kvcm block ratios above this are refused
     NS_BITMAP_BYTES = 1 << 13      # a bit per 16-bit namespace id
+    MIN_POD_SWEEP = 1024           # pod names interned before idle ones are first looked for
 
 
 cdef class _Names:
@@ -105,6 +107,11 @@ cdef class Index:
     cdef kve_map emap
     cdef _Names _ns
     cdef _Names _pods
+    # by pod id, the StreamContexts bound to it; C memory, so that a context's __dealloc__
+    # can use it even after a garbage collection cleared the Python attributes here
+    cdef uint32_t *_pod_refs
+    cdef uint32_t _pod_refs_cap
+    cdef Py_ssize_t _pod_sweep_at
     cdef _Names _tiers
     cdef uint8_t *_filter
     cdef uint32_t _filter_cap
@@ -119,6 +126,7 @@ cdef class Index:
             raise MemoryError()
         self._ns = _Names("namespace", max_namespaces)
         self._pods = _Names("pod", KVI_MAX_PODS)
+        self._pod_sweep_at = MIN_POD_SWEEP
         self._tiers = _Names("tier", KVI_MAX_TIERS)
         for i in range(KVI_MAX_TIERS):
             self._unit_weights[i] = 1.0
@@ -127,12 +135,56 @@ cdef class Index:
         kvi_release(&self.ix)
         kve_release(&self.emap)
         free(self._filter)
+        free(self._pod_refs)
 
     cdef uint32_t _pod_id(self, pod) except? 0xFFFFFFFF:
-        cdef uint32_t p = self._pods.intern(pod)
-        if kvi_ensure_pods(&self.ix, p + 1):
+        cdef uint32_t p = self._pods.get(pod)
+        if p != KVI_NIL:
+            return p
+        if len(self._pods.ids) >= self._pod_sweep_at:
+            self._forget_idle_pods()
+        p = self._pods.intern(pod)
+        if kvi_ensure_pods(&self.ix, p + 1) or self._reserve_pod_refs(p + 1):
             raise MemoryError()
         return p
+
+    cdef int _reserve_pod_refs(self, uint32_t n) noexcept:
+        cdef uint32_t cap = self._pod_refs_cap
+        cdef uint32_t *refs
+        if n <= cap:
+            return 0
+        cap = max(cap * 2, n, 64)
+        refs = <uint32_t *>realloc(self._pod_refs, cap * sizeof(uint32_t))
+        if refs == NULL:
+            return -1
+        memset(refs + self._pod_refs_cap, 0, (cap - self._pod_refs_cap) * sizeof(uint32_t))
+        self._pod_refs = refs
+        self._pod_refs_cap = cap
+        return 0
+
+    cdef void _forget_idle_pods(self) except *:
+        """Frees the ids of pods that hold no entry and that no StreamContext is bound to:
+        a flood of pod names that store nothing leaves nothing behind. Runs when the table
+        has doubled since the last time, so it costs O(1) per new name."""
+        cdef uint32_t p
+        for name, p in list(self._pods.ids.items()):
+            if self._pod_refs[p] == 0 and self.ix.pods[p].total == 0:
+                self._pods.release(name)
+        self._pod_sweep_at = max(<Py_ssize_t>MIN_POD_SWEEP, 2 * len(self._pods.ids))
+
+    cdef uint32_t _bind_pod(self, pod) except? 0xFFFFFFFF:
+        cdef uint32_t p = self._pod_id(pod)
+        self._pod_refs[p] += 1
+        return p
+
+    cdef void _unbind_pod(self, uint32_t p) noexcept:
+        self._pod_refs[p] -= 1
+
+    @property
+    def pods(self):
+        """How many pod names are interned (those that hold entries, are bound to a stream,
+        or have not been found idle yet)."""
+        return len(self._pods.ids)
 
     @property
     def capacity(self):

@@ -10,7 +10,7 @@ import time
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kvcm._core import MAX_TIERS
+from kvcm._core import MAX_PODS, MAX_TIERS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -130,6 +130,7 @@ class _IndexerCollector:
         tables = dict(self.indexer.ingest.tables())
         tables["namespaces"] = self.indexer.index.namespaces
         tables["tiers"] = (len(self.indexer.index.tiers), MAX_TIERS)
+        tables["pods"] = (self.indexer.index.pods, MAX_PODS)
         yield GaugeMetricFamily("kvcm_ingest_streams", "Event streams (pod, model, dp rank) seen",
                                 value=tables["streams"][0])
         entries = GaugeMetricFamily("kvcm_name_table_entries", "Names in each bounded table", labels=("table",))

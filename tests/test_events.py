@@ -1138,3 +1138,20 @@ def test_slices_of_a_shared_index_batch_keep_their_effects_together():
         sink.apply(StreamContext("none", MODEL), encode_batch([]))
         assert journal.take() == ([], 0, 0)
     assert journal.take() == ops_alone("big", big)
+
+
+def test_pods_that_hold_nothing_and_feed_no_stream_are_forgotten():
+    ix = Index()
+    sink = EventSink(ix, BS, "sha256", None, "vllm")
+    keeper = StreamContext("keeper", MODEL)                 # a live stream holding nothing
+    sink.apply(keeper, encode_batch([]))
+    holder = StreamContext("holder", MODEL)
+    sink.apply(holder, encode_batch([block_stored(vllm_keys(PROMPT), None, PROMPT)]))
+    del holder                                              # its stream went; its entries stay
+    for i in range(5000):                                   # junk pods, each seen once
+        sink.apply(StreamContext("junk-%d" % i, MODEL), encode_batch([]))
+    assert ix.pods <= 2048
+    assert ix.lookup_prefix(MODEL, vllm_keys(PROMPT)) == {"holder": (4, {"gpu": 4})}
+    sink.apply(keeper, encode_batch([block_stored(vllm_keys(OTHER), None, OTHER)]))
+    assert ix.stats()["pods"] == {"holder": {"gpu": 4}, "keeper": {"gpu": 2}}
+    assert ix.lookup_prefix(MODEL, vllm_keys(OTHER)) == {"keeper": (2, {"gpu": 2})}

@@ -54,6 +54,7 @@ def test_junk_topics_never_lock_a_new_pod_out_and_a_cleared_pod_frees_its_slot(k
     until(lambda: metric(client, "kvcm_ingest_streams_evicted_total") >= 5000 - 4096,
           "the junk to fill the stream table")
     assert metric(client, "kvcm_name_table_entries", table="streams") == 4096
+    assert metric(client, "kvcm_name_table_entries", table="pods") <= 2 * 4096 + 64
     ids = tokens(1, 3)
     real = engine(unique("real"))
     real.send(stored(ids))                     # a real engine arriving after the junk
