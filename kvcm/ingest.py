@@ -13,8 +13,8 @@ applying them is the core's EventSink.
   (live batches are held meanwhile and applied in order afterwards) and otherwise counted,
   leaving the stream degraded; the live feed going backwards is an engine restart.
 - The stream table is bounded: when it is full, the least recently active stream is
-  forgotten (its index entries stay; if it comes back, its next batch is a new baseline).
-  Clearing a pod forgets its streams.
+  forgotten (if it comes back, its next batch is a new baseline), and its pod cleared when
+  that was the pod's last stream. Clearing a pod forgets its streams.
 
 Sockets are raw pyzmq sockets read through loop.add_reader on ZMQ_FD. That FD is
 edge-triggered, so a reader drains until EAGAIN, but at most `batch_budget` messages and
@@ -207,6 +207,7 @@ class Ingest:
         for spec in engines:
             self._register(spec)
         self._streams = collections.OrderedDict()   # least recently active first
+        self._pod_streams = collections.Counter()     # pod -> how many of its streams are known
         self._sources = {}          # None -> the bind socket, engine name -> its socket
         self._replays = set()
         self._loop = None
@@ -400,15 +401,23 @@ class Ingest:
         if len(self._streams) >= self._max_streams:
             self._evict_stream()
         stream = self._streams[key] = _Stream(pod, model, dp_rank)
+        self._pod_streams[pod] += 1
         return stream
 
     def _evict_stream(self):
-        """Forgets the least recently active stream, preferring one not busy catching up."""
+        """Forgets the least recently active stream, preferring one not busy catching up.
+        Without a stream its pod's entries could not be proven current any more (a restart
+        would go unseen): when it was the pod's last stream, the pod is cleared. A shared
+        index is left alone: other replicas may be ingesting the pod."""
         key = next((k for k, s in self._streams.items() if s.replay_task is None), None)
         stream = self._forget(key if key is not None else next(iter(self._streams)))
         self.counters["streams_evicted"] += 1
+        cleared = self._clears_on_restart and stream.pod not in self._pod_streams
+        if cleared:
+            self._sink.clear_pod(stream.pod)
         self._log.warning("table_full:streams", "ingest: the stream table is full (%d streams): forgot the least "
-                          "recently active, %s (its index entries stay)", self._max_streams, _name(stream))
+                          "recently active, %s%s", self._max_streams, _name(stream),
+                          ", and cleared its pod" if cleared else "")
 
     def forget_pod(self, pod):
         """Forgets the pod's streams: the pod was cleared, so its next batch on any stream is
@@ -420,6 +429,9 @@ class Ingest:
 
     def _forget(self, key):
         stream = self._streams.pop(key)
+        self._pod_streams[stream.pod] -= 1
+        if not self._pod_streams[stream.pod]:
+            del self._pod_streams[stream.pod]
         _detach_task(stream)
         stream.held.clear()
         return stream

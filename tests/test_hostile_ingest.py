@@ -49,18 +49,23 @@ def errors_logged(caplog):
 def test_junk_topics_never_lock_a_new_pod_out_and_a_cleared_pod_frees_its_slot(kvcm, engine):
     client = kvcm.client
     junk = engine(unique("junk"))
-    for i in range(5000):                      # more pods than the stream table holds
-        junk.pub.send_frames([("kv@junk-%d@m" % i).encode(), bytes(8), encode_batch([])])
+    block = tokens(9, 1)
+    store = encode_batch([block_stored(list(HASHER.keys(block)), None, block)])
+    for i in range(5000):                      # more pods than the stream table holds, a block each
+        junk.pub.send_frames([("kv@junk-%d@m" % i).encode(), bytes(8), store])
     until(lambda: metric(client, "kvcm_ingest_streams_evicted_total") >= 5000 - 4096,
           "the junk to fill the stream table")
     assert metric(client, "kvcm_name_table_entries", table="streams") == 4096
+    # pods whose last stream went were cleared: neither the pod table nor the per-pod
+    # metrics grow with the junk
     assert metric(client, "kvcm_name_table_entries", table="pods") <= 2 * 4096 + 64
+    assert metric(client, "kvcm_index_pods") <= 4096
     ids = tokens(1, 3)
     real = engine(unique("real"))
     real.send(stored(ids))                     # a real engine arriving after the junk
     assert client.score(MODEL, token_ids=ids)["scores"] == {real.pod: 3.0}
     junk_pods = {s["pod"] for s in client.ok("GET", "/v1/pods")["pods"] if s["pod"].startswith("junk-")}
-    assert client.ok("DELETE", "/v1/pods/" + min(junk_pods)) == {"pod": min(junk_pods), "removed": 0}
+    assert client.ok("DELETE", "/v1/pods/" + min(junk_pods)) == {"pod": min(junk_pods), "removed": 1}
     assert metric(client, "kvcm_name_table_entries", table="streams") == 4095
     assert min(junk_pods) not in {s["pod"] for s in client.ok("GET", "/v1/pods")["pods"]}
 

@@ -387,7 +387,6 @@ async def test_a_full_stream_table_forgets_the_least_recently_active_stream():
             for pub in (steady, quiet):
                 await connected(pub, ingest)           # each probe stream is one more
             await caught_up(ingest, "quiet", quiet.publish(workload(seed=1, n=1)[0]))
-            held = index.stats()["pods"]["quiet"]
             # junk topics by the hundred while one real engine keeps publishing
             for i in range(300):
                 steady.send_frames([topic("junk-%d" % i).encode(), bytes(8), encode_batch([])])
@@ -398,10 +397,11 @@ async def test_a_full_stream_table_forgets_the_least_recently_active_stream():
             assert stream(ingest, "quiet") is None and len(ingest.streams()) == 4
             assert ingest.counters["streams_evicted"] >= 300
             assert ingest.counters["drops_by_reason"] == {}
+            # its last stream forgotten, the quiet pod's entries are too: nothing proves them current
+            assert set(index.stats()["pods"]) == {"steady"}
             # a new engine is never refused, and the quiet one, back, starts a new baseline
             for pod, pub in (("newcomer", steady), ("quiet", quiet)):
                 await caught_up(ingest, pod, pub.publish_raw(encode_batch([]), topic=topic(pod).encode(), seq=9))
-            assert index.stats()["pods"]["quiet"] == held      # forgetting a stream keeps its entries
 
 
 @on_uvloop
