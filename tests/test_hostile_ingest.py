@@ -72,6 +72,7 @@ def test_junk_topics_never_lock_a_new_pod_out_and_a_cleared_pod_frees_its_slot(k
 
 def test_a_flood_of_adapter_names_never_stops_a_new_model(kvcm, engine, caplog):
     caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.WARNING, logger="kvcm.events")   # whatever another test set it to
     client = kvcm.client
     flooder = engine(unique("flooder"))
     ids = tokens(2, 1)
