@@ -1165,10 +1165,12 @@ class HttpServer:
     def _factory(self):
         return _Connection(self)
 
-    async def start(self, host="127.0.0.1", port=0):
-        """Listens on host:port (port 0 picks a free one, see .port)."""
+    async def start(self, host="127.0.0.1", port=0, ssl=None):
+        """Listens on host:port (port 0 picks a free one, see .port); with an ssl.SSLContext,
+        over TLS."""
         self._loop = asyncio.get_running_loop()
-        server = await self._loop.create_server(self._factory, host, port, reuse_address=True, backlog=1024)
+        server = await self._loop.create_server(self._factory, host, port, reuse_address=True, backlog=1024,
+                                                ssl=ssl)
         self._servers.append(server)
         return self
 
