@@ -23,24 +23,42 @@ from conftest import ROOT
 WAIT = 20.0     # one condition; only reached when something is broken
 
 
-
-
-
-
 def clean_env(**extra):
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("KVCM_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "PYTHONHASHSEED"))}
+           if not k.startswith(("KVCM_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "PYTHONHASHSEED", "POD_", "SIM_MODEL",
+                                "VLLM_SERVER_DEV_MODE"))}
     env.update(extra)
     return env
 
 
 # -- HTTP --------------------------------------------------------------------------------------
 
+class Reply(httpclient.Reply):
+    """A simulator's reply: its API errors are OpenAI's, with `param`."""
+
+    def _error(self):
+        error = self.json["error"]
+        assert {"message", "type", "code"} <= set(error) <= {"message", "type", "param", "code"}, self.body
+        assert error["code"] == self.status, self.body
+        assert isinstance(error["type"], str) and isinstance(error["message"], str), self.body
+        return error
+
+    @property
+    def param(self):
+        error = self._error()
+        assert "param" in error, self.body
+        return error["param"]
+
+
 class Client(httpclient.Client):
     """Requests to one simulator, each on a fresh connection."""
 
     def __init__(self, port, host="127.0.0.1"):
         super().__init__(host, port)
+
+    def request(self, method, path, body=None, headers=None, timeout=None):
+        reply = super().request(method, path, body, headers, timeout)
+        return Reply(reply.status, reply.headers, reply.body)
 
     def complete(self, **body):
         return self.ok("POST", "/v1/completions", body)
