@@ -72,9 +72,9 @@ class Client(httpclient.Client):
     def kv_cache(self):
         return self.ok("GET", "/sim/kv_cache")
 
-    def stream(self, path, body):
+    def stream(self, path, body, headers=None):
         """Opens a streaming request; returns the open SSE reader once the head arrived."""
-        return SSE(self.host, self.port, path, body)
+        return SSE(self.host, self.port, path, body, headers)
 
     def metrics(self):
         from prometheus_client.parser import text_string_to_metric_families
@@ -89,11 +89,12 @@ class SSE:
     """One streamed response, read event by event from a raw socket (so the chunked framing
     itself is checked: `raw` keeps every byte after the head)."""
 
-    def __init__(self, host, port, path, body):
+    def __init__(self, host, port, path, body, headers=None):
         self.sock = socket.create_connection((host, port), timeout=WAIT)
         data = json.dumps(body).encode()
-        self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
+        extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in (headers or {}).items())
+        self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s"
+                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), extra, len(data), data))
         self._buf = b""
         head = self._until(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
@@ -157,15 +158,16 @@ class SSE:
 # -- in-process simulators -----------------------------------------------------------------------
 
 class InProcessSim:
-    """kvcm.sim.app.Simulator from `kvcm sim` flags, on a uvloop loop in a background thread;
-    HTTP on free ports of 127.0.0.1 unless --port is given; events nowhere unless given."""
+    """kvcm.sim.app.Simulator from `kvcm sim` flags (and `environ`, else no environment), on
+    a uvloop loop in a background thread; HTTP on free ports of 127.0.0.1 unless --port is
+    given; events nowhere unless given."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, environ=None):
         from kvcm.sim.app import Simulator
         from kvcm.sim.config import parse_args
 
         argv = ["--host", "127.0.0.1", "--port", "0", "--zmq-endpoint", "", *args]
-        self.simulator = Simulator(parse_args(argv))
+        self.simulator = Simulator(parse_args(argv, environ))
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="kvcm-sim", daemon=True)
         self._thread.start()

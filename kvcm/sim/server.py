@@ -204,7 +204,10 @@ class SimServer:
         encoding = field(body, "encoding_format", str, "a string", "float")
         if encoding not in ("float", "base64"):
             raise error(400, "'encoding_format' must be float or base64", param="encoding_format")
-        inputs = [ids for ids, _ in self._prompts(body, "input")]
+        prompts = self._prompts(body, "input")
+        if any(text == "" for _, text in prompts):
+            raise error(400, "input cannot be an empty string", param="input")
+        inputs = [ids for ids, _ in prompts]
         data = []
         for index, ids in enumerate(inputs):
             values = stub_embedding(ids, dimensions or self.config.default_embedding_dimensions)
