@@ -61,6 +61,7 @@ IGNORED = {
 # about log files and headers; logs go to stderr
 KLOG_FLAGS = ("add_dir_header", "alsologtostderr", "log_backtrace_at", "log_dir", "log_file", "log_file_max_size",
               "logtostderr", "one_output", "skip_headers", "skip_log_headers", "stderrthreshold", "vmodule")
+_KLOG_NOTE = "klog's log files and headers are not used; logs go to stderr (--log-level, --v)"
 _IGNORED_TOGGLES = ("enable-prefix-caching", "enforce-eager", "mm-encoder-only", "omni")
 _IGNORED_BOOLS = ("dataset-in-memory", "alsologtostderr", "add_dir_header", "logtostderr", "one_output",
                   "skip_headers", "skip_log_headers")
@@ -322,18 +323,14 @@ def add_sim_arguments(parser):
     flag(g, "--fake-metrics-refresh-interval", type=seconds, metavar="DURATION",
          help="how often function fake metrics are recomputed (default: 100ms)")
 
-    g = parser.add_argument_group("accepted for compatibility, no effect (a note says why)")
-    for name in IGNORED:
+    g = parser.add_argument_group("accepted for compatibility with llm-d's simulator, without effect")
+    for name in tuple(IGNORED) + KLOG_FLAGS:
+        why = IGNORED.get(name, _KLOG_NOTE)
         if name.startswith("no-") or name in _IGNORED_TOGGLES:
-            g.add_argument("--" + name, nargs=0, action=_Ignored, help=argparse.SUPPRESS)
-        elif name in _IGNORED_BOOLS:
-            g.add_argument("--" + name, nargs="?", action=_Ignored, help=argparse.SUPPRESS)
+            g.add_argument("--" + name, nargs=0, action=_Ignored, help=why)
         else:
-            g.add_argument("--" + name, action=_Ignored, help=argparse.SUPPRESS)
-    for name in KLOG_FLAGS:
-        g.add_argument("--" + name, nargs="?" if name in _IGNORED_BOOLS else None, action=_Ignored,
-                       help=argparse.SUPPRESS)
-    g.description = "--" + ", --".join(sorted(set(IGNORED) | set(KLOG_FLAGS)))
+            g.add_argument("--" + name, nargs="?" if name in _IGNORED_BOOLS else None, action=_Ignored,
+                           metavar="VALUE", help=why)
 
 
 # -- from flags, environment and file to SimConfig ------------------------------------------------------
@@ -445,7 +442,7 @@ def notes(ignored):
     """One line per accepted-and-ignored flag or key."""
     out = []
     for name in dict.fromkeys(ignored):
-        why = IGNORED.get(name) or "klog's log files are not used; logs go to stderr (--log-level, --v)"
+        why = IGNORED.get(name, _KLOG_NOTE)
         out.append("kvcm sim: note: --%s is accepted and has no effect: %s" % (name, why))
     return out
 
