@@ -591,7 +591,7 @@ class _Connection(asyncio.Protocol):
         if not self._lingering and (self._queue or self._write_paused):
             return True     # answers still to send; _settle closes afterwards
         self._close_now()
-        return True
+        return False        # closing already; True would make a TLS transport warn on every close
 
     def pause_writing(self):
         self._write_paused = True

@@ -3,6 +3,7 @@ startup delay, fake metrics, --log-http, the body limit, HTTPS."""
 
 import json
 import logging
+import socket
 import ssl
 import urllib.request
 
@@ -230,8 +231,8 @@ def test_https_with_certificate_files(tmp_path):
             s.client.get("/health", timeout=5)
 
 
-def test_https_with_a_self_signed_certificate():
-    with InProcessSim("--self-signed-certs") as s:
+def test_https_with_a_self_signed_certificate(caplog):
+    with caplog.at_level(logging.WARNING, logger="asyncio"), InProcessSim("--self-signed-certs") as s:
         port = s.ranks[0].port
         with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
             _https_get(port, "/health", ssl.create_default_context())
@@ -241,6 +242,14 @@ def test_https_with_a_self_signed_certificate():
         pem = ssl.get_server_certificate(("127.0.0.1", port))
         trusting = ssl.create_default_context(cadata=pem)          # self-signed: it is its own issuer
         assert _https_get(port, "/health", trusting)[0] == 200
+        # a client that ends TLS properly (close_notify, then its FIN) is not a warning
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw:
+            tls = trusting.wrap_socket(raw, server_hostname="127.0.0.1")
+            tls.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert tls.recv(65536).startswith(b"HTTP/1.1 200")
+            tls.unwrap()
+        until(lambda: not s.on_loop(lambda: s.ranks[0].http._connections), "the connections to close")
+    assert "eof_received" not in caplog.text
 
 
 def test_bad_certificate_files_fail_at_start(tmp_path):
