@@ -319,6 +319,7 @@ def test_prefill_answers_kv_transfer_params():
         assert params["remote_engine_id"] == s.client.ok("GET", "/query")["0"]["engine_id"]
         assert len(params["remote_block_ids"]) == 3 and all(type(b) is int for b in params["remote_block_ids"])
         assert "kv_transfer_params" not in s.client.complete(prompt="x", max_tokens=1)
+        assert s.client.metrics()[("vllm:request_success_total", (("finished_reason", "remote_decode"),))] == 1
 
 
 def test_decode_ttft_is_the_kv_transfer_time():

@@ -123,7 +123,7 @@ class Simulator:
             self.tokenizer = load_tokenizer(config.tokenizer, config.model)
         self.tls = server_context(config)
         self._ready = False
-        self.ranks = [Rank(config, r, self.tokenizer, lambda: self._ready) for r in config.http_ranks]
+        self.ranks = [Rank(config, r, self.tokenizer, lambda: self._ready) for r in config.ranks]
         self._stop = None
 
     async def start(self):

@@ -58,10 +58,6 @@ class Shape:
             chunk["usage"] = None
         return chunk
 
-    def finish_reason(self, seq):
-        return "remote_decode" if self.transfer is not None and seq.finish_reason in ("stop", "length") \
-            else seq.finish_reason
-
     def usage(self):
         # a prompt counts once for its n choices, as vLLM counts it; its cached tokens are
         # those of its first choice (the others find the blocks it computed)
@@ -103,7 +99,7 @@ class Completion(Shape):
 
     def response(self):
         return self.whole([{"index": s.choice, "text": self.text(s), "logprobs": self._logprobs(s, 0, s.generated),
-                            "finish_reason": self.finish_reason(s), "stop_reason": None, "prompt_logprobs": None}
+                            "finish_reason": s.finish_reason, "stop_reason": None, "prompt_logprobs": None}
                            for s in self.seqs])
 
     def token(self, seq, index):
@@ -112,7 +108,7 @@ class Completion(Shape):
 
     def finish(self, seq):
         return self._chunk([{"index": seq.choice, "text": "", "logprobs": None,
-                             "finish_reason": self.finish_reason(seq), "stop_reason": None}])
+                             "finish_reason": seq.finish_reason, "stop_reason": None}])
 
 
 class Chat(Shape):
@@ -134,7 +130,7 @@ class Chat(Shape):
 
     def response(self):
         return self.whole([{"index": s.choice, "message": self._message(s), "logprobs": self._logprobs(s, 0, s.generated),
-                            "finish_reason": self.finish_reason(s), "stop_reason": None} for s in self.seqs],
+                            "finish_reason": s.finish_reason, "stop_reason": None} for s in self.seqs],
                           prompt_logprobs=None)
 
     def opening(self):
@@ -156,4 +152,4 @@ class Chat(Shape):
 
     def finish(self, seq):
         return self._chunk([{"index": seq.choice, "delta": {}, "logprobs": None,
-                             "finish_reason": self.finish_reason(seq)}])
+                             "finish_reason": seq.finish_reason}])

@@ -304,6 +304,8 @@ class SimServer:
                 rng = random.Random("%d/%d" % (params.seed, index) if params.seed is not None
                                     else self._rng.getrandbits(64))
                 output = self._output(rng, prompt, echo_text, params, tools)
+                if params.remote_decode and output.finish_reason in ("stop", "length"):
+                    output.finish_reason = "remote_decode"     # a prefill request, as llm-d answers it
                 seqs.append(Sequence(prompt, output, rng=rng, lora=lora, cache_salt=params.cache_salt, choice=index,
                                      updates=updates, max_tokens=params.max_tokens,
                                      remote_prefill=params.remote_prefill,

@@ -229,7 +229,7 @@ class SimConfig:
             if not endpoint:
                 continue
             try:
-                for rank in self.event_ranks:
+                for rank in self.ranks:
                     check_endpoint(dp_endpoint(endpoint, rank), flag)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
@@ -239,7 +239,7 @@ class SimConfig:
             raise ConfigError("--data-parallel-size must be at least 1")
         if self.data_parallel_rank is not None and self.data_parallel_rank < 0:
             raise ConfigError("--data-parallel-rank must not be negative")
-        if self.port and self.port + len(self.http_ranks) - 1 > 65535:
+        if self.port and self.port + len(self.ranks) - 1 > 65535:
             raise ConfigError("--port %d + --data-parallel-size %d goes past port 65535"
                               % (self.port, self.data_parallel_size))
         if not 1 <= self.max_request_body_size_mb <= 512:
@@ -261,16 +261,12 @@ class SimConfig:
         return bool(self.ssl_certfile) or self.self_signed_certs
 
     @property
-    def http_ranks(self):
+    def ranks(self):
         """The data-parallel ranks this process runs: every rank of --data-parallel-size, or
         only --data-parallel-rank (one process per rank, each a pod of its own)."""
         if self.data_parallel_rank is not None:
             return (self.data_parallel_rank,)
         return tuple(range(self.data_parallel_size))
-
-    @property
-    def event_ranks(self):
-        return self.http_ranks
 
     def http_port_of(self, rank):
         """Rank r of --data-parallel-size listens on --port + r; a --data-parallel-rank process
