@@ -73,6 +73,32 @@ def test_render_endpoints(echo):
     assert c.post("/v1/chat/completions/render", {"model": "nope", "messages": USER}).status == 404
 
 
+def test_generate_takes_and_gives_token_ids(echo):
+    c = echo.client
+    ids = c.tokens("one two three four")
+    out = c.ok("POST", "/inference/v1/generate", {"token_ids": ids, "sampling_params": {"max_tokens": 3}})
+    assert out["choices"] == [{"index": 0, "finish_reason": "length", "token_ids": ids[:3]}]
+    assert set(out) == {"request_id", "choices", "ec_transfer_params"}
+    sse = c.stream("/inference/v1/generate", {"token_ids": ids, "sampling_params": {"max_tokens": 2},
+                                              "stream": True, "stream_options": {"include_usage": True}})
+    first, second, usage, done = sse.events()
+    sse.close()
+    assert [first["choices"][0]["token_ids"], second["choices"][0]["token_ids"]] == [ids[:1], ids[1:2]]
+    assert (first["choices"][0]["finish_reason"], second["choices"][0]["finish_reason"]) == (None, "length")
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 2 and done == "[DONE]"
+    # kv_transfer_params where vLLM sometimes puts them: sampling_params.extra_args
+    prefill = c.ok("POST", "/inference/v1/generate", {"token_ids": ids, "sampling_params": {
+        "max_tokens": 1, "extra_args": {"kv_transfer_params": {"do_remote_decode": True}}}})
+    assert prefill["kv_transfer_params"]["do_remote_prefill"] is True
+    assert prefill["choices"][0]["finish_reason"] == "remote_decode"
+    for body, param in (({"sampling_params": {}}, "token_ids"), ({"token_ids": ids}, "sampling_params"),
+                        ({"token_ids": [-1], "sampling_params": {}}, None)):
+        reply = c.post("/inference/v1/generate", body)
+        assert reply.status == 400 and reply.param == param, reply
+    assert c.post("/inference/v1/generate", {"token_ids": ids, "sampling_params": {}},
+                  headers={"X-Return-Error": "429"}).status == 429
+
+
 # -- logprobs -------------------------------------------------------------------------------------
 
 def _lp(position, alternative=0):

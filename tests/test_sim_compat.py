@@ -143,6 +143,7 @@ REQUESTS = {
     "POST /fake_metrics": {"running-requests": 1},
     "POST /tokenize": {"prompt": "hi"},
     "POST /admin/config": {"failure-injection-rate": 0},
+    "POST /inference/v1/generate": {"token_ids": [1, 2], "sampling_params": {"max_tokens": 1}},
 }
 
 

@@ -153,3 +153,34 @@ class Chat(Shape):
     def finish(self, seq):
         return self._chunk([{"index": seq.choice, "delta": {}, "logprobs": None,
                              "finish_reason": seq.finish_reason}])
+
+
+class Generate(Shape):
+    """vLLM's /inference/v1/generate: token ids in, token ids out; a streamed token's chunk
+    carries the finish reason of the last one."""
+
+    prefix = ""
+
+    def response(self):
+        out = {"request_id": self.id,
+               "choices": [{"index": s.choice, "finish_reason": s.finish_reason,
+                            "token_ids": s.output.ids[:s.generated]} for s in self.seqs],
+               "ec_transfer_params": None}
+        if self.transfer is not None:
+            out["kv_transfer_params"] = self.transfer
+        return out
+
+    def token(self, seq, index):
+        last = index == len(seq.output.ids) - 1
+        return {"request_id": self.id, "choices": [{"index": seq.choice, "token_ids": [seq.output.ids[index]],
+                                                    "finish_reason": seq.output.finish_reason if last else None}]}
+
+    def finish(self, seq):
+        """Only an answer that ended early (no tokens, or aborted) needs a chunk of its own."""
+        if seq.generated == len(seq.output.ids) and seq.generated:
+            return None
+        return {"request_id": self.id, "choices": [{"index": seq.choice, "token_ids": [],
+                                                    "finish_reason": seq.finish_reason}]}
+
+    def usage_chunk(self):
+        return {"request_id": self.id, "choices": [], "usage": self.usage()}

@@ -1,8 +1,9 @@
 """The generation API of one simulated rank: vLLM's OpenAI-compatible server, in miniature.
 
 Routes: POST /v1/completions and /v1/chat/completions (non-streaming and SSE), POST
-/v1/embeddings, GET /v1/models, POST /tokenize and /detokenize, POST /v1/completions/render
-and /v1/chat/completions/render (token ids without generating).
+/inference/v1/generate (vLLM's token-in, token-out endpoint), POST /v1/embeddings, GET
+/v1/models, POST /tokenize and /detokenize, POST /v1/completions/render and
+/v1/chat/completions/render (token ids without generating).
 
 Errors are `{"error": {"message", "type", "param", "code"}}` (kvcm.sim.errors) with vLLM's
 messages where it has them: an unknown model is 404, a prompt that does not fit the context
@@ -37,7 +38,7 @@ from kvcm.sim.engine import EngineClosed, KVCacheFull, QueueFull, Sequence
 from kvcm.sim.errors import SimError, error
 from kvcm.sim.lengths import answer_length
 from kvcm.sim.requests import Params, body_of, chat_options, field, messages_of
-from kvcm.sim.responses import Chat, Completion
+from kvcm.sim.responses import Chat, Completion, Generate
 from kvcm.sim.settings import FAILURE_TYPES
 from kvcm.sim.tools import check_tools, make_tool_calls, tool_choice
 
@@ -83,6 +84,7 @@ class SimServer:
         for method, path, handler in (
                 ("POST", "/v1/completions", self.completions),
                 ("POST", "/v1/chat/completions", self.chat_completions),
+                ("POST", "/inference/v1/generate", self.generate),
                 ("POST", "/v1/embeddings", self.embeddings),
                 ("GET", "/v1/models", self.models),
                 ("POST", "/tokenize", self.tokenize),
@@ -347,6 +349,27 @@ class SimServer:
                                         lora, tool_choice(body, tools))
         return await self._respond(Chat(model, params, seqs, request_id), seqs, updates, headers)
 
+    async def generate(self, request):
+        body = body_of(request)
+        request_id, headers = self._request_id(request)
+        self._return_error(request)
+        self._inject_failure()
+        model, lora = self._model(body)
+        ids = body.get("token_ids")
+        if not isinstance(ids, list) or not ids:
+            raise error(400, "Missing input token_ids", param="token_ids")
+        sampling = field(body, "sampling_params", dict, "an object")
+        if sampling is None:
+            raise error(400, "Missing sampling_params field", param="sampling_params")
+        # as vLLM's endpoint: the generation fields are sampling parameters; kv_transfer_params
+        # may also come in sampling_params.extra_args
+        extra = field(sampling, "extra_args", dict, "an object") or {}
+        view = {**body, **sampling, "kv_transfer_params": body.get("kv_transfer_params") or
+                extra.get("kv_transfer_params")}
+        params = Params(view, chat=False)
+        seqs, updates = self._sequences(request, [(self._check_ids(ids), None)], params, lora)
+        return await self._respond(Generate(model, params, seqs, request_id), seqs, updates, headers)
+
     def _transfer(self, seqs):
         """kv_transfer_params for the decode pod of a prefill request."""
         r = self.rank
@@ -389,7 +412,9 @@ class SimServer:
                 choice, index = await updates.get()
                 if index is None:
                     pending -= 1
-                    yield _sse(shape.finish(seqs[choice]))
+                    finish = shape.finish(seqs[choice])
+                    if finish is not None:
+                        yield _sse(finish)
                 else:
                     yield _sse(shape.token(seqs[choice], index))
             if shape.params.include_usage:
