@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: build test run bench demo annotate clean binary
+.PHONY: build test run bench demo annotate clean binary prereq-chromium
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml setup.py
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-test: build
+test: build prereq-chromium
 	$(PY) -m pytest
+
+# Test prerequisites: each installs (or finds) what some tests need, and says why when it
+# cannot; those tests then skip with that reason (and fail under CI=true).
+# Debian's chromium, for the status page's browser tests (apt-get, as root).
+prereq-chromium:
+	tests/setup/chromium.sh
 
 run: build
 	$(VENV)/bin/kvcm serve
