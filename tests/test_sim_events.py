@@ -233,9 +233,12 @@ def test_event_batch_size_and_the_flush_timer():
     with InProcessSim("--zmq-endpoint", sub.endpoint, "--event-batch-size", "3", "--mode", "echo",
                       "--block-size", "4") as sim:
         attach(sim, sub)
-        # the resets' AllBlocksCleared events are sent 3 at a time: wait until the timer sent the rest
+        # the resets' AllBlocksCleared events are sent 3 at a time: wait until the timer sent the
+        # rest and the subscriber has it
         until(lambda: not sim.on_loop(lambda: sim.ranks[0].batcher._waiting), "the resets' events to be sent")
-        start = len(sub.messages())
+        last = sim.on_loop(lambda: sim.ranks[0].events.publisher.next_seq) - 1
+        until(lambda: any(int.from_bytes(m[1], "big") == last for m in sub.messages()), "the resets' last batch")
+        start = len(sub.received)
         # 5 prompts admitted together: 5 BlockStored in one step, sent as 3, then 2 after the timer
         sim.client.complete(prompt=["p%d q r s t" % i for i in range(5)], max_tokens=1)
         first, second = (plain(unpack(m[2]))[1] for m in sub.wait(start + 2)[start:start + 2])

@@ -5,7 +5,7 @@ LoRA-aware eviction, --enable-kvcache false, --force-dummy-tokenizer."""
 
 import pytest
 
-from sim_harness import InProcessSim, until
+from sim_harness import InProcessSim
 
 WORDS = " ".join("w%d" % i for i in range(40))       # 40 word tokens
 

@@ -34,8 +34,8 @@ import orjson
 from kvcm import chat as _chat
 from kvcm.http import StreamingResponse, json_response
 from kvcm.sim import text
-from kvcm.sim.engine import EngineClosed, KVCacheFull, QueueFull, Sequence
-from kvcm.sim.errors import SimError, error
+from kvcm.sim.engine import KV_CACHE_FULL, EngineClosed, KVCacheFull, QueueFull, Sequence
+from kvcm.sim.errors import error
 from kvcm.sim.lengths import answer_length
 from kvcm.sim.requests import Params, body_of, chat_options, field, messages_of
 from kvcm.sim.responses import Chat, Completion, Generate
@@ -249,8 +249,8 @@ class SimServer:
             status = int(value)
         except ValueError:
             status = None
-        if status is None or not 100 <= status <= 599:
-            raise error(400, "Invalid X-Return-Error header value %s: must be an integer HTTP status"
+        if status is None or not 400 <= status <= 599:
+            raise error(400, "Invalid X-Return-Error header value %s: must be an HTTP error status (400-599)"
                         % orjson.dumps(value).decode())
         raise error(status, "Simulated error triggered by X-Return-Error header (code %d)" % status)
 
@@ -378,25 +378,27 @@ class SimServer:
                 "remote_port": r.port, "tp_size": 1}
 
     async def _respond(self, shape, seqs, updates, headers):
-        if self.config.on_kv_cache_full == "error":
-            # as llm-d's simulator: the status is decided once the request is admitted or refused
-            await asyncio.wait([seq.started for seq in seqs])
-            failed = next((s.error for s in seqs if s.error is not None), None)
-            if failed is not None:
-                for seq in seqs:
-                    self.rank.engine.abort(seq)
-                raise error(500, str(failed))
-        if updates is not None:
-            return StreamingResponse(200, self._events(shape, seqs, updates), "text/event-stream",
-                                     headers=(("Cache-Control", "no-cache"),) + headers)
+        engine = self.rank.engine
         try:
+            if self.config.on_kv_cache_full == "error":
+                # as llm-d's simulator: the status is decided once the request is admitted or refused
+                await asyncio.wait([seq.started for seq in seqs])
+                if any(s.error is not None for s in seqs):
+                    raise error(500, KV_CACHE_FULL)
+            if updates is not None:
+                return StreamingResponse(200, self._events(shape, seqs, updates), "text/event-stream",
+                                         headers=(("Cache-Control", "no-cache"),) + headers)
             await asyncio.wait([seq.done for seq in seqs])   # unlike gather, never cancels them
-        finally:
+        except BaseException:
             for seq in seqs:
-                self.rank.engine.abort(seq)      # no-op unless this handler was cancelled
-        failed = next((s.error for s in seqs if s.error is not None), None)
-        if failed is not None:
-            raise SimError(500, str(failed))
+                engine.abort(seq)
+            raise
+        finally:
+            if updates is None:
+                for seq in seqs:
+                    engine.abort(seq)      # no-op once they ended
+        if any(s.error is not None for s in seqs):
+            raise error(500, KV_CACHE_FULL)
         if shape.params.remote_decode:
             shape.transfer = self._transfer(seqs)
         reply = json_response(200, shape.response())
