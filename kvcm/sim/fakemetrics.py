@@ -20,7 +20,6 @@ absent or null key keeps its value, `[]`/`{}` clears a list or map.
 """
 
 import math
-import time
 
 import orjson
 
@@ -176,13 +175,10 @@ class FakeMetrics:
             raise ValueError("--fake-metrics: prefix-cache-hits and prefix-cache-queries go together")
         if hits is not None and hits > queries:
             raise ValueError("--fake-metrics: prefix-cache-hits may not exceed prefix-cache-queries")
-        self.created = time.monotonic()
 
     def merged(self, partial):
         """A new FakeMetrics: this one with the keys of `partial` that are not null replaced."""
-        merged = FakeMetrics({**self.as_json(), **{k: v for k, v in partial.items() if v is not None}})
-        merged.created = self.created
-        return merged
+        return FakeMetrics({**self.as_json(), **{k: v for k, v in partial.items() if v is not None}})
 
     def get(self, key, default=None):
         return self._values.get(key, default)
