@@ -284,3 +284,53 @@ def test_array_batches_equal_vllm_020s_bytes(shared):
         assert len(ours) == len(theirs) and ours[0] == theirs[0]
         if ours[0] == "BlockStored":
             assert ours[2:] == theirs[2:]      # all but the (differently hashed) block hashes
+
+
+def test_discard_forgets_everything_and_disables_until_activated():
+    cache = pool(capacity=8)
+    held = cache.allocate(list(range(6)), 6 + 4)           # 2 prompt blocks, 1 reserved
+    cache.take_events()
+    cache.discard()
+    assert cache.take_events() == [{"type": "AllBlocksCleared"}] and cache.contents() == []
+    assert not cache.enabled and cache.used == 2            # the running request keeps its blocks ...
+    for token in (6, 7, 8):
+        cache.append(held, token)                           # ... but names none of them any more
+    assert cache.take_events() == [] and cache.contents() == [] and cache.used == 3
+    detached = cache.allocate(list(range(6)), 6)            # asleep: nothing cached, held or announced
+    assert detached.hit_tokens == 0 and cache.used == 3 and cache.take_events() == []
+    cache.append(detached, 1)
+    cache.free(detached)
+    cache.free(held)
+    assert cache.used == 0 and cache.queries == 6
+    cache.activate()
+    cache.free(cache.allocate(list(range(8)), 8))
+    assert cache.allocate(list(range(8)), 8).hit_tokens == 4
+
+
+def test_unloaded_adapters_are_evicted_first():
+    loaded = {"b"}
+    cache = pool(capacity=4, loaded_loras=loaded)
+    a, b = Lora(1, "a", "/a"), Lora(2, "b", "/b")
+    cache.free(cache.allocate(list(range(4)), 4, lora=b))    # b's block, released first
+    cache.free(cache.allocate(list(range(4)), 4, lora=a))    # a's block (another hash: another LoRA)
+    cache.free(cache.allocate(list(range(10, 14)), 4))       # a base block, released last
+    cache.take_events()
+    order = cache.eviction_order()
+    by_lora = {blk["hash"]: blk["lora_name"] for blk in cache.contents()}
+    assert [by_lora[h] for h in order] == ["a", "b", None]   # a is not loaded: first, whatever its age
+    cache.allocate(list(range(20, 28)), 8)                   # the free empty block, then one eviction
+    assert [by_lora[h] for h in removed(cache.take_events())] == ["a"]
+    loaded.add("a")                                          # loaded again: plain LRU
+    assert [by_lora[h] for h in cache.eviction_order()] == ["b", None]
+
+
+def test_llmd_keying_uses_the_served_name_or_the_lora():
+    spec = [9540012594951042066, 16921089685996993662]      # specs/llmd-request-keys.md, seed ""
+    cache = KVCache(8, Keying("llmd_fnv64a", None, 16, "base/model", "test-model"))
+    cache.free(cache.allocate(list(range(1, 33)), 32))
+    [event] = cache.take_events()
+    assert event["block_hashes"] == spec and event["extra_keys"] == [None, None]
+    cache.allocate(list(range(1, 33)), 32, lora=Lora(1, "test-model-lora", "/p"), cache_salt="ignored")
+    [event] = cache.take_events()
+    assert event["block_hashes"] == list(BlockHasher("llmd_fnv64a", "", 16, namespace="test-model-lora").keys(
+        list(range(1, 33))))
