@@ -415,7 +415,9 @@ def config_from(args, environ=None):
         values["model"] = environ["SIM_MODEL"]
     if environ.get("PYTHONHASHSEED"):
         values["hash_seed"] = environ["PYTHONHASHSEED"]
-    values.update((k, v) for k, v in vars(args).items() if v is not None and k not in ("ignored", "command", "func"))
+    flags = {action.dest for action in _actions().values()}
+    # only the sim's own flags: the command line adds attributes of its own (command, func, argv)
+    values.update((k, v) for k, v in vars(args).items() if v is not None and k in flags)
     values.pop("config", None)
     verbosity = values.pop("v", None)
     if verbosity is not None and args.log_level is None:
