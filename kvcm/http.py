@@ -591,7 +591,7 @@ class _Connection(asyncio.Protocol):
         if not self._lingering and (self._queue or self._write_paused):
             return True     # answers still to send; _settle closes afterwards
         self._close_now()
-        return True
+        return False        # closing already; True would make a TLS transport warn on every close
 
     def pause_writing(self):
         self._write_paused = True
@@ -1165,10 +1165,12 @@ class HttpServer:
     def _factory(self):
         return _Connection(self)
 
-    async def start(self, host="127.0.0.1", port=0):
-        """Listens on host:port (port 0 picks a free one, see .port)."""
+    async def start(self, host="127.0.0.1", port=0, ssl=None):
+        """Listens on host:port (port 0 picks a free one, see .port); with an ssl.SSLContext,
+        over TLS."""
         self._loop = asyncio.get_running_loop()
-        server = await self._loop.create_server(self._factory, host, port, reuse_address=True, backlog=1024)
+        server = await self._loop.create_server(self._factory, host, port, reuse_address=True, backlog=1024,
+                                                ssl=ssl)
         self._servers.append(server)
         return self
 

@@ -123,7 +123,7 @@ def test_bad_arguments_exit_2_with_one_line(onefile, bare):
 
 REQUIRED = ["kvcm.cli", "kvcm.serve", "kvcm.systemd", "kvcm._build_info", "zmq", "zmq.backend.cython",
             "uvloop", "orjson", "msgpack", "tokenizers", "jinja2", "jinja2.sandbox", "prometheus_client",
-            "tomllib"]
+            "tomllib", "kvcm.sim.app", "yaml", "cryptography.x509"]
 REQUIRED_BINARIES = ["kvcm/_core", "zmq/backend/cython/_zmq", "pyzmq.libs/libzmq", "uvloop/loop",
                      "orjson/orjson", "msgpack/_cmsgpack", "tokenizers/tokenizers", "libpython3"]
 FORBIDDEN = ["Cython", "cython", "setuptools", "pkg_resources", "distutils", "numpy", "torch",
@@ -331,3 +331,36 @@ def test_version_from_a_copy_without_git_information_says_unknown(tmp_path):
     text = (tmp_path / "kvcm" / "_build_info.py").read_text()
     assert '_ARCHIVE_REVISION = "$Format:%H$"' in text       # as in a checkout: not substituted
     assert _copy_runs_version(tmp_path)["git revision"] == "unknown"
+
+
+def test_sim_takes_an_llmd_yaml_file_and_serves_https(onefile, bare, tmp_path):
+    import ssl
+    import urllib.request
+
+    from aio import free_port
+
+    (tmp_path / "sim.yaml").write_text("mode: echo\nself-signed-certs: true\nzmq-endpoint: ''\n")
+    port = free_port()
+    proc = subprocess.Popen([str(onefile), "sim", "--host", "127.0.0.1", "--port", str(port), "--config",
+                             str(tmp_path / "sim.yaml"), "--enable-prefix-caching"], env=bare,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    loose = ssl.create_default_context()
+    loose.check_hostname, loose.verify_mode = False, ssl.CERT_NONE
+
+    def completion():
+        request = urllib.request.Request("https://127.0.0.1:%d/v1/completions" % port, method="POST",
+                                         data=b'{"prompt": "frozen words", "max_tokens": 2}')
+        try:
+            with urllib.request.urlopen(request, context=loose, timeout=5) as reply:
+                return json.loads(reply.read())
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            return None
+    try:
+        assert until(completion, "the frozen kvcm sim to answer over HTTPS")["choices"][0]["text"] == "frozen words"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+    err = proc.stderr.read().decode()
+    assert "--enable-prefix-caching is accepted and has no effect" in err and "configuration: {" in err
+    assert leftovers(bare) == []
