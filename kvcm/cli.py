@@ -11,6 +11,8 @@ import sys
 from kvcm import __version__
 
 EXIT_USAGE = 2
+# The hidden sub-command a chat-template worker process runs (kvcm/template_pool.py).
+TEMPLATE_WORKER = "_template-worker"
 
 
 class UsageError(Exception):
@@ -233,6 +235,11 @@ def build_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [TEMPLATE_WORKER]:
+        from kvcm.template_pool import worker_main
+
+        return worker_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
