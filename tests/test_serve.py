@@ -38,8 +38,9 @@ def serve(shared):
 
 @pytest.fixture(scope="module")
 def server(shared):
-    """One server for the tests that only read or add pods of their own."""
-    s = Serve.standard()
+    """One server for the tests that only read or add pods of their own (requests may bring
+    their own chat templates)."""
+    s = Serve.standard("--trust-request-chat-template")
     s.ready = s.wait_ready()
     yield s
     s.close()
