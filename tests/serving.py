@@ -34,29 +34,6 @@ TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
 PROBE_RANKS = itertools.count(1000)
 
 
-
-
-
-
-def non_loopback_address():
-    """An IPv4 address of this host that is not loopback, or None."""
-    candidates = set()
-    try:
-        candidates.update(socket.gethostbyname_ex(socket.gethostname())[2])
-    except OSError:
-        pass
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.123", 9))   # no packet is sent: this only picks a route
-            candidates.add(s.getsockname()[0])
-        except OSError:
-            pass
-    for address in sorted(candidates):
-        if not address.startswith("127.") and address != "0.0.0.0":
-            return address
-    return None
-
-
 # -- HTTP -------------------------------------------------------------------------------------
 
 class Client(httpclient.Client):
