@@ -3,6 +3,7 @@
 
     python benchmarks/service.py                       # all: ingest_zmq score_while_ingesting http_score
     python benchmarks/service.py http_score --repeats 3
+    python benchmarks/service.py chat_path --baseline /tmp/kvcm-before   # a tree to compare with
 
 `kvcm serve` runs as a subprocess (`python -m kvcm serve`, uvloop, default configuration
 except: HTTP on 127.0.0.1 and a free port, ZMQ SUB bound to 127.0.0.1 on a free port). KV
@@ -77,7 +78,7 @@ def topic(i, model=NS):
 class Server:
     """`kvcm serve` in a subprocess; `cpus` pins it (every thread: set before it starts)."""
 
-    def __init__(self, *args, cpus=None):
+    def __init__(self, *args, cpus=None, root=ROOT):
         self.log = tempfile.NamedTemporaryFile(prefix="kvcm-bench-", suffix=".log", delete=False)
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVCM_")}
         if BATCH_BUDGET is None:
@@ -89,18 +90,20 @@ class Server:
         cmd = [sys.executable, *launcher, "serve", "--http-host", "127.0.0.1", "--http-port", "0",
                "--zmq-bind", "tcp://127.0.0.1:*", "--log-level", "info", *args]
         preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus is not None else None
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=self.log, preexec_fn=preexec)
         deadline = time.monotonic() + 30
         while True:
             with open(self.log.name) as f:
-                m = re.search(r"kvcm serving: http ([\d.]+):(\d+), zmq (\S+)", f.read())
+                m = re.search(r"kvcm serving: http ([\d.]+):(\d+)(?: \(TLS\))?, zmq (\S+)", f.read())
             if m:
                 self.port, self.zmq = int(m.group(2)), m.group(3)
                 return
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                with open(self.log.name) as f:
+                    log = f.read()[-2000:]
                 self.close()
-                raise RuntimeError("kvcm serve did not start: %s" % open(self.log.name).read()[-2000:])
+                raise RuntimeError("kvcm serve did not start: %s" % log)
             time.sleep(0.02)
 
     @property
@@ -929,6 +932,125 @@ def bench_http_score(repeats):
             client.close()
 
 
+QWEN = "Qwen/Qwen3-0.6B"
+QWEN_DIR = os.path.join(FIXTURES, "qwen2.5-instruct")
+BASELINE = None  # --baseline DIR: a tree of kvcm to compare the chat path against
+
+
+def chat_request(messages, **options):
+    return http_request("POST", "/v1/tokenize", dict(options, model=QWEN, messages=messages))
+
+
+def bench_chat_path(repeats):
+    """A chat request's cost: rendering the model's own template (off the event loop, metered)
+    and a request's own template (in a worker process), side by side with --baseline, a tree
+    of kvcm before that change (rendered on the loop), request by request in turn."""
+    if BASELINE is None:
+        raise SystemExit("chat_path needs --baseline DIR (e.g. a `git archive` of the commit before, with "
+                         "kvcm/_core*.so copied in)")
+    short = [{"role": "system", "content": "You route requests."},
+             {"role": "user", "content": "Which pod holds the longest prefix of this conversation? " * 4}]
+    long = [{"role": "user" if i % 2 == 0 else "assistant", "content": "turn %d of a long chat. " % i * 20}
+            for i in range(20)]
+    cases = {"short chat, model's template": chat_request(short),
+             "20-turn chat, model's template": chat_request(long),
+             "short chat, request's template": chat_request(short, chat_template=(
+                 "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>")),
+             "prompt (not a chat), 60 chars": http_request("POST", "/v1/tokenize",
+                                                           {"model": QWEN, "prompt": "x " * 30})}
+    args = ("--tokenizer", "%s=%s" % (QWEN, QWEN_DIR))
+    # the baseline knows no --trust-request-chat-template: it renders any template, on its loop
+    with Server(*args, "--trust-request-chat-template") as new, Server(*args, root=BASELINE) as base:
+        clients = {"new": Client(new.port), "baseline": Client(base.port)}
+        try:
+            for name, req in cases.items():
+                replies = {side: client.json(req) for side, client in clients.items()}
+                if "request's template" not in name:      # the baseline server renders it too
+                    assert replies["new"] == replies["baseline"], name
+            runs, las = [], []
+            for _ in range(repeats):
+                las.append(loadavg())
+                samples = {(side, name): [] for side in clients for name in cases}
+                for _ in range(HTTP_ROUNDS):
+                    for name, req in cases.items():
+                        for _ in range(HTTP_BLOCK // 2):
+                            for side, client in clients.items():      # in turn: the same load on both
+                                t0 = pc()
+                                status, _ = client.call(req)
+                                samples[side, name].append(pc() - t0)
+                                assert status == 200, (side, name, status)
+                runs.append({key: percentiles(v) for key, v in samples.items()})
+            rows = []
+            for name in cases:
+                med = lambda side, k=0: statistics.median(r[side, name][k] for r in runs) / 1e3  # noqa: E731
+                rows.append(row("%s: new" % name, med("new"), "µs", p99=med("new", 1)))
+                rows.append(row("%s: baseline" % name, med("baseline"), "µs", p99=med("baseline", 1)))
+                rows.append(row("%s: new - baseline (p50)" % name,
+                                statistics.median(r["new", name][0] - r["baseline", name][0] for r in runs) / 1e3,
+                                "µs"))
+            report("chat_path (new vs %s)" % BASELINE, rows, loadavg=las)
+        finally:
+            for client in clients.values():
+                client.close()
+
+
+def rss_mib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench_big_prompts(repeats):
+    """Memory of 4 concurrent 8 M-character prompts (`/v1/tokenize`, --max-body 16MiB): RSS
+    before, its peak (sampled every 20 ms), and 3 s after the last answer; with --baseline,
+    the same against that tree. One run per server (each run is its own server)."""
+    import threading
+    rng = random.Random(1)
+    words = ["routing", "cache", "prefix", "pod", "block", "engine", "score", "token", "alpha", "zeta"]
+    text = " ".join(rng.choice(words) for _ in range(1_400_000))[:8_000_000]
+    body = http_request("POST", "/v1/tokenize", {"model": QWEN, "prompt": text})
+    trees = [("new", ROOT)] + ([("baseline", BASELINE)] if BASELINE else [])
+    rows, las = [], []
+    for side, root in trees:
+        for _ in range(repeats):
+            las.append(loadavg())
+            with Server("--tokenizer", "%s=%s" % (QWEN, QWEN_DIR), "--max-body", "16MiB", root=root) as server:
+                warm = Client(server.port)
+                warm.json(http_request("POST", "/v1/tokenize", {"model": QWEN, "prompt": text[:100_000]}))
+                warm.close()
+                before, peak, done = rss_mib(server.pid), [0.0], threading.Event()
+
+                def sample():
+                    while not done.is_set():
+                        peak[0] = max(peak[0], rss_mib(server.pid))
+                        time.sleep(0.02)
+                sampler = threading.Thread(target=sample)
+                sampler.start()
+                statuses = []
+
+                def one():
+                    client = Client(server.port, timeout=600)
+                    statuses.append(client.call(body)[0])
+                    client.close()
+                t0 = time.perf_counter()
+                workers = [threading.Thread(target=one) for _ in range(4)]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+                seconds = time.perf_counter() - t0
+                time.sleep(3)
+                done.set()
+                sampler.join()
+                after = rss_mib(server.pid)
+            rows.append(row("%s: RSS before / peak / 3 s after" % side, peak[0], "MiB",
+                            note="%.0f / %.0f / %.0f MiB; answers %s in %.1f s" % (
+                                before, peak[0], after, sorted(statuses), seconds)))
+    report("big_prompts", rows, loadavg=las)
+
+
 # ---- main -----------------------------------------------------------------------------------
 
 def service_source_version():
@@ -945,31 +1067,35 @@ def service_source_version():
 
 BENCHMARKS = {"ingest_zmq": bench_ingest_zmq, "score_while_ingesting": bench_score_while_ingesting,
               "http_score": bench_http_score}
+EXTRA = {"chat_path": bench_chat_path, "big_prompts": bench_big_prompts}   # run only when named
 
 
 def main():
-    global LOAD_RATE, BATCH_BUDGET
+    global LOAD_RATE, BATCH_BUDGET, BASELINE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help="benchmarks to run (%s); default: all" % ", ".join(BENCHMARKS))
     parser.add_argument("--repeats", type=int, default=5, help="runs per measurement (default 5)")
     parser.add_argument("--ingest-rate", type=int, default=LOAD_RATE, metavar="BLOCKS_PER_S",
                         help="score_while_ingesting's ingest rate (default %d)" % LOAD_RATE)
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="chat_path: a kvcm source tree (core built) to compare the chat path against")
     parser.add_argument("--batch-budget", type=int, metavar="N",
                         help="experiment: start kvcm with its ingest's batch_budget (messages per loop "
                              "turn, default 256) patched to N")
     args = parser.parse_args()
-    LOAD_RATE, BATCH_BUDGET = args.ingest_rate, args.batch_budget
-    unknown = set(args.names) - set(BENCHMARKS)
+    LOAD_RATE, BATCH_BUDGET, BASELINE = args.ingest_rate, args.batch_budget, args.baseline
+    unknown = set(args.names) - set(BENCHMARKS) - set(EXTRA)
     if unknown:
-        parser.error("unknown benchmark(s): %s (choose from %s)" % (", ".join(sorted(unknown)), ", ".join(BENCHMARKS)))
+        parser.error("unknown benchmark(s): %s (choose from %s)" % (", ".join(sorted(unknown)),
+                                                                   ", ".join(list(BENCHMARKS) + list(EXTRA))))
     print(json.dumps({"source": service_source_version(), "python": platform.python_version(),
                       "ingest_rate": LOAD_RATE, "batch_budget": BATCH_BUDGET,
                       "machine": platform.machine(), "cpus": os.cpu_count(), "loadavg": loadavg(),
                       "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}))
     gc.disable()
     for name in args.names or list(BENCHMARKS):
-        BENCHMARKS[name](args.repeats)
+        dict(BENCHMARKS, **EXTRA)[name](args.repeats)
         gc.collect()
 
 
