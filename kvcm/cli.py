@@ -11,8 +11,6 @@ import sys
 from kvcm import __version__
 
 EXIT_USAGE = 2
-# The hidden sub-command a chat-template worker process runs (kvcm/template_pool.py).
-TEMPLATE_WORKER = "_template-worker"
 
 
 class UsageError(Exception):
@@ -236,10 +234,11 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == [TEMPLATE_WORKER]:
-        from kvcm.template_pool import worker_main
+    if argv and argv[0].startswith("_"):     # hidden: kvcm's own child processes
+        from kvcm import template_pool
 
-        return worker_main(argv[1:])
+        if argv[0] == template_pool.WORKER_COMMAND:
+            return template_pool.worker_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

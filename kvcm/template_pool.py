@@ -30,12 +30,13 @@ import sys
 import orjson
 
 from kvcm import chat
-from kvcm.cli import TEMPLATE_WORKER
 from kvcm.ratelog import RateLimitedLog
 
-__all__ = ["TemplatePool", "TemplatesUnavailable", "worker_main"]
+__all__ = ["WORKER_COMMAND", "TemplatePool", "TemplatesUnavailable", "worker_main"]
 
 log = logging.getLogger("kvcm.templates")
+
+WORKER_COMMAND = "_template-worker"   # the hidden `kvcm` sub-command a worker runs (kvcm/cli.py)
 
 GRACE = 0.5            # seconds a worker gets beyond the template timeout before it is killed
 START_TIMEOUT = 60.0   # a new worker must be ready within this (a frozen binary starts slower)
@@ -56,8 +57,8 @@ class _WorkerLost(Exception):
 def worker_command():
     """The command line that starts a worker: the frozen binary runs itself again."""
     if getattr(sys, "frozen", False):
-        return [sys.executable, TEMPLATE_WORKER]
-    return [sys.executable, "-m", "kvcm", TEMPLATE_WORKER]
+        return [sys.executable, WORKER_COMMAND]
+    return [sys.executable, "-m", "kvcm", WORKER_COMMAND]
 
 
 def memory_limit_for(max_output):

@@ -19,6 +19,7 @@ from aio import free_port, poll_until
 from captures import IndexModel, event_fields
 from conftest import ROOT, SHARED
 from kvcm._core import BlockHasher
+from procfs import children
 
 ONEFILE = ROOT / "dist" / "kvcm"
 ONEDIR = ROOT / "dist" / "kvcm-onedir" / "kvcm"
@@ -101,21 +102,6 @@ class Notify:
     def close(self):
         self.sock.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def children(pid):
-    """The live (not zombie) child processes of pid."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry) as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry))
-    return sorted(found)
 
 
 def check_template_workers(server, interpreter):

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 
+import pytest
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -320,6 +321,22 @@ class Serve:
         self._out.close()
         self._err.close()
         self.notify.close()
+
+
+@pytest.fixture
+def serve(shared):
+    """serve(*args, **kw) -> a started Serve.standard (READY received), killed after the test
+    if it is still running. A fixture: import it into the test module."""
+    started = []
+
+    def make(*args, **kw):
+        server = Serve.standard(*args, **kw)
+        started.append(server)
+        server.ready = server.wait_ready()
+        return server
+    yield make
+    for server in started:
+        server.close()
 
 
 def run_serve(*args, env=None, timeout=WAIT):

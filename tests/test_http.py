@@ -239,13 +239,21 @@ class Client:
         data = self.sock.recv(65536)
         assert data == b"", "unexpected bytes %r" % data[:200]
 
+    def received(self):
+        """Everything the server sends until it closes (by EOF or by reset)."""
+        data = b""
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return data
+                data += chunk
+        except ConnectionResetError:
+            return data
+
     def ended(self):
         """True once the connection is gone, whether by EOF or by reset."""
-        try:
-            while self.sock.recv(65536):
-                pass
-        except ConnectionResetError:
-            pass
+        self.received()
         return True
 
 
@@ -1007,16 +1015,7 @@ def test_tls_port_refuses_plain_http_and_an_unknown_certificate_authority(tls_se
 
     plain = Client(tls_served)
     plain.send(request_bytes("GET", "/health"))
-    received = b""
-    try:
-        while True:
-            data = plain.sock.recv(65536)
-            if not data:
-                break
-            received += data
-    except ConnectionResetError:
-        pass
-    assert b"HTTP/1.1" not in received
+    assert b"HTTP/1.1" not in plain.received()
     with pytest.raises(ssl.SSLCertVerificationError):
         Client(tls_served, tls=ssl.create_default_context())
     assert Client(tls_served, tls=tls_served.client_tls).request("GET", "/health").status == 200
@@ -1083,15 +1082,7 @@ def test_fuzz_request_heads(served, raw):
     client = Client(served)
     client.send(raw)
     client.sock.shutdown(socket.SHUT_WR)
-    data = b""
-    try:
-        while True:
-            chunk = client.sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except ConnectionResetError:
-        pass
+    data = client.received()
     client.close()
     statuses = _answers(data, b"HEAD" in raw)
     assert set(statuses) <= _FUZZ_STATUSES | {100}, (raw, statuses)

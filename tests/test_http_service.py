@@ -11,23 +11,9 @@ import time
 
 import pytest
 
-from serving import QWEN, WAIT, Serve
+from serving import QWEN, WAIT, run_serve, serve  # noqa: F401 (serve: a fixture)
 
 ADMIN_TOKEN = "tls-admin-token"
-
-
-@pytest.fixture
-def serve(shared):
-    started = []
-
-    def make(*args, **kw):
-        server = Serve.standard(*args, **kw)
-        started.append(server)
-        server.ready = server.wait_ready()
-        return server
-    yield make
-    for server in started:
-        server.close()
 
 
 def connect(server):
@@ -143,8 +129,6 @@ def test_tls_serves_the_api_and_carries_the_admin_token_encrypted(serve, certifi
     (["--tls-cert", "{cert}", "--tls-key", "/nonexistent/key.pem"], ["/nonexistent/key.pem"]),
 ])
 def test_tls_misconfiguration_fails_at_start_with_one_line(certificates, args, words):
-    from serving import run_serve
-
     ca, cert, key = certificates
     args = [a.format(cert=cert, key=key) for a in args]
     status, _, err = run_serve("--http-port", "0", "--zmq-bind", "none", *args)

@@ -18,6 +18,7 @@ import pytest
 from aio import on_uvloop
 from kvcm.chat import Limits
 from kvcm.template_pool import TemplatePool, TemplatesUnavailable
+from procfs import children, status_mib
 from serving import QWEN, TOKENIZERS, WAIT, Engine, Serve, stored, tokens, until
 
 TIMEOUT = 3                      # --template-timeout of the servers below
@@ -84,27 +85,8 @@ def in_flight(server):
 
 
 def workers(server):
-    """The live child processes of the server (its template workers)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == server.proc.pid and fields[0] != "Z":
-            found.append(int(entry))
-    return sorted(found)
-
-
-def peak_rss_mib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM for %d" % pid)
+    """The server's template workers: its child processes."""
+    return children(server.proc.pid)
 
 
 def while_rendering(server, pending, *actions):
@@ -135,7 +117,7 @@ def test_a_template_rendering_gigabytes_is_422_and_kvcm_stays_small(trusting, pa
     assert reply.status == 422, reply
     assert "600000000 characters" in reply.error and "--template-max-output" in reply.error
     assert trusting.client.ok("GET", "/health") == {"status": "ok"}
-    assert peak_rss_mib(trusting.proc.pid) < 512
+    assert status_mib(trusting.proc.pid, "VmHWM") < 512
 
 
 def test_the_output_cap_is_the_option_when_set(shared):

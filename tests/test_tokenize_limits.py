@@ -11,6 +11,7 @@ import random
 
 import pytest
 
+from procfs import status_mib
 from serving import QWEN, WAIT, Serve, until
 
 RUNAWAY = ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
@@ -32,14 +33,6 @@ def prompt(chars, seed=1):
     words = ["routing", "cache", "prefix", "pod", "block", "engine", "score", "token"]
     text = " ".join(rng.choice(words) for _ in range(chars // 5 + 1))
     return text[:chars]
-
-
-def rss_mib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS for %d" % pid)
 
 
 def test_requests_and_characters_in_flight_are_bounded_with_503_and_retry_after(shared):
@@ -80,14 +73,14 @@ def test_memory_returns_near_its_baseline_after_large_prompts(shared):
     client = server.client
     try:
         client.post("/v1/score", {"model": QWEN, "prompt": prompt(100_000)})     # everything loaded
-        baseline = rss_mib(server.proc.pid)
+        baseline = status_mib(server.proc.pid, "VmRSS")
         text = prompt(4_000_000)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             replies = list(pool.map(lambda _: client.post("/v1/score", {"model": QWEN, "prompt": text}), range(4)))
         statuses = sorted(r.status for r in replies)
         assert statuses[0] == 200 and set(statuses) <= {200, 503}, replies
         until(lambda: metric(server, "kvcm_heap_trims_total") >= 1, "a heap trim")
-        until(lambda: rss_mib(server.proc.pid) < baseline + 200,
+        until(lambda: status_mib(server.proc.pid, "VmRSS") < baseline + 200,
               "RSS to return near its baseline of %.0f MiB" % baseline, deadline=WAIT)
     finally:
         server.close()
