@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: build test run bench demo annotate clean binary
+.PHONY: build test run bench demo annotate clean binary prereq-chromium prereq-dynamo
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,19 @@ $(STAMP): pyproject.toml setup.py
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-test: build
+test: build prereq-chromium prereq-dynamo
 	$(PY) -m pytest
+
+# Test prerequisites: each installs (or finds) what some tests need, and says why when it
+# cannot; those tests then skip with that reason (and fail under CI=true). Cached under .cache/.
+# Debian's chromium, for the status page's browser tests (apt-get, as root).
+prereq-chromium:
+	tests/setup/chromium.sh
+
+# NVIDIA Dynamo's indexer in a venv of its own (.cache/dynamo-venv): the peer of the
+# `kvcm bench index --target dynamo` tests
+prereq-dynamo:
+	PYTHON=$(PYTHON) tests/setup/dynamo.sh
 
 run: build
 	$(VENV)/bin/kvcm serve
@@ -26,9 +37,9 @@ run: build
 bench: build
 	$(PY) benchmarks/run.py
 
-# kvcm serve + three `kvcm sim` engines: kvcm-routed vs random routing, side by side
+# a short `kvcm bench routing`: kvcm serve + three `kvcm sim` engines, every routing policy
 demo: build
-	$(PY) -m kvcm.sim.demo
+	$(VENV)/bin/kvcm bench routing --engines 3 --requests 60 --repeats 1
 
 # dist/kvcm (PyInstaller onefile) + dist/THIRD_PARTY_LICENSES; `make binary ONEDIR=1` adds
 # dist/kvcm-onedir/. Installs PyInstaller into the venv the first time.

@@ -188,6 +188,7 @@ cdef class _Namespace:
     cdef Mode mode
     cdef Style style
     cdef bint warned  # a forced-parity mismatch was reported
+    cdef readonly object diagnosis  # why the engines' hashes are not kvcm's, once known (str)
     cdef BlockHasher decoupled  # kvcm's own chain, rooted at (seed, name)
 
     @property
@@ -289,8 +290,11 @@ cdef class EventSink:
         return {name: self._c[i] for i, name in enumerate(COUNTER_NAMES)}
 
     def namespaces(self):
-        """{name: {"mode", "extra_style", "lora"}} for every namespace seen."""
-        return {name: {"mode": ns.mode_name, "extra_style": ns.style_name, "lora": ns.lora}
+        """{name: {"mode", "extra_style", "lora", "diagnosis"}} for every namespace seen;
+        diagnosis is None, or the sentence that reported why the engines' hashes are not
+        kvcm's (kept for operators: the status page, `kvcm doctor`)."""
+        return {name: {"mode": ns.mode_name, "extra_style": ns.style_name, "lora": ns.lora,
+                       "diagnosis": ns.diagnosis}
                 for name, ns in self._namespaces.items()}
 
     def take_switched(self):
@@ -699,8 +703,9 @@ cdef class EventSink:
             ns = self._namespace(lora, True)
         if ns.mode == MODE_PARITY and bs != self.block_size:
             self._c[<int>C_BLOCK_SIZE_DECOUPLED] += 1
-            self._switch(ctx, ns, "model %r: engines publish %d-token blocks but --block-size is %d; "
-                         "kvcm keys this model with its own hashes (decoupled mode)" % (ns.name, bs, self.block_size))
+            ns.diagnosis = "model %r: engines publish %d-token blocks but --block-size is %d" % (
+                ns.name, bs, self.block_size)
+            self._switch(ctx, ns, ns.diagnosis + "; kvcm keys this model with its own hashes (decoupled mode)")
         if ns.mode == MODE_PARITY:
             if ev.has_parent or self._verify(ctx, ns, ev, extras):
                 self._store(ctx, ns, self._hashes.data, n, tier)
@@ -709,11 +714,11 @@ cdef class EventSink:
                 # parity is forced: keep the engine's keys, but never fail silently
                 if not ns.warned:
                     ns.warned = True
-                    self._report(self._diagnose(ns, ev, extras) + " --hash-mode vllm keeps parity, so "
+                    self._report(self._mismatch(ns, ev, extras) + " --hash-mode vllm keeps parity, so "
                                  "scoring by tokens will not find this model's blocks.")
                 self._store(ctx, ns, self._hashes.data, n, tier)
                 return
-            self._switch(ctx, ns, self._diagnose(ns, ev, extras) +
+            self._switch(ctx, ns, self._mismatch(ns, ev, extras) +
                          " Keying it with kvcm's own hashes (decoupled mode).")
         self._stored_decoupled(ctx, ns, ev, extras, bs, lora, tier)
 
@@ -894,6 +899,11 @@ cdef class EventSink:
                 return True
         self._c[<int>C_PARITY_MISMATCH] += 1
         return False
+
+    cdef str _mismatch(self, _Namespace ns, Event *ev, extras):
+        """The diagnosis of a parity mismatch, kept on the namespace for display."""
+        ns.diagnosis = self._diagnose(ns, ev, extras)
+        return ns.diagnosis
 
     cdef str _diagnose(self, _Namespace ns, Event *ev, extras):
         """What a parity mismatch means: the likely engine setting, when one matches."""

@@ -6,16 +6,23 @@
 #   sha256_cbor_64bit  key = u64(SHA-256(cbor([parent_key, [tokens], extra])))   (vLLM 0.10.0-1)
 #   kvcm               key = u64(SHA-256(cbor([parent_key, [tokens], extra]))), root from
 #                      cbor([seed, None, namespace])
+#   llmd_fnv64a        key = FNV-1a-64(cbor([parent_key, [tokens], extra])), root
+#                      FNV-1a-64(cbor([FNV-1a-64(seed), None, namespace]))   (llm-d's keys)
+#   llmd_fnv64a_nomodel  the same chain, root FNV-1a-64(seed)   (older llm-d)
 #
-# u64(d) = last 8 bytes of d, big-endian: what KV events carry.
+# u64(d) = last 8 bytes of d, big-endian: what KV events carry. The llm-d algorithms take an
+# unset seed as "" (llm-d's default), not vLLM's "vllm-none-hash"
+# (specs/llmd-request-keys.md).
 
 cdef enum Algo:
     ALGO_PICKLE = 0
     ALGO_CBOR = 1
     ALGO_CBOR_64 = 2
     ALGO_KVCM = 3
+    ALGO_LLMD = 4
+    ALGO_LLMD_NOMODEL = 5
 
-ALGORITHMS = ("sha256", "sha256_cbor", "sha256_cbor_64bit", "kvcm")
+ALGORITHMS = ("sha256", "sha256_cbor", "sha256_cbor_64bit", "kvcm", "llmd_fnv64a", "llmd_fnv64a_nomodel")
 UNSET_SEED = "vllm-none-hash"  # vLLM >= 0.29's seed when PYTHONHASHSEED is unset
 
 cdef enum:
@@ -29,6 +36,30 @@ cdef inline uint64_t digest_u64(const unsigned char *d, Py_ssize_t n) noexcept n
     for i in range(n - 8, n):
         v = (v << 8) | d[i]
     return v
+
+
+cdef inline void u64_be(uint64_t v, unsigned char *out) noexcept nogil:
+    cdef int i
+    for i in range(8):
+        out[7 - i] = (v >> (8 * i)) & 0xFF
+
+
+cdef inline uint64_t fnv1a64(const unsigned char *data, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t h = 0xcbf29ce484222325ULL
+    cdef Py_ssize_t i
+    for i in range(n):
+        h = (h ^ data[i]) * 0x100000001b3ULL
+    return h
+
+
+cdef uint64_t llmd_root(bint with_model, str seed, namespace) except? 0:
+    seed_bytes = seed.encode("utf-8")
+    cdef uint64_t seed_hash = fnv1a64(<const unsigned char *>PyBytes_AS_STRING(seed_bytes),
+                                      PyBytes_GET_SIZE(seed_bytes))
+    if not with_model:
+        return seed_hash
+    root = cbor_encode([seed_hash, None, namespace])
+    return fnv1a64(<const unsigned char *>PyBytes_AS_STRING(root), PyBytes_GET_SIZE(root))
 
 
 cdef class BlockHasher:
@@ -59,6 +90,10 @@ cdef class BlockHasher:
         self.block_size = block_size
         self.namespace = namespace
         self._algo = <Algo><int>ALGORITHMS.index(algo)
+        if self._algo >= ALGO_LLMD:
+            self._digest_len = 8
+            u64_be(llmd_root(self._algo == ALGO_LLMD, "" if seed is None else seed, namespace), self._root)
+            return
         seed_str = UNSET_SEED if seed is None else seed
         if self._algo == ALGO_PICKLE:
             root = pickle5_encode(seed_str)
@@ -121,6 +156,19 @@ cdef class BlockHasher:
             cbor_put_obj(b, extra, 1)
         return 0
 
+    cdef inline uint64_t _digest(self, const WBuf *b, unsigned char *parent) noexcept nogil:
+        """Hashes one serialised block: its digest becomes the next parent (digest_len
+        bytes); returns its key."""
+        cdef unsigned char d[32]
+        cdef uint64_t key
+        if self._algo >= ALGO_LLMD:
+            key = fnv1a64(b.data, b.len)
+            u64_be(key, parent)
+            return key
+        kvcm_sha256(b.data, b.len, d)
+        memcpy(parent, d + 32 - self._digest_len, self._digest_len)
+        return digest_u64(d, 32)
+
     cdef int _chain_nogil(self, const uint64_t *tok, Py_ssize_t nblocks, unsigned char *parent,
                           uint64_t *keys_out, unsigned char *digests_out) noexcept nogil:
         """The chain for blocks without extra keys, entirely in C. `parent` holds the
@@ -128,7 +176,6 @@ cdef class BlockHasher:
         cdef WBuf b
         cdef Pickler p
         cdef Py_ssize_t i, n = self.block_size, dl = self._digest_len
-        cdef unsigned char d[32]
         cdef int rc = 0
         wb_init(&b)
         for i in range(nblocks):
@@ -159,9 +206,7 @@ cdef class BlockHasher:
                     rc = -1
                     break
                 wb_put1(&b, 0xF6)
-            kvcm_sha256(b.data, b.len, d)
-            memcpy(parent, d + 32 - dl, dl)
-            keys_out[i] = digest_u64(d, 32)
+            keys_out[i] = self._digest(&b, parent)
             if digests_out != NULL:
                 memcpy(digests_out + i * dl, parent, dl)
         wb_free(&b)
@@ -174,7 +219,6 @@ cdef class BlockHasher:
         bytes) may be NULL. extra_keys: None or a list/tuple, one entry per block (missing
         trailing entries are None)."""
         cdef Py_ssize_t i, dl = self._digest_len
-        cdef unsigned char d[32]
         cdef WBuf b
         cdef int rc
         if extra_keys is not None and not isinstance(extra_keys, (list, tuple)):
@@ -193,9 +237,7 @@ cdef class BlockHasher:
             for i in range(nblocks):
                 extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None
                 self._encode(&b, parent, dl, tok + i * self.block_size, extra)
-                kvcm_sha256(b.data, b.len, d)
-                memcpy(parent, d + 32 - dl, dl)
-                keys_out[i] = digest_u64(d, 32)
+                keys_out[i] = self._digest(&b, parent)
                 if digests_out != NULL:
                     memcpy(digests_out + i * dl, parent, dl)
         finally:

@@ -9,7 +9,7 @@ import pickle
 from array import array
 from collections import OrderedDict
 
-ALGORITHMS = ("sha256", "sha256_cbor", "sha256_cbor_64bit", "kvcm")
+ALGORITHMS = ("sha256", "sha256_cbor", "sha256_cbor_64bit", "kvcm", "llmd_fnv64a", "llmd_fnv64a_nomodel")
 UNSET_SEED = "vllm-none-hash"
 DEFAULT_MAX_BLOCKS = 10_000_000
 DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
@@ -31,6 +31,13 @@ def _u64s(values, what):
 
 def sha256(data):
     return hashlib.sha256(bytes(data)).digest()
+
+
+def fnv1a64(data):
+    h = 0xcbf29ce484222325
+    for byte in bytes(data):
+        h = ((h ^ byte) * 0x100000001b3) % 2 ** 64
+    return h
 
 
 # ---- encoders ------------------------------------------------------------------------------
@@ -98,6 +105,13 @@ class BlockHasher:
         if seed is not None and not isinstance(seed, str):
             raise TypeError("seed must be a str or None")
         self.algo, self.seed, self.block_size, self.namespace = algo, seed, block_size, namespace
+        if algo.startswith("llmd_"):
+            # llm-d's keys: an unset seed is "", and the key is the whole FNV value
+            root = fnv1a64((seed or "").encode("utf-8"))
+            if algo == "llmd_fnv64a":
+                root = fnv1a64(cbor_encode([root, None, namespace]))
+            self._root = root.to_bytes(8, "big")
+            return
         seed_str = UNSET_SEED if seed is None else seed
         if algo == "sha256":
             self._root = sha256(pickle.dumps(seed_str, protocol=5))
@@ -117,6 +131,8 @@ class BlockHasher:
             return sha256(pickle5_encode((parent, tuple(tokens), extra)))
         if self.algo == "sha256_cbor":
             return sha256(cbor_encode((parent, tuple(tokens), extra)))
+        if self.algo.startswith("llmd_"):
+            return fnv1a64(cbor_encode((_u64(parent), tuple(tokens), extra))).to_bytes(8, "big")
         return sha256(cbor_encode((_u64(parent), tuple(tokens), extra)))[-8:]
 
     def digests(self, tokens, extra_keys=None, parent=None):

@@ -130,6 +130,19 @@ def cmd_sim(args):
     return app.main(args)
 
 
+def cmd_bench(args):
+    from kvcm.bench import cli
+
+    args.argv = args.argv[2:]          # what follows `bench index` / `bench routing`
+    return cli.main(args, UsageError)
+
+
+def cmd_doctor(args):
+    from kvcm import doctor
+
+    return doctor.main(args)
+
+
 def _post(url, path, payload):
     """POSTs JSON to a running kvcm; (status, parsed body)."""
     import urllib.error
@@ -187,7 +200,7 @@ def build_parser():
                        description="Print the block keys (the uint64 values vLLM publishes in KV "
                                    "events) and full digests of every full block of a token list.")
     add_hash_options(p)
-    p.add_argument("--model", default=None, help="namespace for --hash-algo kvcm (model or LoRA name)")
+    p.add_argument("--model", default=None, help="namespace for --hash-algo kvcm, and the model llmd_fnv64a keys are salted with (model or LoRA name)")
     p.add_argument("--extra-keys", default=None,
                    help='JSON list, one entry per block: null or vLLM\'s tagged extra keys, '
                         'e.g. \'[[["cache_salt","tenant-a"]]]\'')
@@ -212,6 +225,25 @@ def build_parser():
                                    "pool with prefix caching, and vLLM's KV events over ZMQ.")
     add_sim_arguments(p)
     p.set_defaults(func=cmd_sim)
+
+    from kvcm.bench.cli import add_bench_arguments
+
+    p = sub.add_parser("bench", help="profile an index (and Dynamo's) or routing policies on this machine",
+                       description="Local performance profiling: `kvcm bench index` measures a KV-cache index "
+                                   "(kvcm, NVIDIA Dynamo's indexer, an llm-d server) side by side; `kvcm bench "
+                                   "routing` compares routing policies on simulated engines.")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+    from kvcm.doctor import add_doctor_arguments
+
+    p = sub.add_parser("doctor", help="check an engine's KV events (or a running kvcm's streams) against kvcm's settings",
+                       description="Listen to an engine's KV-event stream (or read a running kvcm's streams) and "
+                                   "say in plain sentences whether it suits kvcm's hash settings and what to change. "
+                                   "Exit status 0 when healthy, 1 with problems.")
+    add_doctor_arguments(p)
+    add_hash_options(p.add_argument_group("kvcm serve's hash settings to check against (its defaults)"))
+    p.set_defaults(func=cmd_doctor)
 
     for name, func, text, with_tokens in (
             ("score", cmd_score, "ask a running kvcm which pods cache a prompt's prefix", True),
@@ -240,7 +272,9 @@ def main(argv=None):
         if argv[0] == template_pool.WORKER_COMMAND:
             return template_pool.worker_main(argv[1:])
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except UsageError as exc:

@@ -72,6 +72,10 @@ class Indexer:
             if cfg.trust_request_chat_template else None
         self.inflight = InflightLimit(cfg.tokenize_max_inflight, cfg.tokenize_max_inflight_chars)
         self.started = False
+        # What scoring found, for /metrics and the status page: requests, and those where some
+        # pod held the first block (a pod without it is not in the result). Only what costs
+        # nothing more to know: this runs on every scoring request.
+        self.score_counts = {"requests": 0, "warm": 0}
 
     @property
     def remote(self):
@@ -146,6 +150,10 @@ class Indexer:
 
     def _result(self, model, token_ids, keys, detailed):
         block_size = self.config.block_size
+        counts = self.score_counts
+        counts["requests"] += 1
+        if detailed:
+            counts["warm"] += 1
         return {
             "model": model,
             "scores": {pod: score for pod, (score, _, _) in detailed.items()},

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from kvcm import _core, _reference
 
-ALGOS = ["sha256", "sha256_cbor", "sha256_cbor_64bit", "kvcm"]
+ALGOS = ["sha256", "sha256_cbor", "sha256_cbor_64bit", "kvcm", "llmd_fnv64a", "llmd_fnv64a_nomodel"]
 UNSET = "vllm-none-hash"
 
 _SETTINGS = settings(max_examples=200, deadline=None,
@@ -38,8 +38,31 @@ def _cbor(x):
     return cbor2.dumps(x, canonical=True)
 
 
+def fnv1a64(data):
+    h = 0xcbf29ce484222325
+    for byte in data:
+        h = ((h ^ byte) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def manual_llmd(algo, seed, block_size, tokens, extra_keys=None, namespace=None):
+    """(root, digests, keys) of llm-d's FNV-1a-64 keys (specs/llmd-request-keys.md), from
+    cbor2 and a plain FNV."""
+    root = fnv1a64((seed or "").encode("utf-8"))
+    if algo == "llmd_fnv64a":
+        root = fnv1a64(_cbor([root, None, namespace]))
+    parent, keys = root, []
+    for i in range(len(tokens) // block_size):
+        extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None
+        parent = fnv1a64(_cbor([parent, list(tokens[i * block_size:(i + 1) * block_size]), extra]))
+        keys.append(parent)
+    return root.to_bytes(8, "big"), [k.to_bytes(8, "big") for k in keys], keys
+
+
 def manual(algo, seed, block_size, tokens, extra_keys=None, namespace=None):
     """(root, digests, keys) recomputed from the spec with hashlib, cbor2 and pickle."""
+    if algo.startswith("llmd_"):
+        return manual_llmd(algo, seed, block_size, tokens, extra_keys, namespace)
     seed = UNSET if seed is None else seed
     h = lambda b: hashlib.sha256(b).digest()  # noqa: E731
     if algo == "sha256":
@@ -127,6 +150,33 @@ def test_kvcm_namespaces_give_different_chains(impl):
     assert len({tuple(v) for v in keys.values()}) == 3
 
 
+# specs/llmd-request-keys.md: tokens 1..32, block size 16
+LLMD_VECTORS = [
+    ("llmd_fnv64a", "", "test-model", [9540012594951042066, 16921089685996993662]),
+    ("llmd_fnv64a", "42", "test-model", [3239622172847516705, 18365376266021390534]),
+    ("llmd_fnv64a_nomodel", "", None, [14388088054628765202, 16757933279298582072]),
+    ("llmd_fnv64a_nomodel", "42", None, [1321676015697095315, 9386439422462522503]),
+]
+
+
+@pytest.mark.parametrize("algo, seed, model, keys", LLMD_VECTORS)
+def test_llmd_vector(impl, algo, seed, model, keys):
+    assert list(impl.BlockHasher(algo, seed, 16, namespace=model).keys(range(1, 33))) == keys
+
+
+def test_llmd_unset_seed_is_the_empty_string_not_vllms_root(impl):
+    for algo in ("llmd_fnv64a", "llmd_fnv64a_nomodel"):
+        unset = impl.BlockHasher(algo, None, 16, namespace="m")
+        assert unset.root == impl.BlockHasher(algo, "", 16, namespace="m").root
+        assert unset.root != impl.BlockHasher(algo, "vllm-none-hash", 16, namespace="m").root
+
+
+def test_llmd_root_payload_is_the_specs_example():
+    payload = _cbor([fnv1a64(b""), None, "test-model"])
+    assert payload.hex() == "831bcbf29ce484222325f66a746573742d6d6f64656c"
+    assert _core.BlockHasher("llmd_fnv64a", "", 16, namespace="test-model").root == fnv1a64(payload).to_bytes(8, "big")
+
+
 def test_64bit_legacy_root_is_last8_of_cbor_seed(impl):
     d = hashlib.sha256(_cbor("0")).digest()
     assert impl.BlockHasher("sha256_cbor_64bit", "0", 16).root == d[-8:]
@@ -195,7 +245,7 @@ def test_continuing_with_parent_equals_hashing_the_whole_list(impl, algo, split)
     assert hasher.digests(tokens, extra) == head + hasher.digests(tokens[split * bs:], extra[split:], parent=parent)
 
 
-@pytest.mark.parametrize("algo", ["sha256_cbor_64bit", "kvcm"])
+@pytest.mark.parametrize("algo", ["sha256_cbor_64bit", "kvcm", "llmd_fnv64a", "llmd_fnv64a_nomodel"])
 def test_64bit_chains_accept_the_parent_key_as_int(impl, algo):
     hasher = impl.BlockHasher(algo, "0", 4)
     keys = list(hasher.keys(range(20)))
