@@ -9,15 +9,6 @@ set -euo pipefail
 if command -v ip >/dev/null; then
     exit 0
 fi
-if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-    echo "prereq-iproute2: no ip on PATH and cannot install it (needs root with apt-get);" \
-         "the network-namespace tests will skip" >&2
-    exit 0
-fi
-echo "prereq-iproute2: installing Debian's iproute2"
-export DEBIAN_FRONTEND=noninteractive
-# other jobs on the machine may hold apt's lock: wait for it rather than fail
-apt_get() { apt-get -o DPkg::Lock::Timeout=600 "$@"; }
-apt_get install -y -qq --no-install-recommends iproute2 >/dev/null \
-    || { apt_get update -qq && apt_get install -y -qq --no-install-recommends iproute2 >/dev/null; }
+. "$(dirname "$0")/apt.sh"
+apt_install prereq-iproute2 "the network-namespace tests" iproute2 || exit 0
 command -v ip >/dev/null
