@@ -14,6 +14,8 @@ tokenizer, on 127.0.0.1 and free ports.
   --trust-request-chat-template), and a plain prompt for reference.
 - big_prompts: four concurrent 8 M-character prompts; RSS before, its peak (sampled every
   20 ms) and 3 s after the last answer.
+- render_instructions: what the meter costs a render, in instructions (valgrind's
+  callgrind), with and without limits, and in the baseline.
 
 Reporting is benchmarks/run.py's: a table and a JSON line per benchmark, with the load
 average (the machine is shared). Results: benchmarks/RESULTS.md.
@@ -177,7 +179,44 @@ def big_prompts(args):
     report("big_prompts", rows, loadavg=las)
 
 
-BENCHMARKS = {"chat_path": chat_path, "big_prompts": big_prompts}
+# Renders the short chat N times with the Qwen template of the tree in argv[1], metered when
+# that tree has limits and argv[2] says so.
+RENDERS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from kvcm import chat
+from kvcm.tokenize import Tokenizer
+tok = Tokenizer(%r)
+messages = [{"role": "system", "content": "You route requests."},
+            {"role": "user", "content": "Which pod holds the longest prefix of this conversation? " * 4}]
+kw = {"limits": chat.Limits(2.0, 8 * 2**20)} if sys.argv[2] == "metered" else {}
+for _ in range(int(sys.argv[3])):
+    tok.render_chat(messages, **kw)
+""" % QWEN_DIR
+
+
+def render_instructions(args):
+    """Instructions per render of a short chat with the Qwen template (callgrind counts them:
+    repeatable whatever the machine's load), from the difference between 300 renders and 1."""
+    import subprocess
+    import tempfile
+    cases = [("new, metered", ROOT, "metered"), ("new, no limits", ROOT, "plain")]
+    if args.baseline:
+        cases.insert(0, ("baseline", args.baseline, "plain"))
+    rows = []
+    for name, root, mode in cases:
+        counts = []
+        for n in (1, 301):
+            with tempfile.NamedTemporaryFile(suffix=".callgrind") as out:
+                proc = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out.name,
+                                       sys.executable, "-c", RENDERS, root, mode, str(n)],
+                                      capture_output=True, text=True, check=True)
+            counts.append(int(re.search(r"Collected : (\d+)", proc.stderr).group(1)))
+        rows.append(row(name, (counts[1] - counts[0]) / 300, "instructions"))
+    report("render_instructions", rows, loadavg=[loadavg()])
+
+
+BENCHMARKS = {"chat_path": chat_path, "big_prompts": big_prompts, "render_instructions": render_instructions}
 
 
 def main():
