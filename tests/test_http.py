@@ -895,6 +895,8 @@ def test_a_client_that_never_reads_is_dropped_after_idle_timeout(serve):
             slow.sock.send(request_bytes("GET", "/sized/65536"))
     except BlockingIOError:
         pass
+    except ConnectionResetError:
+        pass                 # on a slow machine the drop can come before our buffers are full
     served.until(lambda: not served.server._connections, "the stalled connection to be dropped")
 
 
