@@ -187,8 +187,10 @@ sys.path.insert(0, sys.argv[1])
 from kvcm import chat
 from kvcm.tokenize import Tokenizer
 tok = Tokenizer(%r)
-messages = [{"role": "system", "content": "You route requests."},
-            {"role": "user", "content": "Which pod holds the longest prefix of this conversation? " * 4}]
+messages = {"short": [{"role": "system", "content": "You route requests."},
+                      {"role": "user", "content": "Which pod holds the longest prefix of this conversation? " * 4}],
+            "20-turn": [{"role": "user" if i %% 2 == 0 else "assistant", "content": "turn %%d of a long chat. " %% i * 20}
+                        for i in range(20)]}[sys.argv[4]]
 kw = {"limits": chat.Limits(2.0, 8 * 2**20)} if sys.argv[2] == "metered" else {}
 for _ in range(int(sys.argv[3])):
     tok.render_chat(messages, **kw)
@@ -196,23 +198,25 @@ for _ in range(int(sys.argv[3])):
 
 
 def render_instructions(args):
-    """Instructions per render of a short chat with the Qwen template (callgrind counts them:
-    repeatable whatever the machine's load), from the difference between 300 renders and 1."""
+    """Instructions per render of the short and the 20-turn chat with the Qwen template
+    (callgrind counts them: repeatable whatever the machine's load), from the difference
+    between 300 renders and 1."""
     import subprocess
     import tempfile
     cases = [("new, metered", ROOT, "metered"), ("new, no limits", ROOT, "plain")]
     if args.baseline:
         cases.insert(0, ("baseline", args.baseline, "plain"))
     rows = []
-    for name, root, mode in cases:
-        counts = []
-        for n in (1, 301):
-            with tempfile.NamedTemporaryFile(suffix=".callgrind") as out:
-                proc = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out.name,
-                                       sys.executable, "-c", RENDERS, root, mode, str(n)],
-                                      capture_output=True, text=True, check=True)
-            counts.append(int(re.search(r"Collected : (\d+)", proc.stderr).group(1)))
-        rows.append(row(name, (counts[1] - counts[0]) / 300, "instructions"))
+    for chat_kind in ("short", "20-turn"):
+        for name, root, mode in cases:
+            counts = []
+            for n in (1, 301):
+                with tempfile.NamedTemporaryFile(suffix=".callgrind") as out:
+                    proc = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out.name,
+                                           sys.executable, "-c", RENDERS, root, mode, str(n), chat_kind],
+                                          capture_output=True, text=True, check=True)
+                counts.append(int(re.search(r"Collected : (\d+)", proc.stderr).group(1)))
+            rows.append(row("%s chat: %s" % (chat_kind, name), (counts[1] - counts[0]) / 300, "instructions"))
     report("render_instructions", rows, loadavg=[loadavg()])
 
 

@@ -189,6 +189,18 @@ def test_a_render_the_sandbox_cannot_interrupt_is_killed_with_its_worker(trustin
             "prompt"] == "hi!"
 
 
+def test_a_template_that_exhausts_its_workers_memory_is_422_and_the_worker_replaced(trusting):
+    doubling = ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+                "{{ ns.s | length }}")
+    before = workers(trusting)
+    reply = trusting.client.post("/v1/tokenize", chat(template=doubling))
+    assert reply.status == 422 and "memory" in reply.error, reply
+    until(lambda: len(workers(trusting)) == 2 and workers(trusting) != before, "a replacement worker")
+    assert status_mib(trusting.proc.pid, "VmHWM") < 512          # the worker's memory, not kvcm's
+    assert trusting.client.tokenize(QWEN, messages=MESSAGES, chat_template="{{ messages[0].content }}")[
+        "prompt"] == "hi"
+
+
 # -- statuses ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("template, words", [
