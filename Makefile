@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: build test run bench demo annotate clean binary prereq-chromium prereq-dynamo
+.PHONY: build test run bench demo annotate clean binary prereq-chromium prereq-dynamo prereq-iproute2
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py
 build: $(STAMP)
 	KVCM_WERROR=1 $(PY) setup.py -q build_ext --inplace
 
-test: build prereq-chromium prereq-dynamo
+test: build prereq-chromium prereq-dynamo prereq-iproute2
 	$(PY) -m pytest
 
 # Test prerequisites: each installs (or finds) what some tests need, and says why when it
@@ -26,6 +26,11 @@ test: build prereq-chromium prereq-dynamo
 # Debian's chromium, for the status page's browser tests (apt-get, as root).
 prereq-chromium:
 	tests/setup/chromium.sh
+
+# Debian's iproute2 (`ip netns`), for the tests whose client has an address of its own (apt-get,
+# as root).
+prereq-iproute2:
+	tests/setup/iproute2.sh
 
 # NVIDIA Dynamo's indexer in a venv of its own (.cache/dynamo-venv): the peer of the
 # `kvcm bench index --target dynamo` tests

@@ -448,14 +448,18 @@ OPTIONS = (
     Option("max_body", "8MiB", "SIZE",
            "request body limit: bytes, or a size in B, KB/MB/GB (powers of 1000), KiB/MiB/GiB or K/M/G "
            "(powers of 1024); at most 1GiB", _HTTP, _Size()),
-    Option("header_timeout", "10", "SECONDS", "time a client has to send a request line and its headers",
-           _HTTP, _Seconds()),
+    Option("header_timeout", "10", "SECONDS", "time a client has to send a request line and its headers, "
+           "from its connection or its previous request", _HTTP, _Seconds()),
+    Option("body_timeout", "30", "SECONDS", "time a client has to send a request body, from the end of its "
+           "headers", _HTTP, _Seconds()),
     Option("idle_timeout", "120", "SECONDS", "time a keep-alive connection may stay idle", _HTTP, _Seconds()),
     Option("max_connections", "1000", "N", "concurrent HTTP connections; more are answered 503", _HTTP,
            _Integer(1, 1_000_000)),
     Option("admin_token", None, "TOKEN",
            "bearer token for the admin endpoints; unset = loopback clients only (prefer the environment "
            "variable: flags show in ps)", _HTTP, _Text(secret=True)),
+    Option("tls_cert", None, "FILE", "serve HTTPS: PEM certificate chain (with --tls-key)", _HTTP, _Path()),
+    Option("tls_key", None, "FILE", "PEM private key of --tls-cert", _HTTP, _Path()),
     Option("zmq_bind", "tcp://*:5557", "ENDPOINT",
            "SUB endpoint to bind for engines that connect (bind mode); repeatable; '' or none = none",
            _INGEST, _Repeated(_Endpoint())),
@@ -488,6 +492,18 @@ OPTIONS = (
     Option("tokenizers_dir", None, "DIR",
            "root searched for tokenizers (sub-directories with tokenizer.json, Hugging Face cache layout)",
            _TOKENIZERS, _Path()),
+    Option("trust_request_chat_template", "false", "BOOL",
+           "accept a chat_template in requests (rendered in worker processes that are killed when they "
+           "overrun); off: such requests are refused with 400", _TOKENIZERS, _Switch()),
+    Option("template_timeout", "2", "SECONDS", "time limit of one chat template render", _TOKENIZERS,
+           _Seconds(600.0)),
+    Option("template_max_output", None, "SIZE",
+           "largest rendered chat prompt, in characters; unset = the --max-body limit", _TOKENIZERS, _Size()),
+    Option("tokenize_max_inflight", "64", "N", "requests tokenizing at once; more are answered 503",
+           _TOKENIZERS, _Integer(1, 100_000)),
+    Option("tokenize_max_inflight_chars", "16M", "SIZE",
+           "prompt characters being tokenized at once (about 80 bytes of memory each while encoding); more "
+           "are answered 503 (a request alone is always admitted)", _TOKENIZERS, _Size()),
     Option("index", "memory", "URL", "index backend: memory, or a redis://, rediss://, valkey:// or unix:// URL",
            _INDEX, _IndexUrl()),
     Option("max_blocks", "10000000", "N", "index capacity in distinct blocks (LRU beyond)", _INDEX,
@@ -517,9 +533,12 @@ class Config:
     http_port: int = 8080
     max_body: int = 8 * 2**20
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
     idle_timeout: float = 120.0
     max_connections: int = 1000
     admin_token: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
     zmq_bind: tuple = ("tcp://*:5557",)
     zmq_topic_prefix: str = "kv@"
     engine: tuple = ()                      # EngineSpec from --engine, in order
@@ -533,6 +552,11 @@ class Config:
     hash_mode: str = "auto"
     tokenizer: Mapping[str, str] = dataclasses.field(default_factory=dict, hash=False)
     tokenizers_dir: Optional[str] = None
+    trust_request_chat_template: bool = False
+    template_timeout: float = 2.0
+    template_max_output: Optional[int] = None     # None = max_body
+    tokenize_max_inflight: int = 64
+    tokenize_max_inflight_chars: int = 16 * 2**20
     index: str = "memory"
     max_blocks: int = 10_000_000
     tier_weights: Mapping[str, float] = dataclasses.field(
@@ -545,6 +569,11 @@ class Config:
     log_format: str = "text"
     # Not an option: the engines read from engines_file, filled in by load_config.
     file_engines: tuple = ()
+
+    @property
+    def template_output_limit(self):
+        """The largest rendered chat prompt: --template-max-output, else --max-body."""
+        return self.max_body if self.template_max_output is None else self.template_max_output
 
     @property
     def engines(self):

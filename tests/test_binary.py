@@ -25,7 +25,7 @@ import pytest
 from captures import load_captures
 from conftest import ROOT
 from frozen import (IN_CI, ONEDIR, ONEFILE, QWEN, TOKENIZER, WAIT, Server, bare_env, built,
-                    expected_scores, leftovers, parent_of, publish, run, until)
+                    check_template_workers, expected_scores, leftovers, parent_of, publish, run, until)
 from kvcm import __version__
 from kvcm._build_info import source_revision
 from kvcm._core import BlockHasher
@@ -121,9 +121,10 @@ def test_bad_arguments_exit_2_with_one_line(onefile, bare):
 
 # -- what is inside -------------------------------------------------------------------------------
 
-REQUIRED = ["kvcm.cli", "kvcm.serve", "kvcm.systemd", "kvcm._build_info", "zmq", "zmq.backend.cython",
-            "uvloop", "orjson", "msgpack", "tokenizers", "jinja2", "jinja2.sandbox", "prometheus_client",
-            "tomllib", "kvcm.sim.app", "yaml", "cryptography.x509"]
+REQUIRED = ["kvcm.cli", "kvcm.serve", "kvcm.systemd", "kvcm._build_info", "kvcm.template_pool",
+            "kvcm.template_sandbox", "kvcm.inflight", "zmq", "zmq.backend.cython", "uvloop", "orjson",
+            "msgpack", "tokenizers", "jinja2", "jinja2.sandbox", "prometheus_client", "tomllib", "ssl",
+            "kvcm.sim.app", "yaml", "cryptography.x509"]
 REQUIRED_BINARIES = ["kvcm/_core", "zmq/backend/cython/_zmq", "pyzmq.libs/libzmq", "uvloop/loop",
                      "orjson/orjson", "msgpack/_cmsgpack", "tokenizers/tokenizers", "libpython3"]
 FORBIDDEN = ["Cython", "cython", "setuptools", "pkg_resources", "distutils", "numpy", "torch",
@@ -286,12 +287,24 @@ def test_serve_tokenizes_renders_chat_templates_and_reloads_on_sighup(onefile, s
 
     server.proc.send_signal(signal.SIGHUP)      # to the bootloader, which forwards it
     until(lambda: "SIGHUP: reloaded" in server.stderr(), "the SIGHUP reload in kvcm's log")
-    assert any(p == pid and text.startswith("STATUS=reloaded") for p, text in server.notify.receive())
+    until(lambda: any(p == pid and text.startswith("STATUS=reloaded") for p, text in server.notify.receive()),
+          "STATUS=reloaded (sent just after the log line)")
     assert server.proc.poll() is None
     assert server.ok("GET", "/health") == {"status": "ok"}
 
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(WAIT) == 0, server.stderr()
+    assert leftovers(bare) == []
+
+
+def test_request_templates_render_in_workers_the_binary_starts_and_kills(binary, serve, bare, shared):
+    server = serve(binary, "--trust-request-chat-template")
+    pid, _ = server.wait_for("READY=1")
+    workers = check_template_workers(server, pid)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(WAIT) == 0, server.stderr()
+    for worker in workers:
+        until(lambda: not os.path.exists("/proc/%d/stat" % worker), "template worker %d to end" % worker)
     assert leftovers(bare) == []
 
 

@@ -46,7 +46,7 @@ SHUTDOWN_GRACE = 5.0
 class Rank:
     """One data-parallel rank: engine, KV cache, LoRA adapters, metrics, HTTP server, events."""
 
-    def __init__(self, config, index, tokenizer, ready):
+    def __init__(self, config, index, tokenizer, ready, tls=None):
         self.config = config
         self.index = index
         self.tokenizer = tokenizer
@@ -65,7 +65,7 @@ class Rank:
         routes = LoggingRouter(router) if config.log_http else router
         self.server = SimServer(self, routes)
         self.admin = AdminRoutes(self, routes, ready)
-        self.http = HttpServer(router, max_body=config.max_request_body_size_mb << 20)
+        self.http = HttpServer(router, max_body=config.max_request_body_size_mb << 20, ssl=tls)
         self.batcher = EventBatcher(self.cache, None, config.event_batch_size)
         self.events = None
         self.pod = None
@@ -84,9 +84,9 @@ class Rank:
         """A configuration changed at run time (POST /admin/config)."""
         self.config = self.engine.config = self.metrics.config = config
 
-    async def start(self, tls=None):
+    async def start(self):
         c = self.config
-        await self.http.start(c.host, c.http_port_of(self.index), ssl=tls)
+        await self.http.start(c.host, c.http_port_of(self.index))
         self.pod = c.pod_for(self.port)
         if c.zmq_endpoint and c.enable_kvcache:
             self.events = EventStream(c.zmq_endpoint, topic=c.topic_for(self.pod), dp_rank=self.index,
@@ -123,13 +123,13 @@ class Simulator:
             self.tokenizer = load_tokenizer(config.tokenizer, config.model)
         self.tls = server_context(config)
         self._ready = False
-        self.ranks = [Rank(config, r, self.tokenizer, lambda: self._ready) for r in config.ranks]
+        self.ranks = [Rank(config, r, self.tokenizer, lambda: self._ready, self.tls) for r in config.ranks]
         self._stop = None
 
     async def start(self):
         try:
             for rank in self.ranks:
-                await rank.start(self.tls)
+                await rank.start()
         except BaseException:
             await self.close(0.0)
             raise
