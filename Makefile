@@ -4,21 +4,22 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: build test run bench demo annotate clean binary prereq-chromium prereq-dynamo prereq-binary \
-	prereq-bullseye
+.PHONY: build test run bench demo annotate clean binary prereq-chromium prereq-dynamo prereq-iproute2 \
+	prereq-binary prereq-bullseye
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "setuptools>=65" wheel "Cython>=3.0,<3.4"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	KVCM_WERROR=1 $(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
 # Recompiles the core only when a .pyx/.pxi/.h changed (setup.py lists them as depends).
+# Warnings of Cython and of the C compiler fail this build (KVCM_WERROR, setup.py).
 build: $(STAMP)
-	$(PY) setup.py -q build_ext --inplace
+	KVCM_WERROR=1 $(PY) setup.py -q build_ext --inplace
 
-test: build prereq-chromium prereq-dynamo prereq-binary prereq-bullseye
+test: build prereq-chromium prereq-dynamo prereq-iproute2 prereq-binary prereq-bullseye
 	$(PY) -m pytest
 
 # Test prerequisites: each installs (or finds) what some tests need, and says why when it
@@ -39,6 +40,11 @@ dist/kvcm-onedir/kvcm: $(BINARY_INPUTS)
 # .cache/bullseye, a minimal Debian 11 root (debootstrap, as root) the binary is tested in.
 prereq-bullseye:
 	tests/setup/bullseye.sh
+
+# Debian's iproute2 (`ip netns`), for the tests whose client has an address of its own (apt-get,
+# as root).
+prereq-iproute2:
+	tests/setup/iproute2.sh
 
 # NVIDIA Dynamo's indexer in a venv of its own (.cache/dynamo-venv): the peer of the
 # `kvcm bench index --target dynamo` tests
