@@ -237,12 +237,12 @@ def test_nothing_compiled_for_the_bundle_uses_newer_instructions_outside_the_sha
     assert not found, found
 
 
-# Libraries that choose their SIMD code at run time, by CPUID: OpenSSL's libcrypto (its
-# ia32cap), libsodium, orjson and the Rust crates inside tokenizers (memchr, aho-corasick,
-# rand_chacha: is_x86_feature_detected), libstdc++ (rdrand for std::random_device). The core's
-# SHA-NI kernel is checked on its own above.
-DISPATCHING = ("libcrypto.so", "libsodium-", "orjson/orjson.", "tokenizers/tokenizers.", "libstdc++.so",
-               "kvcm/_core.")
+# Libraries that choose their SIMD code at run time, by CPUID: OpenSSL (its ia32cap), in
+# libcrypto and statically inside cryptography's Rust library, libsodium, orjson and the Rust
+# crates inside tokenizers (memchr, aho-corasick, rand_chacha: is_x86_feature_detected),
+# libstdc++ (rdrand for std::random_device). The core's SHA-NI kernel is checked on its own.
+DISPATCHING = ("libcrypto.so", "cryptography/hazmat/bindings/_rust.", "libsodium-", "orjson/orjson.",
+               "tokenizers/tokenizers.", "libstdc++.so", "kvcm/_core.")
 
 
 def test_only_libraries_that_dispatch_by_cpuid_hold_newer_instructions():
