@@ -37,6 +37,7 @@ import tomllib
 import urllib.parse
 from typing import Mapping, Optional, Sequence, Union
 
+from kvcm._core import ENGINE_ALGORITHMS
 from kvcm.ingest import EngineSpec, check_endpoint, parse_engine, read_engines_file
 
 ENV_PREFIX = "KVCM_"
@@ -415,7 +416,7 @@ class Option:
         return "';'- or newline-separated" if self.name == "engine" else "comma- or whitespace-separated"
 
 
-HASH_ALGOS = ("sha256", "sha256_cbor", "sha256_cbor_64bit")
+HASH_ALGOS = ENGINE_ALGORITHMS     # vLLM's, and llm-d's request keys (llmd_fnv64a, llmd_fnv64a_nomodel)
 HASH_MODES = ("auto", "vllm", "kvcm")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")

@@ -390,7 +390,7 @@ def test_a_replica_taking_over_a_decoupled_stream_resolves_parents_through_the_s
         assert raw.hgetall("%s@%d" % (QWEN, keys[4])) == {}
         metrics = b.client.metrics()
         assert metrics[("kvcm_redis_engine_hashes_fetched_total", ())] >= 2
-        assert metrics[("kvcm_ingest_unknown_parent_total", ())] == 0
+        assert metrics[("kvcm_ingest_event_drops_total", (("reason", "unknown_parent"),))] == 0
         assert metrics[("kvcm_ingest_remove_unresolved_total", ())] == 0
     finally:
         a.close()
