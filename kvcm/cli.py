@@ -90,6 +90,8 @@ def cmd_hash(args):
     if args.block_size <= 0:
         raise UsageError("--block-size must be positive, got %d" % args.block_size)
     tokens = _read_tokens(args)
+    if not tokens:
+        raise UsageError("no token ids given")
     extra = _read_extra_keys(args.extra_keys)
     try:
         hasher = BlockHasher(args.hash_algo, args.hash_seed, args.block_size, namespace=args.model)
@@ -201,7 +203,8 @@ def build_parser():
     p = sub.add_parser("serve", help="run the service: ZMQ event ingest and the HTTP scoring API",
                        description="Run kvcm: ingest vLLM KV events over ZMQ and answer scoring requests "
                                    "over HTTP. Every option also reads KVCM_<NAME> from the environment "
-                                   "and a key of the --config TOML file (flags > env > file > defaults).")
+                                   "and a key of the --config TOML file (flags > env > file > defaults).",
+                       allow_abbrev=False)
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 
@@ -229,12 +232,16 @@ def build_parser():
 
     p = sub.add_parser("version", help="print the version, build date and git revision")
     p.set_defaults(func=cmd_version)
+    parser.subcommand = sub.choices.get
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse would blame the top-level parser ("kvcm: error"): name the sub-command
+        parser.subcommand(args.command).error("unrecognized arguments: %s" % " ".join(unknown))
     try:
         return args.func(args)
     except UsageError as exc:

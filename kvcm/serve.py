@@ -133,6 +133,7 @@ def main(args):
     try:
         uvloop.run(service.run())
     except OSError as e:
+        # a port in use or an address kvcm cannot bind: a setting to change, like a bad value
         sys.stderr.write("kvcm serve: error: cannot listen: %s\n" % e)
-        return 1
+        return 2
     return 0
