@@ -45,8 +45,10 @@ def _as_tuple(kinds):
     return kinds if isinstance(kinds, tuple) else (kinds,)
 
 
-def _model(body):
-    return _field(body, "model", str, "a string", required=True)
+def _model(body, default):
+    """The request's model, else the configured default (--default-model, llm-d's MODEL_NAME)."""
+    model = _field(body, "model", str, "a string", required=default is None)
+    return default if model is None else model
 
 
 def _token_ids(body):
@@ -107,6 +109,7 @@ class Api:
         self.indexer = indexer
         self.metrics = metrics
         self.admin_token = admin_token
+        self.default_model = indexer.config.default_model
         self.ready = ready
         r = self.router = Router()
         r.add("POST", "/v1/score", self.score)
@@ -127,7 +130,7 @@ class Api:
 
     def score(self, request):
         body = _body(request)
-        model = _model(body)
+        model = _model(body, self.default_model)
         pods = _pods(body)
         salt = _field(body, "cache_salt", str, "a string")
         source = _one_input(body, ("token_ids", "prompt", "messages"))
@@ -179,7 +182,7 @@ class Api:
     async def score_completions(self, request):
         # llm-d: {"prompt", "model"} -> {pod: score}, null when the prompt fills no block
         body = _body(request)
-        model = _model(body)
+        model = _model(body, self.default_model)
         _field(body, "prompt", str, "a string", required=True)
         ids, _ = await self._tokenize(body, model)
         result = await self._scores(model, ids)
@@ -188,7 +191,7 @@ class Api:
     async def score_chat_completions(self, request):
         # llm-d: {"model", "messages", ...} -> {"podScores": {...} | null, "templated_messages"}
         body = _body(request)
-        model = _model(body)
+        model = _model(body, self.default_model)
         _messages(body, required=True)
         ids, text = await self._tokenize(body, model)
         result = await self._scores(model, ids)
@@ -197,7 +200,7 @@ class Api:
 
     async def tokenize(self, request):
         body = _body(request)
-        model = _model(body)
+        model = _model(body, self.default_model)
         _one_input(body, ("prompt", "messages"))
         ids, text = await self._tokenize(body, model)
         out = {"model": model, "token_ids": ids, "count": len(ids)}
@@ -207,7 +210,7 @@ class Api:
 
     def hash(self, request):
         body = _body(request)
-        model = _model(body)
+        model = _model(body, self.default_model)
         ids = _token_ids(body)
         if ids is None:
             raise BadRequest("field 'token_ids' is required")

@@ -198,13 +198,13 @@ def build_parser():
     src.add_argument("--tokens-file", default=None, help="file holding the token ids")
     p.set_defaults(func=cmd_hash)
 
-    from kvcm.config import add_serve_arguments
+    from kvcm.config import LLMD_EPILOG, add_serve_arguments
 
     p = sub.add_parser("serve", help="run the service: ZMQ event ingest and the HTTP scoring API",
                        description="Run kvcm: ingest vLLM KV events over ZMQ and answer scoring requests "
                                    "over HTTP. Every option also reads KVCM_<NAME> from the environment "
                                    "and a key of the --config TOML file (flags > env > file > defaults).",
-                       allow_abbrev=False)
+                       epilog=LLMD_EPILOG, allow_abbrev=False)
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 

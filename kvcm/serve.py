@@ -123,6 +123,8 @@ def main(args):
         sys.stderr.write("kvcm serve: error: %s\n" % e)
         return 2
     configure_logging(config.log_level, config.log_format)
+    for note in config.notes:
+        log.info(note)
     try:
         service = Service(config, args)
     except ValueError as e:  # e.g. a tokenizer directory that does not exist
