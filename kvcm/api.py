@@ -166,7 +166,9 @@ class Api:
         add_special = _field(body, "add_special_tokens", bool, "a boolean")
         options = _chat_options(body) if messages is not None else {}
         # label only models that have a tokenizer: request contents must not grow the metrics
-        label = model if model in self.indexer.tokenizers else "unknown"
+        label = self.indexer.tokenizer_name(model)
+        if label not in self.indexer.tokenizers:
+            label = "unknown"
         try:
             with self.metrics.timed_tokenize(label):
                 return await self.indexer.tokenize(

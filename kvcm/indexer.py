@@ -139,11 +139,21 @@ class Indexer:
         encoded with special tokens unless add_special_tokens is False; messages are rendered
         with the model's chat template and encoded without adding special tokens.
         Raises tokenize.UnknownModel, tokenize.TokenizerLoadError, chat.TemplateError."""
-        tokenizer = self.tokenizers.get(model)
+        tokenizer = self.tokenizers.get(self.tokenizer_name(model))
         if messages is not None:
             text = tokenizer.render_chat(messages, **chat_options)
             return await self._encode(tokenizer, text, False), text
         return await self._encode(tokenizer, prompt, add_special_tokens), None
+
+    def tokenizer_name(self, model):
+        """Whose tokenizer encodes requests for model: its own, else, for a LoRA adapter, its
+        base model's (vLLM's rule), the base learnt from the streams that published the
+        adapter's blocks."""
+        if model not in self.tokenizers:
+            base = self.sink.base_model(model)
+            if base is not None and base in self.tokenizers:
+                return base
+        return model
 
     async def _encode(self, tokenizer, text, add_special_tokens):
         if len(text) <= OFFLOOP_CHARS:
