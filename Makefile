@@ -2,23 +2,50 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# kvcm and what serving needs; then the test extra of pyproject.toml on top
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+CORE   := kvcm/_core$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
+CORE_SOURCES := kvcm/_core.pyx $(wildcard kvcm/*.pxi kvcm/*.pxd kvcm/*.h) setup.py
+# setuptools warns about its own configuration on every run; nothing a user can act on
+QUIET  := PYTHONWARNINGS=ignore
 
-.PHONY: build test run bench demo annotate clean binary
+.PHONY: build test run bench demo annotate clean binary prereq-binary prereq-valkey prereq-systemd
 
 $(STAMP): pyproject.toml setup.py
+	@$(PYTHON) -c 'import sys; sys.exit("kvcm needs Python >= 3.11; $(PYTHON) is %s" % sys.version.split()[0] if sys.version_info < (3, 11) else 0)'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "setuptools>=65" wheel "Cython>=3.0,<3.4"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(QUIET) $(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
-# Recompiles the core only when a .pyx/.pxi/.h changed (setup.py lists them as depends).
-build: $(STAMP)
-	$(PY) setup.py -q build_ext --inplace
+$(TEST_STAMP): $(STAMP)
+	@mkdir -p .cache
+	$(PY) tests/setup/extra.py test > .cache/test-requirements.txt
+	$(PY) -m pip install -q -r .cache/test-requirements.txt
+	touch $@
 
-test: build
+# The core is compiled again only when a .pyx/.pxi/.pxd/.h or setup.py changed.
+$(CORE): $(CORE_SOURCES) | $(STAMP)
+	$(QUIET) $(PY) setup.py -q build_ext --inplace
+	@touch $@
+
+build: $(CORE)
+
+# The whole suite, nothing skipped: what the tests need is built or installed first, and
+# kept (.cache/, .venv/) for the next run.
+test: build $(TEST_STAMP) prereq-binary prereq-valkey prereq-systemd
 	$(PY) -m pytest
+
+prereq-binary: build $(TEST_STAMP)
+	PYTHON=$(PY) tests/setup/binary.sh
+
+prereq-valkey: $(TEST_STAMP)
+	PYTHON=$(PY) tests/setup/valkey.sh
+
+prereq-systemd:
+	tests/setup/debian.sh systemd-analyze:systemd systemd-socket-activate:systemd || true
 
 run: build
 	$(VENV)/bin/kvcm serve
@@ -36,7 +63,7 @@ binary: build
 	KVCM_ONEDIR=$(if $(ONEDIR),1,0) PYTHON=$(PY) packaging/build.sh
 
 annotate: $(STAMP)
-	KVCM_ANNOTATE=1 $(PY) setup.py -q build_ext --inplace --force
+	KVCM_ANNOTATE=1 $(QUIET) $(PY) setup.py -q build_ext --inplace --force
 
 clean:
-	rm -rf build kvcm/_core.c kvcm/_core.html kvcm/*.so
+	rm -rf build .cache kvcm/_core.c kvcm/_core.html kvcm/*.so

@@ -37,9 +37,9 @@ def until(condition, what, deadline=WAIT):
 def built(path):
     if not path.is_file():
         if IN_CI:
-            pytest.fail("%s is missing: .ci/run must build it (make binary ONEDIR=1) before the tests"
+            pytest.fail("%s is missing: make test builds it (make prereq-binary) before the tests"
                         % path.relative_to(ROOT))
-        pytest.skip("%s is not built: run `make binary` (`make binary ONEDIR=1` for onedir)"
+        pytest.skip("%s is not built: run `make prereq-binary` (make test does)"
                     % path.relative_to(ROOT))
     return path
 

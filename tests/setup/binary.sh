@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# `make prereq-binary`: dist/kvcm and dist/kvcm-onedir/ for the frozen-binary tests
+# (tests/test_binary.py, tests/test_systemd_units.py), built by `make binary ONEDIR=1` only
+# when what goes into them changed: a hash of kvcm/, packaging/, setup.py and pyproject.toml,
+# kept in .cache/binary.stamp. The build needs binutils (installed when missing, as root).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+inputs_hash() {
+    { find kvcm packaging -type f ! -name '*.so' ! -name '*.c' ! -name '*.html' ! -path '*/__pycache__/*' -print0 \
+          | sort -z | xargs -0 sha256sum
+      sha256sum setup.py pyproject.toml
+    } | sha256sum | cut -d' ' -f1
+}
+
+stamp=.cache/binary.stamp
+want=$(inputs_hash)
+if [ -x dist/kvcm ] && [ -x dist/kvcm-onedir/kvcm ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    echo "dist/kvcm and dist/kvcm-onedir are up to date"
+    exit 0
+fi
+if ! tests/setup/debian.sh readelf:binutils strip:binutils objdump:binutils; then
+    echo "warning: cannot build dist/kvcm; the frozen-binary tests will skip" >&2
+    [ "${CI:-}" = true ] && exit 1
+    exit 0
+fi
+rm -f "$stamp"
+make binary ONEDIR=1
+mkdir -p .cache
+echo "$want" > "$stamp"
