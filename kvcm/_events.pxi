@@ -309,20 +309,23 @@ cdef class EventSink:
         return out
 
     def take_changed_namespaces(self):
-        """[(name, mode, extra style, lora)] of namespaces created, switched or whose extra-key
-        style was learnt since the last call, for a shared index to record."""
+        """[(name, mode, extra style, lora, base model or None)] of namespaces created,
+        switched, or whose extra-key style or LoRA base was learnt since the last call, for a
+        shared index to record."""
         out, self._changed = self._changed, []
-        return [(ns.name, ns.mode_name, ns.style_name, ns.lora) for ns in dict.fromkeys(out)]
+        return [(ns.name, ns.mode_name, ns.style_name, ns.lora, ns.base) for ns in dict.fromkeys(out)]
 
-    def adopt_namespace(self, str name, str mode, str style="unknown", bint lora=False):
-        """Takes on a namespace contract another replica recorded: a switch to decoupled mode
-        and a learnt extra-key style (both one-way). Local entries are not cleared: the
-        replica that switched cleared the shared index."""
+    def adopt_namespace(self, str name, str mode, str style="unknown", bint lora=False, base=None):
+        """Takes on a namespace contract another replica recorded: a switch to decoupled mode,
+        a learnt extra-key style (both one-way) and a LoRA's base model. Local entries are
+        not cleared: the replica that switched cleared the shared index."""
         cdef _Namespace ns = self._namespace(name, lora, False)
         if mode == "decoupled":
             ns.mode = MODE_DECOUPLED
         if ns.style == STYLE_UNKNOWN and style in ("tagged", "untagged"):
             ns.style = STYLE_TAGGED if style == "tagged" else STYLE_UNTAGGED
+        if ns.base is None and base:
+            ns.base = base
 
     def clear_pod(self, pod):
         """An engine restarted: its cache is gone in every namespace."""
@@ -726,6 +729,7 @@ cdef class EventSink:
             ns = self._namespace(lora, True, True, ev.lora != NULL)
             if ns.base is None and ctx.model is not None:
                 ns.base = ctx.model
+                self._changed.append(ns)
         if ev.has_parent and ev.parent == 0 and not self._knows(ns, 0):
             # llm-d-inference-sim's array events write 0 for "no parent"
             ev.has_parent = False
