@@ -180,8 +180,10 @@ def test_an_unknown_option_names_its_sub_command(command):
 
 
 def test_serve_options_take_no_abbreviations():
-    proc = run("serve", "--http-p", "1")
-    assert proc.returncode == 2 and b"kvcm serve: error: unrecognized arguments: --http-p 1" in proc.stderr
+    # were --http-p taken for --http-port, kvcm would serve (on free loopback ports) until the timeout
+    proc = subprocess.run([sys.executable, "-m", "kvcm", "serve", "--http-host", "127.0.0.1", "--zmq-bind",
+                           "tcp://127.0.0.1:*", "--http-p", "0"], capture_output=True, timeout=30)
+    assert proc.returncode == 2 and b"kvcm serve: error: unrecognized arguments: --http-p 0" in proc.stderr
 
 
 @pytest.mark.parametrize("content", [b"[1, 2, 3]x", b"\xff\xfe[1,2]", b"{}"], ids=["junk", "not-utf8", "object"])
