@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gosim import llmd_chain, llmd_keys, llmd_root
+from test_events import Rig as events_rig
 from kvcm import _core, _reference
 from kvcm._core import ENGINE_ALGORITHMS, BlockHasher, EventSink, Index, StreamContext
 from kvcm.publisher import block_stored, encode_batch
@@ -21,21 +22,14 @@ PROMPT = list(range(1000, 1064))       # 4 blocks
 LONGER = PROMPT + list(range(5000, 5032))
 
 
-class Rig:
-    """One stream (POD, MODEL) into a fresh Index through an EventSink."""
+class Rig(events_rig):
+    """One stream (POD, MODEL) into a fresh Index through an EventSink; other streams too."""
 
-    def __init__(self, algo="sha256", seed=None, hash_mode="auto", model=MODEL, pod=POD):
-        self.ix = Index()
-        self.warnings = []
-        self.sink = EventSink(self.ix, BS, algo, seed, hash_mode, warn=self.warnings.append)
-        self.ctx = StreamContext(pod, model)
+    def __init__(self, algo="sha256", seed=None, hash_mode="auto"):
+        super().__init__(hash_mode, seed, algo, MODEL, POD)
 
     def apply(self, *events, ctx=None):
         return self.sink.apply(ctx or self.ctx, encode_batch(events, ts=1.0))
-
-    def run(self, tokens, ns=MODEL, salt=None):
-        keys = list(self.sink.keys_for(ns, tokens, cache_salt=salt))
-        return self.ix.lookup_prefix(ns, keys).get(POD, (0, {}))
 
     def drops(self):
         return {name: n for name, n in self.sink.counters.items() if name.startswith("drop_") and n}
