@@ -10,7 +10,7 @@ CORE_SOURCES := kvcm/_core.pyx $(wildcard kvcm/*.pxi kvcm/*.pxd kvcm/*.h) setup.
 # setuptools warns about its own configuration on every run; nothing a user can act on
 QUIET  := PYTHONWARNINGS=ignore
 
-.PHONY: build test run bench demo annotate clean binary prereq-binary prereq-valkey prereq-systemd
+.PHONY: build test run bench demo annotate clean binary prereq-binary prereq-valkey prereq-systemd prereq-chromium
 
 $(STAMP): pyproject.toml setup.py
 	@$(PYTHON) -c 'import sys; sys.exit("kvcm needs Python >= 3.11; $(PYTHON) is %s" % sys.version.split()[0] if sys.version_info < (3, 11) else 0)'
@@ -35,17 +35,26 @@ build: $(CORE)
 
 # The whole suite, nothing skipped: what the tests need is built or installed first, and
 # kept (.cache/, .venv/) for the next run.
-test: build $(TEST_STAMP) prereq-binary prereq-valkey prereq-systemd
+test: build $(TEST_STAMP) prereq-binary prereq-valkey prereq-systemd prereq-chromium
 	$(PY) -m pytest
 
+# Test prerequisites: each builds, installs or finds what some tests need (tests/setup/), and
+# says why when it cannot; those tests then skip with that reason (and fail under CI=true).
+# dist/kvcm and dist/kvcm-onedir, rebuilt only when their sources changed.
 prereq-binary: build $(TEST_STAMP)
 	PYTHON=$(PY) tests/setup/binary.sh
 
+# the valkey-server of the test extra, for the shared-index tests
 prereq-valkey: $(TEST_STAMP)
 	PYTHON=$(PY) tests/setup/valkey.sh
 
+# Debian's systemd tools, for the unit tests (apt-get, as root)
 prereq-systemd:
 	tests/setup/debian.sh systemd-analyze:systemd systemd-socket-activate:systemd || true
+
+# Debian's chromium, for the status page's browser tests (apt-get, as root).
+prereq-chromium:
+	tests/setup/chromium.sh
 
 run: build
 	$(VENV)/bin/kvcm serve

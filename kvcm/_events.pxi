@@ -191,6 +191,7 @@ cdef class _Namespace:
     cdef Mode mode
     cdef Style style
     cdef bint warned  # a forced-parity mismatch was reported
+    cdef readonly object diagnosis  # why the engines' hashes are not kvcm's, once known (str)
     cdef BlockHasher parity     # the engines' chain; its root depends on the name for llmd_fnv64a
     cdef BlockHasher decoupled  # kvcm's own chain, rooted at (seed, name)
     cdef readonly object base   # a LoRA's base model: the model of the streams that fed it
@@ -298,8 +299,11 @@ cdef class EventSink:
         return {name: self._c[i] for i, name in enumerate(COUNTER_NAMES)}
 
     def namespaces(self):
-        """{name: {"mode", "extra_style", "lora"}} for every namespace seen."""
-        return {name: {"mode": ns.mode_name, "extra_style": ns.style_name, "lora": ns.lora}
+        """{name: {"mode", "extra_style", "lora", "diagnosis"}} for every namespace seen;
+        diagnosis is None, or the sentence that reported why the engines' hashes are not
+        kvcm's (kept for operators: the status page, `kvcm doctor`)."""
+        return {name: {"mode": ns.mode_name, "extra_style": ns.style_name, "lora": ns.lora,
+                       "diagnosis": ns.diagnosis}
                 for name, ns in self._namespaces.items()}
 
     def take_switched(self):
@@ -735,8 +739,9 @@ cdef class EventSink:
             ev.has_parent = False
         if ns.mode == MODE_PARITY and bs != self.block_size:
             self._c[<int>C_BLOCK_SIZE_DECOUPLED] += 1
-            self._switch(ctx, ns, "model %r: engines publish %d-token blocks but --block-size is %d; "
-                         "kvcm keys this model with its own hashes (decoupled mode)" % (ns.name, bs, self.block_size))
+            ns.diagnosis = "model %r: engines publish %d-token blocks but --block-size is %d" % (
+                ns.name, bs, self.block_size)
+            self._switch(ctx, ns, ns.diagnosis + "; kvcm keys this model with its own hashes (decoupled mode)")
         if ns.mode == MODE_PARITY:
             if ev.has_parent or self._verify(ctx, ns, ev, extras):
                 self._store(ctx, ns, self._hashes.data, n, tier)
@@ -745,11 +750,11 @@ cdef class EventSink:
                 # parity is forced: keep the engine's keys, but never fail silently
                 if not ns.warned:
                     ns.warned = True
-                    self._report(self._diagnose(ns, ev, extras) + " --hash-mode vllm keeps parity, so "
+                    self._report(self._mismatch(ns, ev, extras) + " --hash-mode vllm keeps parity, so "
                                  "scoring by tokens will not find this model's blocks.")
                 self._store(ctx, ns, self._hashes.data, n, tier)
                 return
-            self._switch(ctx, ns, self._diagnose(ns, ev, extras) +
+            self._switch(ctx, ns, self._mismatch(ns, ev, extras) +
                          " Keying it with kvcm's own hashes (decoupled mode).")
         self._stored_decoupled(ctx, ns, ev, extras, bs, lora, tier)
 
@@ -940,6 +945,11 @@ cdef class EventSink:
         self._c[<int>C_PARITY_MISMATCH] += 1
         return False
 
+    cdef str _mismatch(self, _Namespace ns, Event *ev, extras):
+        """The diagnosis of a parity mismatch, kept on the namespace for display."""
+        ns.diagnosis = self._diagnose(ns, ev, extras)
+        return ns.diagnosis
+
     cdef str _diagnose(self, _Namespace ns, Event *ev, extras):
         """What a parity mismatch means: the likely engine setting, when one matches."""
         seeds = [self.hash_seed] + [s for s in _LIKELY_SEEDS if s != self.hash_seed]
@@ -960,7 +970,7 @@ cdef class EventSink:
                     else:
                         found = "the engines' block hashes match %s" % setting
                     return ("model %r: %s, not kvcm's --hash-algo %s --hash-seed %s. Set --hash-algo/--hash-seed "
-                            "as the engines hash (vLLM: --prefix-caching-hash-algo and PYTHONHASHSEED) for parity."
+                            "to the engines' --prefix-caching-hash-algo/PYTHONHASHSEED for parity."
                             % (ns.name, found, self.hash_algo, _seed_flag(self.hash_seed)))
         alias = ""
         if self.hash_algo == "llmd_fnv64a":

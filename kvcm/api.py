@@ -14,6 +14,7 @@ from kvcm import chat, tokenize
 from kvcm.http import BadRequest, HttpError, Response, Router, json_response
 from kvcm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvcm.shared_index import IndexUnavailable
+from kvcm.status import Status
 
 log = logging.getLogger("kvcm.api")
 
@@ -125,6 +126,10 @@ class Api:
         r.add("GET", "/health", self.health)
         r.add("GET", "/ready", self.readiness)
         r.add("GET", "/metrics", self.metrics_text)
+        self.status = Status(indexer, metrics, self.not_ready)
+        r.add("GET", "/v1/status", self.status.json)
+        r.add("GET", "/", self.status.page)
+        r.add("GET", "/status", self.status.page)
 
     # -- scoring ---------------------------------------------------------------------------
 
@@ -292,12 +297,19 @@ class Api:
         return json_response(200, {"status": "ok"})
 
     def readiness(self, request):
+        reason = self.not_ready()
+        if reason is not None:
+            raise HttpError(503, "not ready: " + reason)
+        return json_response(200, {"status": "ready"})
+
+    def not_ready(self):
+        """None when kvcm is ready, else why not."""
         if not self.ready():
-            raise HttpError(503, "not ready: listeners are not up yet")
+            return "listeners are not up yet"
         reason = self.indexer.unavailable
         if reason is not None:
-            raise HttpError(503, "not ready: the shared index is unavailable: %s" % reason)
-        return json_response(200, {"status": "ready"})
+            return "the shared index is unavailable: %s" % reason
+        return None
 
     def metrics_text(self, request):
         return Response(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
@@ -320,7 +332,8 @@ def _is_loopback(peer):
 
 
 _STATIC_ENDPOINTS = frozenset(("/v1/score", "/score_completions", "/score_chat_completions", "/v1/tokenize",
-                               "/v1/hash", "/v1/pods", "/v1/engines", "/health", "/ready", "/metrics"))
+                               "/v1/hash", "/v1/pods", "/v1/engines", "/health", "/ready", "/metrics",
+                               "/v1/status", "/", "/status"))
 _PARAM_ENDPOINTS = (("/v1/pods/", "/v1/pods/{pod}"), ("/v1/engines/", "/v1/engines/{name}"))
 
 

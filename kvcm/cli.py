@@ -132,6 +132,12 @@ def cmd_sim(args):
     return app.main(args)
 
 
+def cmd_doctor(args):
+    from kvcm import doctor
+
+    return doctor.main(args)
+
+
 def _post(url, path, payload):
     """POSTs JSON to a running kvcm; (status, parsed body)."""
     import urllib.error
@@ -215,6 +221,16 @@ def build_parser():
                                    "pool with prefix caching, and vLLM's KV events over ZMQ.")
     add_sim_arguments(p)
     p.set_defaults(func=cmd_sim)
+
+    from kvcm.doctor import add_doctor_arguments
+
+    p = sub.add_parser("doctor", help="check an engine's KV events (or a running kvcm's streams) against kvcm's settings",
+                       description="Listen to an engine's KV-event stream (or read a running kvcm's streams) and "
+                                   "say in plain sentences whether it suits kvcm's hash settings and what to change. "
+                                   "Exit status 0 when healthy, 1 with problems.")
+    add_doctor_arguments(p)
+    add_hash_options(p.add_argument_group("kvcm serve's hash settings to check against (its defaults)"))
+    p.set_defaults(func=cmd_doctor)
 
     for name, func, text, with_tokens in (
             ("score", cmd_score, "ask a running kvcm which pods cache a prompt's prefix", True),

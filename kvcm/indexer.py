@@ -55,6 +55,10 @@ class Indexer:
         self.tokenizers = tokenizers if tokenizers is not None else TokenizerRegistry(
             cfg.tokenizer, cfg.tokenizers_dir)
         self.started = False
+        # What scoring found, for /metrics and the status page: requests, and those where some
+        # pod held the first block (a pod without it is not in the result). Only what costs
+        # nothing more to know: this runs on every scoring request.
+        self.score_counts = {"requests": 0, "warm": 0}
 
     @property
     def remote(self):
@@ -124,6 +128,10 @@ class Indexer:
 
     def _result(self, model, token_ids, keys, detailed):
         block_size = self.config.block_size
+        counts = self.score_counts
+        counts["requests"] += 1
+        if detailed:
+            counts["warm"] += 1
         return {
             "model": model,
             "scores": {pod: score for pod, (score, _, _) in detailed.items()},

@@ -1,8 +1,8 @@
 """Prometheus metrics (GET /metrics).
 
-Ingest and index figures are read from the counters the core and the transport already keep,
-at scrape time, so the event path pays nothing for them. Only HTTP requests and tokenizer
-calls are observed as they happen, into histograms.
+Ingest, index and scoring figures are read from the counters the core, the transport and
+the Indexer already keep, at scrape time, so the event path pays nothing for them. Only HTTP
+requests and tokenizer calls are observed as they happen, into histograms.
 """
 
 import time
@@ -28,6 +28,13 @@ _SINK_COUNTERS = {
     "offload_unresolved": ("kvcm_ingest_offload_unresolved_total", "Token-less BlockStored hashes kvcm could not resolve", None),
     "remove_unresolved": ("kvcm_ingest_remove_unresolved_total", "BlockRemoved hashes kvcm could not resolve", None),
 }
+# Indexer.score_counts -> (metric, help)
+_SCORE_COUNTERS = {
+    "requests": ("kvcm_score_requests_total", "Scoring requests answered"),
+    "warm": ("kvcm_score_warm_requests_total", "Scoring requests where some pod held the prompt's first block"),
+}
+# The routes that score: their request latencies are the scoring latency.
+SCORE_ENDPOINTS = ("/v1/score", "/score_completions", "/score_chat_completions")
 _EVENT_TYPES = {"events_stored": "BlockStored", "events_removed": "BlockRemoved",
                 "events_cleared": "AllBlocksCleared", "events_unknown_tag": "unknown"}
 
@@ -36,8 +43,9 @@ class Metrics:
     """The registry behind /metrics, reading from an Indexer."""
 
     def __init__(self, indexer):
+        self.start_time = time.time()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_IndexerCollector(indexer))
+        self.registry.register(_IndexerCollector(indexer, self.start_time))
         if indexer.shared is not None:
             self.registry.register(indexer.shared.rtt)
         self.requests = Histogram(
@@ -63,6 +71,41 @@ class Metrics:
     def render(self):
         return generate_latest(self.registry)
 
+    def latency_buckets(self, endpoints=SCORE_ENDPOINTS):
+        """{upper bound: cumulative count} of the successful requests to endpoints, summed
+        over methods (the request histogram's buckets, +inf included)."""
+        out = {}
+        for family in self.requests.collect():
+            for sample in family.samples:
+                labels = sample.labels
+                if (sample.name.endswith("_bucket") and labels["endpoint"] in endpoints
+                        and labels["status"].startswith("2")):
+                    bound = float(labels["le"])
+                    out[bound] = out.get(bound, 0) + sample.value
+        return out
+
+
+def quantile(q, buckets):
+    """The q-quantile (0 < q < 1) of a histogram given as {upper bound: cumulative count}, as
+    Prometheus' histogram_quantile estimates it (linear within a bucket; the highest finite
+    bound when it falls in +inf); None when the histogram is empty."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            if count == below:
+                return bound
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    return lower
+
 
 class _Timer:
     __slots__ = ("child", "start")
@@ -78,16 +121,25 @@ class _Timer:
 
 
 class _IndexerCollector:
-    def __init__(self, indexer):
+    def __init__(self, indexer, start_time):
         self.indexer = indexer
+        self.start_time = start_time
 
     def collect(self):
+        yield GaugeMetricFamily("kvcm_start_time_seconds", "When this kvcm started (Unix time)",
+                                value=self.start_time)
+        yield from self._scoring()
         yield from self._sink()
         yield from self._transport()
         if self.indexer.shared is None:
             yield from self._index()
         else:
             yield from self._shared(self.indexer.shared)
+
+    def _scoring(self):
+        counts = self.indexer.score_counts
+        for name, (metric, text) in _SCORE_COUNTERS.items():
+            yield _counter(metric, text, counts[name])
 
     def _sink(self):
         counters = self.indexer.sink.counters
@@ -142,6 +194,12 @@ class _IndexerCollector:
         for tier, n in sorted(by_tier.items()):
             entries.add_metric((tier,), n)
         yield entries
+        # one series per pod and tier: pods are bounded by the ingest's stream limit
+        per_pod = GaugeMetricFamily("kvcm_pod_blocks", "Blocks each pod holds, by tier", labels=("pod", "tier"))
+        for pod, tiers in sorted(stats["pods"].items()):
+            for tier, n in sorted(tiers.items()):
+                per_pod.add_metric((pod, tier), n)
+        yield per_pod
 
 
     def _shared(self, shared):

@@ -214,6 +214,12 @@ def test_serve_ingests_vllm_captures_and_scores_them(binary, serve, bare, shared
     for name, tokens, scores in cases:
         reply = server.ok("POST", "/v1/score", {"model": name, "token_ids": tokens})
         assert reply["scores"] == pytest.approx(scores), (tokens[:4], len(tokens), reply)
+    # the status page, from the bundle too
+    streams = server.ok("GET", "/v1/status")["streams"]
+    assert {s["pod"] for s in streams} == {c.pod for c in captures}
+    status, page = server.request("GET", "/")
+    assert status == 200 and all(("<td data-key=\"pod\" class=\"\">%s</td>" % c.pod).encode() in page
+                                 for c in captures)
 
     # The watchdog pings come from the interpreter too, WATCHDOG_PID being its parent's pid.
     until(lambda: server.notify.count("WATCHDOG=1") >= 2, "two WATCHDOG=1 pings")
