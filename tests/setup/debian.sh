@@ -14,8 +14,11 @@ done
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${missing[*]} (Debian)"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    export DEBIAN_FRONTEND=noninteractive
+    # other jobs on the machine may hold apt's lock: wait for it rather than fail
+    apt_get() { apt-get -o DPkg::Lock::Timeout=600 "$@"; }
+    apt_get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+        || { apt_get update -qq && apt_get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
 else
     echo "warning: ${missing[*]} missing and not installable here (needs root and apt-get)" >&2
     exit 1
