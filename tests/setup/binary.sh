@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # `make prereq-binary`: dist/kvcm and dist/kvcm-onedir/ for the frozen-binary tests
 # (tests/test_binary.py, tests/test_systemd_units.py), built by `make binary ONEDIR=1` only
-# when what goes into them changed: a hash of kvcm/, packaging/, setup.py and pyproject.toml,
-# kept in .cache/binary.stamp. The build needs binutils (installed when missing, as root).
+# when what goes into them changed: a hash of kvcm/, the files of packaging/ (not its
+# sub-directories: dashboards), setup.py and pyproject.toml, kept in .cache/binary.stamp.
+# The build needs binutils (installed when missing, as root).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 inputs_hash() {
-    { find kvcm packaging -type f ! -name '*.so' ! -name '*.c' ! -name '*.html' ! -path '*/__pycache__/*' -print0 \
-          | sort -z | xargs -0 sha256sum
+    { { find kvcm -type f ! -name '*.so' ! -name '*.c' ! -name '*.html' ! -path '*/__pycache__/*' -print0
+        find packaging -maxdepth 1 -type f -print0; } | sort -z | xargs -0 sha256sum
       sha256sum setup.py pyproject.toml
     } | sha256sum | cut -d' ' -f1
 }
