@@ -10,7 +10,7 @@ CORE_SOURCES := kvcm/_core.pyx $(wildcard kvcm/*.pxi kvcm/*.pxd kvcm/*.h) setup.
 # setuptools warns about its own configuration on every run; nothing a user can act on
 QUIET  := PYTHONWARNINGS=ignore
 
-.PHONY: build test run bench demo annotate clean binary prereq-binary prereq-valkey prereq-systemd prereq-chromium
+.PHONY: build test run bench demo annotate clean binary prereq-binary prereq-valkey prereq-systemd prereq-chromium prereq-dynamo
 
 $(STAMP): pyproject.toml setup.py
 	@$(PYTHON) -c 'import sys; sys.exit("kvcm needs Python >= 3.11; $(PYTHON) is %s" % sys.version.split()[0] if sys.version_info < (3, 11) else 0)'
@@ -35,11 +35,12 @@ build: $(CORE)
 
 # The whole suite, nothing skipped: what the tests need is built or installed first, and
 # kept (.cache/, .venv/) for the next run.
-test: build $(TEST_STAMP) prereq-binary prereq-valkey prereq-systemd prereq-chromium
+test: build $(TEST_STAMP) prereq-binary prereq-valkey prereq-systemd prereq-chromium prereq-dynamo
 	$(PY) -m pytest
 
 # Test prerequisites: each builds, installs or finds what some tests need (tests/setup/), and
 # says why when it cannot; those tests then skip with that reason (and fail under CI=true).
+# Cached under .cache/.
 # dist/kvcm and dist/kvcm-onedir, rebuilt only when their sources changed.
 prereq-binary: build $(TEST_STAMP)
 	PYTHON=$(PY) tests/setup/binary.sh
@@ -56,15 +57,20 @@ prereq-systemd:
 prereq-chromium:
 	tests/setup/chromium.sh
 
+# NVIDIA Dynamo's indexer in a venv of its own (.cache/dynamo-venv): the peer of the
+# `kvcm bench index --target dynamo` tests
+prereq-dynamo:
+	PYTHON=$(PYTHON) tests/setup/dynamo.sh
+
 run: build
 	$(VENV)/bin/kvcm serve
 
 bench: build
 	$(PY) benchmarks/run.py
 
-# kvcm serve + three `kvcm sim` engines: kvcm-routed vs random routing, side by side
+# a short `kvcm bench routing`: kvcm serve + three `kvcm sim` engines, every routing policy
 demo: build
-	$(PY) -m kvcm.sim.demo
+	$(VENV)/bin/kvcm bench routing --engines 3 --requests 60 --repeats 1
 
 # dist/kvcm (PyInstaller onefile) + dist/THIRD_PARTY_LICENSES; `make binary ONEDIR=1` adds
 # dist/kvcm-onedir/. Installs PyInstaller into the venv the first time.

@@ -27,8 +27,8 @@ each have a core. Nothing is pinned.
   per stored key, a TTL on every engine key).
 - memory: INFO memory used_memory before and after storing 200,000 blocks for 1 pod, then the
   same blocks for 3 more pods; and 200,000 blocks in decoupled mode (an engine-hash key each).
-- serve: the whole path through `kvcm serve` subprocesses (benchmarks/service.py's Server,
-  Publishers, Client): 16 publisher processes per server sending 819,200 blocks over ZMQ into
+- serve: the whole path through `kvcm serve` subprocesses (kvcm bench's servers, engines and
+  HTTP client, kvcm/bench/): 16 engines per server sending 819,200 blocks over ZMQ into
   an in-memory server, one shared replica, and two shared replicas at once (blocks/s until
   every batch is applied and, shared, written); publish -> visible on the same replica and
   from replica A to replica B; /v1/score (4096 tokens, 16 pods) on replica B idle, while
@@ -59,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -68,8 +69,10 @@ import redis  # noqa: E402
 import uvloop  # noqa: E402
 
 import run  # noqa: E402  (the core benchmarks: reporting helpers and workloads)
-import service  # noqa: E402  (the service benchmarks: kvcm serve, publishers, an HTTP client)
 from kvcm import _core, redis_store  # noqa: E402
+from kvcm.bench import load, phases as bench_phases, targets as bench_targets  # noqa: E402
+from kvcm.bench.engines import Background, Engines  # noqa: E402
+from kvcm.bench.workload import Query, Spec, Stream as BenchStream, Workload  # noqa: E402
 from kvcm.config import load_config  # noqa: E402
 from kvcm.indexer import Indexer  # noqa: E402
 from kvcm.publisher import block_stored, encode_batch  # noqa: E402
@@ -719,79 +722,192 @@ async def bench_memory(server, repeats):
 
 
 # ---- 4. serve: `kvcm serve` processes, ZMQ in and HTTP out ----------------------------------
+# The servers, engines, HTTP load and publish -> visible probes are kvcm bench's
+# (kvcm/bench/): what this part adds is the shared store, two replicas, and the store's
+# progress read from /metrics.
 
-SERVE_BATCHES = 400   # per publisher: 16 publishers x 400 batches x 128 blocks = 819,200 blocks
+SERVE_ENGINES = 16
+SERVE_BATCHES = 400   # per engine: 16 engines x 400 batches x 128 blocks = 819,200 blocks
 SERVE_PROBES = 200
 SERVE_WINDOW_S = 2.0
 SERVE_BACKLOG = 1_000_000   # --redis-backlog: a pass queues up to 51,200 events; no drop here
 SERVE_PACED_RATE = 100_000  # blocks/s: an ingest well below what the store takes
+SERVE_BATCH_BLOCKS = EVENTS_PER_BATCH * BLOCK
 
 
-def store_progress(client):
+class Replica:
+    """`kvcm serve` (in memory, or sharing redis_server) started by kvcm bench's targets, and a
+    keep-alive connection to it."""
+
+    def __init__(self, redis_server=None):
+        args = [] if redis_server is None else ["--index", redis_server.url, "--redis-backlog", str(SERVE_BACKLOG)]
+        spec = bench_targets.TargetSpec("kvcm", bench_targets.NativeApi(NS, BLOCK),
+                                        start=lambda s: bench_targets.start_kvcm(s, args))
+        self.target = spec.start()
+        self.conn = load.Connection(self.target.address)
+
+    def as_model(self, model):
+        """The same server, its engines publishing `model` (streams of their own: no restart)."""
+        t = self.target
+        return bench_targets.Target(t.name, bench_targets.NativeApi(model, BLOCK), t.address, t.zmq, t.process)
+
+    def metrics(self):
+        """{name: value} of the unlabelled samples of /metrics."""
+        status, body = self.conn.call(load.request_bytes("GET", "/metrics"))
+        assert status == 200, status
+        out = {}
+        for line in body.decode().splitlines():
+            if line and not line.startswith("#") and "{" not in line:
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def cpu_seconds(self):
+        with open("/proc/%d/stat" % self.target.process.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def close(self):
+        self.conn.close()
+        self.target.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def wait_until(what, check, timeout=DEADLINE, interval=0.01):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError("timed out after %.0f s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def store_progress(replica):
     """(records the store has answered, events still queued, events dropped) per /metrics."""
-    m = client.metrics()
+    m = replica.metrics()
     answered = sum(m["kvcm_redis_records_%s_total" % k] for k in ("written", "duplicate", "refused"))
     return answered, m["kvcm_redis_backlog_events"], m["kvcm_redis_backlog_dropped_events_total"]
 
 
-def store_drained(client):
-    service.wait_until("the store to drain", lambda: store_progress(client)[1] == 0, DEADLINE, 0.01)
+def store_drained(replica):
+    wait_until("the store to drain", lambda: store_progress(replica)[1] == 0)
 
 
-def serve_ingest(replicas, seed, shared, first_pod):
-    """16 publisher processes of their own pods per replica (pods first_pod.., pods no server
-    has seen: a new publisher on a known pod is an engine restart), started together, each sending
-    SERVE_BATCHES batches as fast as it can. Returns blocks/s over all replicas from the go
-    signal until every replica has applied every batch (/metrics) and, shared, the store has
-    answered every record with nothing left queued; then checks that every block was counted,
-    no gap was seen and nothing was dropped."""
-    expected = service.PODS * SERVE_BATCHES
+def engine_workload():
+    """kvcm bench's workload, for its engines' connect handshake and probes only."""
+    return Workload(Spec(engines=SERVE_ENGINES, blocks=SERVE_ENGINES, system_tokens=0))
+
+
+def random_streams(seed):
+    """Per engine, SERVE_BATCHES batches of EVENTS_PER_BATCH BlockStored events of 16 fresh
+    random hashes, parents set (parity mode stores them as they are)."""
+    streams = [BenchStream(i) for i in range(SERVE_ENGINES)]
+    for p, _, payload in chain_batches(seed, SERVE_ENGINES, SERVE_BATCHES, False):
+        streams[p].payloads.append(payload)
+        streams[p].blocks += SERVE_BATCH_BLOCKS
+    return streams
+
+
+def connected_engines(replica, model):
+    engines = Engines(engine_workload(), replica.as_model(model))
+    try:
+        engines.connect(replica.conn)
+    except BaseException:
+        engines.close()
+        raise
+    return engines
+
+
+def query_chain(replica, model, tokens, pods_blocks):
+    """Engine i of `model` stores the first pods_blocks[i] blocks of tokens (vLLM's hashes)."""
+    hasher = _core.BlockHasher("sha256", None, BLOCK)
+    keys = list(hasher.keys(tokens))
+    streams = []
+    for i, n in enumerate(pods_blocks):
+        s = BenchStream(i)
+        events = [block_stored(keys[b:min(b + BLOCK, n)], keys[b - 1] if b else None,
+                               tokens[b * BLOCK:min(b + BLOCK, n) * BLOCK], BLOCK) for b in range(0, n, BLOCK)]
+        s.payloads = [encode_batch(events[j:j + EVENTS_PER_BATCH], ts=1.7e9) for j in range(0, len(events), EVENTS_PER_BATCH)]
+        s.blocks = n
+        streams.append(s)
+    engines = connected_engines(replica, model)
+    try:
+        engines.send(streams)
+    finally:
+        engines.close()
+
+
+def serve_ingest(replicas, seed, shared, model):
+    """SERVE_ENGINES engines of their own per replica (publishing `model`, a stream no server
+    has seen), started together, each sending its batches as fast as it can. Returns blocks/s
+    over all replicas from the first send until every replica has applied every batch
+    (/metrics) and, shared, the store has answered every record with nothing left queued;
+    then checks that every block was counted, no gap was seen and nothing was dropped."""
+    expected = SERVE_ENGINES * SERVE_BATCHES
     with contextlib.ExitStack() as stack:
         groups = []
-        for r, (server, client) in enumerate(replicas):
-            pubs = stack.enter_context(service.Publishers(server, client, seed * 10 + r, SERVE_BATCHES,
-                                                          pod_offset=first_pod + r * service.PODS))
-            pubs.start()
-            groups.append(pubs)
+        for r, replica in enumerate(replicas):
+            engines = connected_engines(replica, "%s-%d" % (model, r))
+            stack.callback(engines.close)
+            groups.append((engines, random_streams(seed * 10 + r)))
         if shared:   # the connection pokes: written before the clock starts
-            for _, client in replicas:
-                store_drained(client)
-        base = [client.metrics() for _, client in replicas]
-        answered0 = [store_progress(client)[0] if shared else 0 for _, client in replicas]
-        cpu0 = [server.cpu_seconds() for server, _ in replicas]
+            for replica in replicas:
+                store_drained(replica)
+        base = [replica.metrics() for replica in replicas]
+        answered0 = [store_progress(replica)[0] if shared else 0 for replica in replicas]
+        cpu0 = [replica.cpu_seconds() for replica in replicas]
         t0 = time.perf_counter()
-        for pubs in groups:
-            pubs.ctl["go"].set()
+        senders = [Background(engines.send, streams) for engines, streams in groups]
 
         def finished():
-            for (_, client), m0, a0 in zip(replicas, base, answered0):
-                m = client.metrics()
+            for replica, m0, a0 in zip(replicas, base, answered0):
+                m = replica.metrics()
                 if m["kvcm_ingest_applied_batches_total"] - m0["kvcm_ingest_applied_batches_total"] < expected:
                     return False
                 if shared:
-                    answered, queued, _ = store_progress(client)
+                    answered, queued, _ = store_progress(replica)
                     if answered - a0 < expected or queued:
                         return False
             return True
-        service.wait_until("every batch applied%s" % (" and written" if shared else ""), finished, 120, 0.01)
+        wait_until("every batch applied%s" % (" and written" if shared else ""), finished, 120)
         seconds = time.perf_counter() - t0
-        cpu = sum(server.cpu_seconds() - c for (server, _), c in zip(replicas, cpu0))
-        for (_, client), m0 in zip(replicas, base):
-            m = client.metrics()
+        for sender in senders:
+            sender.result()
+        cpu = sum(replica.cpu_seconds() - c for replica, c in zip(replicas, cpu0))
+        for replica, m0 in zip(replicas, base):
+            m = replica.metrics()
             assert m["kvcm_ingest_blocks_stored_total"] - m0["kvcm_ingest_blocks_stored_total"] == \
-                expected * service.BATCH_BLOCKS, m
+                expected * SERVE_BATCH_BLOCKS, m
             assert m["kvcm_ingest_gaps_total"] == m0["kvcm_ingest_gaps_total"], m
             if shared:
-                assert store_progress(client)[2] == 0, "the backlog dropped events"
+                assert store_progress(replica)[2] == 0, "the backlog dropped events"
                 assert m["kvcm_redis_records_written_total"] - m0["kvcm_redis_records_written_total"] == expected, m
-    blocks = expected * service.BATCH_BLOCKS * len(replicas)
+    blocks = expected * SERVE_BATCH_BLOCKS * len(replicas)
     return {"blocks_per_s": blocks / seconds, "seconds": seconds, "kvcm_cpu": cpu / seconds}
 
 
-def serve_servers(redis_server, n, *args):
-    """n `kvcm serve` replicas sharing redis_server (None: one in-memory server)."""
-    index = () if redis_server is None else ("--index", redis_server.url, "--redis-backlog", str(SERVE_BACKLOG))
-    return [service.Server(*index, *args) for _ in range(n if redis_server else 1)]
+def probe_latency(publish_to, poll, model):
+    """kvcm bench's publish -> visible probes: published to one replica, polled on another."""
+    engines = connected_engines(publish_to, model)
+    try:
+        ctx = types.SimpleNamespace(workload=engines.workload, target=publish_to.as_model(model),
+                                    conn=poll.conn, engines=engines)
+        got = bench_phases.freshness(ctx, SERVE_PROBES)
+    finally:
+        engines.close()
+    return {"p50": got["latency"].percentile_us(50) * 1e3, "p99": got["latency"].percentile_us(99) * 1e3,
+            "rtt_p50": (got["poll_rtt"].percentile_us(50) or 0) * 1e3}
+
+
+def closed_loop(replica, request, seconds=SERVE_WINDOW_S):
+    return percentiles(load.closed_loop(replica.target.address, [request], 10 ** 9, 1, seconds))
 
 
 def serve_run(redis_server, seed):
@@ -802,60 +918,67 @@ def serve_run(redis_server, seed):
     out = {}
     redis_server.flush()
     with contextlib.ExitStack() as stack:
-        memory = stack.enter_context(serve_servers(None, 1)[0])
-        a, b = [stack.enter_context(s) for s in serve_servers(redis_server, 2)]
-        cm, ca, cb = (stack.enter_context(contextlib.closing(service.Client(s.port))) for s in (memory, a, b))
+        memory = stack.enter_context(Replica())
+        a = stack.enter_context(Replica(redis_server))
+        b = stack.enter_context(Replica(redis_server))
 
-        # /v1/score: one 4096-token query chain on both indexes, pod i (0..15) holding 16 (i + 1) blocks
-        queries = service.prefill(memory, cm, background_per_pod=0)
-        assert service.prefill(a, ca, background_per_pod=0) == queries
-        store_drained(ca)
-        req = service.score_request(NS, queries[NS])
-        scores = cm.json(req)["scores"]
-        assert len(scores) >= service.PODS and cb.json(req)["scores"] == scores, "the replicas disagree"
-        service.closed_loop(cb, req, 0.3)  # warm-up
-        out["score_memory"] = percentiles(service.closed_loop(cm, req, SERVE_WINDOW_S))
-        out["score_idle"] = percentiles(service.closed_loop(cb, req, SERVE_WINDOW_S))
-        with service.Publishers(a, ca, seed + 200, SERVE_BATCHES, pod_offset=service.PODS) as pubs:
-            pubs.start()
-            store_drained(ca)
-            answered0 = store_progress(ca)[0]
-            pubs.ctl["go"].set()
-            time.sleep(0.2)   # the publishers' first batches reach the store
-            out["score_loaded"] = percentiles(service.closed_loop(cb, req, SERVE_WINDOW_S))
-            out["loaded_records"] = store_progress(ca)[0] - answered0
-        store_drained(ca)
-        rate = SERVE_PACED_RATE / service.BATCH_BLOCKS / service.PODS   # batches/s per publisher
-        with service.Publishers(a, ca, seed + 300, SERVE_BATCHES, rate=rate, pod_offset=5 * service.PODS) as pubs:
-            pubs.start()
-            store_drained(ca)
-            pubs.ctl["go"].set()
-            pubs.ctl["on"].set()
+        # /v1/score: one 4096-token query chain on both indexes, engine i (0..15) holding 16 (i + 1) blocks
+        tokens = run.random_tokens(random.Random(11), 4096)
+        layout = [BLOCK * (i + 1) for i in range(SERVE_ENGINES)]
+        api = bench_targets.NativeApi(NS, BLOCK)
+        request = api.query(Query(tokens, {}))
+        want = {i: n * BLOCK for i, n in enumerate(layout)}
+        for replica in (memory, a):
+            query_chain(replica, NS, tokens, layout)
+        store_drained(a)
+        for replica in (memory, b):
+            wait_until("the query chain", lambda r=replica: api.matched(r.conn.call(request)[1]) == want)
+        closed_loop(b, request, 0.3)  # warm-up
+        out["score_memory"] = closed_loop(memory, request)
+        out["score_idle"] = closed_loop(b, request)
+        engines = connected_engines(a, "loaded")
+        try:
+            store_drained(a)
+            answered0 = store_progress(a)[0]
+            sender = Background(engines.send, random_streams(seed + 200))
+            time.sleep(0.2)   # the engines' first batches reach the store
+            out["score_loaded"] = closed_loop(b, request)
+            out["loaded_records"] = store_progress(a)[0] - answered0
+            sender.result()
+        finally:
+            engines.close()
+        store_drained(a)
+        engines = connected_engines(a, "paced")
+        try:
+            store_drained(a)
+            sender = Background(engines.send_paced, random_streams(seed + 300), SERVE_PACED_RATE)
             time.sleep(0.3)   # ramp up
-            answered0, t0 = store_progress(ca)[0], time.perf_counter()
-            out["score_paced"] = percentiles(service.closed_loop(cb, req, SERVE_WINDOW_S))
-            out["paced_blocks_per_s"] = ((store_progress(ca)[0] - answered0) * service.BATCH_BLOCKS
-                                         / (time.perf_counter() - t0))
-        assert cb.json(req)["scores"] == scores
+            answered0, t0 = store_progress(a)[0], time.perf_counter()
+            out["score_paced"] = closed_loop(b, request)
+            out["paced_blocks_per_s"] = (store_progress(a)[0] - answered0) * SERVE_BATCH_BLOCKS / (time.perf_counter() - t0)
+            sender.result()
+        finally:
+            engines.close()
+        assert api.matched(b.conn.call(request)[1]) == want
 
-        out["memory"] = serve_ingest([(memory, cm)], seed, False, 2 * service.PODS)
+        out["memory"] = serve_ingest([memory], seed, False, "ingest")
         rcpu0 = redis_server.cpu_ns()
-        out["shared"] = serve_ingest([(a, ca)], seed, True, 2 * service.PODS)
+        out["shared"] = serve_ingest([a], seed, True, "ingest")
         out["shared"]["redis_cpu"] = (redis_server.cpu_ns() - rcpu0) / 1e9 / out["shared"]["seconds"]
         rcpu0 = redis_server.cpu_ns()
-        out["two"] = serve_ingest([(a, ca), (b, cb)], seed + 100, True, 3 * service.PODS)
+        out["two"] = serve_ingest([a, b], seed + 100, True, "ingest-two")
         out["two"]["redis_cpu"] = (redis_server.cpu_ns() - rcpu0) / 1e9 / out["two"]["seconds"]
-        out["probe_memory"] = service.probe_latency(memory, cm, SERVE_PROBES)
-        out["probe_same"] = service.probe_latency(a, ca, SERVE_PROBES)
-        out["probe_across"] = service.probe_latency(a, ca, SERVE_PROBES, poll_client=cb)
+        out["probe_memory"] = probe_latency(memory, memory, "probe")
+        out["probe_same"] = probe_latency(a, a, "probe")
+        out["probe_across"] = probe_latency(a, b, "probe-across")
     return out
 
 
 async def bench_serve(server, repeats):
-    """`kvcm serve` subprocesses (benchmarks/service.py's Server: `python -m kvcm serve` on
-    127.0.0.1, free ports), the engines' events from publisher processes over ZMQ, HTTP from
-    a keep-alive client in this process: the whole path, not the pieces of the other
-    benchmarks. Blocking calls on the loop: nothing else runs on it meanwhile."""
+    """`kvcm serve` subprocesses (kvcm bench's: `kvcm serve` on 127.0.0.1, free ports), the
+    engines' events from kvcm bench's publishers over ZMQ, HTTP from its keep-alive client in
+    this process: the whole path, not the pieces of the other benchmarks. Blocking calls on
+    the loop: nothing else runs on it meanwhile."""
     runs = []
     for r in range(repeats):
         la = loadavg()
@@ -867,16 +990,16 @@ async def bench_serve(server, repeats):
                 r + 1, res["memory"]["blocks_per_s"] / 1e6, res["shared"]["blocks_per_s"] / 1e3,
                 res["two"]["blocks_per_s"] / 1e3, la), flush=True)
     med = lambda f: statistics.median(f(x) for x in runs)  # noqa: E731
-    per_replica = service.PODS * SERVE_BATCHES * service.BATCH_BLOCKS
+    per_replica = SERVE_ENGINES * SERVE_BATCHES * SERVE_BATCH_BLOCKS
     rows = []
     for key, label, n in (("memory", "memory index, one server", 1), ("shared", "shared index, one replica", 1),
-                          ("two", "shared index, two replicas at once (their own pods each)", 2)):
+                          ("two", "shared index, two replicas at once (their own engines each)", 2)):
         note = "%d blocks; runs %s k/s; kvcm CPU %.0f%% of a core" % (
             per_replica * n, ", ".join("%.0f" % (x[key]["blocks_per_s"] / 1e3) for x in runs),
             med(lambda x: x[key]["kvcm_cpu"]) * 100)
         if key != "memory":
             note += "; redis-server CPU %.0f%%" % (med(lambda x: x[key]["redis_cpu"]) * 100)
-        rows.append(row("ZMQ -> applied%s, 16 publishers per server, %s" % (
+        rows.append(row("ZMQ -> applied%s, 16 engines per server, %s" % (
             "" if key == "memory" else " and written", label), med(lambda x: x[key]["blocks_per_s"]), "blocks/s",
             note=note))
     for key, label in (("probe_memory", "memory index"), ("probe_same", "shared index, the same replica"),
@@ -896,7 +1019,7 @@ async def bench_serve(server, repeats):
             note += "; A's store wrote %.0f k blocks/s meanwhile" % (med(lambda x: x["paced_blocks_per_s"]) / 1e3)
         rows.append(row("/v1/score, 4096 tokens (256 keys), 16 pods: %s" % label, med(lambda x: x[key][0]) / 1e3,
                         "µs", p99=med(lambda x: x[key][1]) / 1e3, note=note))
-    report("serve", rows, batches_per_publisher=SERVE_BATCHES, redis_backlog=SERVE_BACKLOG,
+    report("serve", rows, batches_per_engine=SERVE_BATCHES, redis_backlog=SERVE_BACKLOG,
            loadavg=[x["loadavg"] for x in runs])
 
 

@@ -498,6 +498,67 @@ def bench_ingest_apply(repeats):
            payload_bytes=nbytes)
 
 
+SCORE_PODS, SCORE_BACKGROUND_CHAINS = 16, 2048   # background: 2048 chains x 32 blocks on every pod: 1 M entries
+
+
+def bench_score_handler(repeats):
+    """Where `/v1/score` by token ids spends its time, in-process: an Indexer holding a
+    4096-token chain (pod i holds its first 16 (i + 1) blocks, so 16 pods are scored) and
+    65,536 background blocks held by every pod (1 M entries), put in through its EventSink as
+    vLLM's events; each step of the
+    handler timed alone. (The whole request over HTTP is `kvcm bench index`'s.)"""
+    import orjson
+
+    from kvcm.api import Api, _token_ids
+    from kvcm.config import load_config
+    from kvcm.http import Request, json_response
+    from kvcm.indexer import Indexer
+    from kvcm.metrics import Metrics
+    indexer = Indexer(load_config(["--zmq-bind", ""]))
+    hasher = _core.BlockHasher("sha256", block_size=BLOCK)
+    tokens = random_tokens(random.Random(11), 4096)
+    keys = list(hasher.keys(tokens))
+    background = ingest_batches(100, SCORE_BACKGROUND_CHAINS)[0]
+    for i in range(SCORE_PODS):
+        ctx = _core.StreamContext(pod_name(i), NS)
+        n = BLOCK * (i + 1)
+        events = [stored_event(keys[b:min(b + BLOCK, n)], keys[b - 1] if b else None,
+                               tokens[b * BLOCK:min(b + BLOCK, n) * BLOCK]) for b in range(0, n, BLOCK)]
+        indexer.sink.apply(ctx, encode_events(events))
+        for payload in background:
+            indexer.sink.apply(ctx, payload)
+    handler = Api(indexer, Metrics(indexer)).score
+    metrics = Metrics(indexer)
+    rows = []
+    for n in (1024, 4096):
+        ids = tokens[:n]
+        body = orjson.dumps({"model": NS, "token_ids": ids})
+        parsed = orjson.loads(body)
+        query = indexer.keys(NS, ids)
+        result = indexer.score_tokens(NS, ids)
+        assert len(result["scores"]) == SCORE_PODS, result
+        request = Request("POST", "/v1/score", headers={"content-type": "application/json"}, body=body)
+        steps = (
+            ("orjson.loads(body)", lambda: orjson.loads(body)),
+            ("api._token_ids (validation)", lambda: _token_ids(parsed)),
+            ("keys (hash %d blocks)" % (n // BLOCK), lambda: indexer.keys(NS, ids)),
+            ("scorer.score_detailed", lambda: indexer.scorer.score_detailed(indexer.index, NS, query, None)),
+            ("score_tokens (keys + score + result dict)", lambda: indexer.score_tokens(NS, ids)),
+            ("json_response(result)", lambda: json_response(200, result)),
+            ("metrics.observe_request", lambda: metrics.observe_request("/v1/score", "POST", 200, 1e-4)),
+            ("Api.score(request): the whole handler", lambda: handler(request)),
+        )
+        for name, fn in steps:
+            p50, p99 = latency_ns(fn, [()], 200, repeats)
+            rows.append(row("%d tokens: %s" % (n, name), p50 / 1e3, "µs", p99=p99 / 1e3))
+    report("score_handler", rows, loadavg=os.getloadavg())
+
+
+def encode_events(events):
+    import msgpack
+    return msgpack.packb([1.7e9, events, 0])
+
+
 def source_version():
     """The commit the core was built from, with "+dirty" when its sources have local changes."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -514,7 +575,8 @@ def source_version():
 # ---- main ----------------------------------------------------------------------------------
 
 BENCHMARKS = {"hash4096": bench_hash4096, "sha256": bench_sha256, "lookup": bench_lookup,
-              "store": bench_store, "memory": bench_memory, "ingest_apply": bench_ingest_apply}
+              "store": bench_store, "memory": bench_memory, "ingest_apply": bench_ingest_apply,
+              "score_handler": bench_score_handler}
 SLOW = {"memory"}
 
 

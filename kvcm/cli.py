@@ -132,6 +132,13 @@ def cmd_sim(args):
     return app.main(args)
 
 
+def cmd_bench(args):
+    from kvcm.bench import cli
+
+    args.argv = args.argv[2:]          # what follows `bench index` / `bench routing`
+    return cli.main(args, UsageError)
+
+
 def cmd_doctor(args):
     from kvcm import doctor
 
@@ -222,6 +229,15 @@ def build_parser():
     add_sim_arguments(p)
     p.set_defaults(func=cmd_sim)
 
+    from kvcm.bench.cli import add_bench_arguments
+
+    p = sub.add_parser("bench", help="profile an index (and Dynamo's) or routing policies on this machine",
+                       description="Local performance profiling: `kvcm bench index` measures a KV-cache index "
+                                   "(kvcm, NVIDIA Dynamo's indexer, an llm-d server) side by side; `kvcm bench "
+                                   "routing` compares routing policies on simulated engines.")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
     from kvcm.doctor import add_doctor_arguments
 
     p = sub.add_parser("doctor", help="check an engine's KV events (or a running kvcm's streams) against kvcm's settings",
@@ -254,10 +270,12 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         # argparse would blame the top-level parser ("kvcm: error"): name the sub-command
         parser.subcommand(args.command).error("unrecognized arguments: %s" % " ".join(unknown))
+    args.argv = argv
     try:
         return args.func(args)
     except UsageError as exc:

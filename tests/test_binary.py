@@ -88,6 +88,20 @@ def test_hash_through_the_binary_equals_the_in_tree_core(onefile, bare, algo, se
                                        "digests": [d.hex() for d in hasher.digests(tokens, extra_tuples)]}
 
 
+def test_bench_index_from_the_binary_starts_the_binary_s_serve_and_draws_a_report(onefile, bare, tmp_path):
+    """`kvcm bench index` frozen: it starts `kvcm serve` as the binary itself, and the report's
+    plots need pygal's stylesheets inside the bundle."""
+    report = tmp_path / "report.html"
+    proc = run(onefile, "bench", "index", "--engines", "2", "--blocks", "300", "--prompt-tokens", "64,128",
+               "--queries", "20", "--warmup", "2", "--probes", "2", "--repeats", "1", "--open-rate", "0",
+               "--ingest-rate", "0", "--json", "--quiet", "--report", str(report), env=bare, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert {n: q["mismatches"] for n, q in result["targets"]["kvcm"]["query"].items()} == {"64": 0, "128": 0}
+    assert report.read_text().count("<svg") >= 5
+    assert leftovers(bare) == []
+
+
 def test_every_sub_command_answers_help(onefile, bare):
     """--help of each sub-command the binary lists (their argument setup imports their modules)."""
     proc = run(onefile, "--help", env=bare)
