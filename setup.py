@@ -4,6 +4,8 @@ Switches (environment variables, as uvloop and asyncpg do):
   KVCM_ANNOTATE=1   write kvcm/_core.html, Cython's annotated view of the C it generates
   KVCM_DEBUG=1      -O0 -g, Cython bounds/wraparound checks on, for gdb and sanitizers
   KVCM_TRACE=1      line tracing, so coverage and profilers see inside the core
+  KVCM_NO_CORE=1    leave the core out: `make` installs kvcm editable this way, then compiles
+                    the core in place once (`setup.py build_ext --inplace`), not twice
 """
 import os
 
@@ -43,7 +45,7 @@ core = Extension(
 )
 
 setup(
-    ext_modules=cythonize(
+    ext_modules=[] if _flag("KVCM_NO_CORE") else cythonize(
         [core],
         compiler_directives=directives,
         annotate=_flag("KVCM_ANNOTATE"),

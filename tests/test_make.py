@@ -58,6 +58,7 @@ def test_make_run_on_a_fresh_machine_installs_only_what_serving_needs(tree):
     lines = dry_run(tree, "run")
     installs = [line for line in lines if "pip install" in line]
     assert any(line.endswith("pip install -q --no-build-isolation -e .") for line in installs), lines
+    assert any("setup.py -q build_ext --inplace" in line for line in lines), "the core, compiled once, in place"
     assert not any("test" in line for line in installs), "make run must not install the test extra"
     assert lines[-1] == ".venv/bin/kvcm serve"
 
