@@ -10,7 +10,7 @@ CORE_SOURCES := kvcm/_core.pyx $(wildcard kvcm/*.pxi kvcm/*.pxd kvcm/*.h) setup.
 # setuptools warns about its own configuration on every run; nothing a user can act on
 QUIET  := PYTHONWARNINGS=ignore
 
-.PHONY: build test run bench demo annotate clean binary prereq-binary prereq-valkey prereq-systemd prereq-chromium prereq-dynamo
+.PHONY: build test run bench demo annotate clean binary prereq-binary prereq-valkey prereq-systemd prereq-chromium prereq-dynamo prereq-iproute2
 
 $(STAMP): pyproject.toml setup.py
 	@$(PYTHON) -c 'import sys; sys.exit("kvcm needs Python >= 3.11; $(PYTHON) is %s" % sys.version.split()[0] if sys.version_info < (3, 11) else 0)'
@@ -26,16 +26,17 @@ $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -r .cache/test-requirements.txt
 	touch $@
 
-# The core is compiled again only when a .pyx/.pxi/.pxd/.h or setup.py changed.
+# The core is compiled again only when a .pyx/.pxi/.pxd/.h or setup.py changed. Warnings of
+# Cython and of the C compiler fail this build (KVCM_WERROR, setup.py).
 $(CORE): $(CORE_SOURCES) | $(STAMP)
-	$(QUIET) $(PY) setup.py -q build_ext --inplace
+	$(QUIET) KVCM_WERROR=1 $(PY) setup.py -q build_ext --inplace
 	@touch $@
 
 build: $(CORE)
 
 # The whole suite, nothing skipped: what the tests need is built or installed first, and
 # kept (.cache/, .venv/) for the next run.
-test: build $(TEST_STAMP) prereq-binary prereq-valkey prereq-systemd prereq-chromium prereq-dynamo
+test: build $(TEST_STAMP) prereq-binary prereq-valkey prereq-systemd prereq-chromium prereq-dynamo prereq-iproute2
 	$(PY) -m pytest
 
 # Test prerequisites: each builds, installs or finds what some tests need (tests/setup/), and
@@ -51,11 +52,16 @@ prereq-valkey: $(TEST_STAMP)
 
 # Debian's systemd tools, for the unit tests (apt-get, as root)
 prereq-systemd:
-	tests/setup/debian.sh systemd-analyze:systemd systemd-socket-activate:systemd || true
+	tests/setup/debian.sh prereq-systemd "the unit tests" systemd-analyze:systemd systemd-socket-activate:systemd || true
 
 # Debian's chromium, for the status page's browser tests (apt-get, as root).
 prereq-chromium:
 	tests/setup/chromium.sh
+
+# Debian's iproute2 (`ip netns`), for the tests whose client has an address of its own (apt-get,
+# as root).
+prereq-iproute2:
+	tests/setup/iproute2.sh
 
 # NVIDIA Dynamo's indexer in a venv of its own (.cache/dynamo-venv): the peer of the
 # `kvcm bench index --target dynamo` tests

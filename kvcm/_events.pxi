@@ -12,12 +12,18 @@
 
 import logging
 
+from kvcm.ratelog import RateLimitedLog
+
 _log = logging.getLogger("kvcm.events")
 
 HASH_MODES = ("auto", "vllm", "kvcm")
 # What engines hash with: vLLM's algorithms, and llm-d's request keys (llm-d-inference-sim
 # >= 0.8 publishes those; specs/llmd-request-keys.md).
 ENGINE_ALGORITHMS = ("sha256", "sha256_cbor", "sha256_cbor_64bit", "llmd_fnv64a", "llmd_fnv64a_nomodel")
+# The media vLLM (GPU, CPU, Disk; FS and OBJ before STORAGE) and LMCache (cpu) publish, as
+# tier names. Other media are dropped and counted unless the operator names them in the
+# scorer's tier weights: a publisher must not be able to fill the 16-tier table with junk.
+KNOWN_TIERS = ("gpu", "cpu", "disk", "storage", "fs", "obj")
 _LIKELY_SEEDS = (None, "0", "42", "")  # besides the configured one; None = unset
 _DIAGNOSE_ALGOS = ("sha256", "sha256_cbor", "llmd_fnv64a", "llmd_fnv64a_nomodel")
 
@@ -75,8 +81,9 @@ COUNTER_NAMES = (
     "block_size_decoupled", "offload_unresolved", "drop_unknown_parent", "remove_unresolved",
     "drop_truncated", "drop_wrong_type", "drop_too_deep", "drop_bad_utf8", "drop_invalid",
     "drop_missing_hashes", "drop_bad_block_size", "drop_token_count",
-    "drop_block_size_unsupported", "drop_too_many_tiers", "drop_bad_hash", "drop_batch",
-    "drop_no_model", "drop_out_of_memory",
+    "drop_block_size_unsupported", "drop_bad_hash", "drop_batch",
+    "drop_no_model", "drop_out_of_memory", "drop_unknown_tier", "drop_event_too_large",
+    "namespaces_evicted",
 )
 
 cdef enum Counter:
@@ -102,20 +109,32 @@ cdef enum Counter:
     C_DROP_BAD_BLOCK_SIZE
     C_DROP_TOKEN_COUNT
     C_DROP_BLOCK_SIZE_UNSUPPORTED
-    C_DROP_TOO_MANY_TIERS
     C_DROP_BAD_HASH
     C_DROP_BATCH
     C_DROP_NO_MODEL
     C_DROP_OUT_OF_MEMORY
+    C_DROP_UNKNOWN_TIER
+    C_DROP_EVENT_TOO_LARGE
+    C_NAMESPACES_EVICTED
     N_COUNTERS
 
 cdef enum:
     MAX_PARTIAL_CHAINS = 4096  # per stream, for engines whose blocks are smaller than kvcm's
     MAX_NAME_CACHE = 256
+    MAX_FED = 64               # namespaces a stream resolves removals through
+    # One event's cost is bounded (a batch is applied in slices of whole events): a million
+    # tokens in 16-token blocks, more than a scheduler step stores for one request.
+    MAX_EVENT_BLOCKS = 1 << 16
+    MAX_EVENT_TOKENS = 1 << 20
+    # A run from block 0 is verified on its first blocks only: the seed and a cache salt
+    # enter at block 0 and every later hash chains from it, so they tell whether the engines
+    # hash as configured, and a long run costs no more to check than a short one.
+    VERIFY_BLOCKS = 32
 
 
 cdef struct Event:
     Tag tag
+    bint too_large        # more hashes or token ids than one event may carry
     Py_ssize_t nhashes    # -1: absent
     bint has_parent
     uint64_t parent
@@ -191,6 +210,8 @@ cdef class _Namespace:
     cdef Mode mode
     cdef Style style
     cdef bint warned  # a forced-parity mismatch was reported
+    cdef bint evicted  # forgotten to make room: streams that fed it skip it
+    cdef uint64_t active  # the sink's use count when it was last used (least recent is evicted first)
     cdef readonly object diagnosis  # why the engines' hashes are not kvcm's, once known (str)
     cdef BlockHasher parity     # the engines' chain; its root depends on the name for llmd_fnv64a
     cdef BlockHasher decoupled  # kvcm's own chain, rooted at (seed, name)
@@ -205,6 +226,7 @@ cdef class _Namespace:
         return ("unknown", "tagged", "untagged")[<int>self.style]
 
 
+@cython.no_gc_clear   # __dealloc__ unbinds the pod from _index
 cdef class StreamContext:
     """Per-stream state the sink keeps between batches: which namespaces the stream has fed
     (BlockRemoved and token-less stores resolve through them), whether a replay would help,
@@ -216,7 +238,8 @@ cdef class StreamContext:
     cdef bint warned_parent    # an unknown parent was logged (once per stream)
     cdef object _index  # the Index pod_id belongs to
     cdef uint32_t pod_id
-    cdef list _fed
+    cdef dict _fed    # _Namespace -> None, least recently fed first, at most MAX_FED
+    cdef _Namespace _last_fed
     cdef object _partial  # (ns, engine hash) -> (parent key, pending tokens, their engine hashes, extra)
 
     def __init__(self, str pod, model=None):
@@ -225,18 +248,49 @@ cdef class StreamContext:
         self.needs_replay = False
         self._index = None
         self.pod_id = KVI_NIL
-        self._fed = []
+        self._fed = {}
+        self._last_fed = None
         self._partial = None
+
+    def __dealloc__(self):
+        if self._index is not None:
+            (<Index>self._index)._unbind_pod(self.pod_id)
 
     @property
     def fed(self):
-        """Names of the namespaces this stream has stored into, in first-seen order."""
-        return tuple((<_Namespace>n).name for n in self._fed)
+        """Names of the namespaces this stream has stored into, least recently fed first."""
+        return tuple(n.name for n in self._fed if not (<_Namespace>n).evicted)
 
     cdef inline void feed(self, _Namespace ns):
-        if not self._fed or self._fed[-1] is not ns:
-            if ns not in self._fed:
-                self._fed.append(ns)
+        if ns is self._last_fed:
+            return
+        self._last_fed = ns
+        if self._fed.pop(ns, False) is False and len(self._fed) >= MAX_FED:
+            del self._fed[next(iter(self._fed))]
+        self._fed[ns] = None
+
+
+cdef class EventSink
+
+
+cdef class BatchCursor:
+    """One batch being applied for a stream (EventSink.cursor), a slice at a time. Events
+    apply whole and in order; the effects on a shared index's journal stay with the batch."""
+    cdef EventSink sink
+    cdef StreamContext ctx
+    cdef object payload
+    cdef Py_ssize_t pos     # where the next event starts
+    cdef Py_ssize_t left    # events not applied yet
+    cdef object journal_state
+
+    def apply(self, Py_ssize_t max_bytes=0):
+        """Applies events, in order, until they took at least max_bytes of the payload (the
+        event that crosses it included; 0: until the end). True once the batch is done."""
+        return self.sink._apply_events(self, max_bytes)
+
+    @property
+    def done(self):
+        return self.left == 0
 
 
 cdef class EventSink:
@@ -251,9 +305,12 @@ cdef class EventSink:
     cdef object _warn
     cdef dict _namespaces
     cdef list _switched
-    cdef dict _tier_cache   # medium bytes -> tier id
+    cdef dict _tier_cache   # medium bytes -> tier id, or -1 for a medium that is dropped
+    cdef frozenset _tiers   # the tier names accepted
     cdef dict _lora_cache   # lora name bytes -> str
     cdef uint32_t _gpu_tier
+    cdef uint64_t _uses     # namespace uses so far: their clock for eviction
+    cdef object _rlog
     cdef uint64_t _c[<int>N_COUNTERS]
     cdef U64Scratch _hashes
     cdef U64Scratch _tokens
@@ -262,7 +319,7 @@ cdef class EventSink:
     cdef list _changed      # namespaces whose contract changed since take_changed_namespaces()
 
     def __init__(self, Index index, Py_ssize_t block_size=16, str hash_algo="sha256",
-                 hash_seed=None, str hash_mode="auto", warn=None, journal=None):
+                 hash_seed=None, str hash_mode="auto", warn=None, journal=None, tiers=()):
         if hash_mode not in HASH_MODES:
             raise ValueError("unknown hash mode %r (expected one of %s)" % (hash_mode, ", ".join(HASH_MODES)))
         if hash_algo not in ENGINE_ALGORITHMS:
@@ -279,8 +336,13 @@ cdef class EventSink:
         self._namespaces = {}
         self._switched = []
         self._tier_cache = {}
+        self._tiers = frozenset(KNOWN_TIERS) | frozenset(t.lower() for t in tiers)
+        if len(self._tiers) > KVI_MAX_TIERS:
+            raise ValueError("at most %d tiers, counting the known media %s, got %d"
+                             % (KVI_MAX_TIERS, ", ".join(KNOWN_TIERS), len(self._tiers)))
         self._lora_cache = {}
         self._gpu_tier = index._tiers.intern("gpu")
+        self._rlog = RateLimitedLog(_log)
         self._journal = journal
         self._changed = []
         memset(self._c, 0, sizeof(self._c))
@@ -346,6 +408,8 @@ cdef class EventSink:
         cdef _Namespace ns = self._namespaces.get(name)
         if ns is not None:
             return ns
+        if self._index._ns.full():
+            self._evict_namespaces()
         ns = _Namespace.__new__(_Namespace)
         ns.name = name
         ns.lora = lora
@@ -359,6 +423,7 @@ cdef class EventSink:
         ns.parity = self._parity_hasher(name)
         ns.decoupled = BlockHasher("kvcm", self.hash_seed, self.block_size, namespace=name)
         self._namespaces[name] = ns
+        self._touch(ns)
         if record:
             self._changed.append(ns)
         return ns
@@ -373,6 +438,27 @@ cdef class EventSink:
         carried it; None when name is not a LoRA seen in events."""
         cdef _Namespace ns = self._namespaces.get(name)
         return None if ns is None else ns.base
+
+    cdef inline void _touch(self, _Namespace ns) noexcept:
+        self._uses += 1
+        ns.active = self._uses
+
+    cdef void _evict_namespaces(self) except *:
+        """The namespace table is full: forgets the least recently used sixteenth of the
+        namespaces (at least one) in one walk of the index, so that a stream of new names
+        costs one walk per thousands of them. Their entries and engine-map entries go."""
+        cdef _Namespace ns
+        cdef Py_ssize_t limit = self._index._ns.limit
+        by_age = sorted([(ns.active, ns.name) for ns in self._namespaces.values()])
+        victims = [name for _, name in by_age[:max(1, limit // 16)]]
+        for name in victims:
+            ns = self._namespaces.pop(name)
+            ns.evicted = True
+        removed = self._index.forget_namespaces(victims)
+        self._c[<int>C_NAMESPACES_EVICTED] += len(victims)
+        self._rlog.warning("table_full:namespaces",
+                           "the namespace table is full (%d models and LoRA adapters): forgot the %d least "
+                           "recently used and their %d entries", limit, len(victims), removed)
 
     def mode_of(self, str model):
         """"parity" or "decoupled": how keys are computed for requests naming model."""
@@ -436,14 +522,23 @@ cdef class EventSink:
         """Applies every event of a batch for the stream; returns the number of (block, pod)
         entries stored plus removed. Bad events are dropped and counted; DecodeError only
         when the batch itself cannot be read."""
+        cdef int64_t before = self._c[<int>C_BLOCKS_STORED] + self._c[<int>C_BLOCKS_REMOVED]
+        self.cursor(ctx, payload).apply()
+        return self._c[<int>C_BLOCKS_STORED] + self._c[<int>C_BLOCKS_REMOVED] - before
+
+    def cursor(self, StreamContext ctx not None, payload):
+        """A BatchCursor that applies a batch for the stream a slice at a time, so that a huge
+        batch need not hold the caller for long. Reads the batch header (DecodeError when
+        it cannot be read); no event is applied yet."""
         cdef Py_buffer view
         cdef MpReader r
         cdef double ts
-        cdef Py_ssize_t nfields, nevents, i, start
-        cdef int64_t before = self._c[<int>C_BLOCKS_STORED] + self._c[<int>C_BLOCKS_REMOVED]
+        cdef Py_ssize_t nfields, nevents
+        cdef BatchCursor cursor
+        cdef _Namespace model
         if ctx._index is None:
+            ctx.pod_id = self._index._bind_pod(ctx.pod)
             ctx._index = self._index
-            ctx.pod_id = self._index._pod_id(ctx.pod)
         elif ctx._index is not self._index:
             raise ValueError("StreamContext belongs to another index")
         self._open(payload, &view)
@@ -454,18 +549,50 @@ cdef class EventSink:
             except DecodeError:
                 self._c[<int>C_DROP_BATCH] += 1
                 raise
-            self._c[<int>C_BATCHES] += 1
-            ctx.ts = ts
-            for i in range(nevents):
+        finally:
+            PyBuffer_Release(&view)
+        self._c[<int>C_BATCHES] += 1
+        ctx.ts = ts
+        # a model whose engines publish is in use, even while they only remove blocks
+        model = self._namespaces.get(ctx.model) if ctx.model is not None else None
+        if model is not None:
+            self._touch(model)
+        cursor = BatchCursor.__new__(BatchCursor)
+        cursor.sink = self
+        cursor.ctx = ctx
+        cursor.payload = payload
+        cursor.pos = r.pos
+        cursor.left = nevents
+        return cursor
+
+    cdef bint _apply_events(self, BatchCursor cursor, Py_ssize_t max_bytes) except -1:
+        cdef Py_buffer view
+        cdef MpReader r
+        cdef Py_ssize_t start
+        if self._journal is not None and cursor.journal_state is not None:
+            self._journal.resume(cursor.journal_state)
+            cursor.journal_state = None
+        self._open(cursor.payload, &view)
+        try:
+            mp_init(&r, <const unsigned char *>view.buf, cursor.pos, view.len)
+            while cursor.left > 0:
                 start = r.pos
                 if mp_skip(&r, 1):
                     # the rest of the batch cannot be delimited
                     self._count_reader_error(r.err)
+                    cursor.left = 0
                     break
-                self._apply_event(ctx, <const unsigned char *>view.buf, start, r.pos)
+                cursor.left -= 1
+                self._apply_event(cursor.ctx, <const unsigned char *>view.buf, start, r.pos)
+                if max_bytes > 0 and r.pos - cursor.pos >= max_bytes:
+                    break
+            cursor.pos = r.pos
         finally:
             PyBuffer_Release(&view)
-        return self._c[<int>C_BLOCKS_STORED] + self._c[<int>C_BLOCKS_REMOVED] - before
+        if cursor.left > 0 and self._journal is not None:
+            # another stream's batches apply before the next slice: they must not take these effects
+            cursor.journal_state = self._journal.suspend()
+        return cursor.left == 0
 
     cdef inline void _count_reader_error(self, MpError err) noexcept:
         self._c[<int>C_DROP_TRUNCATED + <int>err - <int>MP_TRUNCATED] += 1
@@ -498,8 +625,13 @@ cdef class EventSink:
             if mp_next_is_nil(r):
                 r.pos += 1
                 return 0
+            start = r.pos
             if mp_read_array(r, &n):
                 return -1
+            if n > (MAX_EVENT_BLOCKS if f == F_HASHES else MAX_EVENT_TOKENS):
+                ev.too_large = True
+                r.pos = start
+                return mp_skip(r, 2)
             if f == F_HASHES:
                 if scratch_reserve(&self._hashes, n):
                     return mp_fail(r, MP_INVALID)
@@ -609,6 +741,9 @@ cdef class EventSink:
         if self._decode_event(&r, &ev):
             self._count_reader_error(r.err)
             return
+        if ev.too_large:
+            self._c[<int>C_DROP_EVENT_TOO_LARGE] += 1
+            return
         if ev.tag == TAG_CLEARED:
             self._c[<int>C_EVENTS_CLEARED] += 1
             if self._journal is not None:
@@ -632,25 +767,31 @@ cdef class EventSink:
             self._stored(ctx, buf, &ev, <uint32_t>tier)
 
     cdef int64_t _tier(self, Event *ev) except? -2:
-        """The tier id of the event's medium (lower-cased; missing -> gpu), or -1 (counted)."""
+        """The tier id of the event's medium (lower-cased; missing -> gpu), or -1 (counted)
+        for a medium that is not a known one."""
         if ev.medium == NULL:
             return self._gpu_tier
         key = PyBytes_FromStringAndSize(<const char *>ev.medium, ev.medium_len)
         tier = self._tier_cache.get(key)
-        if tier is not None:
-            return tier
-        try:
-            name = key.decode("utf-8").lower()
-        except UnicodeDecodeError:
-            self._c[<int>C_DROP_BAD_UTF8] += 1
-            return -1
-        try:
-            tier = self._index._tiers.intern(name)
-        except ValueError:
-            self._c[<int>C_DROP_TOO_MANY_TIERS] += 1
-            return -1
-        if len(self._tier_cache) < MAX_NAME_CACHE:
-            self._tier_cache[key] = tier
+        if tier is None:
+            try:
+                name = key.decode("utf-8").lower()
+            except UnicodeDecodeError:
+                self._c[<int>C_DROP_BAD_UTF8] += 1
+                return -1
+            if name not in self._tiers:
+                tier = -1
+            else:
+                try:
+                    tier = self._index._tiers.intern(name)
+                except ValueError:   # the index's tiers were also named through Index.store
+                    tier = -1
+            if len(self._tier_cache) < MAX_NAME_CACHE:
+                self._tier_cache[key] = tier
+        if tier < 0:
+            self._c[<int>C_DROP_UNKNOWN_TIER] += 1
+            self._rlog.warning("unknown_tier", "dropping events whose medium %.40r is not a known tier (%s); "
+                               "name it in --tier-weights to keep it", key, ", ".join(sorted(self._tiers)))
         return tier
 
     cdef object _lora_namespace(self, Event *ev):
@@ -780,11 +921,13 @@ cdef class EventSink:
                 self._c[<int>C_DROP_OUT_OF_MEMORY] += 1
                 return 0
         self._c[<int>C_BLOCKS_STORED] += added
+        self._touch(ns)
         ctx.feed(ns)
         return 0
 
     cdef void _remove(self, StreamContext ctx, _Namespace ns, const uint64_t *keys, Py_ssize_t n, uint32_t tier) except *:
         cdef Py_ssize_t i
+        self._touch(ns)
         if self._journal is not None:
             self._journal.remove(ns.name, ctx.pod, self._index._tiers.names[tier], u64_csv(keys, n), n)
             self._c[<int>C_BLOCKS_REMOVED] += n
@@ -806,7 +949,7 @@ cdef class EventSink:
         new to this kvcm (a replica taking it over) has not fed yet. None when none does."""
         cdef _Namespace ns
         for ns in ctx._fed:
-            if ns.mode == MODE_DECOUPLED:
+            if ns.mode == MODE_DECOUPLED and not ns.evicted:
                 got[0] = min(kve_get(&self._index.emap, ns.id, h, keys, 64), <size_t>64)
                 if got[0]:
                     return ns
@@ -862,8 +1005,8 @@ cdef class EventSink:
                     for j in range(ev.nhashes):
                         if self._resolve(ctx, model, self._hashes.data[j], keys, &got) is not None:
                             continue
-                        for ns in ctx._fed + ([model] if model is not None else []):
-                            if ns.mode == MODE_DECOUPLED:
+                        for ns in list(ctx._fed) + ([model] if model is not None else []):
+                            if ns.mode == MODE_DECOUPLED and not ns.evicted:
                                 out.setdefault(ns.name, []).append(self._hashes.data[j])
             return out
         finally:
@@ -915,7 +1058,7 @@ cdef class EventSink:
         return True
 
     cdef bint _matches(self, BlockHasher hasher, Event *ev, extras) except -1:
-        cdef Py_ssize_t n = ev.nhashes
+        cdef Py_ssize_t n = min(ev.nhashes, <Py_ssize_t>VERIFY_BLOCKS)
         cdef unsigned char parent[32]
         if scratch_reserve(&self._keys, n):
             raise MemoryError()
@@ -995,7 +1138,8 @@ cdef class EventSink:
         self._report(message)
 
     cdef void _report(self, str message) except *:
-        _log.warning(message)
+        # new model names come from topics: one line per interval, whatever a publisher sends
+        self._rlog.warning("hash_contract", "%s", message)
         if self._warn is not None:
             self._warn(message)
 
@@ -1081,7 +1225,7 @@ cdef class EventSink:
             ns.decoupled.root_into(root)
             state = (int.from_bytes(root[:8], "big"), (), (), None)
         else:
-            state = ctx._partial.get((ns.id, ev.parent))
+            state = ctx._partial.get((ns, ev.parent))
             if state is None:
                 self._unknown_parent(ctx, ns, ev.parent)
                 return
@@ -1101,8 +1245,8 @@ cdef class EventSink:
                 for eh in pending_hashes:
                     self._map_engine(ns, eh, &key, 1)
                 parent_key, pending, pending_hashes, first_extra = key, (), (), None
-            ctx._partial[(ns.id, h)] = (parent_key, pending, pending_hashes, first_extra)
-            ctx._partial.move_to_end((ns.id, h))
+            ctx._partial[(ns, h)] = (parent_key, pending, pending_hashes, first_extra)
+            ctx._partial.move_to_end((ns, h))
             if len(ctx._partial) > MAX_PARTIAL_CHAINS:
                 ctx._partial.popitem(last=False)
 

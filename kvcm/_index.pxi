@@ -28,6 +28,7 @@ cdef extern from "index.h":
     uint64_t kvi_clear_pod(kvi_index *ix, uint32_t pod, int tier, uint32_t ns)
     uint64_t kvi_clear_namespace(kvi_index *ix, uint32_t ns)
     uint32_t kvi_find(const kvi_index *ix, uint32_t ns, uint64_t key)
+    uint64_t kvi_clear_namespaces(kvi_index *ix, const uint8_t *dead)
     int64_t kvi_lookup(kvi_index *ix, uint32_t ns, const uint64_t *keys, size_t n,
                        const uint8_t *filter, uint32_t filter_bits, const double *weights)
 
@@ -42,22 +43,29 @@ cdef extern from "engine_map.h":
     int kve_clear_namespace(kve_map *m, uint32_t ns)
 
 DEFAULT_MAX_BLOCKS = 10_000_000
+MAX_NAMESPACES = KVI_MAX_NS + 1   # namespace ids are 16 bits, and one value marks a free block
+MAX_TIERS = KVI_MAX_TIERS
+MAX_PODS = KVI_MAX_PODS
 DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
 
 cdef enum:
     MAX_KEYS_PER_ENGINE_HASH = 64  # engine block / kvcm block ratios above this are refused
+    NS_BITMAP_BYTES = 1 << 13      # a bit per 16-bit namespace id
+    MIN_POD_SWEEP = 1024           # pod names interned before idle ones are first looked for
 
 
 cdef class _Names:
-    """Interns strings to dense integer ids, up to a limit."""
+    """Interns strings to dense integer ids, up to a limit. Released ids are handed out again."""
     cdef dict ids
-    cdef list names
+    cdef list names   # by id; None for a released id
+    cdef list free
     cdef uint32_t limit
     cdef str kind
 
     def __init__(self, str kind, uint32_t limit):
         self.ids = {}
         self.names = []
+        self.free = []
         self.limit = limit
         self.kind = kind
 
@@ -66,17 +74,31 @@ cdef class _Names:
         cdef object i = self.ids.get(name)
         return KVI_NIL if i is None else <uint32_t>i
 
+    cdef inline bint full(self):
+        return len(self.ids) >= self.limit
+
     cdef uint32_t intern(self, name) except? 0xFFFFFFFF:
         cdef object i = self.ids.get(name)
+        cdef uint32_t n
         if i is not None:
             return <uint32_t>i
         if not isinstance(name, str):
             raise TypeError("%s name must be a str, got %s" % (self.kind, type(name).__name__))
-        if len(self.names) >= self.limit:
+        if self.full():
             raise ValueError("too many distinct %s names (limit %d)" % (self.kind, self.limit))
-        self.ids[name] = len(self.names)
-        self.names.append(name)
-        return len(self.names) - 1
+        if self.free:
+            n = self.free.pop()
+            self.names[n] = name
+        else:
+            n = len(self.names)
+            self.names.append(name)
+        self.ids[name] = n
+        return n
+
+    cdef void release(self, name) except *:
+        cdef uint32_t n = self.ids.pop(name)
+        self.names[n] = None
+        self.free.append(n)
 
 
 cdef class Index:
@@ -86,18 +108,26 @@ cdef class Index:
     cdef kve_map emap
     cdef _Names _ns
     cdef _Names _pods
+    # by pod id, the StreamContexts bound to it; C memory, so that a context's __dealloc__
+    # can use it even after a garbage collection cleared the Python attributes here
+    cdef uint32_t *_pod_refs
+    cdef uint32_t _pod_refs_cap
+    cdef Py_ssize_t _pod_sweep_at
     cdef _Names _tiers
     cdef uint8_t *_filter
     cdef uint32_t _filter_cap
     cdef double _unit_weights[16]
 
-    def __cinit__(self, max_blocks=DEFAULT_MAX_BLOCKS):
+    def __cinit__(self, max_blocks=DEFAULT_MAX_BLOCKS, max_namespaces=MAX_NAMESPACES):
         if max_blocks < 1:
             raise ValueError("max_blocks must be at least 1, got %r" % (max_blocks,))
+        if not 2 <= max_namespaces <= MAX_NAMESPACES:
+            raise ValueError("max_namespaces must be between 2 and %d, got %r" % (MAX_NAMESPACES, max_namespaces))
         if kvi_init(&self.ix, max_blocks) or kve_init(&self.emap, max_blocks):
             raise MemoryError()
-        self._ns = _Names("namespace", KVI_MAX_NS + 1)
+        self._ns = _Names("namespace", max_namespaces)
         self._pods = _Names("pod", KVI_MAX_PODS)
+        self._pod_sweep_at = MIN_POD_SWEEP
         self._tiers = _Names("tier", KVI_MAX_TIERS)
         for i in range(KVI_MAX_TIERS):
             self._unit_weights[i] = 1.0
@@ -106,12 +136,56 @@ cdef class Index:
         kvi_release(&self.ix)
         kve_release(&self.emap)
         free(self._filter)
+        free(self._pod_refs)
 
     cdef uint32_t _pod_id(self, pod) except? 0xFFFFFFFF:
-        cdef uint32_t p = self._pods.intern(pod)
-        if kvi_ensure_pods(&self.ix, p + 1):
+        cdef uint32_t p = self._pods.get(pod)
+        if p != KVI_NIL:
+            return p
+        if len(self._pods.ids) >= self._pod_sweep_at:
+            self._forget_idle_pods()
+        p = self._pods.intern(pod)
+        if kvi_ensure_pods(&self.ix, p + 1) or self._reserve_pod_refs(p + 1):
             raise MemoryError()
         return p
+
+    cdef int _reserve_pod_refs(self, uint32_t n) noexcept:
+        cdef uint32_t cap = self._pod_refs_cap
+        cdef uint32_t *refs
+        if n <= cap:
+            return 0
+        cap = max(cap * 2, n, 64)
+        refs = <uint32_t *>realloc(self._pod_refs, cap * sizeof(uint32_t))
+        if refs == NULL:
+            return -1
+        memset(refs + self._pod_refs_cap, 0, (cap - self._pod_refs_cap) * sizeof(uint32_t))
+        self._pod_refs = refs
+        self._pod_refs_cap = cap
+        return 0
+
+    cdef void _forget_idle_pods(self) except *:
+        """Frees the ids of pods that hold no entry and that no StreamContext is bound to:
+        a flood of pod names that store nothing leaves nothing behind. Runs when the table
+        has doubled since the last time, so it costs O(1) per new name."""
+        cdef uint32_t p
+        for name, p in list(self._pods.ids.items()):
+            if self._pod_refs[p] == 0 and self.ix.pods[p].total == 0:
+                self._pods.release(name)
+        self._pod_sweep_at = max(<Py_ssize_t>MIN_POD_SWEEP, 2 * len(self._pods.ids))
+
+    cdef uint32_t _bind_pod(self, pod) except? 0xFFFFFFFF:
+        cdef uint32_t p = self._pod_id(pod)
+        self._pod_refs[p] += 1
+        return p
+
+    cdef void _unbind_pod(self, uint32_t p) noexcept:
+        self._pod_refs[p] -= 1
+
+    @property
+    def pods(self):
+        """How many pod names are interned (those that hold entries, are bound to a stream,
+        or have not been found idle yet)."""
+        return len(self._pods.ids)
 
     @property
     def capacity(self):
@@ -121,6 +195,11 @@ cdef class Index:
     def tiers(self):
         """Tier names in id order."""
         return tuple(self._tiers.names)
+
+    @property
+    def namespaces(self):
+        """How many namespace names are interned, and how many can be."""
+        return len(self._ns.ids), self._ns.limit
 
     def __len__(self):
         return self.ix.nblocks
@@ -177,6 +256,27 @@ cdef class Index:
         if kve_clear_namespace(&self.emap, n):
             raise MemoryError()
         return kvi_clear_namespace(&self.ix, n)
+
+    def forget_namespaces(self, names):
+        """Forgets namespaces as if they had never been seen: their blocks on every pod and
+        their engine-map entries go, and their ids serve new names. One walk of the index at
+        most, however many they are. Returns how many entries were removed."""
+        cdef uint8_t dead[NS_BITMAP_BYTES]
+        cdef uint32_t n
+        cdef list known = []
+        memset(dead, 0, sizeof(dead))
+        for name in names:
+            n = self._ns.get(name)
+            if n == KVI_NIL or dead[n >> 3] & (1 << (n & 7)):
+                continue
+            if kve_clear_namespace(&self.emap, n):
+                raise MemoryError()
+            dead[n >> 3] |= 1 << (n & 7)
+            known.append(name)
+        removed = kvi_clear_namespaces(&self.ix, dead) if known else 0
+        for name in known:
+            self._ns.release(name)
+        return removed
 
     cdef int64_t _walk(self, str ns, keys, pods, const double *weights) except -1:
         """Runs the prefix walk; results stay in self.ix.matches."""

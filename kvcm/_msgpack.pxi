@@ -261,6 +261,15 @@ cdef int mp_skip(MpReader *r, int depth) noexcept nogil:
     else:  # 0xC1 is never used
         return mp_fail(r, MP_INVALID)
     for i in range(n):
+        # Most elements are token ids and hashes: step over ints without a call.
+        if r.pos < r.end:
+            t = r.buf[r.pos]
+            if t <= 0x7F or t >= 0xE0:
+                r.pos += 1
+                continue
+            if 0xCC <= t <= 0xD3 and r.end - r.pos > (1 << ((t - 0xCC) & 3)):
+                r.pos += 1 + (1 << ((t - 0xCC) & 3))
+                continue
         if mp_skip(r, depth + 1):
             return -1
     return 0

@@ -14,6 +14,7 @@ UNSET_SEED = "vllm-none-hash"
 DEFAULT_MAX_BLOCKS = 10_000_000
 DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
 MAX_TIERS = 16
+MAX_NAMESPACES = 0xFFFF
 MAX_KEYS_PER_ENGINE_HASH = 64
 
 
@@ -163,12 +164,16 @@ class Index:
     """Same semantics as kvcm._core.Index: exact LRU over distinct blocks (a store touches
     every block it names, a lookup the blocks it matched), set semantics per (pod, tier)."""
 
-    def __init__(self, max_blocks=DEFAULT_MAX_BLOCKS):
+    def __init__(self, max_blocks=DEFAULT_MAX_BLOCKS, max_namespaces=MAX_NAMESPACES):
         if max_blocks < 1:
             raise ValueError("max_blocks must be at least 1")
+        if not 2 <= max_namespaces <= MAX_NAMESPACES:
+            raise ValueError("max_namespaces must be between 2 and %d" % MAX_NAMESPACES)
         self.capacity = max_blocks
         self._blocks = OrderedDict()  # (ns, key) -> set of (pod, tier); last = most recent
         self._tiers = []
+        self._namespaces = set()
+        self._max_namespaces = max_namespaces
         self._engine = _ReferenceEngineMap(max_blocks)
         self.evictions = 0
 
@@ -176,8 +181,18 @@ class Index:
     def tiers(self):
         return tuple(self._tiers)
 
+    @property
+    def namespaces(self):
+        return len(self._namespaces), self._max_namespaces
+
     def __len__(self):
         return len(self._blocks)
+
+    def _intern_namespace(self, ns):
+        if ns not in self._namespaces:
+            if len(self._namespaces) >= self._max_namespaces:
+                raise ValueError("too many distinct namespace names")
+            self._namespaces.add(ns)
 
     def _intern_tier(self, tier):
         if tier not in self._tiers:
@@ -187,6 +202,7 @@ class Index:
 
     def store(self, ns, pod, tier, keys):
         keys = _u64s(keys, "keys")
+        self._intern_namespace(ns)
         self._intern_tier(tier)
         added = 0
         for key in keys:
@@ -232,6 +248,13 @@ class Index:
         removed = 0
         for block in [b for b in self._blocks if b[0] == ns]:
             removed += len(self._blocks.pop(block))
+        return removed
+
+    def forget_namespaces(self, names):
+        removed = 0
+        for ns in set(names) & self._namespaces:
+            removed += self.clear_namespace(ns)
+            self._namespaces.discard(ns)
         return removed
 
     def _walk(self, ns, keys, pods, weight):
@@ -286,6 +309,7 @@ class Index:
 
     def map_engine(self, ns, engine_hashes, keys):
         engine_hashes, keys = _u64s(engine_hashes, "engine_hashes"), _u64s(keys, "keys")
+        self._intern_namespace(ns)
         if not engine_hashes:
             if keys:
                 raise ValueError("keys given without engine hashes")

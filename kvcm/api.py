@@ -11,12 +11,20 @@ import ipaddress
 import logging
 
 from kvcm import chat, tokenize
+from kvcm.endpoints import check_registered_endpoint
 from kvcm.http import BadRequest, HttpError, Response, Router, json_response
+from kvcm.indexer import Busy, TemplatesUnavailable
 from kvcm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from kvcm.ratelog import RateLimitedLog
 from kvcm.shared_index import IndexUnavailable
 from kvcm.status import Status
 
 log = logging.getLogger("kvcm.api")
+rate_log = RateLimitedLog(log)
+
+# The setting behind each kind of render limit, named in the 422 answer.
+_LIMIT_OPTIONS = {"time": "--template-timeout", "output": "--template-max-output",
+                  "memory": "the template workers' memory limit"}
 
 _CHAT_OPTIONS = ("chat_template", "chat_template_kwargs", "add_generation_prompt", "tools", "documents",
                  "continue_final_message")
@@ -90,8 +98,10 @@ def _chat_options(body):
     return options
 
 
-def _unavailable(error):
-    return HttpError(503, str(error), type="index_unavailable", headers=(("Retry-After", "1"),))
+def _unavailable(error, type="index_unavailable"):
+    return HttpError(503, str(error), type=type, headers=(("Retry-After", "1"),))
+
+
 
 
 def _one_input(body, names):
@@ -183,8 +193,22 @@ class Api:
             raise HttpError(404, str(e)) from None
         except tokenize.TokenizerLoadError as e:
             raise HttpError(500, str(e)) from None
+        except chat.TemplateLimitExceeded as e:
+            raise self._over_limit(e) from None
         except chat.TemplateError as e:
             raise BadRequest(str(e)) from None
+        except Busy as e:
+            rate_log.warning("tokenize-busy", "refusing requests: %s", e)
+            raise _unavailable(e, "busy") from None
+        except TemplatesUnavailable as e:
+            rate_log.error("templates-unavailable", "%s", e)
+            raise _unavailable(e, "unavailable") from None
+
+    def _over_limit(self, error):
+        self.metrics.templates_stopped.labels(error.limit).inc()
+        rate_log.warning("template-" + error.limit, "a chat template render was stopped: %s", error.message)
+        return HttpError(422, "%s (limit: %s)" % (error.message, _LIMIT_OPTIONS.get(error.limit, error.limit)),
+                         type="template_limit_exceeded")
 
     async def score_completions(self, request):
         # llm-d: {"prompt", "model"} -> {pod: score}, null when the prompt fills no block
@@ -262,10 +286,19 @@ class Api:
         endpoint = _field(body, "endpoint", str, "a string", required=True)
         replay = _field(body, "replay", str, "a string")
         model = _field(body, "model", str, "a string")
+        return self._add_engine(name, endpoint, replay, model)
+
+    async def _add_engine(self, name, endpoint, replay, model):
+        # a client of the admin API may only name reachable TCP engines (kvcm/endpoints.py)
         try:
+            await check_registered_endpoint(endpoint, "endpoint")
+            if replay is not None:
+                await check_registered_endpoint(replay, "replay endpoint")
             self.indexer.ingest.add_engine(name, endpoint, replay=replay, model=model)
         except ValueError as e:
             raise BadRequest(str(e)) from None
+        except OSError as e:     # out of sockets or file descriptors
+            raise HttpError(503, str(e), headers=(("Retry-After", "1"),)) from None
         return json_response(201, {"engine": name})
 
     def remove_engine(self, request):

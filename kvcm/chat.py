@@ -17,7 +17,9 @@ alone (transformers is never imported here):
 
 Every failure — a syntax error, ``raise_exception`` in the template, a Python error raised
 while rendering, a sandbox violation — comes out as :class:`TemplateError`, whose message
-is what the API returns with status 400.
+is what the API returns with status 400. A render given :class:`Limits` is metered
+(kvcm/template_sandbox.py) and raises :class:`TemplateLimitExceeded` when it runs past its
+time or output budget.
 
 :func:`vllm_messages` and :func:`vllm_tools` reshape request data the way vLLM's OpenAI
 server does before it renders (text content parts joined, tool-call arguments parsed,
@@ -39,10 +41,16 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
 
+from .template_sandbox import LimitExceeded, Limits, MeteredEnvironment
+from .template_sandbox import render as _render_metered
+
 __all__ = [
+    "Limits",
     "TemplateError",
+    "TemplateLimitExceeded",
     "compile_template",
     "render",
+    "render_chat",
     "template_variables",
     "content_format",
     "vllm_messages",
@@ -54,8 +62,10 @@ __all__ = [
 # tools/documents (vLLM merges them into the same dict) but not these.
 _RESERVED_KWARGS = frozenset({"messages", "chat_template", "tokenize"})
 
-# A request may supply its own template: keep the compiled ones in a bounded LRU.
+# A request may supply its own template: compiled templates (and what a template reads) are
+# kept in LRUs bounded by count and by the characters of their sources.
 _CACHE_SIZE = 64
+_CACHE_CHARS = 4 * 2**20
 
 
 class TemplateError(ValueError):
@@ -70,6 +80,15 @@ class TemplateError(ValueError):
         super().__init__(message)
         self.message = message
         self.raised_by_template = raised_by_template
+
+
+class TemplateLimitExceeded(TemplateError):
+    """A metered render ran past its time (``limit == "time"``) or output (``"output"``)
+    budget."""
+
+    def __init__(self, message: str, limit: str):
+        super().__init__(message)
+        self.limit = limit
 
 
 class _TemplateRaised(jinja2.exceptions.TemplateError):
@@ -112,8 +131,45 @@ class _GenerationBlock(jinja2.ext.Extension):
         return caller()
 
 
-def _make_environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+class _SourceCache:
+    """source → value, least recently used first out, bounded by entries and by the total
+    length of the sources (a request template may be megabytes long). Thread-safe."""
+
+    def __init__(self, entries: int = _CACHE_SIZE, chars: int = _CACHE_CHARS):
+        self._entries, self._chars = entries, chars
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._size = 0
+        self._lock = Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def chars(self) -> int:
+        return self._size
+
+    def get(self, source: str) -> Any:
+        with self._lock:
+            value = self._items.get(source)
+            if value is not None:
+                self._items.move_to_end(source)
+            return value
+
+    def put(self, source: str, value: Any) -> None:
+        if len(source) > self._chars:
+            return
+        with self._lock:
+            if source not in self._items:
+                self._size += len(source)
+            self._items[source] = value
+            self._items.move_to_end(source)
+            while len(self._items) > self._entries or self._size > self._chars:
+                old, _ = self._items.popitem(last=False)
+                self._size -= len(old)
+
+
+def _make_environment() -> MeteredEnvironment:
+    env = MeteredEnvironment(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[_GenerationBlock, jinja2.ext.loopcontrols],
@@ -125,8 +181,10 @@ def _make_environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
 
 
 _ENV = _make_environment()
-_compiled: OrderedDict[str, jinja2.Template] = OrderedDict()
-_compiled_lock = Lock()
+_compiled = _SourceCache()
+
+
+_TOO_DEEP = "chat template error: its blocks nest too deeply"
 
 
 def _syntax_message(exc: jinja2.exceptions.TemplateSyntaxError) -> str:
@@ -138,22 +196,18 @@ def compile_template(source: str) -> jinja2.Template:
     """Compile (or fetch from the bounded cache) a chat template; TemplateError on bad syntax."""
     if not isinstance(source, str):
         raise TemplateError(f"chat template must be a string, not {type(source).__name__}")
-    with _compiled_lock:
-        tpl = _compiled.get(source)
-        if tpl is not None:
-            _compiled.move_to_end(source)
-            return tpl
+    tpl = _compiled.get(source)
+    if tpl is not None:
+        return tpl
     try:
         tpl = _ENV.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as exc:
         raise TemplateError(_syntax_message(exc)) from None
     except jinja2.exceptions.TemplateError as exc:  # e.g. unknown filter/test at compile time
         raise TemplateError(f"chat template error: {exc.message or exc}") from None
-    with _compiled_lock:
-        _compiled[source] = tpl
-        _compiled.move_to_end(source)
-        while len(_compiled) > _CACHE_SIZE:
-            _compiled.popitem(last=False)
+    except RecursionError:
+        raise TemplateError(_TOO_DEEP) from None
+    _compiled.put(source, tpl)
     return tpl
 
 
@@ -180,6 +234,7 @@ def render(
     continue_final_message: bool = False,
     special_tokens: Mapping[str, Any] | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    limits: Limits | None = None,
 ) -> str:
     """Render ``source`` for one conversation, as ``apply_chat_template(tokenize=False)`` does.
 
@@ -188,6 +243,8 @@ def render(
     the request's kwargs into the same dict, so ``{"add_generation_prompt": false}`` there
     wins). ``continue_final_message`` leaves the last message open for the model to
     continue, exactly like transformers (incompatible with ``add_generation_prompt``).
+    With ``limits`` the render is metered (:class:`TemplateLimitExceeded`); the template's
+    compilation is not.
     """
     template = compile_template(source)
 
@@ -263,7 +320,9 @@ def render(
     variables["messages"] = messages
 
     try:
-        text = template.render(**variables)
+        text = _render_metered(template, variables, limits)
+    except LimitExceeded as exc:
+        raise TemplateLimitExceeded(exc.message, exc.limit) from None
     except _TemplateRaised as exc:
         raise TemplateError(exc.message or "", raised_by_template=True) from None
     except jinja2.exceptions.TemplateSyntaxError as exc:  # from an {% include %}-like path
@@ -274,6 +333,8 @@ def render(
         raise TemplateError(f"chat template error: {exc.message or exc}") from None
     except RecursionError:
         raise TemplateError("chat template error: recursion too deep") from None
+    except MemoryError:
+        raise TemplateLimitExceeded("chat template rendering ran out of memory", "memory") from None
     except Exception as exc:  # the template did something the data does not allow
         raise TemplateError(f"chat template error: {type(exc).__name__}: {exc}") from None
 
@@ -295,28 +356,27 @@ def render(
 # What a template reads: undeclared variables (for chat_template_kwargs) and content format
 
 
-_analysis: OrderedDict[str, tuple[frozenset[str], str]] = OrderedDict()
-_analysis_lock = Lock()
+_analysis = _SourceCache()
 
 
 def _analyse(source: str) -> tuple[frozenset[str], str]:
-    with _analysis_lock:
-        hit = _analysis.get(source)
-        if hit is not None:
-            _analysis.move_to_end(source)
-            return hit
-    try:
-        ast = _ENV.parse(source)
-    except jinja2.exceptions.TemplateSyntaxError as exc:
-        raise TemplateError(_syntax_message(exc)) from None
+    hit = _analysis.get(source)
+    if hit is not None:
+        return hit
     from jinja2 import meta
 
-    names = frozenset(meta.find_undeclared_variables(ast))
+    try:
+        ast = _ENV.parse(source)
+        # generating code checks that every filter and test exists
+        names = frozenset(meta.find_undeclared_variables(ast))
+    except jinja2.exceptions.TemplateSyntaxError as exc:
+        raise TemplateError(_syntax_message(exc)) from None
+    except jinja2.exceptions.TemplateError as exc:
+        raise TemplateError(f"chat template error: {exc.message or exc}") from None
+    except RecursionError:
+        raise TemplateError(_TOO_DEEP) from None
     result = (names, _detect_content_format(ast))
-    with _analysis_lock:
-        _analysis[source] = result
-        while len(_analysis) > _CACHE_SIZE:
-            _analysis.popitem(last=False)
+    _analysis.put(source, result)
     return result
 
 
@@ -516,3 +576,28 @@ def vllm_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]
         t.update((k, v) for k, v in tool.items() if k not in t)
         out.append(t)
     return out
+
+
+def render_chat(
+    source: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    documents: Sequence[Mapping[str, Any]] | None = None,
+    continue_final_message: bool = False,
+    special_tokens: Mapping[str, Any] | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    vllm_compat: bool = True,
+    limits: Limits | None = None,
+) -> str:
+    """The prompt vLLM renders for a chat request with template ``source``: with
+    ``vllm_compat`` messages and tools are first reshaped as vLLM's OpenAI server reshapes
+    them (:func:`vllm_messages`, :func:`vllm_tools`), then :func:`render`."""
+    if vllm_compat:
+        tools = vllm_tools(tools)
+        messages = vllm_messages(messages, content_format(source))
+    return render(source, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                  documents=documents, continue_final_message=continue_final_message,
+                  special_tokens=special_tokens, chat_template_kwargs=chat_template_kwargs,
+                  limits=limits)

@@ -269,6 +269,12 @@ def build_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].startswith("_"):     # hidden: kvcm's own child processes
+        from kvcm import template_pool
+
+        if argv[0] == template_pool.WORKER_COMMAND:
+            return template_pool.worker_main(argv[1:])
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, unknown = parser.parse_known_args(argv)

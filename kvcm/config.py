@@ -44,8 +44,10 @@ import tomllib
 import urllib.parse
 from typing import Mapping, Optional, Sequence, Union
 
-from kvcm._core import ENGINE_ALGORITHMS
-from kvcm.ingest import EngineSpec, check_endpoint, parse_engine, read_engines_file
+from kvcm._core import ENGINE_ALGORITHMS, KNOWN_TIERS, MAX_TIERS
+from kvcm.endpoints import check_endpoint
+from kvcm.ingest import DEFAULT_MAX_MESSAGE, EngineSpec, parse_engine, read_engines_file
+from kvcm.zap import parse_network
 
 ENV_PREFIX = "KVCM_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
@@ -260,6 +262,10 @@ class _TierWeights(_Kind):
             if not (math.isfinite(weight) and weight >= 0):
                 raise ValueError("tier %r: weight must be a finite number >= 0, got %r" % (name, weight))
             weights[name] = float(weight)
+        # events may name the known media and these: together they must fit the tier table
+        if len(set(weights) | set(KNOWN_TIERS)) > MAX_TIERS:
+            raise ValueError("at most %d tiers counting the known ones (%s), got %d"
+                             % (MAX_TIERS, ", ".join(KNOWN_TIERS), len(set(weights) | set(KNOWN_TIERS))))
         return weights
 
 
@@ -302,8 +308,16 @@ class _IndexUrl(_Kind):
 
 
 class _Endpoint(_Kind):
+    def __init__(self, connect=False):
+        self.connect = connect
+
     def from_text(self, text):
-        return check_endpoint(text.strip(), "endpoint")
+        return check_endpoint(text.strip(), "endpoint", self.connect)
+
+
+class _Network(_Kind):
+    def from_text(self, text):
+        return str(parse_network(text))
 
 
 class _Engine(_Kind):
@@ -442,14 +456,18 @@ OPTIONS = (
     Option("max_body", "8MiB", "SIZE",
            "request body limit: bytes, or a size in B, KB/MB/GB (powers of 1000), KiB/MiB/GiB or K/M/G "
            "(powers of 1024); at most 1GiB", _HTTP, _Size()),
-    Option("header_timeout", "10", "SECONDS", "time a client has to send a request line and its headers",
-           _HTTP, _Seconds()),
+    Option("header_timeout", "10", "SECONDS", "time a client has to send a request line and its headers, "
+           "from its connection or its previous request", _HTTP, _Seconds()),
+    Option("body_timeout", "30", "SECONDS", "time a client has to send a request body, from the end of its "
+           "headers", _HTTP, _Seconds()),
     Option("idle_timeout", "120", "SECONDS", "time a keep-alive connection may stay idle", _HTTP, _Seconds()),
     Option("max_connections", "1000", "N", "concurrent HTTP connections; more are answered 503", _HTTP,
            _Integer(1, 1_000_000)),
     Option("admin_token", None, "TOKEN",
            "bearer token for the admin endpoints; unset = loopback clients only (prefer the environment "
            "variable: flags show in ps)", _HTTP, _Text(secret=True)),
+    Option("tls_cert", None, "FILE", "serve HTTPS: PEM certificate chain (with --tls-key)", _HTTP, _Path()),
+    Option("tls_key", None, "FILE", "PEM private key of --tls-cert", _HTTP, _Path()),
     Option("zmq_bind", "tcp://*:5557", "ENDPOINT",
            "SUB endpoint to bind for engines that connect (bind mode); repeatable; '' or none = none",
            _INGEST, _Repeated(_Endpoint()), llmd_env="ZMQ_ENDPOINT"),
@@ -460,7 +478,13 @@ OPTIONS = (
            _Repeated(_Engine(), separator=r"[;\n]+")),
     Option("engines_file", None, "FILE", "file of engine specs, one per line (# comments)", _INGEST, _Path()),
     Option("replay_endpoint", None, "POD=EP", "replay (ROUTER) endpoint of a bind-mode pod; repeatable",
-           _INGEST, _Repeated(_Pair("POD=ENDPOINT", _Endpoint()))),
+           _INGEST, _Repeated(_Pair("POD=ENDPOINT", _Endpoint(connect=True)))),
+    Option("zmq_max_message", "64MiB", "SIZE",
+           "largest ZMQ message accepted; libzmq drops the connection of a publisher that sends a larger one",
+           _INGEST, _Size()),
+    Option("zmq_allow", None, "CIDR",
+           "accept ZMQ publishers (and connect-mode engines) only from this network, e.g. 10.0.0.0/8; "
+           "repeatable; unset = from any address", _INGEST, _Repeated(_Network())),
     Option("hash_algo", "sha256", "ALGO", "the engines' prefix-caching hash: " + ", ".join(HASH_ALGOS),
            _HASHING, _Choice(*HASH_ALGOS)),
     Option("hash_seed", None, "SEED",
@@ -477,6 +501,18 @@ OPTIONS = (
     Option("tokenizers_dir", None, "DIR",
            "root searched for tokenizers (sub-directories with tokenizer.json, Hugging Face cache layout)",
            _TOKENIZERS, _Path()),
+    Option("trust_request_chat_template", "false", "BOOL",
+           "accept a chat_template in requests (rendered in worker processes that are killed when they "
+           "overrun); off: such requests are refused with 400", _TOKENIZERS, _Switch()),
+    Option("template_timeout", "2", "SECONDS", "time limit of one chat template render", _TOKENIZERS,
+           _Seconds(600.0)),
+    Option("template_max_output", None, "SIZE",
+           "largest rendered chat prompt, in characters; unset = the --max-body limit", _TOKENIZERS, _Size()),
+    Option("tokenize_max_inflight", "64", "N", "requests tokenizing at once; more are answered 503",
+           _TOKENIZERS, _Integer(1, 100_000)),
+    Option("tokenize_max_inflight_chars", "16M", "SIZE",
+           "prompt characters being tokenized at once (about 80 bytes of memory each while encoding); more "
+           "are answered 503 (a request alone is always admitted)", _TOKENIZERS, _Size()),
     Option("index", "memory", "URL", "index backend: memory, or a redis://, rediss://, valkey:// or unix:// URL",
            _INDEX, _IndexUrl(), llmd_env="REDIS_ADDR"),
     Option("max_blocks", "10000000", "N", "index capacity in distinct blocks (LRU beyond)", _INDEX,
@@ -521,20 +557,30 @@ class Config:
     http_port: int = 8080
     max_body: int = 8 * 2**20
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
     idle_timeout: float = 120.0
     max_connections: int = 1000
     admin_token: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
     zmq_bind: tuple = ("tcp://*:5557",)
     zmq_topic_prefix: str = "kv@"
     engine: tuple = ()                      # EngineSpec from --engine, in order
     engines_file: Optional[str] = None
     replay_endpoint: Mapping[str, str] = dataclasses.field(default_factory=dict, hash=False)
+    zmq_max_message: int = DEFAULT_MAX_MESSAGE
+    zmq_allow: tuple = ()
     hash_algo: str = "sha256"
     hash_seed: Optional[str] = None         # None = unset; "" is a real seed
     block_size: int = 16
     hash_mode: str = "auto"
     tokenizer: Mapping[str, str] = dataclasses.field(default_factory=dict, hash=False)
     tokenizers_dir: Optional[str] = None
+    trust_request_chat_template: bool = False
+    template_timeout: float = 2.0
+    template_max_output: Optional[int] = None     # None = max_body
+    tokenize_max_inflight: int = 64
+    tokenize_max_inflight_chars: int = 16 * 2**20
     index: str = "memory"
     max_blocks: int = 10_000_000
     tier_weights: Mapping[str, float] = dataclasses.field(
@@ -551,6 +597,11 @@ class Config:
     # ignored).
     file_engines: tuple = ()
     notes: tuple = dataclasses.field(default=(), compare=False)
+
+    @property
+    def template_output_limit(self):
+        """The largest rendered chat prompt: --template-max-output, else --max-body."""
+        return self.max_body if self.template_max_output is None else self.template_max_output
 
     @property
     def engines(self):

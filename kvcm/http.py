@@ -14,10 +14,18 @@ Rules the code below keeps:
   before any of the body is read), at most `MAX_PIPELINE` unanswered requests per connection,
   and the transport's write-buffer limits: when a client stops reading, we stop reading from
   it, so its requests stay in the kernel instead of our memory.
-- Time. The whole request head must arrive within `header_timeout` of its first byte (a
-  slow drip does not extend it: slowloris); a body may pause at most `idle_timeout`; an idle
-  keep-alive connection lives `idle_timeout`; a client that stops reading our responses is
-  dropped after `idle_timeout`.
+- Time. A new connection's first request head must arrive within `header_timeout` of the
+  connection (one that never sends a byte is closed then), a later head within
+  `header_timeout` of its first byte (a slow drip does not extend it: slowloris); a body
+  must arrive within `body_timeout` of the end of its head (and may pause at most
+  `idle_timeout`); an idle keep-alive connection lives `idle_timeout`, less when the server
+  is full: a new connection then takes the slot of an idle one; a client that stops reading
+  our responses is dropped after `idle_timeout`. So a slot held by a slow client is free
+  again within `header_timeout` or `body_timeout`.
+- Host. An HTTP/1.1 request without a Host header, or any request with two, is answered 400
+  (RFC 9112 §3.2).
+- TLS. With an `ssl.SSLContext` the server speaks HTTPS; the handshake must finish within
+  `header_timeout`.
 - Closing. Closing a socket that still has unread input makes the kernel send a reset, and
   a reset can destroy a response the client has not read yet. So every close we initiate is
   a "lingering close": send the response, shut down our write side, discard whatever the
@@ -38,6 +46,8 @@ from urllib.parse import unquote
 
 import orjson
 
+from kvcm.ratelog import RateLimitedLog
+
 __all__ = [
     "BadRequest",
     "HttpError",
@@ -51,6 +61,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("kvcm.http")
+# Every line below can be caused by a client (or by a bug a client triggers): one per reason
+# per interval.
+rate_log = RateLimitedLog(log)
 
 MAX_HEADER = 16 * 1024            # request line + headers
 MAX_BODY = 8 * 1024 * 1024
@@ -495,8 +508,8 @@ class _Stream:
         conn._stream = None
         failed = task.cancelled() or task.exception() is not None
         if not task.cancelled() and task.exception() is not None:
-            log.error("streaming the response to %s %s failed", self.request.method, self.request.path,
-                      exc_info=task.exception())
+            rate_log.error("stream-failed", "streaming the response to %s %s failed", self.request.method,
+                           self.request.path, exc_info=task.exception())
         if self.start:
             conn._server._report(self.request, self.response.status, self.start)
         if conn._closed or conn._lingering:
@@ -521,9 +534,9 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = ("_server", "_loop", "_match", "_transport", "_peer", "_admitted", "_buf",
                  "_state", "_queue", "_request", "_raw_path", "_keep_alive", "_need", "_body",
-                 "_chunk_left", "_head_started", "_write_paused", "_reading_paused",
-                 "_peer_eof", "_lingering", "_closed", "_discarded", "_deadline", "_timer",
-                 "_timer_at", "_stream")
+                 "_chunk_left", "_head_started", "_fresh", "_body_deadline", "_write_paused",
+                 "_reading_paused", "_peer_eof", "_lingering", "_closed", "_discarded", "_deadline",
+                 "_timer", "_timer_at", "_stream")
 
     def __init__(self, server):
         self._server = server
@@ -544,7 +557,9 @@ class _Connection(asyncio.Protocol):
         self._need = 0                    # Content-Length of the body being read
         self._body = None                 # chunked body so far
         self._chunk_left = _SIZE_LINE
-        self._head_started = False        # a partial head is buffered; its deadline is set
+        self._head_started = False        # a head is on its way; its deadline is set
+        self._fresh = True                # no request has arrived yet
+        self._body_deadline = 0.0         # when the body being read must be complete
         self._write_paused = False
         self._reading_paused = False
         self._peer_eof = False
@@ -566,7 +581,9 @@ class _Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         server = self._server
         self._admitted = server._admit(self)
-        self._set_deadline(self._loop.time() + server.idle_timeout)
+        # the first head is due header_timeout after the connection, even if no byte comes
+        self._head_started = True
+        self._set_deadline(self._loop.time() + server.header_timeout)
         if not self._admitted:
             message = "server is shutting down" if server.closing else "too many connections"
             self._reject(_ProtocolError(503, message))
@@ -585,7 +602,8 @@ class _Connection(asyncio.Protocol):
             else:
                 self._process(data)
         except Exception:
-            log.exception("HTTP connection from %s failed; dropping it", self._peer)
+            rate_log.error("connection-failed", "HTTP connection from %s failed; dropping it", self._peer,
+                           exc_info=True)
             self._abort()
 
     def eof_received(self):
@@ -595,7 +613,7 @@ class _Connection(asyncio.Protocol):
         if not self._lingering and (self._queue or self._write_paused):
             return True     # answers still to send; _settle closes afterwards
         self._close_now()
-        return True
+        return False        # closing already; True would make a TLS transport warn on every close
 
     def pause_writing(self):
         self._write_paused = True
@@ -644,7 +662,7 @@ class _Connection(asyncio.Protocol):
                         raise self._head_too_large(buf, pos)
                     request, length, expect_continue = self._parse_head(bytes(buf[pos:end]))
                     pos = end + 4
-                    self._head_started = False
+                    self._head_started = self._fresh = False
                     if length == 0:
                         self._dispatch(request)
                     elif length > 0 and size - pos >= length:
@@ -653,6 +671,7 @@ class _Connection(asyncio.Protocol):
                         self._dispatch(request)
                     else:
                         self._request = request
+                        self._body_deadline = self._loop.time() + self._server.body_timeout
                         if length > 0:
                             self._state = _BODY
                             self._need = length
@@ -757,6 +776,12 @@ class _Connection(asyncio.Protocol):
         headers = _parse_fields(lines, 1)
         request = Request(method, path, query, headers, b"", http_version, self._peer)
         self._raw_path = raw_path
+        host = headers.get("host")
+        if host is None:
+            if http_version == "1.1":
+                raise _ProtocolError(400, "HTTP/1.1 request without a Host header", request)
+        elif "," in host:               # repeated Host headers arrive joined
+            raise _ProtocolError(400, "more than one Host header", request)
 
         connection = headers.get("connection")
         if connection is None:
@@ -870,7 +895,8 @@ class _Connection(asyncio.Protocol):
         except HttpError as e:
             result = e.response()
         except Exception:
-            log.exception("handler for %s %s failed", request.method, request.path)
+            rate_log.error("handler-failed", "handler for %s %s failed", request.method, request.path,
+                           exc_info=True)
             result = _INTERNAL_ERROR
         if type(result) is not Response and not isinstance(result, Response):
             if isinstance(result, StreamingResponse):
@@ -882,7 +908,8 @@ class _Connection(asyncio.Protocol):
             if inspect.isawaitable(result):
                 self._defer(request, result, keep_alive, start)
                 return
-            log.error("handler for %s %s returned %r, not a Response", request.method, request.path, result)
+            rate_log.error("not-a-response", "handler for %s %s returned %r, not a Response", request.method,
+                           request.path, result)
             result = _INTERNAL_ERROR
         self._write(self._render(request, result, not keep_alive), not keep_alive)
         if start:
@@ -892,7 +919,8 @@ class _Connection(asyncio.Protocol):
         try:
             return _serialize(response, request.method == "HEAD", close, request.http_version == "1.0")
         except Exception:
-            log.exception("cannot serialize the response to %s %s", request.method, request.path)
+            rate_log.error("serialize-failed", "cannot serialize the response to %s %s", request.method,
+                           request.path, exc_info=True)
             return _serialize(_INTERNAL_ERROR, request.method == "HEAD", close, request.http_version == "1.0")
 
     def _defer(self, request, awaitable, keep_alive, start):
@@ -911,11 +939,13 @@ class _Connection(asyncio.Protocol):
         except asyncio.CancelledError:
             response = error_response(503, "request cancelled: server is shutting down")
         except Exception:
-            log.exception("handler for %s %s failed", request.method, request.path)
+            rate_log.error("handler-failed", "handler for %s %s failed", request.method, request.path,
+                           exc_info=True)
             response = _INTERNAL_ERROR
         streaming = isinstance(response, StreamingResponse)
         if not streaming and not isinstance(response, Response):
-            log.error("handler for %s %s returned %r, not a Response", request.method, request.path, response)
+            rate_log.error("not-a-response", "handler for %s %s returned %r, not a Response", request.method,
+                           request.path, response)
             response = _INTERNAL_ERROR
         if start and not streaming:
             self._server._report(request, response.status, start)
@@ -991,14 +1021,19 @@ class _Connection(asyncio.Protocol):
             return
         now = self._loop.time()
         if state is _HEAD:
-            if not self._buf:
+            if not self._buf and not self._fresh:
                 self._head_started = False
                 self._set_deadline(now + self._server.idle_timeout)
             elif not self._head_started:
                 self._head_started = True
                 self._set_deadline(now + self._server.header_timeout)
         else:
-            self._set_deadline(now + self._server.idle_timeout)
+            self._set_deadline(min(self._body_deadline, now + self._server.idle_timeout))
+
+    def _idle(self):
+        """Between requests on a keep-alive connection: nothing read, owed or being sent."""
+        return (self._state is _HEAD and not self._fresh and not self._buf and not self._queue
+                and not self._lingering and not self._closed and not self._write_paused)
 
     def _update_reading(self):
         pause = (self._write_paused or len(self._queue) >= MAX_PIPELINE) and self._state is not _DISCARD
@@ -1070,7 +1105,7 @@ class _Connection(asyncio.Protocol):
         elif self._queue:
             self._set_deadline(now + self._server.idle_timeout)   # a handler is still working
         elif self._state is _HEAD and not self._buf:
-            self._close_now()           # idle keep-alive connection
+            self._close_now()           # idle keep-alive connection, or one that never sent a byte
         else:
             self._reject(_ProtocolError(408, "request not received in time", self._request))
 
@@ -1119,18 +1154,21 @@ class HttpServer:
     per answer.
     """
 
-    def __init__(self, router, *, max_body=MAX_BODY, header_timeout=10.0, idle_timeout=120.0,
-                 max_connections=1000, access_log=None, on_response=None, max_header=MAX_HEADER,
-                 drain_timeout=5.0, drain_bytes=None):
+    def __init__(self, router, *, max_body=MAX_BODY, header_timeout=10.0, body_timeout=30.0,
+                 idle_timeout=120.0, max_connections=1000, access_log=None, on_response=None,
+                 max_header=MAX_HEADER, drain_timeout=5.0, drain_bytes=None, ssl=None):
         for name, value in (("max_body", max_body), ("header_timeout", header_timeout),
-                            ("idle_timeout", idle_timeout), ("max_connections", max_connections),
-                            ("max_header", max_header), ("drain_timeout", drain_timeout)):
+                            ("body_timeout", body_timeout), ("idle_timeout", idle_timeout),
+                            ("max_connections", max_connections), ("max_header", max_header),
+                            ("drain_timeout", drain_timeout)):
             if not value > 0:
                 raise ValueError("%s must be positive, got %r" % (name, value))
         self.router = router
         self.max_body = max_body
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
         self.idle_timeout = idle_timeout
+        self.ssl = ssl
         self.max_connections = max_connections
         self.max_header = max_header
         self.drain_timeout = drain_timeout
@@ -1171,16 +1209,22 @@ class HttpServer:
     async def start(self, host="127.0.0.1", port=0):
         """Listens on host:port (port 0 picks a free one, see .port)."""
         self._loop = asyncio.get_running_loop()
-        server = await self._loop.create_server(self._factory, host, port, reuse_address=True, backlog=1024)
+        server = await self._loop.create_server(self._factory, host, port, reuse_address=True, backlog=1024,
+                                                **self._tls())
         self._servers.append(server)
         return self
 
     async def start_on_socket(self, sock):
         """Serves on an already listening socket (systemd socket activation)."""
         self._loop = asyncio.get_running_loop()
-        server = await self._loop.create_server(self._factory, sock=sock, backlog=1024)
+        server = await self._loop.create_server(self._factory, sock=sock, backlog=1024, **self._tls())
         self._servers.append(server)
         return self
+
+    def _tls(self):
+        if self.ssl is None:
+            return {}
+        return {"ssl": self.ssl, "ssl_handshake_timeout": self.header_timeout}
 
     @property
     def sockets(self):
@@ -1216,10 +1260,23 @@ class HttpServer:
 
     def _admit(self, connection):
         self._connections.add(connection)
-        if self.closing or self._admitted >= self.max_connections:
+        if self.closing:
+            return False
+        if self._admitted >= self.max_connections and not self._close_an_idle_connection():
             return False
         self._admitted += 1
         return True
+
+    def _close_an_idle_connection(self):
+        """Full: a keep-alive connection waiting for its next request gives its slot to a new
+        one (it closes as after its idle timeout). False when every slot is busy."""
+        for other in self._connections:
+            if other._admitted and other._idle():
+                other._close_now()
+                other._admitted = False
+                self._admitted -= 1
+                return True
+        return False
 
     def _forget(self, connection):
         self._connections.discard(connection)
@@ -1234,7 +1291,7 @@ class HttpServer:
             try:
                 self._on_response(request, status, seconds)
             except Exception:
-                log.exception("on_response hook failed")
+                rate_log.error("hook-failed", "on_response hook failed", exc_info=True)
         if self._access_log is not None:
             if request is None:
                 self._access_log.info('- "-" %d %.3fms', status, seconds * 1e3)

@@ -80,6 +80,7 @@ typedef struct {
     uint32_t lru_head, lru_tail; /* head = most recent */
     uint64_t nblocks, nentries, max_blocks, evictions;
     uint64_t wide_entries; /* entries of pods >= 32: while there are any, lookups walk holders */
+    uint32_t *ns_blocks;   /* blocks per namespace: clearing one stops once it found them all */
     /* scratch for lookups, sized to pods_cap */
     uint32_t *scr_gen, *scr_slot, gen;
     kvi_match *matches;
@@ -117,7 +118,8 @@ static int kvi_init(kvi_index *ix, uint64_t max_blocks) {
     ix->lru_head = ix->lru_tail = KVI_NIL;
     ix->slot_mask = 1023;
     ix->slots = (uint32_t *)malloc(sizeof(uint32_t) * (ix->slot_mask + 1));
-    if (!ix->slots) return -1;
+    ix->ns_blocks = (uint32_t *)calloc(KVI_MAX_NS + 1, sizeof(uint32_t));
+    if (!ix->slots || !ix->ns_blocks) return -1;
     memset(ix->slots, 0xFF, sizeof(uint32_t) * (ix->slot_mask + 1));
     return 0;
 }
@@ -125,6 +127,7 @@ static int kvi_init(kvi_index *ix, uint64_t max_blocks) {
 static void kvi_release(kvi_index *ix) {
     free(ix->slots); free(ix->blocks); free(ix->holders); free(ix->pods);
     free(ix->scr_gen); free(ix->scr_slot); free(ix->matches); free(ix->active);
+    free(ix->ns_blocks);
     memset(ix, 0, sizeof(*ix));
 }
 
@@ -272,6 +275,7 @@ static void kvi_summarize(kvi_index *ix, uint32_t b) {
 static void kvi_delete_block(kvi_index *ix, uint32_t b) {
     kvi_slot_delete(ix, b);
     kvi_lru_unlink(ix, b);
+    ix->ns_blocks[ix->blocks[b].ns]--;
     ix->blocks[b].ns = KVI_FREE_NS;
     ix->blocks[b].lru_next = ix->free_block;
     ix->free_block = b;
@@ -329,6 +333,7 @@ static uint32_t kvi_alloc_block(kvi_index *ix, uint16_t ns, uint64_t key) {
     kvi_slot_put(ix->slots, ix->slot_mask, ix->blocks, b);
     kvi_lru_push_front(ix, b);
     ix->nblocks++;
+    ix->ns_blocks[ns]++;
     return b;
 }
 
@@ -441,17 +446,45 @@ static uint64_t kvi_clear_pod(kvi_index *ix, uint32_t pod, int tier, uint32_t ns
     return removed;
 }
 
-/* Removes every block of a namespace on all pods: O(index), for the rare one-way switch of a
- * namespace's hash mode. */
-static uint64_t kvi_clear_namespace(kvi_index *ix, uint32_t ns) {
+/* Drops every holder of block b, which deletes it; returns how many entries went. */
+static uint64_t kvi_drop_block(kvi_index *ix, uint32_t b) {
     uint64_t removed = 0;
+    uint16_t ns = ix->blocks[b].ns;
+    while (ix->blocks[b].ns == ns && ix->blocks[b].holders != KVI_NIL) {
+        kvi_drop_holder(ix, ix->blocks[b].holders, KVI_NIL);
+        removed++;
+    }
+    return removed;
+}
+
+static inline int kvi_marked(const uint8_t *bits, uint32_t i) { return bits[i >> 3] >> (i & 7) & 1; }
+
+/* Removes every block of the namespaces marked in `dead` (a bitmap over namespace ids) on all
+ * pods: O(index) at worst, for the rare one-way switch of a namespace's hash mode and for
+ * evicting namespaces. The walk stops once it has found as many blocks as they held.
+ * Returns the number of entries removed. */
+static uint64_t kvi_clear_namespaces(kvi_index *ix, const uint8_t *dead) {
+    uint64_t left = 0, removed = 0;
+    for (uint32_t ns = 0; ns <= KVI_MAX_NS; ns++)
+        if (kvi_marked(dead, ns)) left += ix->ns_blocks[ns];
+    for (uint32_t b = 0; left && b < ix->blocks_used; b++) {
+        uint16_t ns = ix->blocks[b].ns;
+        if (ns == KVI_FREE_NS || !kvi_marked(dead, ns)) continue;
+        removed += kvi_drop_block(ix, b);
+        left--;
+    }
+    return removed;
+}
+
+/* kvi_clear_namespaces for one namespace. */
+static uint64_t kvi_clear_namespace(kvi_index *ix, uint32_t ns) {
+    uint64_t left, removed = 0;
     if (ns > KVI_MAX_NS) return 0;
-    for (uint32_t b = 0; b < ix->blocks_used; b++) {
+    left = ix->ns_blocks[ns];
+    for (uint32_t b = 0; left && b < ix->blocks_used; b++) {
         if (ix->blocks[b].ns != ns) continue;
-        while (ix->blocks[b].ns == ns && ix->blocks[b].holders != KVI_NIL) {
-            kvi_drop_holder(ix, ix->blocks[b].holders, KVI_NIL);
-            removed++;
-        }
+        removed += kvi_drop_block(ix, b);
+        left--;
     }
     return removed;
 }

@@ -16,10 +16,13 @@ With `--index redis://…` the index lives in a Redis-protocol store shared with
 import asyncio
 import logging
 
+from kvcm import chat
 from kvcm._core import EventSink, Index, Scorer
 from kvcm.config import Config, load_config
+from kvcm.inflight import Busy, InflightLimit
 from kvcm.ingest import Ingest
 from kvcm.shared_index import IndexUnavailable, SharedIndex
+from kvcm.template_pool import TemplatePool, TemplatesUnavailable
 from kvcm.tokenize import TokenizerRegistry
 
 log = logging.getLogger("kvcm.indexer")
@@ -27,6 +30,16 @@ log = logging.getLogger("kvcm.indexer")
 # Encodes longer than this many characters run in a worker thread (tokenizers releases the
 # GIL), so one long prompt does not hold up every other request on the loop.
 OFFLOOP_CHARS = 4096
+# Worker processes rendering request-supplied chat templates (--trust-request-chat-template).
+TEMPLATE_WORKERS = 2
+
+
+class TemplateRefused(chat.TemplateError):
+    """A request brought its own chat template and the operator does not trust those."""
+
+    def __init__(self):
+        super().__init__("this request supplies its own chat_template, which kvcm refuses unless started "
+                         "with --trust-request-chat-template; omit chat_template to use the model's own")
 
 
 class Indexer:
@@ -42,18 +55,24 @@ class Indexer:
             cfg.index, timeout=cfg.redis_timeout, ttl=cfg.redis_ttl, backlog_events=cfg.redis_backlog,
             fail_open=cfg.redis_fail_open)
         self.sink = EventSink(self.index, cfg.block_size, cfg.hash_algo, cfg.hash_seed, cfg.hash_mode,
-                              journal=None if self.shared is None else self.shared.journal)
+                              journal=None if self.shared is None else self.shared.journal,
+                              tiers=cfg.tier_weights)
         self.scorer = Scorer(cfg.tier_weights)
         self.ingest = Ingest(self.sink, binds=cfg.zmq_bind, topic_prefix=cfg.zmq_topic_prefix,
                              engines=cfg.engines, replay_endpoints=cfg.replay_endpoint,
                              on_applied=None if self.shared is None else self.shared.batch_done,
                              clears_on_restart=self.shared is None,
                              prefetch=None if self.shared is None else self.shared.prefetch,
-                             position=None if self.shared is None else self.shared.position)
+                             position=None if self.shared is None else self.shared.position,
+                             max_message=cfg.zmq_max_message, allow=cfg.zmq_allow)
         if self.shared is not None:
             self.shared.on_switch = self.ingest.resync_namespace
         self.tokenizers = tokenizers if tokenizers is not None else TokenizerRegistry(
             cfg.tokenizer, cfg.tokenizers_dir)
+        self.template_limits = chat.Limits(cfg.template_timeout, cfg.template_output_limit)
+        self.templates = TemplatePool(TEMPLATE_WORKERS, self.template_limits) \
+            if cfg.trust_request_chat_template else None
+        self.inflight = InflightLimit(cfg.tokenize_max_inflight, cfg.tokenize_max_inflight_chars)
         self.started = False
         # What scoring found, for /metrics and the status page: requests, and those where some
         # pod held the first block (a pod without it is not in the result). Only what costs
@@ -77,7 +96,10 @@ class Indexer:
             await self.shared.start(self.sink)
         try:
             await self.ingest.start()
+            if self.templates is not None:
+                await self.templates.start()
         except BaseException:
+            await self.ingest.stop()
             if self.shared is not None:
                 await self.shared.close()
             raise
@@ -86,6 +108,8 @@ class Indexer:
     async def close(self):
         self.started = False
         await self.ingest.stop()
+        if self.templates is not None:
+            await self.templates.close()
         if self.shared is not None:
             await self.shared.close()
 
@@ -146,12 +170,34 @@ class Indexer:
         """(token ids, rendered chat prompt or None), with vLLM's semantics: a prompt is
         encoded with special tokens unless add_special_tokens is False; messages are rendered
         with the model's chat template and encoded without adding special tokens.
-        Raises tokenize.UnknownModel, tokenize.TokenizerLoadError, chat.TemplateError."""
+
+        Rendering runs off the event loop within --template-timeout and
+        --template-max-output; a request's own template (chat_template that is not one of the
+        model's template names) only with --trust-request-chat-template, in a worker process.
+        Raises tokenize.UnknownModel, tokenize.TokenizerLoadError, chat.TemplateError
+        (TemplateRefused, chat.TemplateLimitExceeded), inflight.Busy, TemplatesUnavailable."""
         tokenizer = self.tokenizers.get(self.tokenizer_name(model))
-        if messages is not None:
-            text = tokenizer.render_chat(messages, **chat_options)
+        if messages is None:
+            with self.inflight.admit(len(prompt)):
+                return await self._encode(tokenizer, prompt, add_special_tokens), None
+        source = chat_options.get("chat_template")
+        if tokenizer.is_template_source(source) and self.templates is None:
+            raise TemplateRefused()
+        with self.inflight.admit(_text_size(messages)) as ticket:
+            if not tokenizer.is_template_source(source):
+                return await asyncio.get_running_loop().run_in_executor(
+                    None, self._render_and_encode, tokenizer, messages, chat_options, ticket)
+            options = {k: v for k, v in chat_options.items() if k != "chat_template"}
+            text = await self.templates.render(source, messages, special_tokens=tokenizer.special_tokens,
+                                               **options)
+            ticket.grow(len(text))
             return await self._encode(tokenizer, text, False), text
-        return await self._encode(tokenizer, prompt, add_special_tokens), None
+
+    def _render_and_encode(self, tokenizer, messages, chat_options, ticket):
+        # in a worker thread: the model's own template, metered
+        text = tokenizer.render_chat(messages, limits=self.template_limits, **chat_options)
+        ticket.grow(len(text))
+        return tokenizer.encode(text, add_special_tokens=False), text
 
     def tokenizer_name(self, model):
         """Whose tokenizer encodes requests for model: its own, else, for a LoRA adapter, its
@@ -210,17 +256,36 @@ class Indexer:
         return out
 
     def clear_pod(self, pod):
-        """Forgets everything the pod holds; returns how many entries were removed.
-        In-memory index only."""
+        """Forgets everything the pod holds, and its streams (the next batch of each is a
+        new baseline); returns how many entries were removed. In-memory index only."""
         if self.shared is not None:
             raise RuntimeError("the index is shared: use clear_pod_async")
+        self.ingest.forget_pod(pod)
         return self.index.clear_pod(pod)
 
     async def clear_pod_async(self, pod):
         """clear_pod() for either index (IndexUnavailable while a shared store is down)."""
         if self.shared is None:
             return self.clear_pod(pod)
-        return await self.shared.clear_pod(pod)
+        removed = await self.shared.clear_pod(pod)
+        self.ingest.forget_pod(pod)
+        return removed
 
 
-__all__ = ["Config", "IndexUnavailable", "Indexer", "load_config"]
+def _text_size(messages):
+    """Characters of text in chat messages (their string fields and text parts): what a
+    chat request is admitted with before its prompt is rendered."""
+    return sum(_text_of(value) for message in messages if isinstance(message, dict)
+               for value in message.values())
+
+
+def _text_of(value):
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):      # content parts: strings or {"type": ..., "text": ...}
+        return sum(_text_of(part.get("text") if isinstance(part, dict) else part) for part in value)
+    return 0
+
+
+__all__ = ["Busy", "Config", "IndexUnavailable", "Indexer", "TemplateRefused", "TemplatesUnavailable",
+           "load_config"]

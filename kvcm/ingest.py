@@ -12,14 +12,21 @@ applying them is the core's EventSink.
   duplicate; a jump is a gap, filled by a replay when the stream has a replay endpoint
   (live batches are held meanwhile and applied in order afterwards) and otherwise counted,
   leaving the stream degraded; the live feed going backwards is an engine restart.
+- The stream table is bounded: when it is full, the least recently active stream is
+  forgotten (if it comes back, its next batch is a new baseline), and its pod cleared when
+  that was the pod's last stream. Clearing a pod forgets its streams.
 
 Sockets are raw pyzmq sockets read through loop.add_reader on ZMQ_FD. That FD is
 edge-triggered, so a reader drains until EAGAIN, but at most `batch_budget` messages and
 `turn_seconds` per loop turn before it yields with call_soon, so a busy publisher cannot
-starve HTTP scoring.
+starve HTTP scoring. A batch larger than `slice_bytes` is applied a slice of events per loop
+turn, its stream's later batches held meanwhile, as during a replay. libzmq drops the
+connection of a peer that sends a message larger than `max_message`, and admits only peers
+in the `allow` networks when they are given (kvcm/zap.py).
 """
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -28,24 +35,16 @@ from typing import Optional
 import zmq
 
 from kvcm._core import DecodeError, StreamContext
+from kvcm.endpoints import check_endpoint
 from kvcm.publisher import END_SEQ, dp_endpoint
+from kvcm.ratelog import RateLimitedLog
+from kvcm.zap import SourceFilter
 
 log = logging.getLogger("kvcm.ingest")
 
-TRANSPORTS = ("tcp", "ipc", "inproc")
 ENGINE_SYNTAX = "NAME=ENDPOINT[,replay=EP][,model=M]"
-
-
-def check_endpoint(endpoint, what="endpoint"):
-    """Returns endpoint if it is a usable ZMQ endpoint, else raises a ValueError naming `what`."""
-    transport, sep, address = endpoint.partition("://")
-    ok = bool(sep and transport in TRANSPORTS and address)
-    if ok and transport == "tcp":
-        host, colon, port = address.rpartition(":")
-        ok = bool(colon and host) and (port == "*" or (port.isdigit() and int(port) < 65536))
-    if not ok:
-        raise ValueError("%s %r: expected tcp://HOST:PORT, ipc://PATH or inproc://NAME" % (what, endpoint))
-    return endpoint
+U64_MAX = (1 << 64) - 1
+DEFAULT_MAX_MESSAGE = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +58,9 @@ class EngineSpec:
     def __post_init__(self):
         if not self.name:
             raise ValueError("engine name must not be empty")
-        check_endpoint(self.endpoint, "engine %r: endpoint" % self.name)
+        check_endpoint(self.endpoint, "engine %r: endpoint" % self.name, connect=True)
         if self.replay is not None:
-            check_endpoint(self.replay, "engine %r: replay endpoint" % self.name)
+            check_endpoint(self.replay, "engine %r: replay endpoint" % self.name, connect=True)
         if self.model is not None and not self.model:
             raise ValueError("engine %r: model must not be empty" % self.name)
 
@@ -124,7 +123,7 @@ def _replay_reply(frames):
 
 class _Stream:
     __slots__ = ("pod", "model", "dp_rank", "ctx", "last_seq", "live_seq", "last_time", "degraded", "restarted",
-                 "held", "replay_task", "replay_started",
+                 "held", "replay_task", "replay_started", "applying",
                  "batches", "gaps", "missed", "replays", "restarts", "duplicates", "drops")
 
     def __init__(self, pod, model, dp_rank):
@@ -136,15 +135,16 @@ class _Stream:
         self.degraded = False     # a gap went unfilled; only a restart makes the picture exact again
         self.restarted = False    # the engine restarted and a shared index has not been told yet
         self.held = []            # (seq, payload) that arrived live while a replay was in flight
-        self.replay_task = None
+        self.replay_task = None   # the stream's task: a replay, a prefetch or a sliced batch
         self.replay_started = None
+        self.applying = False     # the task applies a large batch a slice at a time
         self.batches = self.gaps = self.missed = self.replays = 0
         self.restarts = self.duplicates = self.drops = 0
 
     @property
     def state(self):
         if self.replay_task is not None:
-            return "replaying"
+            return "applying" if self.applying else "replaying"
         return "degraded" if self.degraded else "ok"
 
 
@@ -166,7 +166,8 @@ class Ingest:
                  replay_endpoints=None, batch_budget=256, turn_seconds=0.0002, replay_timeout=2.0, replay_interval=1.0,
                  max_held=8192, max_streams=4096, max_engines=1024, max_replays=16,
                  max_replay_batches=10_000, rcvhwm=10_000, on_applied=None, clears_on_restart=True,
-                 prefetch=None, position=None):
+                 prefetch=None, position=None, max_message=DEFAULT_MAX_MESSAGE, allow=(),
+                 slice_bytes=64 << 10):
         self._sink = sink
         # A shared index takes each applied batch's effects (on_applied(stream, seq, resync))
         # and detects engine restarts itself, atomically with the restarted stream's first
@@ -181,7 +182,7 @@ class Ingest:
         self._position = position
         self._binds = [check_endpoint(ep, "--zmq-bind") for ep in binds]
         self._topic_prefix = topic_prefix.encode("utf-8")
-        self._replay_endpoints = {pod: check_endpoint(ep, "replay endpoint of pod %r" % pod)
+        self._replay_endpoints = {pod: check_endpoint(ep, "replay endpoint of pod %r" % pod, connect=True)
                                   for pod, ep in (replay_endpoints or {}).items()}
         self._budget = batch_budget
         self._turn_seconds = turn_seconds
@@ -193,20 +194,26 @@ class Ingest:
         self._max_replays = max_replays
         self._max_replay_batches = max_replay_batches
         self._rcvhwm = rcvhwm
+        self._max_message = max_message
+        self._slice_bytes = slice_bytes
+        self._filter = SourceFilter(allow, self._refused) if allow else None
+        self.counters = {
+            "messages": 0, "batches": 0, "drops_by_reason": {}, "duplicates": 0,
+            "gaps": 0, "missed_batches": 0, "replays": 0, "replay_failures": 0,
+            "replayed_batches": 0, "held_dropped": 0, "restarts": 0, "streams_evicted": 0,
+            "engines_refused": 0, "publishers_refused": 0,
+        }
         self._engines = {}
         for spec in engines:
             self._register(spec)
-        self._streams = {}
+        self._streams = collections.OrderedDict()   # least recently active first
+        self._pod_streams = collections.Counter()     # pod -> how many of its streams are known
         self._sources = {}          # None -> the bind socket, engine name -> its socket
         self._replays = set()
         self._loop = None
         self._ctx = None
+        self._log = RateLimitedLog(log)   # what a publisher can make kvcm log
         self.bound = []             # the endpoints actually bound (ports chosen for * and 0)
-        self.counters = {
-            "messages": 0, "batches": 0, "drops_by_reason": {}, "duplicates": 0,
-            "gaps": 0, "missed_batches": 0, "replays": 0, "replay_failures": 0,
-            "replayed_batches": 0, "held_dropped": 0, "restarts": 0,
-        }
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -217,9 +224,16 @@ class Ingest:
             raise RuntimeError("ingest already started")
         self._loop = asyncio.get_running_loop()
         self._ctx = zmq.Context()
+        # libzmq's default (1023) is below what the engine cap needs: every engine has a
+        # socket, and so has every replay in flight; terminating the context takes one more
+        # for each connection still pending (an inproc engine nobody bound), and libzmq
+        # aborts when it cannot have it
+        self._ctx.set(zmq.MAX_SOCKETS, 2 * self._max_engines + self._max_replays + 64)
         try:
+            if self._filter is not None:
+                self._filter.start(self._ctx, self._loop)
             if self._binds:
-                sock = self._sub_socket(self._topic_prefix)
+                sock = self._sub_socket(self._topic_prefix, "--zmq-bind")
                 for endpoint in self._binds:
                     _zmq_call(sock.bind, endpoint, "--zmq-bind")
                     self.bound.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
@@ -239,6 +253,8 @@ class Ingest:
         for source in self._sources.values():
             self._unlisten(source)
         self._sources.clear()
+        if self._filter is not None:
+            self._filter.stop()
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
             self._ctx = None
@@ -251,8 +267,10 @@ class Ingest:
         return list(self._engines.values())
 
     def add_engine(self, name, endpoint, replay=None, model=None):
-        """Registers an engine (ValueError for a bad or duplicate entry) and, once started,
-        connects to it."""
+        """Registers an engine and, once started, connects to it. ValueError for a bad or
+        duplicate entry or a full table (engines change only through this call and
+        remove_engine, so a full table refuses instead of evicting); OSError when the system
+        has no socket to spare."""
         spec = EngineSpec(name, endpoint, replay, model)
         self._register(spec)
         if self._ctx is not None:
@@ -277,11 +295,12 @@ class Ingest:
         if spec.name in self._engines:
             raise ValueError("engine %r is already registered" % spec.name)
         if len(self._engines) >= self._max_engines:
+            self.counters["engines_refused"] += 1
             raise ValueError("too many engines (at most %d)" % self._max_engines)
         self._engines[spec.name] = spec
 
     def _connect(self, spec):
-        sock = self._sub_socket(b"")
+        sock = self._sub_socket(b"", "engine %r" % spec.name)
         try:
             _zmq_call(sock.connect, spec.endpoint, "engine %r" % spec.name)
         except BaseException:
@@ -291,11 +310,21 @@ class Ingest:
 
     # -- sockets ---------------------------------------------------------------------------
 
-    def _sub_socket(self, subscribe):
-        sock = self._ctx.socket(zmq.SUB)
+    def _socket(self, kind, what):
+        try:
+            sock = self._ctx.socket(kind)
+        except zmq.ZMQError as exc:   # EMFILE: out of sockets or of file descriptors
+            raise OSError(exc.errno, "%s: no socket: %s" % (what, exc.strerror)) from None
         sock.linger = 0
+        sock.maxmsgsize = self._max_message
+        return sock
+
+    def _sub_socket(self, subscribe, what):
+        sock = self._socket(zmq.SUB, what)
         sock.rcvhwm = self._rcvhwm
         sock.setsockopt(zmq.SUBSCRIBE, subscribe)
+        if self._filter is not None:
+            self._filter.guard(sock)
         return sock
 
     def _listen(self, key, sock, engine):
@@ -328,9 +357,9 @@ class Ingest:
                 return
             try:
                 self._receive(source.engine, frames)
-            except Exception:
+            except Exception as exc:
                 self._drop("error")
-                log.exception("ingest: unexpected error on a message")
+                self._log.error("error", "ingest: unexpected error on a message", exc_info=exc)
         # Budget spent with messages possibly left: the FD edge may be consumed already, so
         # come back next loop turn rather than wait for a new edge.
         source.handle = self._loop.call_soon(self._drain, source)
@@ -359,16 +388,52 @@ class Ingest:
             _, dp_rank, _ = self._sink.batch_header(payload)
         except DecodeError as exc:
             return self._drop(exc.reason)
-        stream = self._stream(pod, model, dp_rank or 0)
-        if stream is None:
-            return self._drop("streams")
-        self._on_live(stream, int.from_bytes(seq8, "big"), payload)
+        self._on_live(self._stream(pod, model, dp_rank or 0), int.from_bytes(seq8, "big"), payload)
 
     def _stream(self, pod, model, dp_rank):
+        """The stream, made the most recently active one; a new one when unknown, for which
+        the least recently active one is forgotten when the table is full."""
         key = (pod, model, dp_rank)
         stream = self._streams.get(key)
-        if stream is None and len(self._streams) < self._max_streams:
-            stream = self._streams[key] = _Stream(pod, model, dp_rank)
+        if stream is not None:
+            self._streams.move_to_end(key)
+            return stream
+        if len(self._streams) >= self._max_streams:
+            self._evict_stream()
+        stream = self._streams[key] = _Stream(pod, model, dp_rank)
+        self._pod_streams[pod] += 1
+        return stream
+
+    def _evict_stream(self):
+        """Forgets the least recently active stream, preferring one not busy catching up.
+        Without a stream its pod's entries could not be proven current any more (a restart
+        would go unseen): when it was the pod's last stream, the pod is cleared. A shared
+        index is left alone: other replicas may be ingesting the pod."""
+        key = next((k for k, s in self._streams.items() if s.replay_task is None), None)
+        stream = self._forget(key if key is not None else next(iter(self._streams)))
+        self.counters["streams_evicted"] += 1
+        cleared = self._clears_on_restart and stream.pod not in self._pod_streams
+        if cleared:
+            self._sink.clear_pod(stream.pod)
+        self._log.warning("table_full:streams", "ingest: the stream table is full (%d streams): forgot the least "
+                          "recently active, %s%s", self._max_streams, _name(stream),
+                          ", and cleared its pod" if cleared else "")
+
+    def forget_pod(self, pod):
+        """Forgets the pod's streams: the pod was cleared, so its next batch on any stream is
+        a new baseline. Returns how many streams went."""
+        keys = [key for key in self._streams if key[0] == pod]
+        for key in keys:
+            self._forget(key)
+        return len(keys)
+
+    def _forget(self, key):
+        stream = self._streams.pop(key)
+        self._pod_streams[stream.pod] -= 1
+        if not self._pod_streams[stream.pod]:
+            del self._pod_streams[stream.pod]
+        _detach_task(stream)
+        stream.held.clear()
         return stream
 
     def _on_live(self, stream, seq, payload):
@@ -397,49 +462,95 @@ class Ingest:
             self._advance(stream, seq, payload, may_replay=True)
 
     def _advance(self, stream, seq, payload, may_replay):
-        """Applies a batch with seq > last_seq, replaying or counting what lies between."""
+        """Applies a batch with seq > last_seq, replaying or counting what lies between.
+        Returns what _apply returns."""
         missing = seq - stream.last_seq - 1
         if missing:
             if may_replay and self._start_replay(stream, stream.last_seq + 1):
                 self._hold(stream, seq, payload)
-                return
+                return None
             self._lost(stream, missing)
         stream.last_seq = seq
-        self._apply(stream, seq, payload)
+        return self._apply(stream, seq, payload)
 
     def _apply(self, stream, seq, payload, resync=False):
-        if self._prefetch is not None and stream.replay_task is None:
+        """Applies a batch, or its first slice when it is large. Outside a task of the
+        stream, the rest goes to a task of its own (the stream's later batches are held
+        meanwhile) and None is returned; inside one (a replay), the cursor of the rest is
+        returned for that task to finish with _finish."""
+        inside = stream.replay_task is not None
+        if self._prefetch is not None and not inside:
             missing = self._sink.missing_engine_hashes(stream.ctx, payload)
             if missing:
                 self._catch_up(stream, self._prefetch_then_apply(stream, missing, seq, payload, resync))
-                return
-        self._apply_now(stream, seq, payload, resync)
+                return None
+        cursor = self._apply_now(stream, seq, payload, resync)
+        if cursor is None or inside:
+            return cursor
+        self._catch_up(stream, self._apply_rest(stream, seq, cursor, resync), applying=True)
+        return None
 
     async def _prefetch_then_apply(self, stream, missing, seq, payload, resync):
         await self._prefetch(missing)
-        stream.replay_task = None
-        self._apply_now(stream, seq, payload, resync)
+        stream.replay_task = None    # so that what the batch needs (a resync) may start
+        cursor = self._apply_now(stream, seq, payload, resync)
+        if cursor is not None:       # a large batch: this task applies the rest
+            stream.replay_task, stream.applying = asyncio.current_task(), True
+            await self._apply_rest(stream, seq, cursor, resync)
+            return
         self._release_held(stream, may_replay=True)
 
+    async def _apply_rest(self, stream, seq, cursor, resync):
+        """The rest of a large batch, as the stream's task; then the batches held meanwhile."""
+        ok = await self._slices(stream, cursor)
+        stream.replay_task, stream.applying = None, False
+        self._applied(stream, seq, resync, ok)
+        self._release_held(stream, may_replay=True)
+
+    async def _finish(self, stream, seq, cursor, resync):
+        """The rest of a large batch, inside a task of the stream that goes on afterwards."""
+        self._applied(stream, seq, resync, await self._slices(stream, cursor))
+
     def _apply_now(self, stream, seq, payload, resync):
+        """Applies a batch whole, or its first slice when it is larger than slice_bytes:
+        returns None when the batch is done with (applied or dropped), else its cursor."""
         self.counters["batches"] += 1
         stream.batches += 1
         try:
-            self._sink.apply(stream.ctx, payload)
-        except DecodeError as exc:
-            stream.drops += 1
+            cursor = self._sink.cursor(stream.ctx, payload)
+            if not cursor.apply(self._slice_bytes):
+                return cursor
+        except Exception as exc:
+            self._failed(stream, exc)
+            self._applied(stream, seq, resync, False)
+            return None
+        self._applied(stream, seq, resync, True)
+        return None
+
+    async def _slices(self, stream, cursor):
+        """Applies the rest of a batch a slice per loop turn; whether it went without error."""
+        try:
+            while True:
+                await asyncio.sleep(0)
+                if cursor.apply(self._slice_bytes):
+                    return True
+        except Exception as exc:
+            self._failed(stream, exc)
+            return False
+
+    def _failed(self, stream, exc):
+        stream.drops += 1
+        if isinstance(exc, DecodeError):
             self._drop(exc.reason)
             return
-        except Exception:
-            # A bug, not bad input; counted, and it must not stop the stream (nor a replay).
-            stream.drops += 1
-            self._drop("error")
-            log.exception("ingest: applying a batch of %s failed", _name(stream))
-            return
-        finally:
-            if self._on_applied is not None:
-                self._on_applied(stream, seq, resync)
-        if stream.ctx.needs_replay:
+        # A bug, not bad input; counted, and it must not stop the stream (nor a replay).
+        self._drop("error")
+        self._log.error("apply_error", "ingest: applying a batch of %s failed", _name(stream), exc_info=exc)
+
+    def _applied(self, stream, seq, resync, ok):
+        if self._on_applied is not None:
+            self._on_applied(stream, seq, resync)
+        if ok and stream.ctx.needs_replay:
             stream.ctx.needs_replay = False
             self._resync(stream)
 
@@ -465,11 +576,9 @@ class Ingest:
     def _restart(self, stream, seq, payload):
         self.counters["restarts"] += 1
         stream.restarts += 1
-        log.warning("ingest: %s restarted (seq %d after %d): clearing the pod",
-                    _name(stream), seq, stream.last_seq)
-        if stream.replay_task is not None:
-            stream.replay_task.cancel()      # it was replaying the previous process
-            stream.replay_task = None
+        self._log.warning("restart", "ingest: %s restarted (seq %d after %d): clearing the pod",
+                          _name(stream), seq, stream.last_seq)
+        _detach_task(stream)      # it was catching up with the previous process
         stream.held.clear()
         if self._clears_on_restart:
             self._sink.clear_pod(stream.pod)
@@ -493,21 +602,23 @@ class Ingest:
         stream.duplicates += 1
 
     def _lost(self, stream, missing):
+        # sequence numbers are any u64: counts of what they skip stay within one
         self.counters["gaps"] += 1
-        self.counters["missed_batches"] += missing
+        self.counters["missed_batches"] = min(self.counters["missed_batches"] + missing, U64_MAX)
         stream.gaps += 1
-        stream.missed += missing
+        stream.missed = min(stream.missed + missing, U64_MAX)
         if not stream.degraded:
-            log.warning("ingest: %s lost %d batch(es) after seq %d; degraded",
-                        _name(stream), missing, stream.last_seq)
+            self._log.warning("gap", "ingest: %s lost %d batch(es) after seq %d; degraded",
+                              _name(stream), missing, stream.last_seq)
         stream.degraded = True
 
     def _drop(self, reason):
         drops = self.counters["drops_by_reason"]
-        seen = drops.get(reason, 0)
-        drops[reason] = seen + 1
-        if not seen:
-            log.warning("ingest: dropped a message (%s); further drops of this kind are only counted", reason)
+        drops[reason] = drops.get(reason, 0) + 1
+        self._log.warning("drop:" + reason, "ingest: dropped a message (%s)", reason)
+
+    def _refused(self):
+        self.counters["publishers_refused"] += 1
 
     # -- replay ----------------------------------------------------------------------------
 
@@ -534,9 +645,11 @@ class Ingest:
         self._catch_up(stream, self._replay(stream, endpoint, start))
         return True
 
-    def _catch_up(self, stream, coroutine):
-        """Runs a replay or a prefetch as the stream's task: live batches are held meanwhile."""
+    def _catch_up(self, stream, coroutine, applying=False):
+        """Runs a replay, a prefetch or the rest of a large batch as the stream's task: live
+        batches are held meanwhile."""
         stream.replay_task = task = self._loop.create_task(coroutine)
+        stream.applying = applying
         self._replays.add(task)
         task.add_done_callback(lambda task: self._replay_done(stream, task))
 
@@ -545,10 +658,11 @@ class Ingest:
         if stream.replay_task is task:
             # Cancelled by stop() (a restart detaches its task first), or a bug: the stream
             # must not stay "replaying", holding batches, for good.
-            stream.replay_task = None
+            stream.replay_task, stream.applying = None, False
             stream.held.clear()
             if not task.cancelled():
-                log.error("ingest: replay of %s failed", _name(stream), exc_info=task.exception())
+                self._log.error("replay_error", "ingest: catching up %s failed", _name(stream),
+                                exc_info=task.exception())
 
     async def _replay(self, stream, endpoint, start):
         """Fetches and applies one replay, then the batches held meanwhile. Cancelled by a
@@ -560,20 +674,23 @@ class Ingest:
             stream.replays += 1
         else:
             self.counters["replay_failures"] += 1
-            log.warning("ingest: replay of %s from seq %d via %s did not complete",
-                        _name(stream), start, endpoint)
+            self._log.warning("replay", "ingest: replay of %s from seq %d via %s did not complete",
+                              _name(stream), start, endpoint)
         # An incomplete resync would re-apply a prefix of old history over newer state:
         # leave it. An incomplete gap fill is a prefix of what is missing: apply it.
         if complete or not resync:
             for n, (seq, payload) in enumerate(batches, 1):
                 self.counters["replayed_batches"] += 1
-                if seq > stream.last_seq:
-                    self._advance(stream, seq, payload, may_replay=False)
+                cursor, again = None, seq <= stream.last_seq
+                if not again:
+                    cursor = self._advance(stream, seq, payload, may_replay=False)
                 elif resync:
-                    self._apply_now(stream, seq, payload, resync=True)   # the engine's retained history, in order
+                    cursor = self._apply_now(stream, seq, payload, resync=True)   # the engine's retained history, in order
                 else:
                     self._duplicate(stream)
-                if n % self._budget == 0:
+                if cursor is not None:
+                    await self._finish(stream, seq, cursor, again)
+                elif n % self._budget == 0:
                     await asyncio.sleep(0)
         stream.replay_task = None
         # After a failure, gaps are counted instead of retried at once.
@@ -594,8 +711,11 @@ class Ingest:
     async def _fetch(self, endpoint, start):
         """[(seq, payload)] replayed from `start` until the end marker, and whether the end
         marker came (before replay_timeout without a message, and within max_replay_batches)."""
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.linger = 0
+        try:
+            sock = self._socket(zmq.DEALER, "replay via %s" % endpoint)
+        except OSError as exc:
+            self._log.warning("replay", "ingest: %s", exc)
+            return [], False
         sock.rcvhwm = self._max_replay_batches + 1   # a long replay arrives all at once
         readable = asyncio.Event()
         self._loop.add_reader(sock.FD, readable.set)
@@ -621,7 +741,7 @@ class Ingest:
                     if len(batches) % self._budget == 0:
                         await asyncio.sleep(0)
         except zmq.ZMQError as exc:
-            log.warning("ingest: replay via %s failed: %s", endpoint, exc)
+            self._log.warning("replay", "ingest: replay via %s failed: %s", endpoint, exc)
             return batches, False
         finally:
             self._loop.remove_reader(sock.FD)
@@ -639,6 +759,11 @@ class Ingest:
 
     # -- observability ---------------------------------------------------------------------
 
+    def tables(self):
+        """{table: (entries, capacity)} of the ingest's bounded name tables."""
+        return {"streams": (len(self._streams), self._max_streams),
+                "engines": (len(self._engines), self._max_engines)}
+
     def streams(self):
         """One dict per stream, for /v1/pods."""
         now = time.monotonic()
@@ -650,6 +775,12 @@ class Ingest:
             "restarts": s.restarts, "duplicates": s.duplicates, "batches": s.batches,
             "drops": s.drops, "held": len(s.held), "state": s.state,
         } for s in self._streams.values()]
+
+
+def _detach_task(stream):
+    if stream.replay_task is not None:   # detached first: its end must not touch the stream
+        task, stream.replay_task, stream.applying = stream.replay_task, None, False
+        task.cancel()
 
 
 def _seq_of(item):

@@ -7,8 +7,10 @@ requests and tokenizer calls are observed as they happen, into histograms.
 
 import time
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from kvcm._core import MAX_PODS, MAX_TIERS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -27,6 +29,8 @@ _SINK_COUNTERS = {
     "block_size_decoupled": ("kvcm_hash_block_size_decoupled_total", "Namespaces switched to decoupled mode by a block size mismatch", None),
     "offload_unresolved": ("kvcm_ingest_offload_unresolved_total", "Token-less BlockStored hashes kvcm could not resolve", None),
     "remove_unresolved": ("kvcm_ingest_remove_unresolved_total", "BlockRemoved hashes kvcm could not resolve", None),
+    "namespaces_evicted": ("kvcm_ingest_namespaces_evicted_total",
+                           "Namespaces forgotten, with their entries, to make room in a full namespace table", None),
 }
 # Indexer.score_counts -> (metric, help)
 _SCORE_COUNTERS = {
@@ -54,6 +58,9 @@ class Metrics:
         self.tokenize = Histogram(
             "kvcm_tokenize_duration_seconds", "Prompt tokenization and chat rendering",
             ("model",), buckets=_TOKENIZE_BUCKETS, registry=self.registry)
+        self.templates_stopped = Counter(
+            "kvcm_template_renders_stopped", "Chat template renders stopped at a limit (time, output, memory)",
+            ("limit",), registry=self.registry)
         self._children = {}  # labelled children cached: labels() costs more than observe()
 
     def observe_request(self, endpoint, method, status, seconds):
@@ -131,6 +138,7 @@ class _IndexerCollector:
         yield from self._scoring()
         yield from self._sink()
         yield from self._transport()
+        yield from self._tokenizing()
         if self.indexer.shared is None:
             yield from self._index()
         else:
@@ -174,8 +182,41 @@ class _IndexerCollector:
         for reason, value in counters.get("drops_by_reason", {}).items():
             drops.add_metric((reason,), value)
         yield drops
-        streams = self.indexer.ingest.streams()
-        yield GaugeMetricFamily("kvcm_ingest_streams", "Event streams (pod, model, dp rank) seen", value=len(streams))
+        tables = dict(self.indexer.ingest.tables())
+        tables["namespaces"] = self.indexer.index.namespaces
+        tables["tiers"] = (len(self.indexer.index.tiers), MAX_TIERS)
+        tables["pods"] = (self.indexer.index.pods, MAX_PODS)
+        yield GaugeMetricFamily("kvcm_ingest_streams", "Event streams (pod, model, dp rank) seen",
+                                value=tables["streams"][0])
+        entries = GaugeMetricFamily("kvcm_name_table_entries", "Names in each bounded table", labels=("table",))
+        capacity = GaugeMetricFamily("kvcm_name_table_capacity", "Capacity of each bounded name table",
+                                     labels=("table",))
+        for table, (n, cap) in sorted(tables.items()):
+            entries.add_metric((table,), n)
+            capacity.add_metric((table,), cap)
+        yield entries
+        yield capacity
+
+    def _tokenizing(self):
+        inflight = self.indexer.inflight
+        yield GaugeMetricFamily("kvcm_tokenize_inflight_requests", "Requests tokenizing now (--tokenize-max-inflight)",
+                                value=inflight.requests)
+        yield GaugeMetricFamily("kvcm_tokenize_inflight_chars",
+                                "Characters of prompt being tokenized now (--tokenize-max-inflight-chars)",
+                                value=inflight.chars)
+        yield _counter("kvcm_tokenize_refused_total", "Tokenizing requests refused with 503: too much in flight",
+                       inflight.refused)
+        yield _counter("kvcm_heap_trims_total", "Times freed heap memory was returned to the OS after large work",
+                       inflight.trims)
+        pool = self.indexer.templates
+        if pool is None:
+            return
+        yield GaugeMetricFamily("kvcm_template_workers", "Live worker processes for request chat templates",
+                                value=len(pool.pids))
+        for name, text in (("renders", "Request chat templates rendered by the workers"),
+                           ("killed", "Template workers killed (a render ran past its time, or the worker died)"),
+                           ("start_failures", "Template workers that failed to start")):
+            yield _counter("kvcm_template_worker_%s_total" % name, text, pool.counters[name])
 
     def _index(self):
         stats = self.indexer.index.stats()

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import signal
+import ssl
 import sys
 import time
 
@@ -18,8 +19,9 @@ from kvcm import systemd
 from kvcm.api import Api, request_timer
 from kvcm.config import ConfigError, load_config
 from kvcm.http import HttpServer
-from kvcm.indexer import Indexer
+from kvcm.indexer import Indexer, TemplatesUnavailable
 from kvcm.metrics import Metrics
+from kvcm.ratelog import RateLimitedLog
 
 log = logging.getLogger("kvcm.serve")
 
@@ -47,6 +49,42 @@ def configure_logging(level, fmt):
     root.setLevel(level.upper())
 
 
+def _tls(config):
+    if config.tls_cert is None and config.tls_key is None:
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise ValueError("--tls-cert and --tls-key go together: give both, or neither")
+    return tls_context(config.tls_cert, config.tls_key)
+
+
+def tls_context(cert, key):
+    """The server-side TLS context of --tls-cert/--tls-key (TLS 1.2 or later, HTTP/1.1 by
+    ALPN); ValueError naming the files when they cannot be loaded."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError("cannot load the TLS certificate %s and key %s: %s"
+                         % (cert, key, getattr(e, "strerror", None) or e)) from None
+    return context
+
+
+def _rate_limited_exception_handler():
+    """The loop's handler for errors nothing else caught (a transport failing on a client's
+    bad bytes, say): logged like asyncio's default handler does, at most one line per kind
+    of error per interval."""
+    limited = RateLimitedLog(logging.getLogger("kvcm.loop"))
+
+    def handle(loop, context):
+        message = context.get("message") or "unhandled error in the event loop"
+        exception = context.get("exception")
+        reason = "%s: %s" % (type(exception).__name__, message) if exception is not None else message
+        limited.error(reason[:120], "%s", message, exc_info=exception)
+    return handle
+
+
 class Service:
     """The running service; `run()` returns when it has stopped."""
 
@@ -59,9 +97,9 @@ class Service:
         self.api = Api(self.indexer, self.metrics, admin_token=config.admin_token,
                        ready=lambda: self._ready)
         self.http = HttpServer(self.api.router, max_body=config.max_body,
-                               header_timeout=config.header_timeout, idle_timeout=config.idle_timeout,
-                               max_connections=config.max_connections,
-                               on_response=request_timer(self.metrics))
+                               header_timeout=config.header_timeout, body_timeout=config.body_timeout,
+                               idle_timeout=config.idle_timeout, max_connections=config.max_connections,
+                               on_response=request_timer(self.metrics), ssl=_tls(config))
         self._stop = None
 
     async def start(self):
@@ -72,7 +110,8 @@ class Service:
         else:
             await self.http.start(self.config.http_host, self.config.http_port)
         self._ready = True
-        where = "http %s, zmq %s" % (self.http_addresses(), ", ".join(self.indexer.ingest.bound) or "connect mode")
+        where = "http %s%s, zmq %s" % (self.http_addresses(), " (TLS)" if self.http.ssl is not None else "",
+                                       ", ".join(self.indexer.ingest.bound) or "connect mode")
         log.info("kvcm serving: %s", where)
         systemd.ready("serving: " + where)
 
@@ -81,6 +120,7 @@ class Service:
 
     async def run(self):
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_rate_limited_exception_handler())
         self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -138,4 +178,7 @@ def main(args):
         # a port in use or an address kvcm cannot bind: a setting to change, like a bad value
         sys.stderr.write("kvcm serve: error: cannot listen: %s\n" % e)
         return 2
+    except TemplatesUnavailable as e:
+        sys.stderr.write("kvcm serve: error: %s\n" % e)
+        return 1
     return 0

@@ -107,6 +107,17 @@ class Journal:
         self.ops, self.events, self.size, self._mappings = [], 0, 0, {}
         return taken
 
+    def suspend(self):
+        """The effects of a batch applied in slices so far, set aside while other batches
+        apply; resume() takes them back."""
+        mappings = self._mappings
+        return self.take() + (mappings,)
+
+    def resume(self, state):
+        if self.ops:
+            raise RuntimeError("resuming a batch's effects over another batch's")
+        self.ops, self.events, self.size, self._mappings = state
+
 
 class _Record:
     __slots__ = ("stream", "pod", "seq", "ts", "flag", "ops", "events", "size")

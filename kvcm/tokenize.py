@@ -555,6 +555,11 @@ class Tokenizer:
                 f"model {self.name!r} has no chat template: supply one with chat_template")
         return self._single_template
 
+    def is_template_source(self, chat_template: str | None) -> bool:
+        """True when ``chat_template`` is template source (a request's own template); False
+        when it is None or the name of one of the model's templates."""
+        return chat_template is not None and chat_template not in self._templates
+
     def render_chat(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -566,26 +571,25 @@ class Tokenizer:
         documents: Sequence[Mapping[str, Any]] | None = None,
         continue_final_message: bool = False,
         vllm_compat: bool = True,
+        limits: _chat.Limits | None = None,
     ) -> str:
         """The prompt text vLLM renders for a chat request (raises ``chat.TemplateError``).
 
         With ``vllm_compat`` (the default) messages and tools are first reshaped as vLLM's
         OpenAI server reshapes them (:func:`kvcm.chat.vllm_messages`, :func:`kvcm.chat.vllm_tools`);
         for plain string contents and complete tool definitions that is the identity, and
-        the result equals ``apply_chat_template(messages, tokenize=False, …)``.
+        the result equals ``apply_chat_template(messages, tokenize=False, …)``. ``limits``
+        meter the render (:class:`kvcm.chat.TemplateLimitExceeded`).
         """
-        if vllm_compat:
-            tools = _chat.vllm_tools(tools)
-        source = self.resolve_chat_template(chat_template, tools)
-        if vllm_compat:
-            messages = _chat.vllm_messages(messages, _chat.content_format(source))
-        return _chat.render(
+        source = self.resolve_chat_template(chat_template, _chat.vllm_tools(tools) if vllm_compat else tools)
+        return _chat.render_chat(
             source, messages,
             add_generation_prompt=add_generation_prompt,
             tools=tools, documents=documents,
             continue_final_message=continue_final_message,
             special_tokens=self.special_tokens,
             chat_template_kwargs=chat_template_kwargs,
+            vllm_compat=vllm_compat, limits=limits,
         )
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> tuple[str, list[int]]:

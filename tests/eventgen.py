@@ -53,3 +53,24 @@ def raw_str(data):
 def batch(events, ts=1.0, dp_rank=0):
     """A batch payload [ts, events, dp_rank]; dp_rank=None leaves it out (vLLM 0.9.0)."""
     return pack([ts, events] if dp_rank is None else [ts, events, dp_rank])
+
+
+def mutate(payload, edits):
+    """payload with edits applied in turn: (kind, position, byte), kind one of flip, set,
+    insert, delete and truncate (at the position, taken modulo the length)."""
+    data = bytearray(payload)
+    for kind, position, byte in edits:
+        if not data:
+            break
+        i = position % len(data)
+        if kind == "flip":
+            data[i] ^= byte or 1
+        elif kind == "set":
+            data[i] = byte
+        elif kind == "insert":
+            data.insert(i, byte)
+        elif kind == "delete":
+            del data[i]
+        else:
+            del data[i:]
+    return bytes(data)

@@ -19,6 +19,7 @@ from aio import free_port, poll_until
 from captures import IndexModel, event_fields
 from conftest import ROOT, SHARED
 from kvcm._core import BlockHasher
+from procfs import children
 
 ONEFILE = ROOT / "dist" / "kvcm"
 ONEDIR = ROOT / "dist" / "kvcm-onedir" / "kvcm"
@@ -101,6 +102,39 @@ class Notify:
     def close(self):
         self.sock.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def check_template_workers(server, interpreter):
+    """kvcm serve --trust-request-chat-template from a binary: two template workers, each the
+    binary run again as one process (no bootloader, no unpacking of its own) under its
+    address-space limit; a request template renders in one; a render the sandbox cannot
+    interrupt is answered 422 and its worker killed and replaced."""
+    def two_workers(previous=()):
+        found = children(interpreter)
+        return found if len(found) == 2 and found != list(previous) else None
+    workers = until(two_workers, "two template workers")
+    for pid in workers:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            assert f.read().split(b"\0")[1] == b"_template-worker"
+        assert children(pid) == [], "a template worker runs as one process"
+        with open("/proc/%d/limits" % pid) as f:
+            limit = [line for line in f if line.startswith("Max address space")][0].split()[3]
+        assert limit.isdigit(), "a template worker has no address-space limit: %s" % limit
+    messages = [{"role": "user", "content": "hi"}]
+    reply = server.ok("POST", "/v1/tokenize", {"model": QWEN, "messages": messages,
+                                               "chat_template": "{{ messages[0].content }}!"})
+    assert reply["prompt"] == "hi!"
+    status, data = server.request("POST", "/v1/tokenize", {"model": QWEN, "messages": messages,
+                                                           "chat_template": "{{ lipsum(10000000) }}"})
+    assert status == 422 and b"--template-timeout" in data, data
+    replaced = until(lambda: two_workers(workers), "a replacement template worker")
+    (gone,) = set(workers) - set(replaced)
+    until(lambda: not os.path.exists("/proc/%d/stat" % gone) or gone not in children(interpreter),
+          "the killed worker to be gone")
+    reply = server.ok("POST", "/v1/tokenize", {"model": QWEN, "messages": messages,
+                                               "chat_template": "{{ messages[0].content }}?"})
+    assert reply["prompt"] == "hi?"
+    return replaced
 
 
 def parent_of(pid):
@@ -197,7 +231,7 @@ def publish(server, captures):
 
             def applied():
                 return any((s["pod"], s["model"], s["dp_rank"]) == (capture.pod, capture.model, capture.dp_rank)
-                           and s["last_seq"] == last and s["state"] != "replaying"
+                           and s["last_seq"] == last and s["state"] not in ("replaying", "applying")
                            for s in server.ok("GET", "/v1/pods")["pods"])
             until(applied, "kvcm to apply %s up to seq %d" % (capture.dir, last))
     finally:

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 
+import pytest
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,29 +34,6 @@ BLOCK = 16
 WAIT = 20.0                       # one condition; only reached when something is broken
 TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
 PROBE_RANKS = itertools.count(1000)
-
-
-
-
-
-
-def non_loopback_address():
-    """An IPv4 address of this host that is not loopback, or None."""
-    candidates = set()
-    try:
-        candidates.update(socket.gethostbyname_ex(socket.gethostname())[2])
-    except OSError:
-        pass
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.123", 9))   # no packet is sent: this only picks a route
-            candidates.add(s.getsockname()[0])
-        except OSError:
-            pass
-    for address in sorted(candidates):
-        if not address.startswith("127.") and address != "0.0.0.0":
-            return address
-    return None
 
 
 # -- HTTP -------------------------------------------------------------------------------------
@@ -84,7 +62,7 @@ class Client(httpclient.Client):
         """Waits until the stream applied seq (and no replay runs); returns its entry."""
         def done():
             s = self.stream(pod, model, dp_rank)
-            return s if s is not None and s["last_seq"] == seq and s["state"] != "replaying" else None
+            return s if s is not None and s["last_seq"] == seq and s["state"] not in ("replaying", "applying") else None
         return until(done, "stream %s/%s/dp%d to reach seq %d" % (pod, model, dp_rank, seq))
 
     def connected(self, pub):
@@ -345,6 +323,22 @@ class Serve:
         self._out.close()
         self._err.close()
         self.notify.close()
+
+
+@pytest.fixture
+def serve(shared):
+    """serve(*args, **kw) -> a started Serve.standard (READY received), killed after the test
+    if it is still running. A fixture: import it into the test module."""
+    started = []
+
+    def make(*args, **kw):
+        server = Serve.standard(*args, **kw)
+        started.append(server)
+        server.ready = server.wait_ready()
+        return server
+    yield make
+    for server in started:
+        server.close()
 
 
 def run_serve(*args, env=None, timeout=WAIT):

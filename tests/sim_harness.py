@@ -23,24 +23,42 @@ from conftest import ROOT
 WAIT = 20.0     # one condition; only reached when something is broken
 
 
-
-
-
-
 def clean_env(**extra):
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("KVCM_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "PYTHONHASHSEED"))}
+           if not k.startswith(("KVCM_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "PYTHONHASHSEED", "POD_", "SIM_MODEL",
+                                "VLLM_SERVER_DEV_MODE"))}
     env.update(extra)
     return env
 
 
 # -- HTTP --------------------------------------------------------------------------------------
 
+class Reply(httpclient.Reply):
+    """A simulator's reply: its API errors are OpenAI's, with `param`."""
+
+    def _error(self):
+        error = self.json["error"]
+        assert {"message", "type", "code"} <= set(error) <= {"message", "type", "param", "code"}, self.body
+        assert error["code"] == self.status, self.body
+        assert isinstance(error["type"], str) and isinstance(error["message"], str), self.body
+        return error
+
+    @property
+    def param(self):
+        error = self._error()
+        assert "param" in error, self.body
+        return error["param"]
+
+
 class Client(httpclient.Client):
     """Requests to one simulator, each on a fresh connection."""
 
     def __init__(self, port, host="127.0.0.1"):
         super().__init__(host, port)
+
+    def request(self, method, path, body=None, headers=None, timeout=None):
+        reply = super().request(method, path, body, headers, timeout)
+        return Reply(reply.status, reply.headers, reply.body)
 
     def complete(self, **body):
         return self.ok("POST", "/v1/completions", body)
@@ -54,9 +72,9 @@ class Client(httpclient.Client):
     def kv_cache(self):
         return self.ok("GET", "/sim/kv_cache")
 
-    def stream(self, path, body):
+    def stream(self, path, body, headers=None):
         """Opens a streaming request; returns the open SSE reader once the head arrived."""
-        return SSE(self.host, self.port, path, body)
+        return SSE(self.host, self.port, path, body, headers)
 
     def metrics(self):
         from prometheus_client.parser import text_string_to_metric_families
@@ -71,11 +89,12 @@ class SSE:
     """One streamed response, read event by event from a raw socket (so the chunked framing
     itself is checked: `raw` keeps every byte after the head)."""
 
-    def __init__(self, host, port, path, body):
+    def __init__(self, host, port, path, body, headers=None):
         self.sock = socket.create_connection((host, port), timeout=WAIT)
         data = json.dumps(body).encode()
-        self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
+        extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in (headers or {}).items())
+        self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s"
+                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), extra, len(data), data))
         self._buf = b""
         head = self._until(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
@@ -139,15 +158,16 @@ class SSE:
 # -- in-process simulators -----------------------------------------------------------------------
 
 class InProcessSim:
-    """kvcm.sim.app.Simulator from `kvcm sim` flags, on a uvloop loop in a background thread;
-    HTTP on free ports of 127.0.0.1 unless --port is given; events nowhere unless given."""
+    """kvcm.sim.app.Simulator from `kvcm sim` flags (and `environ`, else no environment), on
+    a uvloop loop in a background thread; HTTP on free ports of 127.0.0.1 unless --port is
+    given; events nowhere unless given."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, environ=None):
         from kvcm.sim.app import Simulator
         from kvcm.sim.config import parse_args
 
         argv = ["--host", "127.0.0.1", "--port", "0", "--zmq-endpoint", "", *args]
-        self.simulator = Simulator(parse_args(argv))
+        self.simulator = Simulator(parse_args(argv, environ))
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="kvcm-sim", daemon=True)
         self._thread.start()

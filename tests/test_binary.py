@@ -25,7 +25,7 @@ import pytest
 from captures import load_captures
 from conftest import ROOT
 from frozen import (IN_CI, ONEDIR, ONEFILE, QWEN, TOKENIZER, WAIT, Server, bare_env, built,
-                    expected_scores, leftovers, parent_of, publish, run, until)
+                    check_template_workers, expected_scores, leftovers, parent_of, publish, run, until)
 from kvcm import __version__
 from kvcm._build_info import source_revision
 from kvcm._core import BlockHasher
@@ -121,9 +121,10 @@ def test_bad_arguments_exit_2_with_one_line(onefile, bare):
 
 # -- what is inside -------------------------------------------------------------------------------
 
-REQUIRED = ["kvcm.cli", "kvcm.serve", "kvcm.systemd", "kvcm._build_info", "zmq", "zmq.backend.cython",
-            "uvloop", "orjson", "msgpack", "tokenizers", "jinja2", "jinja2.sandbox", "prometheus_client",
-            "tomllib"]
+REQUIRED = ["kvcm.cli", "kvcm.serve", "kvcm.systemd", "kvcm._build_info", "kvcm.template_pool",
+            "kvcm.template_sandbox", "kvcm.inflight", "zmq", "zmq.backend.cython", "uvloop", "orjson",
+            "msgpack", "tokenizers", "jinja2", "jinja2.sandbox", "prometheus_client", "tomllib", "ssl",
+            "kvcm.sim.app", "yaml", "cryptography.x509"]
 REQUIRED_BINARIES = ["kvcm/_core", "zmq/backend/cython/_zmq", "pyzmq.libs/libzmq", "uvloop/loop",
                      "orjson/orjson", "msgpack/_cmsgpack", "tokenizers/tokenizers", "libpython3"]
 FORBIDDEN = ["Cython", "cython", "setuptools", "pkg_resources", "distutils", "numpy", "torch",
@@ -286,12 +287,24 @@ def test_serve_tokenizes_renders_chat_templates_and_reloads_on_sighup(onefile, s
 
     server.proc.send_signal(signal.SIGHUP)      # to the bootloader, which forwards it
     until(lambda: "SIGHUP: reloaded" in server.stderr(), "the SIGHUP reload in kvcm's log")
-    assert any(p == pid and text.startswith("STATUS=reloaded") for p, text in server.notify.receive())
+    until(lambda: any(p == pid and text.startswith("STATUS=reloaded") for p, text in server.notify.receive()),
+          "STATUS=reloaded (sent just after the log line)")
     assert server.proc.poll() is None
     assert server.ok("GET", "/health") == {"status": "ok"}
 
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(WAIT) == 0, server.stderr()
+    assert leftovers(bare) == []
+
+
+def test_request_templates_render_in_workers_the_binary_starts_and_kills(binary, serve, bare, shared):
+    server = serve(binary, "--trust-request-chat-template")
+    pid, _ = server.wait_for("READY=1")
+    workers = check_template_workers(server, pid)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(WAIT) == 0, server.stderr()
+    for worker in workers:
+        until(lambda: not os.path.exists("/proc/%d/stat" % worker), "template worker %d to end" % worker)
     assert leftovers(bare) == []
 
 
@@ -331,3 +344,36 @@ def test_version_from_a_copy_without_git_information_says_unknown(tmp_path):
     text = (tmp_path / "kvcm" / "_build_info.py").read_text()
     assert '_ARCHIVE_REVISION = "$Format:%H$"' in text       # as in a checkout: not substituted
     assert _copy_runs_version(tmp_path)["git revision"] == "unknown"
+
+
+def test_sim_takes_an_llmd_yaml_file_and_serves_https(onefile, bare, tmp_path):
+    import ssl
+    import urllib.request
+
+    from aio import free_port
+
+    (tmp_path / "sim.yaml").write_text("mode: echo\nself-signed-certs: true\nzmq-endpoint: ''\n")
+    port = free_port()
+    proc = subprocess.Popen([str(onefile), "sim", "--host", "127.0.0.1", "--port", str(port), "--config",
+                             str(tmp_path / "sim.yaml"), "--enable-prefix-caching"], env=bare,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    loose = ssl.create_default_context()
+    loose.check_hostname, loose.verify_mode = False, ssl.CERT_NONE
+
+    def completion():
+        request = urllib.request.Request("https://127.0.0.1:%d/v1/completions" % port, method="POST",
+                                         data=b'{"prompt": "frozen words", "max_tokens": 2}')
+        try:
+            with urllib.request.urlopen(request, context=loose, timeout=5) as reply:
+                return json.loads(reply.read())
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            return None
+    try:
+        assert until(completion, "the frozen kvcm sim to answer over HTTPS")["choices"][0]["text"] == "frozen words"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+    err = proc.stderr.read().decode()
+    assert "--enable-prefix-caching is accepted and has no effect" in err and "configuration: {" in err
+    assert leftovers(bare) == []

@@ -104,6 +104,9 @@ CONVERSATIONS = {
 }
 
 
+GENEROUS = chat.Limits(600.0, 10**8)
+
+
 def render_both(template_id, conv_id, add_generation_prompt, **kwargs):
     """(kvcm result, transformers result): text or ("error", message)."""
     model, tfile = TEMPLATES[template_id]
@@ -112,8 +115,9 @@ def render_both(template_id, conv_id, add_generation_prompt, **kwargs):
     source = extra_template(tfile) if tfile else None
     kw = dict(DATE, **kwargs)
     try:
+        # metered, as kvcm serve renders: the meter must not change a single character
         mine = tok.encode_chat(copy.deepcopy(messages), add_generation_prompt=add_generation_prompt,
-                               chat_template=source, chat_template_kwargs=kw, tools=tools)
+                               chat_template=source, chat_template_kwargs=kw, tools=tools, limits=GENEROUS)
     except TemplateError as exc:
         mine = ("error", exc.message)
     try:
@@ -299,6 +303,9 @@ def test_named_templates_from_the_config_list(tmp_path):
     assert outputs == ["D:hi", "T:1:hi", "R:a,b", "T:2:hi"]
     assert tok.chat_template == NAMED[0]["template"]
     assert set(tok.chat_templates) == {"default", "tool_use", "rag"}
+    # a template's name is the model's own template; anything else is a request's own
+    assert not tok.is_template_source(None) and not tok.is_template_source("rag")
+    assert tok.is_template_source("R:{{ 1 }}")
 
 
 @needs_fixtures
@@ -459,6 +466,13 @@ def test_compiled_templates_are_cached_and_bounded():
     for i in range(chat._CACHE_SIZE + 10):
         chat.compile_template(f"t{i}")
     assert len(chat._compiled) <= chat._CACHE_SIZE
+    # bounded by the length of the sources too: a request template may be megabytes long
+    big = "{# %s #}" % ("x" * (chat._CACHE_CHARS // 3))
+    for i in range(4):
+        chat.compile_template(big + str(i))
+    assert chat._compiled.chars <= chat._CACHE_CHARS and len(chat._compiled) >= 2
+    chat.compile_template(big * 4)            # larger than the whole cache: not kept
+    assert chat._compiled.get(big * 4) is None and chat._compiled.get(big + "3") is not None
     with pytest.raises(TemplateError, match="must be a string"):
         chat.compile_template(None)
 
@@ -583,3 +597,76 @@ def test_fixture_templates_take_string_content_and_openai_templates_get_parts():
     assert tok.render_chat([{"role": "user", "content": "a"},
                             {"role": "user", "content": [{"type": "text", "text": "b"}, "c"]}],
                            chat_template=source) == "[text:a][text:b][text:c]"
+
+
+# --------------------------------------------------------------------------------------
+# Metered rendering (kvcm/template_sandbox.py): limits stop a render from inside
+
+
+def limited(timeout=5.0, max_output=10_000):
+    return chat.Limits(timeout, max_output)
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("{% for m in messages %}{{ loop.index }}/{{ loop.length }}{% if loop.last %}!{% endif %},{% endfor %}",
+     "1/3,2/3,3/3!,"),
+    ("{% for m in messages | reverse %}{{ loop.revindex }}{{ m }}{% else %}none{% endfor %}", "3c2b1a"),
+    ("{% for m in [] %}x{% else %}none{% endfor %}", "none"),
+    ("{% for m in messages if m != 'b' %}{{ loop.previtem or '-' }}{{ m }}{% endfor %}", "-aac"),
+    ("{% for item in [{'n': 'a', 'c': [{'n': 'b', 'c': []}]}, {'n': 'd', 'c': []}] recursive %}{{ item.n }}"
+     "{% if item.c %}({{ loop(item.c) }}){% endif %}{% endfor %}", "a(b)d"),
+    ("{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}", "3"),
+    ("{{ messages | join('+') }}{{ 'ab' * 2 }}{{ [1] + [2] }}{{ 2 ** 10 }}", "a+b+cabab[1, 2]1024"),
+])
+def test_metering_leaves_loops_and_operators_as_they_are(source, expected):
+    messages = ["a", "b", "c"]
+    unmetered = chat.render(source, messages)
+    assert chat.render(source, messages, limits=limited()) == unmetered
+    if expected:
+        assert unmetered == expected
+
+
+@pytest.mark.parametrize("source", [
+    # loops whose bodies call nothing and print nothing: only the loop itself can be metered
+    "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}{% endfor %}"
+    "{% endfor %}{% endfor %}",
+    "{% for a in range(100000) %}{% for b in messages * 5000 %}{% endfor %}{% endfor %}",
+    "{% macro f() %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{% endmacro %}"
+    "{{ f() }}",
+])
+def test_a_runaway_loop_stops_at_the_deadline(source):
+    with pytest.raises(chat.TemplateLimitExceeded, match="longer than 0.2 s") as info:
+        chat.render(source, ["m"], limits=limited(timeout=0.2))
+    assert info.value.limit == "time"
+
+
+@pytest.mark.parametrize("source, size", [
+    ("{{ 'hello ' * 100000000 }}", 600_000_000),
+    ("{{ 100000000 * 'hello ' }}", 600_000_000),
+    ("{{ (messages * 100000) | length }}", 200_000),
+    ("{% set s = 'x' * 6000 %}{{ s + s }}", 12_000),
+    ("{% for i in range(100) %}{{ 'y' * 500 }}{% endfor %}", 10_500),
+])
+def test_output_and_oversized_operators_are_refused_at_the_cap(source, size):
+    with pytest.raises(chat.TemplateLimitExceeded, match="over the limit of 10000") as info:
+        chat.render(source, ["a", "b"], limits=limited())
+    assert info.value.limit == "output" and "would be %d characters" % size in info.value.message
+
+
+def test_a_huge_power_is_refused_before_it_is_computed():
+    with pytest.raises(chat.TemplateLimitExceeded, match="integer of more than"):
+        chat.render("{{ 9 ** (9 ** 9) }}", [], limits=limited())
+    assert chat.render("{{ 2 ** 64 }}", [], limits=limited()) == str(2 ** 64)
+
+
+@pytest.mark.parametrize("source, words", [
+    ("{{ messages | no_such_filter }}", "No filter named 'no_such_filter'"),
+    ("{% if messages is no_such_test %}{% endif %}", "No test named 'no_such_test'"),
+    ("{% if x %}" * 3000 + "{% endif %}" * 3000, "nest too deeply"),
+])
+def test_unknown_filters_tests_and_deep_nesting_are_template_errors(source, words):
+    # render_chat reads the template's content format first: that analysis must not let a
+    # jinja error through either
+    for call in (lambda: chat.render(source, []), lambda: chat.render_chat(source, [{"role": "user", "content": "x"}])):
+        with pytest.raises(TemplateError, match=words):
+            call()

@@ -2,10 +2,12 @@
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kvcm.config import (CONFIG_ENV, LLMD_ENV, LLMD_IGNORED, OPTIONS, OPTIONS_BY_NAME, Config, ConfigError,
                          add_serve_arguments, load_config, serve_parser)
@@ -79,10 +81,13 @@ SAMPLES = {
     "http_port": (("9001", 9001), ("9002", 9002), (["--http-port", "0"], 0)),
     "max_body": (('"1KiB"', 1024), ("2KB", 2000), (["--max-body", "3M"], 3 * MiB)),
     "header_timeout": (("1.5", 1.5), ("2", 2.0), (["--header-timeout", "0.25"], 0.25)),
+    "body_timeout": (("12", 12.0), ("13.5", 13.5), (["--body-timeout", "14"], 14.0)),
     "idle_timeout": (("30", 30.0), ("45.5", 45.5), (["--idle-timeout", "5"], 5.0)),
     "max_connections": (("10", 10), ("20", 20), (["--max-connections", "30"], 30)),
     "admin_token": (('"from-file"', "from-file"), ("from-env", "from-env"),
                     (["--admin-token", "from-flag"], "from-flag")),
+    "tls_cert": (('"/c1.pem"', "/c1.pem"), ("/c2.pem", "/c2.pem"), (["--tls-cert", "/c3.pem"], "/c3.pem")),
+    "tls_key": (('"/k1.pem"', "/k1.pem"), ("/k2.pem", "/k2.pem"), (["--tls-key", "/k3.pem"], "/k3.pem")),
     "zmq_bind": (('["tcp://*:6001"]', ("tcp://*:6001",)),
                  ("tcp://*:6002, ipc:///tmp/kvcm.sock", ("tcp://*:6002", "ipc:///tmp/kvcm.sock")),
                  (["--zmq-bind", "tcp://127.0.0.1:6003", "--zmq-bind", "tcp://*:6004"],
@@ -96,6 +101,10 @@ SAMPLES = {
                         ("p1=tcp://h:2 p2=tcp://h:3", {"p1": "tcp://h:2", "p2": "tcp://h:3"}),
                         (["--replay-endpoint", "10.0.0.1:8000=tcp://10.0.0.1:5558"],
                          {"10.0.0.1:8000": "tcp://10.0.0.1:5558"})),
+    "zmq_max_message": (('"1MiB"', MiB), ("2MB", 2_000_000), (["--zmq-max-message", "4096"], 4096)),
+    "zmq_allow": (('["10.0.0.0/8"]', ("10.0.0.0/8",)),
+                  ("192.168.1.7/24, fd00::1/8", ("192.168.1.0/24", "fd00::/8")),
+                  (["--zmq-allow", "127.0.0.1", "--zmq-allow", "::1"], ("127.0.0.1/32", "::1/128"))),
     "hash_algo": (('"sha256_cbor"', "sha256_cbor"), ("sha256_cbor_64bit", "sha256_cbor_64bit"),
                   (["--hash-algo", "sha256"], "sha256")),
     "hash_seed": (('"1"', "1"), ("2", "2"), (["--hash-seed", "3"], "3")),
@@ -104,6 +113,12 @@ SAMPLES = {
     "tokenizer": (('["m1=/models/m1"]', {"m1": "/models/m1"}), ("m2=/d2,m3=/d3", {"m2": "/d2", "m3": "/d3"}),
                   (["--tokenizer", "Qwen/Qwen2.5=/models/q"], {"Qwen/Qwen2.5": "/models/q"})),
     "tokenizers_dir": (('"/t1"', "/t1"), ("/t2", "/t2"), (["--tokenizers-dir", "/t3"], "/t3")),
+    "trust_request_chat_template": (("true", True), ("no", False), (["--trust-request-chat-template"], True)),
+    "template_timeout": (("0.5", 0.5), ("3", 3.0), (["--template-timeout", "4"], 4.0)),
+    "template_max_output": (('"1KiB"', 1024), ("2000", 2000), (["--template-max-output", "3M"], 3 * MiB)),
+    "tokenize_max_inflight": (("5", 5), ("6", 6), (["--tokenize-max-inflight", "7"], 7)),
+    "tokenize_max_inflight_chars": (('"1M"', MiB), ("2000000", 2_000_000),
+                                    (["--tokenize-max-inflight-chars", "3M"], 3 * MiB)),
     "index": (('"redis://127.0.0.1:6379/0"', "redis://127.0.0.1:6379/0"),
               ("unix:///run/valkey.sock", "unix:///run/valkey.sock"), (["--index", "memory"], "memory")),
     "max_blocks": (("5", 5), ("6", 6), (["--max-blocks", "7"], 7)),
@@ -541,6 +556,68 @@ def test_help_documents_every_flag_its_default_and_env_var(build):
         assert shape % (option.flag, option.metavar) in text
         assert "(default: %s; env %s" % (option.default if option.default is not None else "unset",
                                           option.env) in text
+
+
+def test_the_template_output_limit_is_the_body_limit_unless_set():
+    assert load(["--max-body", "1M"]).template_output_limit == MiB
+    assert load(["--max-body", "1M", "--template-max-output", "5K"]).template_output_limit == 5 * 1024
+
+
+# -- property-based: whatever the flags, environment and file say, one ConfigError or a Config ---
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=24)
+_WORDS = st.sampled_from(["", " ", "none", "0", "-1", "1.5", "1e999", "inf", "nan", "true", "off", "8MiB", "0B",
+                          "2GiB", "tcp://*:5557", "tcp://h:0", "ipc://", "a=b", "m=/nonexistent", "e=tcp://h:1,x=y",
+                          "redis://h:1/0", "redis://:p@h:x", "gpu=1,cpu=x", "gpu=-1", "ALL", "debug", "json"])
+_VALUES = st.one_of(_TEXT, _WORDS)
+
+
+def _toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return {"inf": "inf", "-inf": "-inf", "nan": "nan"}.get(repr(value), repr(value))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)          # JSON's escapes are TOML basic-string escapes
+    if isinstance(value, list):
+        return "[%s]" % ", ".join(_toml_value(v) for v in value)
+    return "{%s}" % ", ".join("%s = %s" % (json.dumps(k), _toml_value(v)) for k, v in value.items())
+
+
+_TOML_SCALARS = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(), _VALUES)
+_TOML_VALUES = st.one_of(_TOML_SCALARS, st.lists(_TOML_SCALARS, max_size=3),
+                         st.dictionaries(_TEXT, _TOML_SCALARS, max_size=3))
+_NAMES = [option.name for option in OPTIONS if option.name not in ("engines_file",)]
+
+
+def _loads_or_config_error(argv, env):
+    try:
+        config = load(argv, env)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and str(exc)
+        return None
+    assert isinstance(config, Config)
+    return config
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([o for o in OPTIONS if o.name != "engines_file"]), _VALUES), max_size=6),
+       st.dictionaries(st.sampled_from([o.env for o in OPTIONS if o.name != "engines_file"] + [CONFIG_ENV + "_X"]),
+                       _VALUES, max_size=4))
+def test_fuzz_flags_and_environment(flags, env):
+    argv = [part for option, value in flags for part in (option.flag, value)]
+    _loads_or_config_error(argv, env)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.one_of(st.sampled_from(_NAMES), _TEXT), _TOML_VALUES, max_size=5))
+def test_fuzz_toml_files(tmp_path, document):
+    path = tmp_path / "fuzz.toml"
+    path.write_text("".join("%s = %s\n" % (json.dumps(k), _toml_value(v)) for k, v in document.items()),
+                    encoding="utf-8")
+    _loads_or_config_error(["--config", str(path)], {})
 
 
 # -- llm-d's environment variables ----------------------------------------------------------

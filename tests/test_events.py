@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from captures import event_fields, hash_value, load_captures
-from eventgen import Raw, batch, pack, raw_str, sint, uint
+from eventgen import Raw, batch, mutate, pack, raw_str, sint, uint
 from kvcm._core import COUNTER_NAMES, HASH_MODES, BlockHasher, DecodeError, EventSink, Index, StreamContext
 from kvcm.publisher import all_blocks_cleared, block_removed, block_stored, encode_batch
 
@@ -959,25 +959,6 @@ def test_unknown_keys_with_any_msgpack_type_are_skipped():
     assert rig.problems() == {} and rig.run(PROMPT) == (4, {"gpu": 4})
 
 
-def _mutate(payload, mutations):
-    data = bytearray(payload)
-    for kind, position, byte in mutations:
-        if not data:
-            break
-        i = position % len(data)
-        if kind == "flip":
-            data[i] ^= byte or 1
-        elif kind == "set":
-            data[i] = byte
-        elif kind == "insert":
-            data.insert(i, byte)
-        elif kind == "delete":
-            del data[i]
-        else:
-            del data[i:]
-    return bytes(data)
-
-
 MUTATIONS = st.lists(st.tuples(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]),
                                st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4)
 
@@ -996,7 +977,7 @@ def test_fuzzed_captures_never_crash_and_keep_the_index_consistent(capture_list,
     rig = Rig(hash_mode, "42" if wrong_seed else config["seed"], config["algo"], capture.model, capture.pod)
     target = (which // len(capture_list)) % len(capture.messages)
     for k, message in enumerate(capture.messages):
-        payload = _mutate(message.payload, mutations) if k == target else message.payload
+        payload = mutate(message.payload, mutations) if k == target else message.payload
         try:
             rig.raw(payload)
         except DecodeError as err:
@@ -1007,3 +988,182 @@ def test_fuzzed_captures_never_crash_and_keep_the_index_consistent(capture_list,
     rig.run(PROMPT)
     rig.sink.clear_pod(capture.pod)
     assert rig.ix.stats()["entries"] == 0 and rig.ix.stats()["pods"] == {}
+
+
+# ---- bounded name tables, large events, slices -----------------------------------------------
+
+def lora_store(name, tokens=OTHER, first_hash=500):
+    n = len(tokens) // BS
+    return block_stored(list(range(first_hash, first_hash + n)), None, tokens, BS, lora_id=1, lora_name=name)
+
+
+def test_a_full_namespace_table_forgets_the_least_recently_used_namespaces():
+    ix = Index(max_namespaces=32)
+    sink = EventSink(ix, BS, "sha256", None, "auto")
+    ctx = StreamContext(POD, MODEL)
+    sink.apply(ctx, encode_batch([block_stored(vllm_keys(PROMPT), None, PROMPT)]))
+    # A flood of adapter names, one per batch: the model keeps publishing, so it stays.
+    for i in range(100):
+        sink.apply(ctx, encode_batch([lora_store("lora-%d" % i, first_hash=1000 * i)]))
+        assert ix.namespaces[0] <= 32
+    assert sink.counters["namespaces_evicted"] == 101 - ix.namespaces[0]
+    kept = [i for i in range(100) if "lora-%d" % i in sink.namespaces()]
+    gone = [i for i in range(100) if i not in kept]
+    assert MODEL in sink.namespaces() and kept and gone
+    assert kept == list(range(100 - len(kept), 100))     # the most recent ones stayed
+    # The model's entries and the kept adapters' are all the index holds.
+    assert ix.lookup_prefix(MODEL, vllm_keys(PROMPT)) == {POD: (4, {"gpu": 4})}
+    assert ix.stats()["pods"] == {POD: {"gpu": 4 + 2 * len(kept)}}
+    for i in kept[-3:]:
+        name = "lora-%d" % i
+        assert ix.lookup_prefix(name, sink.keys_for(name, OTHER)) == {POD: (2, {"gpu": 2})}
+        assert ix.resolve(name, [1000 * i]) != [()]
+    # An evicted adapter: no entry, no engine-map entry, removals of its blocks unresolved.
+    name = "lora-%d" % gone[0]
+    assert ix.resolve(name, [1000 * gone[0]]) == [()]
+    assert name not in ctx.fed
+    before = ix.stats()
+    sink.apply(ctx, encode_batch([block_removed([1000 * gone[0]])]))
+    assert ix.stats() == before
+    # Named again, it starts empty, and fills as any new namespace.
+    assert ix.lookup_prefix(name, BlockHasher("kvcm", None, BS, namespace=name).keys(OTHER)) == {}
+    sink.apply(ctx, encode_batch([lora_store(name, first_hash=77)]))
+    assert ix.lookup_prefix(name, sink.keys_for(name, OTHER)) == {POD: (2, {"gpu": 2})}
+    assert_consistent(ix)
+
+
+def test_a_new_base_model_ingests_after_a_flood_of_adapter_names_in_one_batch():
+    ix = Index(max_namespaces=40)
+    sink = EventSink(ix, BS, "sha256", None, "auto")
+    flood = StreamContext("flooder", "base")
+    sink.apply(flood, encode_batch([lora_store("adapter-%d" % i, first_hash=10 * i) for i in range(200)]))
+    assert len(flood.fed) <= 64
+    newcomer = StreamContext(POD, "new-model")
+    sink.apply(newcomer, encode_batch([block_stored(vllm_keys(PROMPT), None, PROMPT)]))
+    assert ix.lookup_prefix("new-model", vllm_keys(PROMPT)) == {POD: (4, {"gpu": 4})}
+    assert ix.namespaces[0] <= 40
+    assert_consistent(ix)
+
+
+def test_a_stream_resolves_through_at_most_64_namespaces():
+    rig = Rig()
+    rig.apply(*[lora_store("a-%d" % i, first_hash=10 * i) for i in range(100)])
+    assert rig.ctx.fed == tuple("a-%d" % i for i in range(36, 100))
+    rig.apply(lora_store("a-40", first_hash=5000))         # fed again: the most recent
+    assert rig.ctx.fed[-1] == "a-40" and len(rig.ctx.fed) == 64
+
+
+@pytest.mark.parametrize("medium, tier", [("GPU", "gpu"), ("CPU", "cpu"), ("cpu", "cpu"), ("Disk", "disk"),
+                                          ("DISK", "disk"), ("STORAGE", "storage"), ("FS", "fs"), ("OBJ", "obj")])
+def test_the_media_of_vllm_and_lmcache_are_tiers(medium, tier):
+    rig = Rig()
+    rig.apply(block_stored(vllm_keys(PROMPT), None, PROMPT, medium=medium))
+    assert rig.run(PROMPT) == (4, {tier: 4}) and rig.problems() == {}
+
+
+def test_unknown_media_are_dropped_and_never_take_a_tier_a_known_medium_needs():
+    rig = Rig()
+    keys = vllm_keys(PROMPT)
+    for i in range(20):
+        rig.apply(block_stored(keys, None, PROMPT, medium="junk-%d" % i))
+    assert rig.count("drop_unknown_tier") == 20 and rig.entries() == 0
+    rig.apply(block_stored(keys, None, PROMPT, medium="CPU"), block_stored(keys[:1], None, PROMPT[:BS], medium="Disk"))
+    assert rig.run(PROMPT) == (4, {"cpu": 4, "disk": 1})
+    assert set(rig.ix.tiers) == {"gpu", "cpu", "disk"}
+    rig.apply(block_removed(keys[:1], medium="junk-3"))
+    assert rig.count("drop_unknown_tier") == 21 and rig.run(PROMPT) == (4, {"cpu": 4, "disk": 1})
+
+
+def test_media_named_in_the_tier_weights_are_tiers_too():
+    ix = Index()
+    sink = EventSink(ix, BS, "sha256", None, "vllm", tiers={"nvme": 0.5, "gpu": 1.0})
+    sink.apply(StreamContext(POD, MODEL), encode_batch([block_stored(vllm_keys(PROMPT), None, PROMPT, medium="NVMe")]))
+    assert ix.lookup_prefix(MODEL, vllm_keys(PROMPT)) == {POD: (4, {"nvme": 4})}
+    with pytest.raises(ValueError, match="at most 16 tiers"):
+        EventSink(ix, BS, tiers=["t%d" % i for i in range(11)])
+
+
+@pytest.mark.parametrize("form", ["map", "array"])
+@pytest.mark.parametrize("what", ["hashes", "tokens"])
+def test_an_event_too_large_is_dropped_and_counted_and_the_rest_applied(what, form):
+    rig = Rig("vllm")
+    if what == "hashes":
+        huge = block_stored(list(range(1, (1 << 16) + 2)), None, (), 0, medium="CPU", form=form)
+    else:
+        huge = block_stored([1], None, [7] * ((1 << 20) + 1), (1 << 20) + 1, form=form)
+    rig.apply(huge, block_stored(vllm_keys(PROMPT), None, PROMPT, form=form))
+    assert rig.count("drop_event_too_large") == 1
+    assert rig.run(PROMPT) == (4, {"gpu": 4}) and rig.entries() == 4
+    rig.apply(block_stored(list(range(1, (1 << 16) + 1)), None, (), 0, medium="CPU", form=form))
+    assert rig.count("drop_event_too_large") == 1           # the largest allowed one applies
+
+
+def test_a_batch_applied_in_slices_leaves_what_a_whole_apply_leaves():
+    events = [block_stored(vllm_keys(PROMPT)[i:i + 1], vllm_keys(PROMPT)[i - 1] if i else None,
+                           PROMPT[i * BS:(i + 1) * BS]) for i in range(4)]
+    events += [block_removed(vllm_keys(PROMPT)[3:]), all_blocks_cleared(),
+               block_stored(vllm_keys(OTHER), None, OTHER, medium="CPU")] * 5
+    payload = encode_batch(events)
+    whole, sliced = Rig(), Rig()
+    assert whole.raw(payload) > 0
+    cursor = sliced.sink.cursor(sliced.ctx, payload)
+    slices = 1
+    while not cursor.apply(40):
+        slices += 1
+    assert cursor.done and slices > 10
+    assert sliced.ix.stats() == whole.ix.stats()
+    assert sliced.sink.counters == whole.sink.counters
+    assert sliced.run(OTHER) == whole.run(OTHER) == (2, {"cpu": 2})
+
+
+def test_slices_of_a_shared_index_batch_keep_their_effects_together():
+    from kvcm.shared_index import Journal
+
+    def ops_alone(ctx_pod, payload):
+        journal = Journal()
+        sink = EventSink(Index(), BS, "sha256", None, "vllm", journal=journal)
+        sink.apply(StreamContext(ctx_pod, MODEL), payload)
+        return journal.take()
+
+    big = encode_batch([block_stored(vllm_keys(PROMPT), None, PROMPT), block_removed(vllm_keys(PROMPT)[2:]),
+                        block_stored(vllm_keys(OTHER), None, OTHER, medium="CPU")] * 3)
+    small = encode_batch([block_stored(vllm_keys(OTHER), None, OTHER)])
+    journal = Journal()
+    sink = EventSink(Index(), BS, "sha256", None, "vllm", journal=journal)
+    cursor = sink.cursor(StreamContext("big", MODEL), big)
+    assert not cursor.apply(100)
+    sink.apply(StreamContext("small", MODEL), small)     # another stream's batch between slices
+    assert journal.take() == ops_alone("small", small)
+    while not cursor.apply(100):
+        sink.apply(StreamContext("none", MODEL), encode_batch([]))
+        assert journal.take() == ([], 0, 0)
+    assert journal.take() == ops_alone("big", big)
+
+
+def test_pods_that_hold_nothing_and_feed_no_stream_are_forgotten():
+    ix = Index()
+    sink = EventSink(ix, BS, "sha256", None, "vllm")
+    keeper = StreamContext("keeper", MODEL)                 # a live stream holding nothing
+    sink.apply(keeper, encode_batch([]))
+    holder = StreamContext("holder", MODEL)
+    sink.apply(holder, encode_batch([block_stored(vllm_keys(PROMPT), None, PROMPT)]))
+    del holder                                              # its stream went; its entries stay
+    for i in range(5000):                                   # junk pods, each seen once
+        sink.apply(StreamContext("junk-%d" % i, MODEL), encode_batch([]))
+    assert ix.pods <= 2048
+    assert ix.lookup_prefix(MODEL, vllm_keys(PROMPT)) == {"holder": (4, {"gpu": 4})}
+    sink.apply(keeper, encode_batch([block_stored(vllm_keys(OTHER), None, OTHER)]))
+    assert ix.stats()["pods"] == {"holder": {"gpu": 4}, "keeper": {"gpu": 2}}
+    assert ix.lookup_prefix(MODEL, vllm_keys(OTHER)) == {"keeper": (2, {"gpu": 2})}
+
+
+def test_a_run_from_block_0_is_verified_on_its_first_32_blocks():
+    # the seed and a salt enter at block 0: the first blocks tell the engines' configuration,
+    # and a run of 65,536 blocks costs no more to check than one of 32
+    tokens = list(range(100 * BS))
+    keys = vllm_keys(tokens)
+    rig = Rig()
+    rig.apply(block_stored(keys[:32] + [k ^ 1 for k in keys[32:]], None, tokens))
+    assert (rig.count("parity_verified"), rig.count("parity_mismatch")) == (1, 0)
+    rig.apply(block_stored([keys[0] ^ 1] + keys[1:], None, tokens))
+    assert rig.count("parity_mismatch") == 1 and rig.warnings

@@ -184,6 +184,38 @@ def test_clear_namespace_removes_that_namespace_on_all_pods(impl):
     assert ix.lookup_prefix("m1", [A]) == {"pa": (1, {"gpu": 1})}
 
 
+def test_forgotten_namespaces_lose_their_blocks_and_engine_map_and_free_their_names(impl):
+    ix = impl.Index(max_namespaces=3)
+    ix.store("a", "pa", "gpu", [A, B])
+    ix.store("b", "pa", "gpu", [A])
+    ix.store("b", "pb", "cpu", [C])
+    ix.map_engine("a", [X], [A])
+    ix.map_engine("b", [X], [C])
+    ix.store("c", "pa", "gpu", [D])
+    assert ix.namespaces == (3, 3)
+    with pytest.raises(ValueError, match="namespace"):
+        ix.store("d", "pa", "gpu", [A])
+    assert ix.forget_namespaces(["a", "b", "nope"]) == 4
+    assert ix.namespaces == (1, 3)
+    assert counts(ix) == (1, 1, {"pa": {"gpu": 1}})
+    assert ix.resolve("a", [X]) == [()] and ix.resolve("b", [X]) == [()]
+    assert ix.lookup_prefix("a", [A]) == {} and ix.lookup_prefix("b", [C]) == {}
+    # their names come back empty, and new names take the room
+    assert ix.store("d", "pa", "gpu", [A]) == 1
+    assert ix.store("a", "pb", "gpu", [B]) == 1
+    assert ix.lookup_prefix("a", [A]) == {} and ix.lookup_prefix("a", [B]) == {"pb": (1, {"gpu": 1})}
+    assert ix.lookup_prefix("d", [A]) == {"pa": (1, {"gpu": 1})}
+    assert ix.lookup_prefix("c", [D]) == {"pa": (1, {"gpu": 1})}
+    assert ix.forget_namespaces([]) == 0 and ix.namespaces == (3, 3)
+
+
+def test_the_namespace_table_is_bounded(impl):
+    for bad in (0, 1, 0x10000):
+        with pytest.raises(ValueError, match="max_namespaces"):
+            impl.Index(max_namespaces=bad)
+    assert impl.Index().namespaces == (0, 0xFFFF)
+
+
 # ---- capacity and exact LRU --------------------------------------------------------------
 
 def test_max_blocks_must_be_positive(impl):
@@ -398,7 +430,7 @@ def _apply(ix, scorers, op):
 
 
 def _state(ix):
-    return len(ix), ix.stats(), ix.tiers, {p: ix.pod_blocks(p) for p in PODS + ["ghost"]}
+    return len(ix), ix.stats(), ix.tiers, ix.namespaces, {p: ix.pod_blocks(p) for p in PODS + ["ghost"]}
 
 
 def _dump(ix, key_space):
@@ -480,8 +512,10 @@ def random_ops(seed, n, key_space):
             if rnd.random() < 0.5:
                 kwargs["ns"] = name("ns", NAMESPACES)
             ops.append(("clear_pod", (name("pod", PODS),), kwargs))
-        elif r < 0.53:
+        elif r < 0.525:
             ops.append(("clear_namespace", (name("ns", NAMESPACES),), {}))
+        elif r < 0.53:
+            ops.append(("forget_namespaces", (rnd.sample(NAMESPACES + ["nope"], rnd.randint(1, 2)),), {}))
         elif r < 0.75:
             ops.append(("lookup_prefix", (name("ns", NAMESPACES), some_keys()),
                         {"pods": pods_filter()}))
@@ -532,6 +566,7 @@ _op = st.one_of(
     st.tuples(st.just("clear_pod"), st.tuples(_pod),
               st.fixed_dictionaries({}, optional={"tier": _tier, "ns": _ns})),
     st.tuples(st.just("clear_namespace"), st.tuples(_ns), st.just({})),
+    st.tuples(st.just("forget_namespaces"), st.tuples(st.lists(_ns, max_size=3)), st.just({})),
     st.tuples(st.just("lookup_prefix"), st.tuples(_ns, _small_keys),
               st.fixed_dictionaries({"pods": _pods_filter})),
     st.tuples(st.sampled_from(["score", "score_detailed"]),

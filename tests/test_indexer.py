@@ -159,7 +159,8 @@ async def test_pods_and_clear_pod():
         assert indexer.clear_pod("drop") == 4
         assert indexer.clear_pod("drop") == 0
         assert (await indexer.score("m", token_ids=ids))["scores"] == {"keep": 2.0}
-        assert stream(indexer, "drop", "m")["blocks"] == {}
+        assert stream(indexer, "drop", "m") is None     # a cleared pod's streams start afresh
+        assert stream(indexer, "keep", "m")["blocks"] == {"gpu": 2, "cpu": 2}
 
 
 @on_loops

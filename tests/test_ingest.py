@@ -5,6 +5,7 @@ for conditions with a deadline."""
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import random
 import time
@@ -16,7 +17,8 @@ from zmq.utils.monitor import recv_monitor_message
 from aio import TEST_DEADLINE, free_port, on_uvloop, until
 from captures import IndexModel, load_captures
 from kvcm._core import BlockHasher, EventSink, Index
-from kvcm.ingest import EngineSpec, Ingest, check_endpoint, parse_engine, read_engines_file
+from kvcm.endpoints import check_endpoint
+from kvcm.ingest import EngineSpec, Ingest, parse_engine, read_engines_file
 from kvcm.publisher import (Publisher, all_blocks_cleared, block_removed, block_stored,
                             encode_batch)
 
@@ -86,7 +88,7 @@ async def connected(pub, ingest):
 async def caught_up(ingest, pod, seq, model=MODEL, dp_rank=0):
     def done():
         s = stream(ingest, pod, model, dp_rank)
-        return s is not None and s["last_seq"] == seq and s["state"] != "replaying"
+        return s is not None and s["last_seq"] == seq and s["state"] not in ("replaying", "applying")
     await until(done, "%s/%s/dp%d to apply seq %d" % (pod, model, dp_rank, seq))
     return stream(ingest, pod, model, dp_rank)
 
@@ -378,18 +380,47 @@ async def test_held_batches_are_bounded():
 
 
 @on_uvloop
-async def test_streams_are_bounded():
-    async with running(max_streams=2) as (ingest, index):
-        with publishers(Publisher(ingest.bound[0], topic=topic("first"))) as (pub,):
-            await connected(pub, ingest)                         # the probe stream is one
-            seq = pub.publish(workload(seed=1, n=1)[0])
-            await caught_up(ingest, "first", seq)
+async def test_a_full_stream_table_forgets_the_least_recently_active_stream():
+    async with running(max_streams=4) as (ingest, index):
+        with publishers(Publisher(ingest.bound[0], topic=topic("steady")),
+                        Publisher(ingest.bound[0], topic=topic("quiet"))) as (steady, quiet):
+            for pub in (steady, quiet):
+                await connected(pub, ingest)           # each probe stream is one more
+            await caught_up(ingest, "quiet", quiet.publish(workload(seed=1, n=1)[0]))
+            # junk topics by the hundred while one real engine keeps publishing
+            for i in range(300):
+                steady.send_frames([topic("junk-%d" % i).encode(), bytes(8), encode_batch([])])
+                if i % 2:
+                    steady.publish([])
+            s = await caught_up(ingest, "steady", steady.publish(workload(seed=2, n=1)[0]))
+            assert (s["gaps"], s["restarts"], s["batches"]) == (0, 0, 151)
+            assert stream(ingest, "quiet") is None and len(ingest.streams()) == 4
+            assert ingest.counters["streams_evicted"] >= 300
+            assert ingest.counters["drops_by_reason"] == {}
+            # its last stream forgotten, the quiet pod's entries are too: nothing proves them current
+            assert set(index.stats()["pods"]) == {"steady"}
+            # a new engine is never refused, and the quiet one, back, starts a new baseline
+            for pod, pub in (("newcomer", steady), ("quiet", quiet)):
+                await caught_up(ingest, pod, pub.publish_raw(encode_batch([]), topic=topic(pod).encode(), seq=9))
 
-            def dropped():
-                pub.publish_raw(encode_batch([]), topic=topic("second").encode())
-                return ingest.counters["drops_by_reason"].get("streams", 0) > 0
-            await until(dropped, "a third stream to be refused")
-            assert stream(ingest, "second") is None and len(ingest.streams()) == 2
+
+@on_uvloop
+async def test_forgetting_a_pod_frees_its_streams_and_cancels_their_replays():
+    with publishers(Publisher(LOCAL, topic=topic("gone"), replay_endpoint=LOCAL, replay_thread=False)) as (pub,):
+        async with running(binds=(), replay_timeout=TEST_DEADLINE,
+                           engines=[EngineSpec("gone", pub.endpoint, pub.replay_endpoint)]) as (ingest, _):
+            await connected(pub, ingest)
+            tasks = asyncio.all_tasks()
+            pub.publish([])
+            pub.publish([], deliver=False)
+            pub.publish([])
+            await until(lambda: stream_field(ingest, "gone", "state") == "replaying", "a replay in flight")
+            assert asyncio.all_tasks() > tasks
+            assert ingest.forget_pod("gone") == 2             # the stream and the probe's
+            assert ingest.streams() == [] and ingest.tables()["streams"] == (0, 4096)
+            await until(lambda: asyncio.all_tasks() == tasks, "the replay to be cancelled")
+            s = await caught_up(ingest, "gone", pub.publish([]))
+            assert (s["batches"], s["gaps"], s["restarts"], s["state"]) == (1, 0, 0, "ok")
 
 
 @on_uvloop
@@ -694,3 +725,185 @@ async def test_vllm_captures_reach_the_index(shared, version, mode):
             s = stream(ingest, capture.pod, capture.model, capture.dp_rank)
             assert (s["batches"], s["gaps"], s["restarts"], s["duplicates"]) == (len(capture.messages), 0, 0, 0)
         assert ingest.counters["drops_by_reason"] == {}
+
+
+# -- hostile and careless publishers ------------------------------------------------------------
+
+@on_uvloop
+async def test_a_large_batch_is_applied_in_slices_between_other_streams_batches():
+    big = [events for events in workload(seed=20, n=300, resets=False)]
+    small = workload(seed=21, n=1)[0]
+    applied = []
+    async with running(slice_bytes=2048, on_applied=lambda s, seq, resync: applied.append((s.pod, seq))) as (ingest, index):
+        with publishers(Publisher(ingest.bound[0], topic=topic("big")),
+                        Publisher(ingest.bound[0], topic=topic("small"))) as (a, b):
+            for pub in (a, b):
+                await connected(pub, ingest)
+            applied.clear()
+            first = a.publish([event for events in big for event in events])   # one batch, ~100 KB
+            after = a.publish(small)                                           # the same stream, next
+            other = b.publish(small)
+            time.sleep(0.2)    # let ZMQ queue all three while the loop is blocked
+            await caught_up(ingest, "big", after)
+            await caught_up(ingest, "small", other)
+            # the other stream's batch went in between the slices; the big stream kept its order
+            assert applied.index(("small", other)) < applied.index(("big", first)) < applied.index(("big", after))
+            model = IndexModel()
+            model.apply("big", MODEL, [event for events in big for event in events])
+            model.apply("big", MODEL, small)
+            model.apply("small", MODEL, small)
+            model.assert_matches(index)
+            assert stream_field(ingest, "big", "batches") == 2
+
+
+@on_uvloop
+async def test_a_message_over_the_size_cap_is_never_applied():
+    cap = 64 << 10
+    big_tokens = list(range(12_000 * BLOCK))                   # > 64 KiB of msgpack
+    big = [block_stored(HASHER.keys(big_tokens), None, big_tokens)]
+    async with running(max_message=cap) as (ingest, index):
+        with publishers(Publisher(ingest.bound[0], topic=topic("big"))) as (pub,):
+            await connected(pub, ingest)
+            assert len(encode_batch(big)) > cap
+            pub.publish(big)                 # libzmq drops the connection that carried it
+            small = workload(seed=1, n=1)[0]
+
+            def applied():                   # the publisher reconnects; later batches flow
+                pub.publish(small)
+                return stream(ingest, "big") is not None
+            await until(applied, "a batch after the oversized one")
+            assert len(index) == len({k for e in small for k in e.get("block_hashes", ())})
+            assert index.lookup_prefix(MODEL, HASHER.keys(big_tokens)[:1]) == {}
+
+
+@on_uvloop
+async def test_any_u64_sequence_numbers_keep_counters_within_u64():
+    async with running() as (ingest, _):
+        with publishers(Publisher(ingest.bound[0], topic=topic("wild"))) as (pub,):
+            await connected(pub, ingest)
+            for seq in (0, (1 << 64) - 1, (1 << 64) - 2):
+                pub.publish([], seq=seq)
+            s = await caught_up(ingest, "wild", (1 << 64) - 2)
+            assert (s["gaps"], s["restarts"]) == (2, 1)
+            assert s["missed_batches"] == ingest.counters["missed_batches"] == (1 << 64) - 1
+            assert json.loads(json.dumps(ingest.streams()))
+
+
+@on_uvloop
+async def test_the_engine_cap_is_reached_before_any_socket_limit():
+    async with running(binds=()) as (ingest, _):
+        for i in range(1024):
+            ingest.add_engine("e%d" % i, "inproc://kvcm-engine-%d" % i)
+        with pytest.raises(ValueError, match="too many engines"):
+            ingest.add_engine("one-more", "inproc://kvcm-engine-x")
+        assert ingest.counters["engines_refused"] == 1
+        assert ingest.tables()["engines"] == (1024, 1024)
+        ingest.remove_engine("e0")
+        ingest.add_engine("one-more", "inproc://kvcm-engine-x")
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://*:5557", "tcp://10.0.0.1:*", "tcp://10.0.0.1:0", "tcp://:5557"])
+def test_an_engine_endpoint_must_name_a_host_and_a_port(endpoint):
+    with pytest.raises(ValueError, match="expected tcp://HOST:PORT"):
+        EngineSpec("e", endpoint)
+    with pytest.raises(ValueError, match="expected tcp://HOST:PORT"):
+        EngineSpec("e", "tcp://10.0.0.1:5557", replay=endpoint)
+
+
+@on_uvloop
+@pytest.mark.parametrize("mode", ["bind", "connect"])
+async def test_zmq_allow_admits_publishers_by_address(mode):
+    # 127.0.0.1 is allowed, 127.0.0.2 (loopback too, another address) is not
+    binds = (LOCAL,) if mode == "bind" else ()
+    async with running(binds=binds, allow=["127.0.0.1/32"]) as (ingest, index):
+        if mode == "bind":
+            port = ingest.bound[0].rsplit(":", 1)[1]
+            stranger = Publisher("tcp://127.0.0.2:0;127.0.0.1:%s" % port, topic=topic("stranger"))
+            friend = Publisher("tcp://127.0.0.1:%s" % port, topic=topic("friend"))
+        else:
+            stranger = Publisher("tcp://127.0.0.2:*", topic="")
+            friend = Publisher("tcp://127.0.0.1:*", topic="")
+            ingest.add_engine("stranger", stranger.endpoint, model=MODEL)
+            ingest.add_engine("friend", friend.endpoint, model=MODEL)
+        with publishers(stranger, friend):
+            await connected(friend, ingest)
+            batch = workload(seed=3, n=1)[0]
+
+            def refused():                  # the handshake fails before a message passes
+                stranger.publish(batch)
+                return ingest.counters["publishers_refused"] >= 1
+            await until(refused, "the stranger to be refused")
+            stranger.publish(batch)
+            await caught_up(ingest, "friend", friend.publish(batch))
+            assert stream(ingest, "stranger") is None
+            assert set(index.stats()["pods"]) == {"friend"}
+
+
+# -- replay rules -------------------------------------------------------------------------------
+
+def answer_replay_partially(router, payloads):
+    """A replay endpoint that answers the first request with payloads [(seq, payload)] and
+    then falls silent: no end marker."""
+    identity, _, start = router.recv_multipart()
+    for seq, payload in payloads:
+        if seq >= int.from_bytes(start, "big"):
+            router.send_multipart([identity, b"", topic("cut").encode(), seq.to_bytes(8, "big"), payload])
+
+
+@on_uvloop
+@pytest.mark.parametrize("cut", ["batch_cap", "timeout"])
+async def test_an_incomplete_resync_is_not_applied_over_newer_state(cut):
+    # seq 0 stores C, seq 1 removes it, seq 2 chains from a block kvcm never saw: the resync
+    # from 0 that follows brings back only seq 0 (the batch cap, or an engine that stops
+    # answering). Applying that prefix would bring C back after its removal.
+    c_tokens, orphan_tokens = list(range(BLOCK)), list(range(100, 100 + 2 * BLOCK))
+    c_hash, (parent, orphan) = 7001, (7002, 7003)
+    history = [[block_stored([c_hash], None, c_tokens)], [block_removed([c_hash])],
+               [block_stored([orphan], parent, orphan_tokens[BLOCK:])]]
+    payloads = [(seq, encode_batch(events)) for seq, events in enumerate(history)]
+    c_key = BlockHasher("kvcm", None, BLOCK, namespace=MODEL).keys(c_tokens)
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as router, \
+            publishers(Publisher(LOCAL, topic=topic("cut"), replay_endpoint=LOCAL)) as (pub,):
+        replay = pub.replay_endpoint
+        if cut == "timeout":
+            router.bind(LOCAL)
+            replay = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        async with running({"hash_mode": "kvcm"}, binds=(), replay_timeout=0.3,
+                           max_replay_batches=1 if cut == "batch_cap" else 100,
+                           engines=[EngineSpec("cut", pub.endpoint, replay)]) as (ingest, index):
+            await connected(pub, ingest)
+            pub.restart()                      # the replay buffer holds the history below only
+            await caught_up(ingest, "cut", pub.publish_raw(payloads[0][1]))
+            assert index.lookup_prefix(MODEL, c_key) == {"cut": (1, {"gpu": 1})}
+            await caught_up(ingest, "cut", pub.publish_raw(payloads[1][1]))
+            assert index.lookup_prefix(MODEL, c_key) == {}
+            pub.publish_raw(payloads[2][1])
+            if cut == "timeout":
+                await asyncio.to_thread(answer_replay_partially, router, payloads[:1])
+            await until(lambda: ingest.counters["replay_failures"] == 1, "the resync to fail")
+            await caught_up(ingest, "cut", 2)
+            assert index.lookup_prefix(MODEL, c_key) == {}       # seq 1 stays the truth
+            assert stream_field(ingest, "cut", "replays") == 0
+
+
+@on_uvloop
+async def test_a_second_gap_within_the_replay_interval_is_counted_not_replayed():
+    batches = workload(seed=30, n=12)
+    with publishers(Publisher(LOCAL, topic=topic("storm"), replay_endpoint=LOCAL)) as (pub,):
+        async with running(binds=(), replay_interval=TEST_DEADLINE,
+                           engines=[EngineSpec("storm", pub.endpoint, pub.replay_endpoint)]) as (ingest, index):
+            await connected(pub, ingest)
+            model = IndexModel()
+            for i, events in enumerate(batches[:6]):
+                seq = pub.publish(events, deliver=i != 3)       # a gap: replayed
+                model.apply("storm", MODEL, events)
+            s = await caught_up(ingest, "storm", seq)
+            assert (s["replays"], s["gaps"], s["state"]) == (1, 0, "ok")
+            for i, events in enumerate(batches[6:], 6):
+                seq = pub.publish(events, deliver=i != 8)       # another, too soon: counted
+                if i != 8:
+                    model.apply("storm", MODEL, events)
+            s = await caught_up(ingest, "storm", seq)
+            assert (s["replays"], s["gaps"], s["missed_batches"], s["state"]) == (1, 1, 1, "degraded")
+            assert ingest.counters["replays"] == 1
+            model.assert_matches(index)

@@ -16,31 +16,16 @@ from captures import load_captures
 from kvcm._core import BlockHasher
 from kvcm.publisher import Publisher
 from serving import (BLOCK, QWEN, TOKENIZERS, WAIT, Client, Engine, PrefixModel, Serve, free_port, run_cli,
-                     run_serve, stored, until)
+                     run_serve, serve, stored, until)  # noqa: F401 (serve: a fixture)
 
 LOCAL = "tcp://127.0.0.1:*"
 
 
-@pytest.fixture
-def serve(shared):
-    """serve(*args, **kw) -> a started Serve.standard (READY received), killed after the test
-    if it is still running."""
-    started = []
-
-    def make(*args, **kw):
-        server = Serve.standard(*args, **kw)
-        started.append(server)
-        server.ready = server.wait_ready()
-        return server
-    yield make
-    for server in started:
-        server.close()
-
-
 @pytest.fixture(scope="module")
 def server(shared):
-    """One server for the tests that only read or add pods of their own."""
-    s = Serve.standard()
+    """One server for the tests that only read or add pods of their own (requests may bring
+    their own chat templates)."""
+    s = Serve.standard("--trust-request-chat-template")
     s.ready = s.wait_ready()
     yield s
     s.close()

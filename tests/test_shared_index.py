@@ -79,6 +79,11 @@ async def _apply_both(memory, scorers, shared, op):
         memory.clear_namespace(*args)
         await shared.clear_namespace(*args)
         return None, None          # the store does not count what a switch clears
+    if name == "forget_namespaces":    # the local table's business: in the store, a clear
+        memory.forget_namespaces(*args)
+        for ns in set(args[0]):
+            await shared.clear_namespace(ns)
+        return None, None
     want = getattr(memory, name)(*args, **kwargs)
     got = await getattr(shared, "store_keys" if name == "store" else name)(*args, **kwargs)
     return got, want

@@ -187,7 +187,8 @@ def test_help_lists_designs_flags_and_defaults():
                  "--event-format", "--data-parallel-size", "--failure-injection-rate"):
         assert flag + " " in text, flag
     for default in ("8000", "Qwen/Qwen3-0.6B", "4096", "5", "1000", "random", "16", "1024", "sha256",
-                    "tcp://127.0.0.1:5557", "kv@{pod}@{model}", "127.0.0.1:<the rank's HTTP port>", "map", "1"):
+                    "tcp://127.0.0.1:5557", "kv@{pod}@{model}", "<POD_IP or 127.0.0.1>:<the rank's HTTP port>", "map",
+                    "1"):
         assert "default: %s" % default in text, default
 
 

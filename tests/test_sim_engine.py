@@ -6,8 +6,10 @@ import re
 
 import pytest
 
-from kvcm.sim.config import ConfigError, SimConfig, duration, parse_args
-from kvcm.sim.engine import Latency
+from kvcm.sim.config import parse_args
+from kvcm.sim.durations import duration
+from kvcm.sim.latency import Latency
+from kvcm.sim.settings import ConfigError, SimConfig
 from sim_harness import InProcessSim, until
 
 
@@ -23,10 +25,10 @@ def test_durations():
 def test_time_to_first_token():
     rng = random.Random(0)
     per_token = Latency(SimConfig(prefill_overhead=0.01, prefill_time_per_token=0.001))
-    assert per_token.time_to_first_token(rng, 100, 1) == pytest.approx(0.11)
-    assert per_token.time_to_first_token(rng, 0, 1) == pytest.approx(0.01)       # fully cached: overhead only
+    assert per_token.time_to_first_token(rng, 100, 0, 1) == pytest.approx(0.11)
+    assert per_token.time_to_first_token(rng, 100, 100, 1) == pytest.approx(0.01)   # fully cached: overhead only
     constant = Latency(SimConfig(time_to_first_token=0.5, prefill_overhead=0.01, prefill_time_per_token=0.001))
-    assert constant.time_to_first_token(rng, 100, 1) == 0.5                       # a constant TTFT wins
+    assert constant.time_to_first_token(rng, 100, 0, 1) == 0.5                    # a constant TTFT wins
     assert Latency(SimConfig(inter_token_latency=0.02)).inter_token(rng, 1) == pytest.approx(0.02)
 
 
@@ -34,20 +36,20 @@ def test_load_factor_grows_linearly_to_max_num_seqs():
     latency = Latency(SimConfig(time_to_first_token=1.0, inter_token_latency=0.1, time_factor_under_load=3.0,
                                 max_num_seqs=5))
     rng = random.Random(0)
-    assert [latency.time_to_first_token(rng, 0, n) for n in (1, 2, 3, 5)] == pytest.approx([1.0, 1.5, 2.0, 3.0])
+    assert [latency.time_to_first_token(rng, 0, 0, n) for n in (1, 2, 3, 5)] == pytest.approx([1.0, 1.5, 2.0, 3.0])
     assert latency.inter_token(rng, 5) == pytest.approx(0.3)
     single = Latency(SimConfig(time_to_first_token=1.0, time_factor_under_load=3.0, max_num_seqs=1))
-    assert single.time_to_first_token(rng, 0, 1) == 1.0
+    assert single.time_to_first_token(rng, 0, 0, 1) == 1.0
 
 
 def test_jitter_is_seeded_and_clamped():
     latency = Latency(SimConfig(time_to_first_token=1.0, time_to_first_token_std_dev=0.3,
                                 prefill_overhead=0.1, prefill_time_std_dev=1.0))
-    draws = [latency.time_to_first_token(random.Random(seed), 0, 1) for seed in range(200)]
+    draws = [latency.time_to_first_token(random.Random(seed), 0, 0, 1) for seed in range(200)]
     assert len(set(draws)) > 100 and all(0.3 <= d <= 1.7 for d in draws)
-    assert draws == [latency.time_to_first_token(random.Random(seed), 0, 1) for seed in range(200)]
+    assert draws == [latency.time_to_first_token(random.Random(seed), 0, 0, 1) for seed in range(200)]
     computed = Latency(SimConfig(prefill_overhead=0.1, prefill_time_std_dev=1.0))
-    wide = [computed.time_to_first_token(random.Random(seed), 0, 1) for seed in range(200)]
+    wide = [computed.time_to_first_token(random.Random(seed), 0, 0, 1) for seed in range(200)]
     assert min(wide) == pytest.approx(0.03) and max(wide) == pytest.approx(0.17)   # ±70% of the mean
 
 

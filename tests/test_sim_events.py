@@ -152,3 +152,134 @@ def test_data_parallel_ranks_offset_every_port():
             "cached_tokens"] == 0
     for sub in subs:
         sub.close()
+
+
+# -- llm-d's formats, keys and batching --------------------------------------------------------------
+
+def _raw_events(payload):
+    """The events of a batch as (header byte, decoded value) with every integer's msgpack type
+    byte, read from the bytes (so fixed-width encodings are checked)."""
+    batch = unpack(payload)
+    return batch, [plain(e) for e in batch.value[1].value]
+
+
+def test_go_array_format_is_llmds_simulators():
+    sub = Subscriber()
+    with InProcessSim("--zmq-endpoint", sub.endpoint, "--event-format", "go-array", "--mode", "echo",
+                      "--kv-cache-size", "3", "--replay-endpoint", "tcp://127.0.0.1:*") as sim:
+        start = attach(sim, sub)
+        ids = sim.client.tokens(WORDS)
+        sim.client.complete(prompt=WORDS, max_tokens=1)
+        sim.client.complete(prompt="x " * 40, max_tokens=1)       # evicts the first prompt's blocks
+        received = sub.wait(start + 2)
+        keys = list(HASHER.keys(ids))
+        store_batch, evict_batch = received[start][2], received[start + 1][2]
+        batch, [store] = _raw_events(store_batch)
+        assert batch.header == 0x93 and plain(batch)[2] == 0
+        # 9 fields; no parent is 0; no LoRA id/name, medium GPU, extra keys nil
+        assert store == ["BlockStored", keys, 0, ids[:32], 16, None, "GPU", None, None]
+        # hashes and the parent as 9-byte uint64, tokens as 5-byte uint32 (Go's msgpack encoder)
+        expected = (b"\x99\xabBlockStored\x92" + b"".join(b"\xcf" + k.to_bytes(8, "big") for k in keys) +
+                    b"\xcf" + bytes(8) + b"\xdc\x00\x20" + b"".join(b"\xce" + t.to_bytes(4, "big") for t in ids[:32]) +
+                    b"\x10\xc0\xa3GPU\xc0\xc0")
+        assert expected in store_batch
+        _, evicted = _raw_events(evict_batch)
+        assert evicted[:2] == [["BlockRemoved", [h], "GPU"] for h in reversed(keys)]
+        assert b"\x93\xacBlockRemoved\x91\xcf" + keys[1].to_bytes(8, "big") + b"\xa3GPU" in evict_batch
+        *replayed, end = dealer_replay(sim.ranks[0].events.replay_endpoint, int.from_bytes(received[start][1], "big"))
+        assert end == [b"", b"\xff" * 8, b""] and replayed[0] == list(received[start])   # llm-d's [topic, seq, payload]
+        cleared = plain(unpack(received[0][2]))[1]
+        assert cleared == [["AllBlocksCleared"]]
+    sub.close()
+
+
+def test_llmd_keys_match_the_spec_vectors():
+    # specs/llmd-request-keys.md: tokens 1..32, block size 16, model "test-model"
+    vectors = {"": [9540012594951042066, 16921089685996993662], "42": [3239622172847516705, 18365376266021390534]}
+    for seed, keys in vectors.items():
+        sub = Subscriber()
+        with InProcessSim("--zmq-endpoint", sub.endpoint, "--hash-algo", "llmd_fnv64a", "--model", "base/model",
+                          "--served-model-name", "test-model", "--mode", "echo",
+                          *(["--hash-seed", seed] if seed else [])) as sim:
+            start = attach(sim, sub)
+            sim.client.complete(prompt=list(range(1, 33)), max_tokens=1)
+            [store] = plain(unpack(sub.wait(start + 1)[start][2]))[1]
+            assert store["block_hashes"] == keys and store["parent_block_hash"] is None, seed
+            assert store["extra_keys"] == [None, None]
+            # the topic carries --model, the keys the served name (llm-d's quirk)
+            assert sub.received[start][0].decode().endswith("@base/model")
+        sub.close()
+
+
+def test_llmd_keys_of_a_lora_are_salted_with_its_name():
+    from kvcm._core import BlockHasher as Hasher
+
+    sub = Subscriber()
+    with InProcessSim("--zmq-endpoint", sub.endpoint, "--hash-algo", "llmd_fnv64a", "--mode", "echo",
+                      "--lora-modules", "sql=/sql", "--served-model-name", "served") as sim:
+        start = attach(sim, sub)
+        tokens = list(range(100, 132))
+        sim.client.complete(model="sql", prompt=tokens, max_tokens=1)
+        sim.client.complete(prompt=tokens, max_tokens=1)
+        lora_store, base_store = (plain(unpack(m[2]))[1][0] for m in sub.wait(start + 2)[start:start + 2])
+        assert lora_store["block_hashes"] == list(Hasher("llmd_fnv64a", None, 16, namespace="sql").keys(tokens))
+        assert (lora_store["lora_name"], lora_store["extra_keys"]) == ("sql", [None, None])
+        assert base_store["block_hashes"] == list(Hasher("llmd_fnv64a", None, 16, namespace="served").keys(tokens))
+    sub.close()
+
+
+def test_event_batch_size_and_the_flush_timer():
+    sub = Subscriber()
+    with InProcessSim("--zmq-endpoint", sub.endpoint, "--event-batch-size", "3", "--mode", "echo",
+                      "--block-size", "4") as sim:
+        attach(sim, sub)
+        # the resets' AllBlocksCleared events are sent 3 at a time: wait until the timer sent the
+        # rest and the subscriber has it
+        until(lambda: not sim.on_loop(lambda: sim.ranks[0].batcher._waiting), "the resets' events to be sent")
+        last = sim.on_loop(lambda: sim.ranks[0].events.publisher.next_seq) - 1
+        until(lambda: any(int.from_bytes(m[1], "big") == last for m in sub.messages()), "the resets' last batch")
+        start = len(sub.received)
+        # 5 prompts admitted together: 5 BlockStored in one step, sent as 3, then 2 after the timer
+        sim.client.complete(prompt=["p%d q r s t" % i for i in range(5)], max_tokens=1)
+        first, second = (plain(unpack(m[2]))[1] for m in sub.wait(start + 2)[start:start + 2])
+        assert (len(first), len(second)) == (3, 2)
+        assert [e["token_ids"] for e in first + second] == [sim.client.tokens("p%d q r s t" % i)[:4]
+                                                            for i in range(5)]
+    sub.close()
+
+
+def test_replay_queue_size():
+    sub = Subscriber()
+    with InProcessSim("--zmq-endpoint", sub.endpoint, "--kv-events-replay-endpoint", "tcp://127.0.0.1:*",
+                      "--kv-events-replay-queue-size", "2") as sim:
+        start = attach(sim, sub)
+        for i in range(4):
+            sim.client.complete(prompt="r%d " % i * 20, max_tokens=1)
+        live = sub.wait(start + 4)
+        *replayed, _ = dealer_replay(sim.ranks[0].events.replay_endpoint, 0)
+        assert replayed == [list(m) for m in live[-2:]]            # only the last 2 batches are kept
+    sub.close()
+
+
+def test_data_parallel_rank_runs_one_rank():
+    zmq_port, http_port = free_port(3), free_port()
+    sub = Subscriber("tcp://127.0.0.1:%d" % (zmq_port + 2))
+    with InProcessSim("--port", str(http_port), "--data-parallel-rank", "2", "--data-parallel-size", "4",
+                      "--zmq-endpoint", "tcp://127.0.0.1:%d" % zmq_port, environ={"POD_IP": "10.9.8.7"}) as sim:
+        assert [r.port for r in sim.ranks] == [http_port] and sim.ranks[0].index == 2   # the HTTP port is not offset
+        start = attach(sim, sub)
+        sim.client.complete(prompt="rank " * 20, max_tokens=1)
+        topic, _, batch = batches(sub.wait(start + 1))[-1]
+        assert batch.value[2] == 2 and topic == "kv@10.9.8.7:%d@%s" % (http_port, MODEL)
+        assert sim.client.ok("GET", "/query") == {"2": {"engine_id": sim.ranks[0].engine_id}}
+    sub.close()
+
+
+def test_no_events_without_the_kv_cache():
+    sub = Subscriber()
+    with InProcessSim("--zmq-endpoint", sub.endpoint, "--enable-kvcache=false") as sim:
+        assert sim.ranks[0].events is None
+        sim.client.post("/reset_prefix_cache")
+        sim.client.complete(prompt=WORDS, max_tokens=1)
+        assert sim.on_loop(lambda: sim.ranks[0].cache.take_events()) == []
+    sub.close()

@@ -7,15 +7,15 @@ import json
 import pytest
 
 from kvcm._core import BlockHasher
-from kvcm.sim.events import encode_batch
-from kvcm.sim.kvcache import KVCache, Lora
+from kvcm.sim.events import as_array, encode, encode_batch
+from kvcm.sim.kvcache import KVCache, Keying, Lora
 from sim_harness import plain, unpack
 
 BS = 4
 
 
-def pool(capacity=16, form="map", algo="sha256", seed=None, block_size=BS):
-    return KVCache(capacity, BlockHasher(algo, seed, block_size), form=form)
+def pool(capacity=16, algo="sha256", seed=None, block_size=BS, loaded_loras=None):
+    return KVCache(capacity, Keying(algo, seed, block_size, "m"), loaded_loras=loaded_loras)
 
 
 def keys(tokens, extra=None, block_size=BS):
@@ -170,7 +170,7 @@ def test_lora_and_cache_salt_are_hashed_tagged_and_published_untagged():
 def test_vllm_salt_vector(shared):
     case = next(c for c in json.loads((shared / "vectors" / "vllm_hashes.json").read_text())
                 if c.get("cache_salt") and c["algo"] == "sha256")
-    cache = KVCache(8, BlockHasher("sha256", case["seed"], case["block_size"]))
+    cache = KVCache(8, Keying("sha256", case["seed"], case["block_size"], "m"))
     cache.allocate(case["token_ids"], len(case["token_ids"]), cache_salt=case["cache_salt"])
     [event] = cache.take_events()
     assert event["block_hashes"] == case["event_ints"]
@@ -191,14 +191,14 @@ def test_reset_is_refused_while_blocks_are_in_use():
 
 
 def test_array_form_is_vllm_020s_layout():
-    cache = pool(capacity=2, form="array")
+    cache = pool(capacity=2)
     cache.free(cache.allocate(list(range(8)), 8))
     cache.allocate(list(range(70, 74)), 4)
     alloc = cache.allocate(list(range(80, 84)), 4)
     cache.free(alloc)
     assert cache.reset() is False
     events = cache.take_events()
-    batch = unpack(encode_batch(events, ts=1.5, dp_rank=3))
+    batch = unpack(encode(events, "array", ts=1.5, dp_rank=3))
     assert batch.header == 0x93 and plain(batch)[0] == 1.5 and plain(batch)[2] == 3
     shapes = [(e.header, len(e.value)) for e in batch.value[1].value]
     # store, then two requests that each evict one block and store one: BlockStored has 10
@@ -235,10 +235,10 @@ def _stream(shared, name):
     return stream, payloads
 
 
-def _replay_scenario(stream, form):
+def _replay_scenario(stream):
     """The capture's scenario through the simulator's pool: one batch of events per step."""
     config = stream["hash_config"]
-    cache = KVCache(11, BlockHasher(config["algo"], config["seed"], config["block_size"]), form=form)
+    cache = KVCache(11, Keying(config["algo"], config["seed"], config["block_size"], "m"))
     batches = []
     for step in stream["input"]:
         if step["op"] == "reset":
@@ -253,7 +253,7 @@ def _replay_scenario(stream, form):
 
 def test_map_batches_equal_vllm_033s_bytes(shared):
     stream, payloads = _stream(shared, "v0.33.0/scenario")
-    batches = _replay_scenario(stream, "map")
+    batches = _replay_scenario(stream)
     ts = [m["ts"] for m in stream["messages"]]
     # steps 0, 1, 3 (LoRA), 5 (reset) and 6: the same pool operations give the same bytes
     for step in (0, 1, 3, 5, 6):
@@ -270,7 +270,7 @@ def test_map_batches_equal_vllm_033s_bytes(shared):
 
 def test_array_batches_equal_vllm_020s_bytes(shared):
     stream, payloads = _stream(shared, "v0.20.0/scenario")
-    batches = [b for b in _replay_scenario(stream, "array") if b]     # 0.20 sent nothing for step 2
+    batches = [[as_array(e) for e in b] for b in _replay_scenario(stream) if b]   # 0.20 sent nothing for step 2
     ts = [m["ts"] for m in stream["messages"]]
     for seq in (0, 1, 4, 5):
         assert encode_batch(batches[seq], ts=ts[seq]) == payloads[seq], seq
@@ -284,3 +284,53 @@ def test_array_batches_equal_vllm_020s_bytes(shared):
         assert len(ours) == len(theirs) and ours[0] == theirs[0]
         if ours[0] == "BlockStored":
             assert ours[2:] == theirs[2:]      # all but the (differently hashed) block hashes
+
+
+def test_discard_forgets_everything_and_disables_until_activated():
+    cache = pool(capacity=8)
+    held = cache.allocate(list(range(6)), 6 + 4)           # 2 prompt blocks, 1 reserved
+    cache.take_events()
+    cache.discard()
+    assert cache.take_events() == [{"type": "AllBlocksCleared"}] and cache.contents() == []
+    assert not cache.enabled and cache.used == 2            # the running request keeps its blocks ...
+    for token in (6, 7, 8):
+        cache.append(held, token)                           # ... but names none of them any more
+    assert cache.take_events() == [] and cache.contents() == [] and cache.used == 3
+    detached = cache.allocate(list(range(6)), 6)            # asleep: nothing cached, held or announced
+    assert detached.hit_tokens == 0 and cache.used == 3 and cache.take_events() == []
+    cache.append(detached, 1)
+    cache.free(detached)
+    cache.free(held)
+    assert cache.used == 0 and cache.queries == 6
+    cache.activate()
+    cache.free(cache.allocate(list(range(8)), 8))
+    assert cache.allocate(list(range(8)), 8).hit_tokens == 4
+
+
+def test_unloaded_adapters_are_evicted_first():
+    loaded = {"b"}
+    cache = pool(capacity=4, loaded_loras=loaded)
+    a, b = Lora(1, "a", "/a"), Lora(2, "b", "/b")
+    cache.free(cache.allocate(list(range(4)), 4, lora=b))    # b's block, released first
+    cache.free(cache.allocate(list(range(4)), 4, lora=a))    # a's block (another hash: another LoRA)
+    cache.free(cache.allocate(list(range(10, 14)), 4))       # a base block, released last
+    cache.take_events()
+    order = cache.eviction_order()
+    by_lora = {blk["hash"]: blk["lora_name"] for blk in cache.contents()}
+    assert [by_lora[h] for h in order] == ["a", "b", None]   # a is not loaded: first, whatever its age
+    cache.allocate(list(range(20, 28)), 8)                   # the free empty block, then one eviction
+    assert [by_lora[h] for h in removed(cache.take_events())] == ["a"]
+    loaded.add("a")                                          # loaded again: plain LRU
+    assert [by_lora[h] for h in cache.eviction_order()] == ["b", None]
+
+
+def test_llmd_keying_uses_the_served_name_or_the_lora():
+    spec = [9540012594951042066, 16921089685996993662]      # specs/llmd-request-keys.md, seed ""
+    cache = KVCache(8, Keying("llmd_fnv64a", None, 16, "base/model", "test-model"))
+    cache.free(cache.allocate(list(range(1, 33)), 32))
+    [event] = cache.take_events()
+    assert event["block_hashes"] == spec and event["extra_keys"] == [None, None]
+    cache.allocate(list(range(1, 33)), 32, lora=Lora(1, "test-model-lora", "/p"), cache_salt="ignored")
+    [event] = cache.take_events()
+    assert event["block_hashes"] == list(BlockHasher("llmd_fnv64a", "", 16, namespace="test-model-lora").keys(
+        list(range(1, 33))))

@@ -309,15 +309,22 @@ def test_reset_is_refused_while_a_request_runs():
 
 # -- failure injection ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind, status", [("rate_limit", 429), ("server_error", 503), ("invalid_api_key", 401),
-                                          ("context_length", 400), ("invalid_request", 400),
-                                          ("model_not_found", 404)])
-def test_failure_injection(kind, status):
+@pytest.mark.parametrize("kind, status, message, param", [
+    ("rate_limit", 429, "Rate limit reached for %s in organization org-xxx on requests per min (RPM): Limit 3, Used 3, "
+                        "Requested 1." % MODEL, None),
+    ("server_error", 503, "The server is overloaded or not ready yet.", None),
+    ("invalid_api_key", 401, "Incorrect API key provided.", None),
+    ("context_length", 400, "This model's maximum context length is 4096 tokens. However, your messages resulted in "
+                            "4500 tokens.", "messages"),
+    ("invalid_request", 400, "Invalid request: missing required parameter 'model'.", "model"),
+    ("model_not_found", 404, "The model '%s-nonexistent' does not exist" % MODEL, "model")])
+def test_failure_injection(kind, status, message, param):
+    # llm-d's injected errors: its messages, statuses and params
     with InProcessSim("--failure-injection-rate", "100", "--failure-types", kind) as s:
         for path, body in (("/v1/completions", {"prompt": "x"}),
                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
-            _, message = error_of(s.client.post(path, body), status)
-            assert message.endswith("(injected failure: %s)" % kind)
+            reply = s.client.post(path, body)
+            assert error_of(reply, status)[1] == message and reply.param == param
         assert s.client.post("/tokenize", {"prompt": "x"}).status == 200     # only generation fails
 
 

@@ -29,8 +29,8 @@ import pytest
 
 from captures import load_captures
 from conftest import ROOT
-from frozen import (IN_CI, ONEFILE, TOKENIZER, WAIT, Notify, Server, bare_env, built, expected_scores,
-                    free_port, leftovers, parent_of, publish, until)
+from frozen import (IN_CI, ONEFILE, TOKENIZER, WAIT, Notify, Server, bare_env, built, check_template_workers,
+                    expected_scores, free_port, leftovers, parent_of, publish, until)
 from kvcm.config import Config, load_config
 
 UNITS = ROOT / "systemd"
@@ -251,7 +251,8 @@ def test_the_binary_works_inside_the_units_sandbox(sandbox_env, tmp_path, shared
             os.chmod(os.path.join(base, name), 0o755 if name in dirs or name == "kvcm" else 0o644)
     captures = [c for c in load_captures(shared) if c.version == "0.33.0"]
     prefix = [sys.executable, ROOT / "tests" / "sandbox.py", UNITS / "kvcm.service", SANDBOX_UID, "--"]
-    server = Server(binary, sandbox_env, prefix=prefix, notify_mode=0o666, tokenizer=tokenizer)
+    server = Server(binary, sandbox_env, "--trust-request-chat-template", prefix=prefix, notify_mode=0o666,
+                    tokenizer=tokenizer)
     try:
         pid, _ = server.wait_for("READY=1")
         with open("/proc/%d/status" % pid) as f:
@@ -264,6 +265,11 @@ def test_the_binary_works_inside_the_units_sandbox(sandbox_env, tmp_path, shared
         for name, tokens, scores in expected_scores(captures):
             assert server.ok("POST", "/v1/score", {"model": name, "token_ids": tokens})["scores"] == \
                 pytest.approx(scores)
+        # template workers: started, limited (setrlimit is prlimit64, which the filter allows),
+        # killed and replaced under the same filter
+        for worker in check_template_workers(server, pid):
+            with open("/proc/%d/status" % worker) as f:
+                assert re.search(r"^Seccomp:\s+2\b", f.read(), re.M)
         until(lambda: server.notify.count("WATCHDOG=1") >= 1, "a WATCHDOG=1 ping")
         server.proc.send_signal(signal.SIGHUP)
         until(lambda: "SIGHUP: reloaded" in server.stderr(), "the SIGHUP reload")

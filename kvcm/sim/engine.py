@@ -1,21 +1,20 @@
-"""One simulated engine (one data-parallel rank): scheduling, the latency model, KV events.
+"""One simulated engine (one data-parallel rank): scheduling and the timing of each request.
 
 Scheduling is vLLM's FCFS in miniature: at most `max_num_seqs` requests run; the others wait
 in a queue of at most `max_waiting_queue_length` (a request beyond that is refused: the API
-answers 429). The head of the queue is admitted when a running slot is free and the KV cache
-can hold it (it reserves every block it will need); otherwise everything behind it waits
-too, as in vLLM.
+answers 429). The next request to run is the first in the queue whose LoRA adapter is loaded
+(or that uses the base model), else the first whose adapter can take a GPU slot
+(kvcm.sim.loras, llm-d's order). It runs when a running slot is free and the KV cache can
+hold it (it reserves every block it will need); otherwise everything behind it waits too, as
+in vLLM. With `--on-kv-cache-full error` it fails instead (HTTP 500), as llm-d's simulator
+does.
 
-Latency model (llm-d's simulator's, with its flag names): the first token comes
-`--time-to-first-token` after admission when that is set, else `--prefill-overhead` +
-(prompt tokens not found in the KV cache) x `--prefill-time-per-token`; each further token
-`--inter-token-latency` after the previous one. Each is multiplied by the load factor
-1 + (F - 1) x (running - 1) / (max_num_seqs - 1), F = `--time-factor-under-load` (1 when
-one request runs, F when max_num_seqs do), and jittered by a normal draw with the matching
-`*-std-dev`, clamped to ±70% of the mean.
-
-KV events: the pool's events of one step (here: one pass of the event loop, in which every
-request due at that moment advanced) are published as one batch.
+Once admitted, a request whose prompt hit rate (cached / prompt tokens) is below its
+`cache_hit_threshold` (else `--global-cache-hit-threshold`) ends at once with finish reason
+`cache_threshold`; so does one that asks for it (the `X-Cache-Threshold-Finish-Reason`
+header). Otherwise its first token comes after the time to first token and each further
+token after an inter-token latency (kvcm.sim.latency); those computed values are what the
+TTFT and inter-token histograms report.
 """
 
 import asyncio
@@ -23,9 +22,11 @@ import collections
 import logging
 import time
 
+from kvcm.sim.latency import Latency
+
 log = logging.getLogger("kvcm.sim.engine")
 
-_JITTER_CLAMP = 0.7
+KV_CACHE_FULL = "the kv cache does not have sufficient capacity to store this request"
 
 
 class QueueFull(Exception):
@@ -36,36 +37,11 @@ class EngineClosed(Exception):
     """The engine is shutting down."""
 
 
-class Latency:
-    """The latency model of one engine (see the module docstring)."""
+class KVCacheFull(Exception):
+    """--on-kv-cache-full error: the KV cache cannot hold the request now."""
 
-    def __init__(self, config):
-        self.config = config
-
-    def _load(self, running):
-        factor, seqs = self.config.time_factor_under_load, self.config.max_num_seqs
-        if seqs <= 1 or factor == 1.0:
-            return 1.0
-        return 1.0 + (factor - 1.0) * (max(running, 1) - 1) / (seqs - 1)
-
-    @staticmethod
-    def _jitter(rng, mean, std_dev):
-        if not std_dev or not mean:
-            return mean
-        value = rng.gauss(mean, std_dev)
-        return min(max(value, mean * (1 - _JITTER_CLAMP)), mean * (1 + _JITTER_CLAMP))
-
-    def time_to_first_token(self, rng, uncached_tokens, running):
-        c = self.config
-        if c.time_to_first_token:
-            mean, std_dev = c.time_to_first_token, c.time_to_first_token_std_dev
-        else:
-            mean, std_dev = c.prefill_overhead + uncached_tokens * c.prefill_time_per_token, c.prefill_time_std_dev
-        return self._jitter(rng, mean * self._load(running), std_dev)
-
-    def inter_token(self, rng, running):
-        c = self.config
-        return self._jitter(rng, c.inter_token_latency * self._load(running), c.inter_token_latency_std_dev)
+    def __init__(self):
+        super().__init__(KV_CACHE_FULL)
 
 
 class Sequence:
@@ -73,10 +49,11 @@ class Sequence:
 
     `updates` (optional, shared by the choices of one API request) receives
     `(choice, token_index)` for every token and `(choice, None)` at the end; `done` resolves
-    when the sequence has ended (finished or aborted)."""
+    when the sequence has ended (finished, aborted or failed: `error`). `group` is the list of
+    sequences of its API request."""
 
     def __init__(self, prompt, output, *, rng, lora=None, cache_salt=None, choice=0, updates=None,
-                 max_tokens=None):
+                 max_tokens=None, remote_prefill=False, cache_hit_threshold=None, force_cache_threshold=False):
         self.prompt = prompt
         self.output = output
         self.rng = rng
@@ -85,16 +62,29 @@ class Sequence:
         self.choice = choice
         self.updates = updates
         self.max_tokens = max_tokens
+        self.remote_prefill = remote_prefill
+        self.cache_hit_threshold = cache_hit_threshold
+        self.force_cache_threshold = force_cache_threshold
+        self.group = [self]
         self.arrival = time.monotonic()
         self.admitted = None
         self.first_token = None
         self.finished = None
-        self.finish_reason = None      # output.finish_reason, or "abort"
+        self.finish_reason = None      # output.finish_reason, cache_threshold, or abort
+        self.error = None
         self.cached_tokens = 0
         self.generated = 0
+        self.block_ids = []            # the KV blocks of its prompt (kv_transfer_params of a prefill)
+        self.ttft = None               # the computed time to first token
+        self.itl_sum = 0.0             # the computed inter-token latencies
         self.alloc = None
         self.task = None
+        self.started = asyncio.get_running_loop().create_future()   # admitted (True) or not (False)
         self.done = asyncio.get_running_loop().create_future()
+
+    @property
+    def lora_name(self):
+        return self.lora.name if self.lora is not None else None
 
     @property
     def positions(self):
@@ -108,15 +98,15 @@ class Sequence:
 
 
 class Engine:
-    """The scheduler of one rank over its KVCache; `events` (an EventStream or None)
-    publishes the pool's events once per step; `metrics` (SimMetrics or None) observes."""
+    """The scheduler of one rank over its KVCache and LoRA slots; `metrics` (SimMetrics or
+    None) observes; `config` may be swapped at run time (POST /admin/config)."""
 
-    def __init__(self, config, cache, *, events=None, metrics=None):
+    def __init__(self, config, cache, slots, *, metrics=None):
+        self.latency = Latency(config)
         self.config = config
         self.cache = cache
-        self.events = events
+        self.slots = slots
         self.metrics = metrics
-        self.latency = Latency(config)
         self.waiting = collections.deque()
         self.running = set()
         self.loras_waiting = collections.Counter()
@@ -124,16 +114,25 @@ class Engine:
         self.finished = collections.Counter()        # finish reason -> requests
         self.prompt_tokens = 0
         self.generation_tokens = 0
-        self._flush_pending = False
         self._closed = False
-        cache.on_events = self._events_pending
+
+    @property
+    def config(self):
+        return self.latency.config
+
+    @config.setter
+    def config(self, config):
+        self.latency.config = config
 
     # -- requests ---------------------------------------------------------------------------
 
     def check_fits(self, seq):
-        """Raises ValueError when the sequence can never fit in the KV cache."""
+        """Raises ValueError (KVCacheFull with --on-kv-cache-full error) when the sequence can
+        never fit in the KV cache."""
         need = self.cache.blocks_for(seq.positions)
-        if need > self.cache.capacity:
+        if self.cache.enabled and need > self.cache.capacity:
+            if self.config.on_kv_cache_full == "error":
+                raise KVCacheFull()
             raise ValueError("the request needs %d KV cache blocks of %d tokens (%d tokens) but the cache "
                              "has %d blocks (--kv-cache-size)" % (need, self.cache.block_size, seq.positions,
                                                                   self.cache.capacity))
@@ -152,6 +151,7 @@ class Engine:
             raise QueueFull("the waiting queue is full (%d requests, --max-waiting-queue-length %d)"
                             % (len(self.waiting), self.config.max_waiting_queue_length))
         for seq in seqs:
+            seq.group = seqs
             self.waiting.append(seq)
             if seq.lora is not None:
                 self.loras_waiting[seq.lora.name] += 1
@@ -164,20 +164,17 @@ class Engine:
         if seq.task is not None:
             seq.task.cancel()
         elif seq in self.waiting:
-            self.waiting.remove(seq)
-            if seq.lora is not None:
-                self.loras_waiting[seq.lora.name] -= 1
+            self._unqueue(seq)
             self._end(seq, "abort")
 
     async def close(self):
-        """Aborts everything (shutdown) and publishes the last events."""
+        """Aborts everything (shutdown)."""
         self._closed = True
         for seq in list(self.waiting) + list(self.running):
             self.abort(seq)
         tasks = [seq.task for seq in self.running if seq.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        self._flush()
 
     def reset_prefix_cache(self):
         """POST /reset_prefix_cache: False while requests hold blocks."""
@@ -185,32 +182,77 @@ class Engine:
 
     # -- scheduling -------------------------------------------------------------------------
 
+    def _next(self):
+        """The waiting sequence to run next (llm-d's LoRA-aware order), or None."""
+        if not +self.loras_waiting:
+            return self.waiting[0]
+        loaded = self.slots.loaded
+        for seq in self.waiting:
+            if seq.lora is None or seq.lora.name in loaded:
+                return seq
+        for seq in self.waiting:
+            if self.slots.can_run(seq.lora.name):
+                return seq
+        return None
+
+    def _unqueue(self, seq):
+        self.waiting.remove(seq)
+        if seq.lora is not None:
+            self.loras_waiting[seq.lora.name] -= 1
+
     def _schedule(self):
         while self.waiting and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self._next()
+            if seq is None:
+                return      # every waiting request needs an adapter that cannot be loaded yet
             alloc = self.cache.allocate(seq.prompt, seq.positions, lora=seq.lora, cache_salt=seq.cache_salt)
             if alloc is None:
-                return      # the head waits for KV blocks, and everything behind it
-            self.waiting.popleft()
+                if self.config.on_kv_cache_full != "error":
+                    return      # it waits for KV blocks, and everything behind it
+                self._unqueue(seq)
+                seq.error = KVCacheFull()
+                self._end(seq, "error")
+                continue
+            self._unqueue(seq)
+            self.slots.acquire(seq.lora_name)
             if seq.lora is not None:
-                self.loras_waiting[seq.lora.name] -= 1
                 self.loras_running[seq.lora.name] += 1
             seq.alloc = alloc
+            seq.block_ids = [block.id for block in alloc.blocks[:self.cache.blocks_for(len(seq.prompt))]]
             seq.cached_tokens = alloc.hit_tokens
             seq.admitted = time.monotonic()
+            seq.started.set_result(True)
             self.running.add(seq)
             seq.task = asyncio.ensure_future(self._run(seq))
+
+    def _below_threshold(self, seq):
+        if seq.force_cache_threshold:
+            return True
+        threshold = seq.cache_hit_threshold
+        if threshold is None and self.config.global_cache_hit_threshold > 0:
+            threshold = self.config.global_cache_hit_threshold
+        if threshold is None or not self.cache.enabled:
+            return False
+        return seq.cached_tokens / len(seq.prompt) < threshold
 
     async def _run(self, seq):
         reason = "abort"
         try:
+            if self._below_threshold(seq):
+                reason = "cache_threshold"
+                return
             ids = seq.output.ids
-            uncached = len(seq.prompt) - seq.cached_tokens
-            await self._sleep_until(seq.admitted + self.latency.time_to_first_token(seq.rng, uncached, len(self.running)))
+            seq.ttft = self.latency.time_to_first_token(seq.rng, len(seq.prompt), seq.cached_tokens,
+                                                        len(self.running), seq.remote_prefill)
+            await self._sleep_until(seq.admitted + seq.ttft)
             due = time.monotonic()
             for i in range(len(ids)):
                 if i:
-                    due += self.latency.inter_token(seq.rng, len(self.running))
+                    itl = self.latency.inter_token(seq.rng, len(self.running))
+                    seq.itl_sum += itl
+                    if self.metrics is not None:
+                        self.metrics.inter_token(itl)
+                    due += itl
                     await self._sleep_until(due)
                     self.cache.append(seq.alloc, ids[i - 1])
                 else:
@@ -220,6 +262,7 @@ class Engine:
             reason = seq.output.finish_reason
         finally:
             self.running.discard(seq)
+            self.slots.release(seq.lora_name)
             if seq.lora is not None:
                 self.loras_running[seq.lora.name] -= 1
             self.cache.free(seq.alloc)
@@ -235,28 +278,15 @@ class Engine:
     def _end(self, seq, reason):
         seq.finished = time.monotonic()
         seq.finish_reason = reason
-        self.finished[reason] += 1
-        self.generation_tokens += seq.generated
-        if seq.admitted is not None:
-            self.prompt_tokens += len(seq.prompt)
+        if seq.error is None:
+            self.finished[reason] += 1
+            self.generation_tokens += seq.generated
+            if seq.admitted is not None:
+                self.prompt_tokens += len(seq.prompt)
         if self.metrics is not None:
             self.metrics.observe(seq)
+        if not seq.started.done():
+            seq.started.set_result(False)
         seq._update(None)
         if not seq.done.done():
             seq.done.set_result(reason)
-
-    # -- events -----------------------------------------------------------------------------
-
-    def _events_pending(self):
-        if not self._flush_pending and self.events is not None:
-            self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self):
-        self._flush_pending = False
-        events = self.cache.take_events()
-        if events and self.events is not None:
-            try:
-                self.events.publish(events)
-            except Exception:        # a closed or broken socket must not stop the engine
-                log.exception("cannot publish %d KV events", len(events))

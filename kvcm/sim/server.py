@@ -1,194 +1,121 @@
-"""The HTTP API of one simulated rank: vLLM's OpenAI-compatible server, in miniature.
+"""The generation API of one simulated rank: vLLM's OpenAI-compatible server, in miniature.
 
-Routes: POST /v1/completions and /v1/chat/completions (non-streaming and SSE), GET
-/v1/models, POST /tokenize and /detokenize, POST /v1/load_lora_adapter and
-/v1/unload_lora_adapter, POST /reset_prefix_cache, GET /health, /health/ready (and /ready,
-llm-d's name), GET /metrics, and GET /sim/kv_cache (the pool's contents: what a KV-event
-consumer should hold for this pod).
+Routes: POST /v1/completions and /v1/chat/completions (non-streaming and SSE), POST
+/inference/v1/generate (vLLM's token-in, token-out endpoint), POST /v1/embeddings, GET
+/v1/models, POST /tokenize and /detokenize, POST /v1/completions/render and
+/v1/chat/completions/render (token ids without generating).
 
-Errors are `{"error": {"message", "type", "code"}}` with vLLM's messages where it has them:
-an unknown model is 404, a prompt that does not fit the context is 400, a full waiting queue
-is 429. Streams are SSE (`data: <json>` events, then `data: [DONE]`): for chat a role chunk
-per choice, then one chunk per token, a finish chunk per choice with its `finish_reason`,
-and with `stream_options.include_usage` a last chunk with `usage` and no choices (the
-others then carry `"usage": null`). A client that goes away mid-stream aborts its request.
+Errors are `{"error": {"message", "type", "param", "code"}}` (kvcm.sim.errors) with vLLM's
+messages where it has them: an unknown model is 404, a prompt that does not fit the context
+is 400, a full waiting queue is 429. Streams are SSE (`data: <json>` events, then `data:
+[DONE]`): for chat a role chunk per choice, then one chunk per token, a finish chunk per
+choice with its `finish_reason`, and with `stream_options.include_usage` a last chunk with
+`usage` and no choices (the others then carry `"usage": null`). A client that goes away
+mid-stream aborts its request.
+
+Request headers, as llm-d's simulator reads them: `X-Request-Id` (with
+`--enable-request-id-headers`: the response's id, echoed back), `X-Return-Error: STATUS`
+(answer with that error, nothing generated), `X-Cache-Threshold-Finish-Reason: true` (end
+with finish reason cache_threshold). With POD_NAME / POD_NAMESPACE set, answers carry
+`x-inference-pod`, `x-inference-port` and `x-inference-namespace`. A share
+(`--failure-injection-rate`) of generation requests fails with one of llm-d's injected
+errors.
 """
 
 import asyncio
+import base64
 import random
+import struct
 import time
 import uuid
 
 import orjson
 
 from kvcm import chat as _chat
-from kvcm.http import HttpError, Response, Router, StreamingResponse, json_response
+from kvcm.http import StreamingResponse, json_response
 from kvcm.sim import text
-from kvcm.sim.config import FAILURE_TYPES
-from kvcm.sim.engine import EngineClosed, QueueFull, Sequence
-from kvcm.sim.kvcache import Lora
-from kvcm.sim.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from kvcm.sim.engine import KV_CACHE_FULL, EngineClosed, KVCacheFull, QueueFull, Sequence
+from kvcm.sim.errors import error
+from kvcm.sim.lengths import answer_length
+from kvcm.sim.requests import Params, body_of, chat_options, field, messages_of
+from kvcm.sim.responses import Chat, Completion, Generate
+from kvcm.sim.settings import FAILURE_TYPES
+from kvcm.sim.tools import check_tools, make_tool_calls, tool_choice
 
-# The openai client's exception class names, which vLLM uses as error types
-ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 409: "ConflictError",
-               429: "RateLimitError", 503: "ServiceUnavailableError"}
-# random mode without max_tokens: at most this many tokens (finish_reason "stop")
-RANDOM_MAX_TOKENS = 128
-_CHAT_OPTIONS = (("chat_template", str), ("chat_template_kwargs", dict), ("add_generation_prompt", bool),
-                 ("continue_final_message", bool), ("tools", list), ("documents", list))
-
-
-def error(status, message):
-    return HttpError(status, message, ERROR_TYPES.get(status))
-
-
-# -- request fields -----------------------------------------------------------------------
-
-def _body(request):
-    """The JSON object of the body, whatever the Content-Type says (curl -d sends a form type)."""
-    try:
-        body = orjson.loads(request.body)
-    except orjson.JSONDecodeError as exc:
-        raise error(400, "the request body is not valid JSON: %s" % exc) from None
-    if not isinstance(body, dict):
-        raise error(400, "the request body must be a JSON object")
-    return body
+# llm-d's injected failures: message (with the model for %s) and param
+INJECTED = {
+    "rate_limit": ("Rate limit reached for %s in organization org-xxx on requests per min (RPM): Limit 3, Used 3, "
+                   "Requested 1.", None),
+    "invalid_api_key": ("Incorrect API key provided.", None),
+    "context_length": ("This model's maximum context length is 4096 tokens. However, your messages resulted in "
+                       "4500 tokens.", "messages"),
+    "server_error": ("The server is overloaded or not ready yet.", None),
+    "invalid_request": ("Invalid request: missing required parameter 'model'.", "model"),
+    "model_not_found": ("The model '%s-nonexistent' does not exist", "model"),
+}
 
 
-def _field(body, name, kind, what, default=None):
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise error(400, "%r must be %s" % (name, what))
-    return value
+def _sse(obj):
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-def _count(body, name, low):
-    value = _field(body, name, int, "an integer")
-    if value is not None and value < low:
-        raise error(400, "%r must be at least %d, got %d" % (name, low, value))
-    return value
+def stub_embedding(tokens, dimensions):
+    """llm-d's deterministic stand-in embedding of token ids (float32 values in [-1, 1))."""
+    values = []
+    for i in range(dimensions):
+        if i < len(tokens):
+            value = 2 * (tokens[i] % 1024) / 1024 - 1
+        elif tokens:
+            value = 2 * (tokens[i % len(tokens)] % 256) / 256 - 1
+        else:
+            value = 0.0
+        values.append(value)
+    return values
 
-
-def _chat_options(body):
-    options = {}
-    for name, kind in _CHAT_OPTIONS:
-        value = _field(body, name, kind, "a " + kind.__name__)
-        if value is not None:
-            options[name] = value
-    return options
-
-
-def _messages(body):
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise error(400, "'messages' must be a non-empty list of messages")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise error(400, "every message must be an object with a string 'role'")
-        content = m.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise error(400, "a message's 'content' must be a string or a list of parts")
-    return messages
-
-
-class _Params:
-    """The generation parameters of one completion or chat request."""
-
-    def __init__(self, body, chat):
-        self.max_tokens = _count(body, "max_completion_tokens", 1) if chat else None
-        if self.max_tokens is None:
-            self.max_tokens = _count(body, "max_tokens", 1)
-        self.min_tokens = _count(body, "min_tokens", 0) or 0
-        self.n = _count(body, "n", 1) or 1
-        self.seed = _field(body, "seed", int, "an integer")
-        self.ignore_eos = _field(body, "ignore_eos", bool, "a boolean", False)
-        self.stream = _field(body, "stream", bool, "a boolean", False)
-        options = _field(body, "stream_options", dict, "an object")
-        if options is not None and not self.stream:
-            raise error(400, "Stream options can only be defined when `stream=True`.")
-        self.include_usage = bool(options and _field(options, "include_usage", bool, "a boolean", False))
-        self.cache_salt = _field(body, "cache_salt", str, "a string")
-        if self.cache_salt == "":
-            raise error(400, "Parameter 'cache_salt' must be a non-empty string if provided.")
-
-
-class LoraRegistry:
-    """LoRA adapters loaded in one rank, with vLLM's ids (1, 2, … in load order)."""
-
-    def __init__(self, base_names):
-        self._base = set(base_names)
-        self._loras = {}
-        self._next_id = 1
-
-    def load(self, name, path):
-        if name in self._base:
-            raise error(400, "The lora adapter '%s' has the name of a served model." % name)
-        if name in self._loras:
-            raise error(400, "The lora adapter '%s' has already been loaded." % name)
-        lora = self._loras[name] = Lora(self._next_id, name, path)
-        self._next_id += 1
-        return lora
-
-    def unload(self, name):
-        if self._loras.pop(name, None) is None:
-            raise error(404, "The lora adapter '%s' cannot be found." % name)
-
-    def get(self, name):
-        return self._loras.get(name)
-
-    def __iter__(self):
-        return iter(list(self._loras.values()))
-
-    def __len__(self):
-        return len(self._loras)
-
-
-# -- the routes ---------------------------------------------------------------------------
 
 class SimServer:
-    """Handlers of one rank; `router` is what its HttpServer serves."""
+    """The generation routes of one rank (see `kvcm.sim.app.Rank` for what a rank holds)."""
 
-    def __init__(self, config, rank, engine, tokenizer, loras, metrics, *, pod, ready=lambda: True):
-        self.config = config
+    def __init__(self, rank, router):
         self.rank = rank
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.loras = loras
-        self.metrics = metrics
-        self.pod = pod
-        self.ready = ready
         self.created = int(time.time())
-        self._rng = random.Random("%d/requests/%d" % (config.seed, rank))
-        self._failures = random.Random("%d/failures/%d" % (config.seed, rank))
-        r = self.router = Router()
-        r.add("POST", "/v1/completions", self.completions)
-        r.add("POST", "/v1/chat/completions", self.chat_completions)
-        r.add("GET", "/v1/models", self.models)
-        r.add("POST", "/tokenize", self.tokenize)
-        r.add("POST", "/detokenize", self.detokenize)
-        r.add("POST", "/v1/load_lora_adapter", self.load_lora)
-        r.add("POST", "/v1/unload_lora_adapter", self.unload_lora)
-        r.add("POST", "/reset_prefix_cache", self.reset_prefix_cache)
-        r.add("GET", "/health", self.health)
-        r.add("GET", "/health/ready", self.readiness)
-        r.add("GET", "/ready", self.readiness)
-        r.add("GET", "/metrics", self.metrics_text)
-        r.add("GET", "/sim/kv_cache", self.kv_cache)
+        self._rng = random.Random("%d/requests/%d" % (rank.config.seed, rank.index))
+        self._failures = random.Random("%d/failures/%d" % (rank.config.seed, rank.index))
+        for method, path, handler in (
+                ("POST", "/v1/completions", self.completions),
+                ("POST", "/v1/chat/completions", self.chat_completions),
+                ("POST", "/inference/v1/generate", self.generate),
+                ("POST", "/v1/embeddings", self.embeddings),
+                ("GET", "/v1/models", self.models),
+                ("POST", "/tokenize", self.tokenize),
+                ("POST", "/detokenize", self.detokenize),
+                ("POST", "/v1/completions/render", self.render_completion),
+                ("POST", "/v1/chat/completions/render", self.render_chat)):
+            router.add(method, path, handler)
+
+    @property
+    def config(self):
+        return self.rank.config
+
+    @property
+    def tokenizer(self):
+        return self.rank.tokenizer
 
     # -- models ---------------------------------------------------------------------------
 
-    def _model(self, body):
+    def _model(self, body, base_only=False):
         """(the model name to report, the LoRA or None); 404 for an unknown model."""
-        model = _field(body, "model", str, "a string")
+        model = field(body, "model", str, "a string")
         if model is None:
             return self.config.served_model_name, None
         if model in self.config.served_model_names:
             return model, None
-        lora = self.loras.get(model)
+        lora = self.rank.loras.get(model)
         if lora is None:
-            raise error(404, "The model `%s` does not exist." % model)
+            raise error(404, "The model `%s` does not exist." % model, param="model")
+        if base_only:
+            raise error(400, "The model `%s` is a LoRA adapter and is not supported by the render endpoints."
+                        % model, param="model")
         return model, lora
 
     def models(self, request):
@@ -197,7 +124,7 @@ class SimServer:
                  "parent": None, "max_model_len": c.max_model_len} for name in c.served_model_names]
         data += [{"id": lora.name, "object": "model", "created": self.created, "owned_by": "vllm",
                   "root": lora.path, "parent": c.served_model_name, "max_model_len": c.max_model_len}
-                 for lora in self.loras]
+                 for lora in self.rank.loras]
         return json_response(200, {"object": "list", "data": data})
 
     # -- tokenizing -----------------------------------------------------------------------
@@ -208,6 +135,11 @@ class SimServer:
         except _chat.TemplateError as exc:
             raise error(400, str(exc)) from None
 
+    def _chat_ids(self, body):
+        messages = messages_of(body)
+        prompt = self._render(messages, chat_options(body))
+        return messages, self.tokenizer.encode(prompt, field(body, "add_special_tokens", bool, "a boolean", False))
+
     def _check_ids(self, ids):
         limit = self.tokenizer.max_token_id
         for token in ids:
@@ -215,10 +147,10 @@ class SimServer:
                 raise error(400, "Token id %r is out of vocabulary" % (token,))
         return ids
 
-    def _prompts(self, body):
-        """[(token ids, text or None)] of a completion request's prompt."""
-        prompt = body.get("prompt")
-        add_special = _field(body, "add_special_tokens", bool, "a boolean", True)
+    def _prompts(self, body, name="prompt"):
+        """[(token ids, text or None)] of a completion request's prompt (or embedding input)."""
+        prompt = body.get(name)
+        add_special = field(body, "add_special_tokens", bool, "a boolean", True)
         if isinstance(prompt, str):
             return [(self.tokenizer.encode(prompt, add_special), prompt)]
         if isinstance(prompt, list) and prompt:
@@ -228,82 +160,144 @@ class SimServer:
                 return [(self._check_ids(prompt), None)]
             if all(isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompt):
                 return [(self._check_ids(p), None) for p in prompt]
-        raise error(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
-                         "token id lists")
+        raise error(400, "%r must be a string, a list of strings, a list of token ids or a list of token id "
+                         "lists" % name, param=name)
 
     def tokenize(self, request):
-        body = _body(request)
+        body = body_of(request)
         self._model(body)
         if body.get("messages") is not None:
-            prompt = self._render(_messages(body), _chat_options(body))
-            ids = self.tokenizer.encode(prompt, _field(body, "add_special_tokens", bool, "a boolean", False))
+            prompt = self._render(messages_of(body), chat_options(body))
+            ids = self.tokenizer.encode(prompt, field(body, "add_special_tokens", bool, "a boolean", False))
         else:
-            prompt = _field(body, "prompt", str, "a string")
+            prompt = field(body, "prompt", str, "a string")
             if prompt is None:
                 raise error(400, "give 'prompt' or 'messages'")
-            ids = self.tokenizer.encode(prompt, _field(body, "add_special_tokens", bool, "a boolean", True))
-        strs = self.tokenizer.token_strs(ids) if _field(body, "return_token_strs", bool, "a boolean") else None
+            ids = self.tokenizer.encode(prompt, field(body, "add_special_tokens", bool, "a boolean", True))
+        strs = self.tokenizer.token_strs(ids) if field(body, "return_token_strs", bool, "a boolean") else None
         return json_response(200, {"count": len(ids), "max_model_len": self.config.max_model_len,
                                    "tokens": ids, "token_strs": strs})
 
     def detokenize(self, request):
-        body = _body(request)
+        body = body_of(request)
         self._model(body)
         ids = body.get("tokens")
         if not isinstance(ids, list):
-            raise error(400, "'tokens' must be a list of token ids")
+            raise error(400, "'tokens' must be a list of token ids", param="tokens")
         return json_response(200, {"prompt": self.tokenizer.decode(self._check_ids(ids))})
+
+    def render_completion(self, request):
+        body = body_of(request)
+        self._model(body, base_only=True)
+        return json_response(200, [{"token_ids": ids} for ids, _ in self._prompts(body)])
+
+    def render_chat(self, request):
+        body = body_of(request)
+        self._model(body, base_only=True)
+        return json_response(200, {"token_ids": self._chat_ids(body)[1]})
+
+    def embeddings(self, request):
+        body = body_of(request)
+        model, _ = self._model(body)
+        request_id, headers = self._request_id(request)
+        dimensions = field(body, "dimensions", int, "an integer")
+        if dimensions is not None and dimensions < 1:
+            raise error(400, "dimensions must be at least 1", param="dimensions")
+        encoding = field(body, "encoding_format", str, "a string", "float")
+        if encoding not in ("float", "base64"):
+            raise error(400, "'encoding_format' must be float or base64", param="encoding_format")
+        prompts = self._prompts(body, "input")
+        if any(text == "" for _, text in prompts):
+            raise error(400, "input cannot be an empty string", param="input")
+        inputs = [ids for ids, _ in prompts]
+        data = []
+        for index, ids in enumerate(inputs):
+            values = stub_embedding(ids, dimensions or self.config.default_embedding_dimensions)
+            packed = struct.pack("<%df" % len(values), *values)
+            embedding = base64.b64encode(packed).decode() if encoding == "base64" else \
+                list(struct.unpack("<%df" % len(values), packed))
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = sum(len(ids) for ids in inputs)
+        reply = json_response(200, {"id": "embd-" + request_id, "object": "list", "created": int(time.time()),
+                                    "model": model, "data": data,
+                                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        reply.headers = headers
+        return reply
 
     # -- generation -----------------------------------------------------------------------
 
-    def _inject_failure(self, model):
+    def _request_id(self, request):
+        """The request's id (its X-Request-Id with --enable-request-id-headers) and the headers
+        every answer to it carries."""
+        c, headers = self.config, []
+        request_id = (c.enable_request_id_headers and request.headers.get("x-request-id")) or uuid.uuid4().hex
+        if c.pod_name:
+            headers += [("x-inference-pod", c.pod_name), ("x-inference-port", str(self.rank.port))]
+        if c.pod_namespace:
+            headers.append(("x-inference-namespace", c.pod_namespace))
+        if c.enable_request_id_headers:
+            headers.append(("X-Request-Id", request_id))
+        return request_id, tuple(headers)
+
+    @staticmethod
+    def _return_error(request):
+        """X-Return-Error: STATUS answers with that error."""
+        value = request.headers.get("x-return-error")
+        if not value:
+            return
+        try:
+            status = int(value)
+        except ValueError:
+            status = None
+        if status is None or not 400 <= status <= 599:
+            raise error(400, "Invalid X-Return-Error header value %s: must be an HTTP error status (400-599)"
+                        % orjson.dumps(value).decode())
+        raise error(status, "Simulated error triggered by X-Return-Error header (code %d)" % status)
+
+    def _inject_failure(self):
         c = self.config
         if not c.failure_injection_rate or self._failures.random() * 100.0 >= c.failure_injection_rate:
             return
         kind = self._failures.choice(c.failure_types)
-        message = {
-            "rate_limit": "Rate limit reached for %s" % model,
-            "invalid_api_key": "Incorrect API key provided.",
-            "context_length": "This model's maximum context length is %d tokens. However, your request "
-                              "has more input tokens than that." % c.max_model_len,
-            "server_error": "The server is overloaded or not ready yet.",
-            "invalid_request": "Invalid request: the request is not valid.",
-            "model_not_found": "The model `%s-nonexistent` does not exist." % model,
-        }[kind]
-        raise error(FAILURE_TYPES[kind], message + " (injected failure: %s)" % kind)
+        message, param = INJECTED[kind]
+        raise error(FAILURE_TYPES[kind], message % c.model if "%s" in message else message, param)
 
     def _limit(self, prompt, params):
         """The most output tokens the prompt leaves room for; 400 when it does not fit."""
         c, count = self.config, len(prompt)
         if not count:
-            raise error(400, "The decoder prompt cannot be empty")
+            raise error(400, "The decoder prompt cannot be empty", param="prompt")
         if count >= c.max_model_len:
             raise error(400, "This model's maximum context length is %d tokens. However, your request has %d "
                              "input tokens. Please reduce the length of the input." % (c.max_model_len, count))
         if params.max_tokens is not None and count + params.max_tokens > c.max_model_len:
             raise error(400, "'max_tokens' or 'max_completion_tokens' is too large: %d. This model's maximum "
                              "context length is %d tokens and your request has %d input tokens (%d > %d - %d)."
-                        % (params.max_tokens, c.max_model_len, count, params.max_tokens, c.max_model_len, count))
+                        % (params.max_tokens, c.max_model_len, count, params.max_tokens, c.max_model_len, count),
+                        param="max_tokens")
         return params.max_tokens if params.max_tokens is not None else c.max_model_len - count
 
-    def _output(self, rng, prompt, echo_text, params):
+    def _output(self, rng, prompt, echo_text, params, tools):
         limit = self._limit(prompt, params)
+        if tools is not None:
+            calls = make_tool_calls(tools[0], tools[1], self.config, rng)
+            if calls:
+                return text.tool_output(self.tokenizer, calls)
         if self.config.mode == "echo":
             if echo_text is None:           # a prompt given as token ids
                 echo_text = self.tokenizer.decode(prompt)
             return text.echo_output(self.tokenizer, echo_text, limit)
-        capped = params.max_tokens is None and limit > RANDOM_MAX_TOKENS
-        high = RANDOM_MAX_TOKENS if capped else limit
-        count = high if params.ignore_eos else rng.randint(min(max(params.min_tokens, 1), high), high)
-        return text.random_output(self.tokenizer, rng, count, "length" if count == high and not capped else "stop")
+        count, reason = answer_length(rng, params.max_tokens, limit, params.ignore_eos, params.min_tokens)
+        return text.random_output(self.tokenizer, rng, count, reason)
 
-    def _sequences(self, prompts, params, lora):
+    def _sequences(self, request, prompts, params, lora, tools=None):
         """One Sequence per (prompt, choice), reporting to one queue."""
         c = self.config
         most = c.max_num_seqs + c.max_waiting_queue_length
         if len(prompts) * params.n > most:
             raise error(400, "the request asks for %d sequences; at most %d can be queued (--max-num-seqs + "
-                             "--max-waiting-queue-length)" % (len(prompts) * params.n, most))
+                             "--max-waiting-queue-length)" % (len(prompts) * params.n, most), param="n")
+        forced = request.headers.get("x-cache-threshold-finish-reason", "").strip().lower() in ("1", "t", "true")
         updates = asyncio.Queue() if params.stream else None
         seqs = []
         for prompt, echo_text in prompts:
@@ -311,48 +305,105 @@ class SimServer:
                 index = len(seqs)
                 rng = random.Random("%d/%d" % (params.seed, index) if params.seed is not None
                                     else self._rng.getrandbits(64))
-                output = self._output(rng, prompt, echo_text, params)
+                output = self._output(rng, prompt, echo_text, params, tools)
+                if params.remote_decode and output.finish_reason in ("stop", "length"):
+                    output.finish_reason = "remote_decode"     # a prefill request, as llm-d answers it
                 seqs.append(Sequence(prompt, output, rng=rng, lora=lora, cache_salt=params.cache_salt, choice=index,
-                                     updates=updates, max_tokens=params.max_tokens))
+                                     updates=updates, max_tokens=params.max_tokens,
+                                     remote_prefill=params.remote_prefill,
+                                     cache_hit_threshold=params.cache_hit_threshold, force_cache_threshold=forced))
         try:
-            self.engine.submit(seqs)
+            self.rank.engine.submit(seqs)
         except QueueFull as exc:
             raise error(429, str(exc)) from None
         except EngineClosed as exc:
             raise error(503, str(exc)) from None
+        except KVCacheFull as exc:
+            raise error(500, str(exc)) from None
         except ValueError as exc:
             raise error(400, str(exc)) from None
         return seqs, updates
 
-    async def completions(self, request):
-        body = _body(request)
+    def _start(self, request, chat):
+        """The common head of a generation request: (body, model, LoRA, params, request id,
+        answer headers)."""
+        body = body_of(request)
+        request_id, headers = self._request_id(request)
+        self._return_error(request)
+        self._inject_failure()
         model, lora = self._model(body)
-        self._inject_failure(model)
-        params = _Params(body, chat=False)
-        seqs, updates = self._sequences(self._prompts(body), params, lora)
-        return await self._respond(_Completion(model, params, seqs, params.n), seqs, updates)
+        return body, model, lora, Params(body, chat=chat), request_id, headers
+
+    async def completions(self, request):
+        body, model, lora, params, request_id, headers = self._start(request, chat=False)
+        seqs, updates = self._sequences(request, self._prompts(body), params, lora)
+        return await self._respond(Completion(model, params, seqs, request_id), seqs, updates, headers)
 
     async def chat_completions(self, request):
-        body = _body(request)
-        model, lora = self._model(body)
-        self._inject_failure(model)
-        params = _Params(body, chat=True)
-        messages = _messages(body)
-        prompt = self._render(messages, _chat_options(body))
-        ids = self.tokenizer.encode(prompt, _field(body, "add_special_tokens", bool, "a boolean", False))
-        seqs, updates = self._sequences([(ids, text.message_text(messages[-1].get("content")))], params, lora)
-        return await self._respond(_Chat(model, params, seqs, params.n), seqs, updates)
+        body, model, lora, params, request_id, headers = self._start(request, chat=True)
+        tools = body.get("tools")
+        if tools is not None:
+            check_tools(tools, not self.config.skip_tool_validation)
+        messages, ids = self._chat_ids(body)
+        seqs, updates = self._sequences(request, [(ids, text.message_text(messages[-1].get("content")))], params,
+                                        lora, tool_choice(body, tools))
+        return await self._respond(Chat(model, params, seqs, request_id), seqs, updates, headers)
 
-    async def _respond(self, shape, seqs, updates):
-        if updates is not None:
-            return StreamingResponse(200, self._events(shape, seqs, updates), "text/event-stream",
-                                     headers=(("Cache-Control", "no-cache"),))
+    async def generate(self, request):
+        body = body_of(request)
+        request_id, headers = self._request_id(request)
+        self._return_error(request)
+        self._inject_failure()
+        model, lora = self._model(body)
+        ids = body.get("token_ids")
+        if not isinstance(ids, list) or not ids:
+            raise error(400, "Missing input token_ids", param="token_ids")
+        sampling = field(body, "sampling_params", dict, "an object")
+        if sampling is None:
+            raise error(400, "Missing sampling_params field", param="sampling_params")
+        # as vLLM's endpoint: the generation fields are sampling parameters; kv_transfer_params
+        # may also come in sampling_params.extra_args
+        extra = field(sampling, "extra_args", dict, "an object") or {}
+        view = {**body, **sampling, "kv_transfer_params": body.get("kv_transfer_params") or
+                extra.get("kv_transfer_params")}
+        params = Params(view, chat=False)
+        seqs, updates = self._sequences(request, [(self._check_ids(ids), None)], params, lora)
+        return await self._respond(Generate(model, params, seqs, request_id), seqs, updates, headers)
+
+    def _transfer(self, seqs):
+        """kv_transfer_params for the decode pod of a prefill request."""
+        r = self.rank
+        return {"do_remote_decode": False, "do_remote_prefill": True, "remote_engine_id": r.engine_id,
+                "remote_block_ids": seqs[0].block_ids, "remote_host": self.config.pod_ip or r.host,
+                "remote_port": r.port, "tp_size": 1}
+
+    async def _respond(self, shape, seqs, updates, headers):
+        engine = self.rank.engine
         try:
+            if self.config.on_kv_cache_full == "error":
+                # as llm-d's simulator: the status is decided once the request is admitted or refused
+                await asyncio.wait([seq.started for seq in seqs])
+                if any(s.error is not None for s in seqs):
+                    raise error(500, KV_CACHE_FULL)
+            if updates is not None:
+                return StreamingResponse(200, self._events(shape, seqs, updates), "text/event-stream",
+                                         headers=(("Cache-Control", "no-cache"),) + headers)
             await asyncio.wait([seq.done for seq in seqs])   # unlike gather, never cancels them
-        finally:
+        except BaseException:
             for seq in seqs:
-                self.engine.abort(seq)      # no-op unless this handler was cancelled
-        return json_response(200, shape.response())
+                engine.abort(seq)
+            raise
+        finally:
+            if updates is None:
+                for seq in seqs:
+                    engine.abort(seq)      # no-op once they ended
+        if any(s.error is not None for s in seqs):
+            raise error(500, KV_CACHE_FULL)
+        if shape.params.remote_decode:
+            shape.transfer = self._transfer(seqs)
+        reply = json_response(200, shape.response())
+        reply.headers = headers
+        return reply
 
     async def _events(self, shape, seqs, updates):
         try:
@@ -363,7 +414,9 @@ class SimServer:
                 choice, index = await updates.get()
                 if index is None:
                     pending -= 1
-                    yield _sse(shape.finish(seqs[choice]))
+                    finish = shape.finish(seqs[choice])
+                    if finish is not None:
+                        yield _sse(finish)
                 else:
                     yield _sse(shape.token(seqs[choice], index))
             if shape.params.include_usage:
@@ -371,139 +424,4 @@ class SimServer:
             yield b"data: [DONE]\n\n"
         finally:
             for seq in seqs:
-                self.engine.abort(seq)
-
-    # -- LoRA -----------------------------------------------------------------------------
-
-    def load_lora(self, request):
-        body = _body(request)
-        name = _field(body, "lora_name", str, "a string")
-        path = _field(body, "lora_path", str, "a string")
-        if not name or not path:
-            raise error(400, "Both 'lora_name' and 'lora_path' must be provided.")
-        self.loras.load(name, path)
-        return Response(200, "Success: LoRA adapter '%s' added successfully." % name, content_type="text/plain")
-
-    def unload_lora(self, request):
-        body = _body(request)
-        name = _field(body, "lora_name", str, "a string")
-        if not name:
-            raise error(400, "'lora_name' must be provided.")
-        self.loras.unload(name)
-        return Response(200, "Success: LoRA adapter '%s' removed successfully." % name, content_type="text/plain")
-
-    # -- operations -----------------------------------------------------------------------
-
-    def reset_prefix_cache(self, request):
-        if not self.engine.reset_prefix_cache():
-            raise error(409, "cannot reset the prefix cache: %d KV blocks are in use by running requests"
-                        % self.engine.cache.used)
-        return Response(200, b"", content_type=None)
-
-    def health(self, request):
-        return Response(200, b"", content_type=None)
-
-    def readiness(self, request):
-        if not self.ready():
-            raise error(503, "not ready")
-        return json_response(200, {"status": "ready"})
-
-    def metrics_text(self, request):
-        return Response(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
-
-    def kv_cache(self, request):
-        cache = self.engine.cache
-        return json_response(200, {"pod": self.pod, "model": self.config.model, "dp_rank": self.rank,
-                                   "block_size": cache.block_size, "capacity": cache.capacity, "used": cache.used,
-                                   "usage": cache.usage, "blocks": cache.contents(),
-                                   "eviction_order": cache.eviction_order()})
-
-
-def _sse(obj):
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-# -- response shapes ------------------------------------------------------------------------
-
-class _Shape:
-    """What one request's response and stream chunks look like."""
-
-    object = chunk_object = None
-
-    def __init__(self, model, params, seqs, n):
-        self.model = model
-        self.params = params
-        self.seqs = seqs
-        self.n = n
-        self.created = int(time.time())
-        self.id = self.prefix + uuid.uuid4().hex
-
-    def _chunk(self, choices):
-        chunk = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
-                 "choices": choices}
-        if self.params.include_usage:
-            chunk["usage"] = None
-        return chunk
-
-    def usage(self):
-        # a prompt counts once for its n choices, as vLLM counts it; its cached tokens are
-        # those of its first choice (the others find the blocks it computed)
-        firsts = self.seqs[::self.n]
-        prompt = sum(len(s.prompt) for s in firsts)
-        completion = sum(s.generated for s in self.seqs)
-        return {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion,
-                "prompt_tokens_details": {"cached_tokens": sum(s.cached_tokens for s in firsts)}}
-
-    def usage_chunk(self):
-        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
-                "choices": [], "usage": self.usage()}
-
-    def opening(self):
-        return ()
-
-
-class _Completion(_Shape):
-    prefix = "cmpl-"
-    object = chunk_object = "text_completion"
-
-    def response(self):
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [{"index": s.choice, "text": "".join(s.output.pieces[:s.generated]), "logprobs": None,
-                             "finish_reason": s.finish_reason, "stop_reason": None, "prompt_logprobs": None}
-                            for s in self.seqs],
-                "usage": self.usage()}
-
-    def token(self, seq, index):
-        return self._chunk([{"index": seq.choice, "text": seq.output.pieces[index], "logprobs": None,
-                             "finish_reason": None, "stop_reason": None}])
-
-    def finish(self, seq):
-        return self._chunk([{"index": seq.choice, "text": "", "logprobs": None,
-                             "finish_reason": seq.finish_reason, "stop_reason": None}])
-
-
-class _Chat(_Shape):
-    prefix = "chatcmpl-"
-    object = "chat.completion"
-    chunk_object = "chat.completion.chunk"
-
-    def response(self):
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [{"index": s.choice,
-                             "message": {"role": "assistant", "content": "".join(s.output.pieces[:s.generated]),
-                                         "tool_calls": []},
-                             "logprobs": None, "finish_reason": s.finish_reason, "stop_reason": None}
-                            for s in self.seqs],
-                "usage": self.usage(), "prompt_logprobs": None}
-
-    def opening(self):
-        return [self._chunk([{"index": s.choice, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]) for s in self.seqs]
-
-    def token(self, seq, index):
-        return self._chunk([{"index": seq.choice, "delta": {"content": seq.output.pieces[index]}, "logprobs": None,
-                             "finish_reason": None}])
-
-    def finish(self, seq):
-        return self._chunk([{"index": seq.choice, "delta": {}, "logprobs": None,
-                             "finish_reason": seq.finish_reason}])
+                self.rank.engine.abort(seq)

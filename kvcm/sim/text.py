@@ -13,8 +13,9 @@ Two tokenizers with one interface:
   Decoding joins known tokens with spaces (ids it never encoded decode as `<id>`).
 
 Responses are `Output`s: token ids and the text of each token (their concatenation is the
-response text), in `echo` mode the prompt (chat: the last message) and in `random` mode
-sentences drawn from a fixed list.
+response text), in `echo` mode the prompt (chat: the last message), in `random` mode
+sentences drawn from a fixed list, or the arguments of tool calls (their tokens, call after
+call).
 """
 
 import collections
@@ -22,7 +23,7 @@ import dataclasses
 import hashlib
 import os
 import re
-from typing import List
+from typing import List, Optional
 
 from kvcm import tokenize
 
@@ -151,10 +152,13 @@ def message_text(content):
 
 @dataclasses.dataclass
 class Output:
-    """A response: its token ids, the text of each, and why it ended."""
+    """A response: its token ids, the text of each, and why it ended; for tool calls, the
+    calls and the index of the call each token belongs to."""
     ids: List[int]
     pieces: List[str]
     finish_reason: str
+    tool_calls: Optional[list] = None
+    call_of: Optional[List[int]] = None
 
     @property
     def text(self):
@@ -190,3 +194,15 @@ def random_output(tokenizer, rng, count, finish_reason):
         ids, ends = tokenizer.encode_spans(text)
     ids, pieces = _cut(text, ids, ends, count)
     return Output(ids, pieces, finish_reason)
+
+
+def tool_output(tokenizer, calls):
+    """The tokens of the calls' arguments, call after call ("tool_calls")."""
+    ids, pieces, call_of = [], [], []
+    for call in calls:
+        call_ids, ends = tokenizer.encode_spans(call.arguments)
+        call_ids, call_pieces = _cut(call.arguments, call_ids, ends, len(call_ids))
+        ids += call_ids
+        pieces += call_pieces
+        call_of += [call.index] * len(call_ids)
+    return Output(ids, pieces, "tool_calls", tool_calls=calls, call_of=call_of)

@@ -20,8 +20,7 @@ if [ -x dist/kvcm ] && [ -x dist/kvcm-onedir/kvcm ] && [ "$(cat "$stamp" 2>/dev/
     echo "dist/kvcm and dist/kvcm-onedir are up to date"
     exit 0
 fi
-if ! tests/setup/debian.sh readelf:binutils strip:binutils objdump:binutils; then
-    echo "warning: cannot build dist/kvcm; the frozen-binary tests will skip" >&2
+if ! tests/setup/debian.sh prereq-binary "the frozen-binary tests" readelf:binutils strip:binutils objdump:binutils; then
     [ "${CI:-}" = true ] && exit 1
     exit 0
 fi

@@ -11,15 +11,6 @@ for name in chromium chromium-browser; do
         exit 0
     fi
 done
-if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-    echo "prereq-chromium: no chromium on PATH and cannot install it (needs root with apt-get);" \
-         "the browser tests will skip" >&2
-    exit 0
-fi
-echo "prereq-chromium: installing Debian's chromium"
-export DEBIAN_FRONTEND=noninteractive
-# other jobs on the machine may hold apt's lock: wait for it rather than fail
-apt_get() { apt-get -o DPkg::Lock::Timeout=600 "$@"; }
-apt_get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null \
-    || { apt_get update -qq && apt_get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; }
+. "$(dirname "$0")/apt.sh"
+apt_install prereq-chromium "the browser tests" chromium fonts-dejavu-core || exit 0
 command -v chromium >/dev/null

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that provide missing commands, when this runs as root with
-# apt-get; otherwise says what is missing and leaves it (the tests needing it skip, naming it;
-# under CI=true they fail).
+# Installs the Debian packages that provide missing commands (tests/setup/apt.sh: as root with
+# apt-get); otherwise says which tests will skip and exits 1 (under CI=true they fail).
 #
-#   tests/setup/debian.sh COMMAND:PACKAGE...     e.g. readelf:binutils systemd-analyze:systemd
+#   tests/setup/debian.sh PREREQ TESTS COMMAND:PACKAGE...
+#   e.g. tests/setup/debian.sh prereq-systemd "the unit tests" systemd-analyze:systemd
 set -euo pipefail
+prereq=$1 tests=$2
+shift 2
 
 missing=()
 for pair in "$@"; do
@@ -12,14 +14,5 @@ for pair in "$@"; do
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing ${missing[*]} (Debian)"
-    export DEBIAN_FRONTEND=noninteractive
-    # other jobs on the machine may hold apt's lock: wait for it rather than fail
-    apt_get() { apt-get -o DPkg::Lock::Timeout=600 "$@"; }
-    apt_get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-        || { apt_get update -qq && apt_get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
-else
-    echo "warning: ${missing[*]} missing and not installable here (needs root and apt-get)" >&2
-    exit 1
-fi
+. "$(dirname "$0")/apt.sh"
+apt_install "$prereq" "$tests" "${missing[@]}"
