@@ -7,6 +7,8 @@ Switches (environment variables, as uvloop and asyncpg do):
   KVCM_WERROR=1     Cython's and the C compiler's warnings are errors (`make build` and CI
                     set it: a warning there is a bug, such as a negative index with
                     wraparound checks off); a plain `pip install .` builds with warnings
+  KVCM_NO_CORE=1    leave the core out: `make` installs kvcm editable this way, then compiles
+                    the core in place once (`setup.py build_ext --inplace`), not twice
 """
 import os
 
@@ -57,6 +59,6 @@ def cythonize_core(**options):
 
 if __name__ == "__main__":
     setup(
-        ext_modules=cythonize_core(),
+        ext_modules=[] if _flag("KVCM_NO_CORE") else cythonize_core(),
         package_data={"kvcm": ["py.typed", "_core.pyi"]},
     )

@@ -460,7 +460,7 @@ def bench_ingest_apply(repeats):
         ns = pc() - t0
         c = sink.counters
         assert c["blocks_stored"] == blocks, c
-        assert c["parity_mismatch"] == 0 and c["unknown_parent"] == 0, c
+        assert c["parity_mismatch"] == 0 and c["drop_unknown_parent"] == 0, c
         assert index.stats()["entries"] == blocks
         return ns, c["parity_verified"] // (2 if again else 1)
 

@@ -17,12 +17,15 @@ from kvcm.ratelog import RateLimitedLog
 _log = logging.getLogger("kvcm.events")
 
 HASH_MODES = ("auto", "vllm", "kvcm")
+# What engines hash with: vLLM's algorithms, and llm-d's request keys (llm-d-inference-sim
+# >= 0.8 publishes those; specs/llmd-request-keys.md).
+ENGINE_ALGORITHMS = ("sha256", "sha256_cbor", "sha256_cbor_64bit", "llmd_fnv64a", "llmd_fnv64a_nomodel")
 # The media vLLM (GPU, CPU, Disk; FS and OBJ before STORAGE) and LMCache (cpu) publish, as
 # tier names. Other media are dropped and counted unless the operator names them in the
 # scorer's tier weights: a publisher must not be able to fill the 16-tier table with junk.
 KNOWN_TIERS = ("gpu", "cpu", "disk", "storage", "fs", "obj")
 _LIKELY_SEEDS = (None, "0", "42", "")  # besides the configured one; None = unset
-_DIAGNOSE_ALGOS = ("sha256", "sha256_cbor")
+_DIAGNOSE_ALGOS = ("sha256", "sha256_cbor", "llmd_fnv64a", "llmd_fnv64a_nomodel")
 
 
 class DecodeError(ValueError):
@@ -75,7 +78,7 @@ cdef enum Style:   # how a namespace's engines hash extra keys (vLLM >= 0.31 tag
 COUNTER_NAMES = (
     "batches", "events_stored", "events_removed", "events_cleared", "events_unknown_tag",
     "blocks_stored", "blocks_removed", "parity_verified", "parity_mismatch",
-    "block_size_decoupled", "offload_unresolved", "unknown_parent", "remove_unresolved",
+    "block_size_decoupled", "offload_unresolved", "drop_unknown_parent", "remove_unresolved",
     "drop_truncated", "drop_wrong_type", "drop_too_deep", "drop_bad_utf8", "drop_invalid",
     "drop_missing_hashes", "drop_bad_block_size", "drop_token_count",
     "drop_block_size_unsupported", "drop_bad_hash", "drop_batch",
@@ -95,7 +98,7 @@ cdef enum Counter:
     C_PARITY_MISMATCH
     C_BLOCK_SIZE_DECOUPLED
     C_OFFLOAD_UNRESOLVED
-    C_UNKNOWN_PARENT
+    C_DROP_UNKNOWN_PARENT
     C_REMOVE_UNRESOLVED
     C_DROP_TRUNCATED        # + (MpError - MP_TRUNCATED) for the reader's errors
     C_DROP_WRONG_TYPE
@@ -210,7 +213,9 @@ cdef class _Namespace:
     cdef bint evicted  # forgotten to make room: streams that fed it skip it
     cdef uint64_t active  # the sink's use count when it was last used (least recent is evicted first)
     cdef readonly object diagnosis  # why the engines' hashes are not kvcm's, once known (str)
+    cdef BlockHasher parity     # the engines' chain; its root depends on the name for llmd_fnv64a
     cdef BlockHasher decoupled  # kvcm's own chain, rooted at (seed, name)
+    cdef readonly object base   # a LoRA's base model: the model of the streams that fed it
 
     @property
     def mode_name(self):
@@ -230,6 +235,7 @@ cdef class StreamContext:
     cdef readonly object model
     cdef public bint needs_replay
     cdef readonly double ts    # the timestamp of the last batch applied
+    cdef bint warned_parent    # an unknown parent was logged (once per stream)
     cdef object _index  # the Index pod_id belongs to
     cdef uint32_t pod_id
     cdef dict _fed    # _Namespace -> None, least recently fed first, at most MAX_FED
@@ -294,7 +300,8 @@ cdef class EventSink:
     cdef readonly str hash_algo
     cdef readonly object hash_seed
     cdef readonly str hash_mode
-    cdef BlockHasher _parity
+    cdef BlockHasher _parity   # the engines' chain, for algorithms whose root ignores the model
+    cdef bint _llmd            # llm-d's request keys: salted with the model or LoRA name alone
     cdef object _warn
     cdef dict _namespaces
     cdef list _switched
@@ -315,9 +322,11 @@ cdef class EventSink:
                  hash_seed=None, str hash_mode="auto", warn=None, journal=None, tiers=()):
         if hash_mode not in HASH_MODES:
             raise ValueError("unknown hash mode %r (expected one of %s)" % (hash_mode, ", ".join(HASH_MODES)))
-        if hash_algo not in ("sha256", "sha256_cbor", "sha256_cbor_64bit"):
-            raise ValueError("hash algorithm %r cannot be an engine's (expected sha256, sha256_cbor or sha256_cbor_64bit)" % hash_algo)
+        if hash_algo not in ENGINE_ALGORITHMS:
+            raise ValueError("hash algorithm %r cannot be an engine's (expected one of %s)"
+                             % (hash_algo, ", ".join(ENGINE_ALGORITHMS)))
         self._parity = BlockHasher(hash_algo, hash_seed, block_size)
+        self._llmd = hash_algo.startswith("llmd_")
         self._index = index
         self.block_size = block_size
         self.hash_algo = hash_algo
@@ -366,20 +375,23 @@ cdef class EventSink:
         return out
 
     def take_changed_namespaces(self):
-        """[(name, mode, extra style, lora)] of namespaces created, switched or whose extra-key
-        style was learnt since the last call, for a shared index to record."""
+        """[(name, mode, extra style, lora, base model or None)] of namespaces created,
+        switched, or whose extra-key style or LoRA base was learnt since the last call, for a
+        shared index to record."""
         out, self._changed = self._changed, []
-        return [(ns.name, ns.mode_name, ns.style_name, ns.lora) for ns in dict.fromkeys(out)]
+        return [(ns.name, ns.mode_name, ns.style_name, ns.lora, ns.base) for ns in dict.fromkeys(out)]
 
-    def adopt_namespace(self, str name, str mode, str style="unknown", bint lora=False):
-        """Takes on a namespace contract another replica recorded: a switch to decoupled mode
-        and a learnt extra-key style (both one-way). Local entries are not cleared: the
-        replica that switched cleared the shared index."""
+    def adopt_namespace(self, str name, str mode, str style="unknown", bint lora=False, base=None):
+        """Takes on a namespace contract another replica recorded: a switch to decoupled mode,
+        a learnt extra-key style (both one-way) and a LoRA's base model. Local entries are
+        not cleared: the replica that switched cleared the shared index."""
         cdef _Namespace ns = self._namespace(name, lora, False)
         if mode == "decoupled":
             ns.mode = MODE_DECOUPLED
         if ns.style == STYLE_UNKNOWN and style in ("tagged", "untagged"):
             ns.style = STYLE_TAGGED if style == "tagged" else STYLE_UNTAGGED
+        if ns.base is None and base:
+            ns.base = base
 
     def clear_pod(self, pod):
         """An engine restarted: its cache is gone in every namespace."""
@@ -390,7 +402,9 @@ cdef class EventSink:
 
     # ---- namespaces and the read path -------------------------------------------------
 
-    cdef _Namespace _namespace(self, str name, bint lora, bint record=True):
+    cdef _Namespace _namespace(self, str name, bint lora, bint record=True, bint named=True):
+        """The namespace called name, created at first sight. A LoRA namespace is `named`
+        when events carry the adapter's name (not only its integer id)."""
         cdef _Namespace ns = self._namespaces.get(name)
         if ns is not None:
             return ns
@@ -400,15 +414,30 @@ cdef class EventSink:
         ns.name = name
         ns.lora = lora
         ns.id = self._index._ns.intern(name)
-        # LoRA events publish the adapter name but vLLM hashes its path too: never parity.
-        ns.mode = MODE_DECOUPLED if (lora or self.hash_mode == "kvcm") else MODE_PARITY
+        # LoRA events publish the adapter's name, but vLLM hashes its path too, so its LoRA
+        # blocks can never be verified: decoupled. llm-d's keys are salted with the name
+        # alone, so under them a named LoRA is verified and kept in parity like a base model.
+        ns.mode = MODE_DECOUPLED if (self.hash_mode == "kvcm" or lora and not (self._llmd and named)) \
+            else MODE_PARITY
         ns.style = STYLE_UNKNOWN
+        ns.parity = self._parity_hasher(name)
         ns.decoupled = BlockHasher("kvcm", self.hash_seed, self.block_size, namespace=name)
         self._namespaces[name] = ns
         self._touch(ns)
         if record:
             self._changed.append(ns)
         return ns
+
+    cdef BlockHasher _parity_hasher(self, str name):
+        if self.hash_algo == "llmd_fnv64a":
+            return BlockHasher(self.hash_algo, self.hash_seed, self.block_size, namespace=name)
+        return self._parity
+
+    def base_model(self, str name):
+        """The base model of LoRA adapter `name`, learnt from the streams whose events
+        carried it; None when name is not a LoRA seen in events."""
+        cdef _Namespace ns = self._namespaces.get(name)
+        return None if ns is None else ns.base
 
     cdef inline void _touch(self, _Namespace ns) noexcept:
         self._uses += 1
@@ -444,13 +473,14 @@ cdef class EventSink:
         cdef _Namespace ns = self._namespaces.get(model)
         extra = None
         if ns is None or ns.mode == MODE_PARITY:
-            if cache_salt is not None:
-                untagged = ns is not None and ns.style == STYLE_UNTAGGED
-                extra = [(cache_salt,) if untagged else (("cache_salt", cache_salt),)]
             if ns is None and self.hash_mode == "kvcm":
                 return BlockHasher("kvcm", self.hash_seed, self.block_size, namespace=model).keys(
                     tokens, None if cache_salt is None else [[cache_salt]])
-            return self._parity.keys(tokens, extra)
+            # llm-d's keys leave a cache salt out: its engines share those blocks
+            if cache_salt is not None and not self._llmd:
+                untagged = ns is not None and ns.style == STYLE_UNTAGGED
+                extra = [(cache_salt,) if untagged else (("cache_salt", cache_salt),)]
+            return (self._parity_hasher(model) if ns is None else ns.parity).keys(tokens, extra)
         return ns.decoupled.keys(tokens, None if cache_salt is None else [[cache_salt]])
 
     # ---- batches ------------------------------------------------------------------------
@@ -841,7 +871,13 @@ cdef class EventSink:
                 return
             ns = self._namespace(ctx.model, False)
         else:
-            ns = self._namespace(lora, True)
+            ns = self._namespace(lora, True, True, ev.lora != NULL)
+            if ns.base is None and ctx.model is not None:
+                ns.base = ctx.model
+                self._changed.append(ns)
+        if ev.has_parent and ev.parent == 0 and not self._knows(ns, 0):
+            # llm-d-inference-sim's array events write 0 for "no parent"
+            ev.has_parent = False
         if ns.mode == MODE_PARITY and bs != self.block_size:
             self._c[<int>C_BLOCK_SIZE_DECOUPLED] += 1
             ns.diagnosis = "model %r: engines publish %d-token blocks but --block-size is %d" % (
@@ -862,6 +898,14 @@ cdef class EventSink:
             self._switch(ctx, ns, self._mismatch(ns, ev, extras) +
                          " Keying it with kvcm's own hashes (decoupled mode).")
         self._stored_decoupled(ctx, ns, ev, extras, bs, lora, tier)
+
+    cdef bint _knows(self, _Namespace ns, uint64_t h):
+        """Whether h names a block of ns: an engine hash kvcm mapped (decoupled) or a key of
+        the local index (parity)."""
+        cdef uint64_t key
+        if ns.mode == MODE_DECOUPLED:
+            return kve_get(&self._index.emap, ns.id, h, &key, 1) > 0
+        return kvi_find(&self._index.ix, ns.id, h) != KVI_NIL
 
     cdef int _store(self, StreamContext ctx, _Namespace ns, const uint64_t *keys, Py_ssize_t n, uint32_t tier) except -1:
         """Adds (pod, tier) to keys. With a journal, blocks_stored counts the entries sent
@@ -949,7 +993,8 @@ cdef class EventSink:
                 if self._decode_event(&er, &ev) or ev.nhashes <= 0:
                     continue
                 if ev.tag == TAG_STORED and ev.ntokens > 0:
-                    if not ev.has_parent or (ev.has_block_size and ev.block_size < self.block_size):
+                    if not ev.has_parent or ev.parent == 0 or \
+                            (ev.has_block_size and ev.block_size < self.block_size):
                         continue   # a chain's first event, or blocks gathered per stream
                     name = self._event_namespace_name(ctx, &ev)
                     ns = self._namespaces.get(name) if name is not None else None
@@ -1034,7 +1079,7 @@ cdef class EventSink:
         else:
             styles = (STYLE_TAGGED, STYLE_UNTAGGED)
         for style in styles:
-            if self._matches(self._parity, ev, self._verifiable_extras(extras, style)):
+            if self._matches(ns.parity, ev, self._verifiable_extras(extras, style)):
                 if len(styles) > 1 or ns.style == STYLE_UNKNOWN and self._verifiable_extras(extras, style) is not None:
                     ns.style = style
                     self._changed.append(ns)
@@ -1051,21 +1096,34 @@ cdef class EventSink:
     cdef str _diagnose(self, _Namespace ns, Event *ev, extras):
         """What a parity mismatch means: the likely engine setting, when one matches."""
         seeds = [self.hash_seed] + [s for s in _LIKELY_SEEDS if s != self.hash_seed]
+        mine = (self.hash_algo, _effective_seed(self.hash_algo, self.hash_seed))
         for algo in _DIAGNOSE_ALGOS:
+            tried = {mine}
             for seed in seeds:
-                if algo == self.hash_algo and seed == self.hash_seed:
+                if (algo, _effective_seed(algo, seed)) in tried:
                     continue
-                hasher = BlockHasher(algo, seed, self.block_size)
+                tried.add((algo, _effective_seed(algo, seed)))
+                hasher = BlockHasher(algo, seed, self.block_size, namespace=ns.name)
                 for style in (STYLE_TAGGED, STYLE_UNTAGGED):
-                    if self._matches(hasher, ev, self._verifiable_extras(extras, style)):
-                        return ("model %r: the engines' block hashes match --hash-algo %s --hash-seed %s, "
-                                "not kvcm's --hash-algo %s --hash-seed %s. Set --hash-algo/--hash-seed to the "
-                                "engines' --prefix-caching-hash-algo/PYTHONHASHSEED for parity."
-                                % (ns.name, algo, _seed_flag(seed), self.hash_algo, _seed_flag(self.hash_seed)))
+                    if not self._matches(hasher, ev, self._verifiable_extras(extras, style)):
+                        continue
+                    setting = "--hash-algo %s --hash-seed %s" % (algo, _seed_flag(seed))
+                    if algo.startswith("llmd_"):
+                        found = "the engines use llm-d keys: %s" % setting
+                    else:
+                        found = "the engines' block hashes match %s" % setting
+                    return ("model %r: %s, not kvcm's --hash-algo %s --hash-seed %s. Set --hash-algo/--hash-seed "
+                            "to the engines' --prefix-caching-hash-algo/PYTHONHASHSEED for parity."
+                            % (ns.name, found, self.hash_algo, _seed_flag(self.hash_seed)))
+        alias = ""
+        if self.hash_algo == "llmd_fnv64a":
+            alias = (" llm-d keys are salted with the name the engine serves the model as: when that is an alias "
+                     "(--served-model-name) rather than the topic's model, parity cannot hold; score requests "
+                     "naming the topic's model.")
         return ("model %r: the engines' block hashes match neither kvcm's --hash-algo %s --hash-seed %s nor "
-                "any likely setting (sha256/sha256_cbor with PYTHONHASHSEED unset, 0, 42 or empty); the engines "
-                "may use a random PYTHONHASHSEED or xxhash."
-                % (ns.name, self.hash_algo, _seed_flag(self.hash_seed)))
+                "any likely setting (sha256, sha256_cbor or llm-d's llmd_fnv64a/llmd_fnv64a_nomodel keys with "
+                "the seed unset, 0, 42 or empty); the engines may use a random PYTHONHASHSEED or xxhash.%s"
+                % (ns.name, self.hash_algo, _seed_flag(self.hash_seed), alias))
 
     cdef void _switch(self, StreamContext ctx, _Namespace ns, str message) except *:
         """One-way switch of a namespace to decoupled mode. Entries stored under parity keys
@@ -1108,12 +1166,27 @@ cdef class EventSink:
         got = kve_get(&self._index.emap, ns.id, ev.parent, keys, 64)
         if not got:
             # never restart the chain at the root: that would index wrong keys
-            self._c[<int>C_UNKNOWN_PARENT] += 1
-            ctx.needs_replay = True
+            self._unknown_parent(ctx, ns, ev.parent)
             return False
         for i in range(8):
             parent[i] = (keys[min(got, <size_t>64) - 1] >> (8 * (7 - i))) & 0xFF
         return True
+
+    cdef void _unknown_parent(self, StreamContext ctx, _Namespace ns, uint64_t parent) except *:
+        """A BlockStored that cannot be chained is dropped, counted, and a replay asked for;
+        the first of each stream is logged with what to check."""
+        self._c[<int>C_DROP_UNKNOWN_PARENT] += 1
+        ctx.needs_replay = True
+        if ctx.warned_parent:
+            return
+        ctx.warned_parent = True
+        _log.warning(
+            "stream %s/%s: dropped a BlockStored whose parent block %d is unknown in namespace %r "
+            "(decoupled mode), so its chain cannot go on. Check that kvcm has received the engine's "
+            "events since the engine started (with --replay-endpoint kvcm replays what it missed) "
+            "and that --max-blocks (%d) holds what the engines cache. Further drops of this "
+            "stream are only counted: kvcm_ingest_event_drops_total{reason=\"unknown_parent\"}.",
+            ctx.pod, ctx.model, parent, ns.name, self._index.ix.max_blocks)
 
     cdef void _stored_decoupled(self, StreamContext ctx, _Namespace ns, Event *ev, extras,
                                 Py_ssize_t bs, lora, uint32_t tier) except *:
@@ -1154,8 +1227,7 @@ cdef class EventSink:
         else:
             state = ctx._partial.get((ns, ev.parent))
             if state is None:
-                self._c[<int>C_UNKNOWN_PARENT] += 1
-                ctx.needs_replay = True
+                self._unknown_parent(ctx, ns, ev.parent)
                 return
         block_extras = self._decoupled_extras(extras, lora, n)
         # the kvcm block's extra keys are those of its first engine block
@@ -1202,3 +1274,8 @@ cdef class EventSink:
 
 def _seed_flag(seed):
     return "(unset)" if seed is None else repr(seed)
+
+
+def _effective_seed(algo, seed):
+    """The seed an algorithm hashes with: llm-d's keys take an unset seed as ""."""
+    return ("" if seed is None else seed) if algo.startswith("llmd_") else seed

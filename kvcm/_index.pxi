@@ -27,6 +27,7 @@ cdef extern from "index.h":
     uint64_t kvi_remove(kvi_index *ix, uint32_t ns, uint32_t pod, uint32_t tier, const uint64_t *keys, size_t n)
     uint64_t kvi_clear_pod(kvi_index *ix, uint32_t pod, int tier, uint32_t ns)
     uint64_t kvi_clear_namespace(kvi_index *ix, uint32_t ns)
+    uint32_t kvi_find(const kvi_index *ix, uint32_t ns, uint64_t key)
     uint64_t kvi_clear_namespaces(kvi_index *ix, const uint8_t *dead)
     int64_t kvi_lookup(kvi_index *ix, uint32_t ns, const uint64_t *keys, size_t n,
                        const uint8_t *filter, uint32_t filter_bits, const double *weights)

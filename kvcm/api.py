@@ -54,8 +54,10 @@ def _as_tuple(kinds):
     return kinds if isinstance(kinds, tuple) else (kinds,)
 
 
-def _model(body):
-    return _field(body, "model", str, "a string", required=True)
+def _model(body, default):
+    """The request's model, else the configured default (--default-model, llm-d's MODEL_NAME)."""
+    model = _field(body, "model", str, "a string", required=default is None)
+    return default if model is None else model
 
 
 def _token_ids(body):
@@ -118,6 +120,7 @@ class Api:
         self.indexer = indexer
         self.metrics = metrics
         self.admin_token = admin_token
+        self.default_model = indexer.config.default_model
         self.ready = ready
         r = self.router = Router()
         r.add("POST", "/v1/score", self.score)
@@ -142,7 +145,7 @@ class Api:
 
     def score(self, request):
         body = _body(request)
-        model = _model(body)
+        model = _model(body, self.default_model)
         pods = _pods(body)
         salt = _field(body, "cache_salt", str, "a string")
         source = _one_input(body, ("token_ids", "prompt", "messages"))
@@ -178,7 +181,9 @@ class Api:
         add_special = _field(body, "add_special_tokens", bool, "a boolean")
         options = _chat_options(body) if messages is not None else {}
         # label only models that have a tokenizer: request contents must not grow the metrics
-        label = model if model in self.indexer.tokenizers else "unknown"
+        label = self.indexer.tokenizer_name(model)
+        if label not in self.indexer.tokenizers:
+            label = "unknown"
         try:
             with self.metrics.timed_tokenize(label):
                 return await self.indexer.tokenize(
@@ -208,7 +213,7 @@ class Api:
     async def score_completions(self, request):
         # llm-d: {"prompt", "model"} -> {pod: score}, null when the prompt fills no block
         body = _body(request)
-        model = _model(body)
+        model = _model(body, self.default_model)
         _field(body, "prompt", str, "a string", required=True)
         ids, _ = await self._tokenize(body, model)
         result = await self._scores(model, ids)
@@ -217,7 +222,7 @@ class Api:
     async def score_chat_completions(self, request):
         # llm-d: {"model", "messages", ...} -> {"podScores": {...} | null, "templated_messages"}
         body = _body(request)
-        model = _model(body)
+        model = _model(body, self.default_model)
         _messages(body, required=True)
         ids, text = await self._tokenize(body, model)
         result = await self._scores(model, ids)
@@ -226,7 +231,7 @@ class Api:
 
     async def tokenize(self, request):
         body = _body(request)
-        model = _model(body)
+        model = _model(body, self.default_model)
         _one_input(body, ("prompt", "messages"))
         ids, text = await self._tokenize(body, model)
         out = {"model": model, "token_ids": ids, "count": len(ids)}
@@ -236,7 +241,7 @@ class Api:
 
     def hash(self, request):
         body = _body(request)
-        model = _model(body)
+        model = _model(body, self.default_model)
         ids = _token_ids(body)
         if ids is None:
             raise BadRequest("field 'token_ids' is required")

@@ -90,6 +90,8 @@ def cmd_hash(args):
     if args.block_size <= 0:
         raise UsageError("--block-size must be positive, got %d" % args.block_size)
     tokens = _read_tokens(args)
+    if not tokens:
+        raise UsageError("no token ids given")
     extra = _read_extra_keys(args.extra_keys)
     try:
         hasher = BlockHasher(args.hash_algo, args.hash_seed, args.block_size, namespace=args.model)
@@ -214,12 +216,13 @@ def build_parser():
     src.add_argument("--tokens-file", default=None, help="file holding the token ids")
     p.set_defaults(func=cmd_hash)
 
-    from kvcm.config import add_serve_arguments
+    from kvcm.config import LLMD_EPILOG, add_serve_arguments
 
     p = sub.add_parser("serve", help="run the service: ZMQ event ingest and the HTTP scoring API",
                        description="Run kvcm: ingest vLLM KV events over ZMQ and answer scoring requests "
                                    "over HTTP. Every option also reads KVCM_<NAME> from the environment "
-                                   "and a key of the --config TOML file (flags > env > file > defaults).")
+                                   "and a key of the --config TOML file (flags > env > file > defaults).",
+                       epilog=LLMD_EPILOG, allow_abbrev=False)
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 
@@ -266,6 +269,7 @@ def build_parser():
 
     p = sub.add_parser("version", help="print the version, build date and git revision")
     p.set_defaults(func=cmd_version)
+    parser.subcommand = sub.choices.get
     return parser
 
 
@@ -278,7 +282,10 @@ def main(argv=None):
             return template_pool.worker_main(argv[1:])
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse would blame the top-level parser ("kvcm: error"): name the sub-command
+        parser.subcommand(args.command).error("unrecognized arguments: %s" % " ".join(unknown))
     args.argv = argv
     try:
         return args.func(args)

@@ -1,5 +1,6 @@
 """Configuration of `kvcm serve` (DESIGN.md §7): one frozen `Config`, built from
-defaults < TOML file < `KVCM_*` environment < command-line flags.
+defaults < llm-d's environment variables < TOML file < `KVCM_*` environment < command-line
+flags.
 
 Every option is one row of `OPTIONS`; the flags, their `--help`, the environment variables,
 the TOML keys and the example env file (`Config.as_env_file()`) all come from that table, so
@@ -19,6 +20,12 @@ Rules of the layers:
   SUPPRESS). A repeatable flag replaces the lower layers' list; it does not extend it.
 - On the command line and in the environment, a list given as the single word `none` is
   the empty list (`--zmq-bind ''` too), e.g. `KVCM_ZMQ_BIND=none` for connect mode only.
+- llm-d's environment: the variables llm-d's online indexing service reads (`ZMQ_ENDPOINT`,
+  `HTTP_PORT`, `REDIS_ADDR`, ...; `LLMD_ENV`) stand in for options nothing else sets, so kvcm
+  drops into an llm-d deployment. They are not kvcm's own (`PYTHONHASHSEED` and `HTTP_PORT`
+  may be set for other programs), so one is read only for an option no other layer gives:
+  a stray value cannot stop a kvcm configured otherwise. `POOL_CONCURRENCY` and `HF_TOKEN`
+  are accepted and ignored (`LLMD_IGNORED`); `Config.notes` says so, and which were used.
 - Sizes (`--max-body`): a bare number is bytes; units B, KB/MB/GB (powers of 1000),
   KiB/MiB/GiB and K/M/G (powers of 1024, as systemd reads them), case-insensitive.
 
@@ -37,7 +44,7 @@ import tomllib
 import urllib.parse
 from typing import Mapping, Optional, Sequence, Union
 
-from kvcm._core import KNOWN_TIERS, MAX_TIERS
+from kvcm._core import ENGINE_ALGORITHMS, KNOWN_TIERS, MAX_TIERS
 from kvcm.endpoints import check_endpoint
 from kvcm.ingest import DEFAULT_MAX_MESSAGE, EngineSpec, parse_engine, read_engines_file
 from kvcm.zap import parse_network
@@ -410,6 +417,7 @@ class Option:
     help: str
     group: str
     kind: object
+    llmd_env: Optional[str] = None   # the variable llm-d's online service reads for it
 
     @property
     def flag(self):
@@ -430,7 +438,7 @@ class Option:
         return "';'- or newline-separated" if self.name == "engine" else "comma- or whitespace-separated"
 
 
-HASH_ALGOS = ("sha256", "sha256_cbor", "sha256_cbor_64bit")
+HASH_ALGOS = ENGINE_ALGORITHMS     # vLLM's, and llm-d's request keys (llmd_fnv64a, llmd_fnv64a_nomodel)
 HASH_MODES = ("auto", "vllm", "kvcm")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -444,7 +452,7 @@ _HTTP, _INGEST, _HASHING, _TOKENIZERS, _INDEX, _SHARED, _LOGGING = (
 OPTIONS = (
     Option("http_host", "0.0.0.0", "HOST", "HTTP listen address", _HTTP, _Text()),
     Option("http_port", "8080", "PORT", "HTTP listen port; 0 = pick a free one and log it", _HTTP,
-           _Integer(0, 65535)),
+           _Integer(0, 65535), llmd_env="HTTP_PORT"),
     Option("max_body", "8MiB", "SIZE",
            "request body limit: bytes, or a size in B, KB/MB/GB (powers of 1000), KiB/MiB/GiB or K/M/G "
            "(powers of 1024); at most 1GiB", _HTTP, _Size()),
@@ -462,9 +470,9 @@ OPTIONS = (
     Option("tls_key", None, "FILE", "PEM private key of --tls-cert", _HTTP, _Path()),
     Option("zmq_bind", "tcp://*:5557", "ENDPOINT",
            "SUB endpoint to bind for engines that connect (bind mode); repeatable; '' or none = none",
-           _INGEST, _Repeated(_Endpoint())),
+           _INGEST, _Repeated(_Endpoint()), llmd_env="ZMQ_ENDPOINT"),
     Option("zmq_topic_prefix", "kv@", "PREFIX", "topic prefix subscribed to in bind mode", _INGEST,
-           _Text(allow_empty=True)),
+           _Text(allow_empty=True), llmd_env="ZMQ_TOPIC"),
     Option("engine", None, "NAME=EP[,replay=EP][,model=M]",
            "engine whose PUB endpoint kvcm connects to (connect mode); repeatable", _INGEST,
            _Repeated(_Engine(), separator=r"[;\n]+")),
@@ -480,10 +488,11 @@ OPTIONS = (
     Option("hash_algo", "sha256", "ALGO", "the engines' prefix-caching hash: " + ", ".join(HASH_ALGOS),
            _HASHING, _Choice(*HASH_ALGOS)),
     Option("hash_seed", None, "SEED",
-           "the engines' PYTHONHASHSEED; unset = vLLM >= 0.29's default; '' is the empty-string seed "
-           "(flag or TOML only: an empty KVCM_HASH_SEED means unset)", _HASHING, _HashSeed()),
+           "the engines' PYTHONHASHSEED; unset = vLLM >= 0.29's default (llm-d's algorithms: ''); '' is "
+           "the empty-string seed (flag or TOML only: an empty KVCM_HASH_SEED means unset)", _HASHING,
+           _HashSeed(), llmd_env="PYTHONHASHSEED"),
     Option("block_size", "16", "N", "tokens per KV block, as the engines' --block-size", _HASHING,
-           _Integer(1, MAX_BLOCK_SIZE)),
+           _Integer(1, MAX_BLOCK_SIZE), llmd_env="BLOCK_SIZE"),
     Option("hash_mode", "auto", "MODE",
            "auto (parity, switching a model to decoupled on mismatch), vllm (parity) or kvcm (decoupled)",
            _HASHING, _Choice(*HASH_MODES)),
@@ -505,11 +514,13 @@ OPTIONS = (
            "prompt characters being tokenized at once (about 80 bytes of memory each while encoding); more "
            "are answered 503 (a request alone is always admitted)", _TOKENIZERS, _Size()),
     Option("index", "memory", "URL", "index backend: memory, or a redis://, rediss://, valkey:// or unix:// URL",
-           _INDEX, _IndexUrl()),
+           _INDEX, _IndexUrl(), llmd_env="REDIS_ADDR"),
     Option("max_blocks", "10000000", "N", "index capacity in distinct blocks (LRU beyond)", _INDEX,
            _Integer(1, MAX_INDEX_BLOCKS)),
     Option("tier_weights", "gpu=1.0,cpu=0.8", "TIER=W,...",
            "scorer weight of each tier; tiers not listed weigh 1.0", _INDEX, _TierWeights()),
+    Option("default_model", None, "MODEL", "the model of a scoring or tokenizing request that names none; "
+           "unset = requests must name one", _INDEX, _Text(), llmd_env="MODEL_NAME"),
     Option("redis_timeout", "1", "SECONDS", "shared index (--index redis://...): limit on every call to the "
            "store", _SHARED, _Seconds(5.0)),
     Option("redis_ttl", "0", "SECONDS", "shared index: expire block and engine-hash keys this long after "
@@ -524,6 +535,19 @@ OPTIONS = (
     Option("log_format", "text", "FORMAT", "text or json lines on stderr", _LOGGING, _Choice(*LOG_FORMATS)),
 )
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
+LLMD_ENV = {option.llmd_env: option for option in OPTIONS if option.llmd_env}
+# llm-d's variables kvcm has no use for: accepted, and said so once at start.
+LLMD_IGNORED = {
+    "POOL_CONCURRENCY": "kvcm applies each engine stream's events in order on its event loop, so there "
+                        "is no worker pool to size",
+    "HF_TOKEN": "kvcm never downloads: tokenizers come from local files (--tokenizer, --tokenizers-dir)",
+}
+LLMD_EPILOG = (
+    "llm-d's environment: when nothing else sets an option, kvcm reads the variable llm-d's online "
+    "indexing service uses for it: %s (REDIS_ADDR may be a bare HOST:PORT). %s are accepted and ignored. "
+    "KVCM_* variables, the --config file and flags take precedence."
+    % (", ".join("%s for %s (%s)" % (name, option.flag, option.env) for name, option in LLMD_ENV.items()),
+       " and ".join(LLMD_IGNORED)))
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -561,14 +585,18 @@ class Config:
     max_blocks: int = 10_000_000
     tier_weights: Mapping[str, float] = dataclasses.field(
         default_factory=lambda: {"gpu": 1.0, "cpu": 0.8}, hash=False)
+    default_model: Optional[str] = None
     redis_timeout: float = 1.0
     redis_ttl: int = 0
     redis_backlog: int = 100_000
     redis_fail_open: bool = False
     log_level: str = "info"
     log_format: str = "text"
-    # Not an option: the engines read from engines_file, filled in by load_config.
+    # Not options, filled in by load_config: the engines read from engines_file, and lines
+    # for the log about llm-d's environment variables (which stood in for options, which were
+    # ignored).
     file_engines: tuple = ()
+    notes: tuple = dataclasses.field(default=(), compare=False)
 
     @property
     def template_output_limit(self):
@@ -627,7 +655,8 @@ class Config:
 def _help(option):
     default = option.default if option.default is not None else "unset"
     repeat = ", " + option.env_syntax if option.repeatable else ""
-    text = "%s (default: %s; env %s%s)" % (option.help, default, option.env, repeat)
+    llmd = "; llm-d's %s" % option.llmd_env if option.llmd_env else ""
+    text = "%s (default: %s; env %s%s%s)" % (option.help, default, option.env, repeat, llmd)
     return text.replace("%", "%%")
 
 
@@ -659,7 +688,7 @@ class _Parser(argparse.ArgumentParser):
 
 def serve_parser(prog="kvcm serve"):
     """A stand-alone parser of the serve flags whose errors raise ConfigError."""
-    return add_serve_arguments(_Parser(prog=prog, allow_abbrev=False,
+    return add_serve_arguments(_Parser(prog=prog, allow_abbrev=False, epilog=LLMD_EPILOG,
                                        description="Run the KV-cache-aware routing index service."))
 
 
@@ -742,6 +771,11 @@ def load_config(args: Union[argparse.Namespace, Sequence[str], None] = None,
     for option in OPTIONS:
         if option.name in flags:
             layers.append((option, "the command line", _from_flag, flags[option.name]))
+    given = {option.name for option, *_ in layers}
+    fallbacks = [(option, "environment variable %s (llm-d's)" % name, _from_llmd_env, environ[name])
+                 for name, option in LLMD_ENV.items()
+                 if option.name not in given and environ.get(name, "").strip()]
+    layers[:0] = fallbacks
 
     values, sources = {}, {}
     for option, source, reader, raw in layers:
@@ -753,7 +787,27 @@ def load_config(args: Union[argparse.Namespace, Sequence[str], None] = None,
     if "engines_file" in values:
         values["file_engines"] = _read_engines(values["engines_file"], values.get("engine", ()),
                                                sources["engines_file"])
-    return Config(**values)
+    notes = ["%s %s from llm-d's %s" % (option.flag, _shown(option, raw), option.llmd_env)
+             for option, _, _, raw in fallbacks]
+    notes += ["%s is set and ignored: %s" % (name, why) for name, why in LLMD_IGNORED.items()
+              if environ.get(name, "").strip()]
+    return Config(**values, notes=tuple(notes))
+
+
+def _llmd_text(option, text):
+    text = text.strip()
+    if option.name == "index" and "://" not in text:
+        text = "redis://" + text       # llm-d's REDIS_ADDR is HOST:PORT, or a URL
+    return text
+
+
+def _from_llmd_env(option, text):
+    return _from_env(option, _llmd_text(option, text))
+
+
+def _shown(option, text):
+    text = _llmd_text(option, text)
+    return redact_url(text) if option.name == "index" else text
 
 
 def _read_engines(path, flag_engines, source):

@@ -71,8 +71,6 @@ MAX_PIPELINE = 64                 # unanswered requests per connection before we
 MAX_CHUNK_LINE = 1024             # chunk-size line with its extensions
 WRITE_HIGH, WRITE_LOW = 64 * 1024, 16 * 1024
 
-_BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
-
 # bytes.translate(None, delete) removes every allowed byte; anything left is invalid. One C
 # pass per check, no regex.
 _TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -133,9 +131,10 @@ class Request:
         self.trailers = {} if trailers is None else trailers
 
     def json(self):
-        """The body as JSON; 415 for a non-JSON Content-Type, 400 for invalid JSON."""
+        """The body as JSON; 415 for a Content-Type a JSON body does not come as, 400 for
+        invalid JSON."""
         content_type = self.headers.get("content-type")
-        if content_type is not None and not _is_json_media_type(content_type):
+        if content_type is not None and not _may_be_json(content_type):
             raise HttpError(415, "Content-Type must be application/json, got %r" % content_type)
         if not self.body:
             raise BadRequest("request body is empty; expected a JSON document")
@@ -148,9 +147,14 @@ class Request:
         return "<Request %s %s HTTP/%s>" % (self.method, self.path, self.http_version)
 
 
-def _is_json_media_type(value):
+# What clients label a JSON body with: its own type, what `curl -d` sends, and plain text
+# (llm-d's handlers read these as JSON too). The body must still parse as JSON.
+_JSON_BODY_TYPES = frozenset(("application/json", "application/x-www-form-urlencoded", "text/plain"))
+
+
+def _may_be_json(value):
     media, _, params = value.partition(";")
-    if media.strip().lower() != "application/json":
+    if media.strip().lower() not in _JSON_BODY_TYPES:
         return False
     for param in params.split(";"):
         name, _, charset = param.partition("=")
@@ -815,9 +819,8 @@ class _Connection(asyncio.Protocol):
                 raise _ProtocolError(413, "request body of %d bytes is larger than the limit of %d"
                                      % (length, self._server.max_body), request)
             return request, length, expect_continue and length > 0
-        if method in _BODY_METHODS:
-            raise _ProtocolError(411, "%s needs Content-Length or chunked Transfer-Encoding" % method,
-                                 request)
+        # Without Content-Length or Transfer-Encoding a request has no body (RFC 9112 §6.3):
+        # a POST that needs none (an admin action) is fine; handlers that read one say 400.
         return request, 0, False
 
     def _read_chunks(self, buf, pos, size):

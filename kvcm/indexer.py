@@ -176,7 +176,7 @@ class Indexer:
         model's template names) only with --trust-request-chat-template, in a worker process.
         Raises tokenize.UnknownModel, tokenize.TokenizerLoadError, chat.TemplateError
         (TemplateRefused, chat.TemplateLimitExceeded), inflight.Busy, TemplatesUnavailable."""
-        tokenizer = self.tokenizers.get(model)
+        tokenizer = self.tokenizers.get(self.tokenizer_name(model))
         if messages is None:
             with self.inflight.admit(len(prompt)):
                 return await self._encode(tokenizer, prompt, add_special_tokens), None
@@ -198,6 +198,16 @@ class Indexer:
         text = tokenizer.render_chat(messages, limits=self.template_limits, **chat_options)
         ticket.grow(len(text))
         return tokenizer.encode(text, add_special_tokens=False), text
+
+    def tokenizer_name(self, model):
+        """Whose tokenizer encodes requests for model: its own, else, for a LoRA adapter, its
+        base model's (vLLM's rule), the base learnt from the streams that published the
+        adapter's blocks."""
+        if model not in self.tokenizers:
+            base = self.sink.base_model(model)
+            if base is not None and base in self.tokenizers:
+                return base
+        return model
 
     async def _encode(self, tokenizer, text, add_special_tokens):
         if len(text) <= OFFLOOP_CHARS:

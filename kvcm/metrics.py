@@ -28,7 +28,6 @@ _SINK_COUNTERS = {
     "parity_mismatch": ("kvcm_hash_parity_mismatch_total", "BlockStored runs whose hashes did not match kvcm's configuration", None),
     "block_size_decoupled": ("kvcm_hash_block_size_decoupled_total", "Namespaces switched to decoupled mode by a block size mismatch", None),
     "offload_unresolved": ("kvcm_ingest_offload_unresolved_total", "Token-less BlockStored hashes kvcm could not resolve", None),
-    "unknown_parent": ("kvcm_ingest_unknown_parent_total", "Decoupled BlockStored events whose parent was unknown", None),
     "remove_unresolved": ("kvcm_ingest_remove_unresolved_total", "BlockRemoved hashes kvcm could not resolve", None),
     "namespaces_evicted": ("kvcm_ingest_namespaces_evicted_total",
                            "Namespaces forgotten, with their entries, to make room in a full namespace table", None),

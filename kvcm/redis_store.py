@@ -11,7 +11,8 @@ kvcm's own bookkeeping lives under `kvcm:`:
     kvcm:epoch:<model>             hash "<pod>@<tier>" -> the holder's current epoch token
     kvcm:count:<model>             hash "<pod>@<tier>" -> entries the holder has (an upper
                                    bound once TTLs or maxmemory evictions drop block keys)
-    kvcm:ns:<model>                hash mode, style, lora: the namespace's hash contract
+    kvcm:ns:<model>                hash mode, style, lora, base: the namespace's hash contract
+                                   (base: a LoRA's base model)
     kvcm:models                    set of namespaces
     kvcm:stream:<pod>@<model>@<dp rank>   hash seq, ts: the last batch applied
     kvcm:streams                   set of those stream ids
@@ -172,8 +173,9 @@ while i <= #ARGV do
     if not known[1] or mode == 'decoupled' then redis.call('HSET', key, 'mode', mode) end
     if not known[2] or known[2] == 'unknown' then redis.call('HSET', key, 'style', style) end
     redis.call('HSET', key, 'lora', ARGV[i + 4])
+    if ARGV[i + 5] ~= '' then redis.call('HSET', key, 'base', ARGV[i + 5]) end
     redis.call('SADD', 'kvcm:models', ARGV[i + 1])
-    i = i + 5
+    i = i + 6
   else
     return redis.error_reply('kvcm apply: unknown op ' .. tostring(op))
   end
@@ -522,10 +524,10 @@ class RedisStore:
             return list(zip(members, await pipe.execute()))
 
     async def namespaces(self):
-        """{model: (mode, style, lora)} as recorded."""
+        """{model: (mode, style, lora, base model or None)} as recorded."""
         states = await self._call("namespaces", self._for_members(
-            "kvcm:models", lambda pipe, model: pipe.hmget("kvcm:ns:" + model, "mode", "style", "lora")))
-        return {m: (s[0], s[1] or "unknown", s[2] == "1") for m, s in states if s[0]}
+            "kvcm:models", lambda pipe, model: pipe.hmget("kvcm:ns:" + model, "mode", "style", "lora", "base")))
+        return {m: (s[0], s[1] or "unknown", s[2] == "1", s[3]) for m, s in states if s[0]}
 
     async def stream_positions(self):
         """{stream id: seq of the last batch applied}."""

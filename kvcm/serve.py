@@ -163,6 +163,8 @@ def main(args):
         sys.stderr.write("kvcm serve: error: %s\n" % e)
         return 2
     configure_logging(config.log_level, config.log_format)
+    for note in config.notes:
+        log.info(note)
     try:
         service = Service(config, args)
     except ValueError as e:  # e.g. a tokenizer directory that does not exist
@@ -173,8 +175,9 @@ def main(args):
     try:
         uvloop.run(service.run())
     except OSError as e:
+        # a port in use or an address kvcm cannot bind: a setting to change, like a bad value
         sys.stderr.write("kvcm serve: error: cannot listen: %s\n" % e)
-        return 1
+        return 2
     except TemplatesUnavailable as e:
         sys.stderr.write("kvcm serve: error: %s\n" % e)
         return 1

@@ -97,9 +97,9 @@ class Journal:
         self.events += 1
         self.size += 2
 
-    def namespace(self, model, mode, style, lora):
-        self.ops += ("T", model, mode, style, "1" if lora else "0")
-        self.size += 5
+    def namespace(self, model, mode, style, lora, base=None):
+        self.ops += ("T", model, mode, style, "1" if lora else "0", base or "")
+        self.size += 6
 
     def take(self):
         """(ops, events, size) of the batch, and a fresh start."""
@@ -240,8 +240,8 @@ class SharedIndex:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF[1])
                 continue
-            for model, (mode, style, lora) in contracts.items():
-                self.adopt(model, mode, style, lora)
+            for model, contract in contracts.items():
+                self.adopt(model, *contract)
             if not self.up:
                 log.info("shared index: connected to %s", self.store.url_shown)
                 await self.store.reconnect()
@@ -257,12 +257,12 @@ class SharedIndex:
             except asyncio.TimeoutError:
                 pass
 
-    def adopt(self, model, mode, style, lora):
+    def adopt(self, model, mode, style, lora, base=None):
         """Takes on a namespace contract recorded in the store; True when it changed ours.
         A switch to decoupled mode made elsewhere cleared the model on every pod, ours too:
         on_switch lets the ingest replay the streams that fed it."""
         before = self._sink.mode_of(model), self._sink.namespaces().get(model)
-        self._sink.adopt_namespace(model, mode, style, lora)
+        self._sink.adopt_namespace(model, mode, style, lora, base)
         after = self._sink.mode_of(model), self._sink.namespaces().get(model)
         if before[0] == "parity" and after[0] == "decoupled" and self.on_switch is not None:
             self.on_switch(model)
@@ -280,8 +280,8 @@ class SharedIndex:
         """Queues the effects of the batch just applied for an ingest stream. The first
         record after the ingest saw the stream's engine restart (stream.restarted) clears
         the pod in the store, as the in-memory index is cleared at once."""
-        for model, mode, style, lora in self._sink.take_changed_namespaces():
-            self.journal.namespace(model, mode, style, lora)
+        for contract in self._sink.take_changed_namespaces():
+            self.journal.namespace(*contract)
         ops, events, size = self.journal.take()
         if not ops:
             return

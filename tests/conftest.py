@@ -6,6 +6,7 @@ import pathlib
 import pytest
 
 from kvcm import _core, _reference
+from redis_server import server_kinds, start_server
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED = pathlib.Path(os.environ.get("KVCM_SHARED", ROOT.parent / "shared"))
@@ -25,11 +26,16 @@ def shared():
     return SHARED
 
 
-@pytest.fixture(scope="session", params=["redis", "valkey"])
+def pytest_report_header(config):
+    if "redis" not in server_kinds():
+        return "shared index: Valkey only (no redis-server on PATH; .ci/run installs it)"
+    return None
+
+
+@pytest.fixture(scope="session", params=server_kinds())
 def redis_session(request):
     """One real Redis-protocol server for the session, of each kind: every shared-index test
-    runs against Redis and against Valkey (tests/redis_server.py)."""
-    from redis_server import start_server
+    runs against Valkey, and against Redis where it is installed (tests/redis_server.py)."""
     server = start_server(kind=request.param)
     yield server
     server.close()

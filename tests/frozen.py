@@ -45,7 +45,7 @@ def prerequisite(present, message):
 
 
 def built(path):
-    prerequisite(path.is_file(), "%s is not built: `make prereq-binary` builds it as root (`make test` does)"
+    prerequisite(path.is_file(), "%s is not built: `make prereq-binary` builds it, as root (make test does)"
                  % path.relative_to(ROOT))
     return path
 

@@ -56,6 +56,22 @@ class Client:
         finally:
             conn.close()
 
+    def post_as(self, path, body, content_type):
+        """POSTs bytes with exactly this Content-Type (None: no such header); a body of None
+        sends no Content-Length either, as a request without a body."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.putrequest("POST", path)
+            if content_type is not None:
+                conn.putheader("Content-Type", content_type)
+            if body is not None:
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            response = conn.getresponse()
+            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        finally:
+            conn.close()
+
     def get(self, path, **kw):
         return self.request("GET", path, **kw)
 

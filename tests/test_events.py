@@ -26,7 +26,7 @@ STREAMS = ("v0.33.0/scenario", "v0.33.0/offload_events", "v0.33.0/bytes_hashes",
            "v0.20.0/scenario", "v0.20.0/offload_events")
 SCENARIOS = ("v0.33.0/scenario", "v0.20.0/scenario")
 PROBLEM_COUNTERS = tuple(n for n in COUNTER_NAMES if n.startswith("drop_")) + (
-    "offload_unresolved", "unknown_parent", "remove_unresolved", "events_unknown_tag")
+    "offload_unresolved", "remove_unresolved", "events_unknown_tag")
 
 
 def vllm_keys(tokens, algo="sha256", seed=None, salt=None):
@@ -579,7 +579,7 @@ def test_unknown_parent_is_dropped_and_never_chained_from_the_root(hash_mode, bl
     tokens = list(range(2 * block_size))
     rig.apply(block_stored([11, 12], 4242, tokens, block_size))
     rig.apply(block_stored([13], 12, list(range(500, 500 + block_size)), block_size))
-    assert rig.problems() == {"unknown_parent": 2}
+    assert rig.problems() == {"drop_unknown_parent": 2}
     assert rig.ctx.needs_replay
     assert rig.entries() == 0
     assert rig.ix.lookup_prefix(MODEL, rig.keys(tokens)) == {}

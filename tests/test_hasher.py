@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gosim import fnv1a64, llmd_chain, llmd_root
 from kvcm import _core, _reference
 
 ALGOS = ["sha256", "sha256_cbor", "sha256_cbor_64bit", "kvcm", "llmd_fnv64a", "llmd_fnv64a_nomodel"]
@@ -38,24 +39,11 @@ def _cbor(x):
     return cbor2.dumps(x, canonical=True)
 
 
-def fnv1a64(data):
-    h = 0xcbf29ce484222325
-    for byte in data:
-        h = ((h ^ byte) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
-    return h
-
-
 def manual_llmd(algo, seed, block_size, tokens, extra_keys=None, namespace=None):
     """(root, digests, keys) of llm-d's FNV-1a-64 keys (specs/llmd-request-keys.md), from
-    cbor2 and a plain FNV."""
-    root = fnv1a64((seed or "").encode("utf-8"))
-    if algo == "llmd_fnv64a":
-        root = fnv1a64(_cbor([root, None, namespace]))
-    parent, keys = root, []
-    for i in range(len(tokens) // block_size):
-        extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None
-        parent = fnv1a64(_cbor([parent, list(tokens[i * block_size:(i + 1) * block_size]), extra]))
-        keys.append(parent)
+    cbor2 and a plain FNV (tests/gosim.py)."""
+    root = llmd_root(seed or "", namespace, with_model=algo == "llmd_fnv64a")
+    keys = llmd_chain(root, tokens, block_size, extra_keys)
     return root.to_bytes(8, "big"), [k.to_bytes(8, "big") for k in keys], keys
 
 

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from captures import load_captures
+from kvcm._core import BlockHasher
 from kvcm.publisher import Publisher
 from serving import (BLOCK, QWEN, TOKENIZERS, WAIT, Client, Engine, PrefixModel, Serve, free_port, run_cli,
                      run_serve, serve, stored, until)  # noqa: F401 (serve: a fixture)
@@ -354,7 +355,8 @@ def test_a_port_in_use_fails_with_a_clear_line_and_no_ready(shared, which):
         try:
             status = server.wait()
             err = server.stderr()
-            assert status not in (0, None), err
+            assert status == 2, err             # a setting to change, as for a bad value
+            assert len(err.splitlines()) == 1, err
             last = err.splitlines()[-1]
             assert last.startswith("kvcm serve: error: ") and str(port) in last and "in use" in last.lower(), err
             assert "Traceback" not in err, err
@@ -370,15 +372,21 @@ PRECEDENCE = [
     (("file", "env", "flag"), "flag"),
     (("file", "flag"), "flag"),
     (("env-file",), "file"),           # the file named by KVCM_CONFIG instead of --config
+    (("llmd",), "llmd"),               # llm-d's HTTP_PORT: below everything else
+    (("llmd", "file"), "file"),
+    (("llmd", "env"), "env"),
+    (("llmd", "flag"), "flag"),
 ]
 
 
 @pytest.mark.parametrize("layers, winner", PRECEDENCE, ids=["+".join(p[0]) for p in PRECEDENCE])
 def test_configuration_precedence_decides_which_port_answers(shared, tmp_path, layers, winner):
-    ports = {"file": free_port(), "env": free_port(), "flag": free_port()}
+    ports = {"file": free_port(), "env": free_port(), "flag": free_port(), "llmd": free_port()}
     config = tmp_path / "kvcm.toml"
     config.write_text('http_host = "127.0.0.1"\nhttp_port = %d\nzmq_bind = ["%s"]\n' % (ports["file"], LOCAL))
-    args, env = [], {}
+    args, env = [], {"KVCM_HTTP_HOST": "127.0.0.1", "KVCM_ZMQ_BIND": LOCAL}
+    if "llmd" in layers:
+        env["HTTP_PORT"] = str(ports["llmd"])
     if "file" in layers:
         args += ["--config", str(config)]
     if "env-file" in layers:
@@ -396,6 +404,31 @@ def test_configuration_precedence_decides_which_port_answers(shared, tmp_path, l
             if layer != winner:
                 assert refused(port), "%s's port %d answers too" % (layer, port)
         assert server.stop() == 0
+    finally:
+        server.close()
+
+
+def test_llm_ds_environment_configures_kvcm_and_is_logged(shared):
+    http_port, zmq_port = free_port(), free_port()
+    env = {"KVCM_HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(http_port), "ZMQ_ENDPOINT": "tcp://127.0.0.1:%d" % zmq_port,
+           "MODEL_NAME": QWEN, "BLOCK_SIZE": "32", "PYTHONHASHSEED": "0", "ZMQ_TOPIC": "kv@",
+           "HF_TOKEN": "hf_do_not_log_me", "POOL_CONCURRENCY": "4"}
+    server = Serve(env=env)
+    try:
+        ready = server.wait_ready()
+        assert "http 127.0.0.1:%d, zmq tcp://127.0.0.1:%d" % (http_port, zmq_port) in ready, ready
+        client = Client("127.0.0.1", http_port)
+        ids = list(range(64))
+        hashed = client.ok("POST", "/v1/hash", {"token_ids": ids})           # MODEL_NAME: no model needed
+        assert hashed == {"model": QWEN, "mode": "parity", "keys": list(BlockHasher("sha256", "0", 32).keys(ids))}
+        assert client.ok("POST", "/v1/score", {"token_ids": ids})["model"] == QWEN
+        assert server.stop() == 0
+        err = server.stderr()
+        for line in ("--http-port %d from llm-d's HTTP_PORT" % http_port, "--hash-seed 0 from llm-d's PYTHONHASHSEED",
+                     "--default-model %s from llm-d's MODEL_NAME" % QWEN, "HF_TOKEN is set and ignored",
+                     "POOL_CONCURRENCY is set and ignored"):
+            assert line in err, err
+        assert "hf_do_not_log_me" not in err
     finally:
         server.close()
 

@@ -234,7 +234,7 @@ async def test_a_mode_switch_a_lora_and_large_engine_blocks_give_the_in_memory_a
         await pair.compare(QWEN, [ids, ids + tokens(2, 2), big], (None, ["pb", "pd"]))
         await pair.compare("sql-lora", [ids])
         recorded = await pair.shared.store.namespaces()
-        assert recorded[QWEN][0] == "decoupled" and recorded["sql-lora"] == ("decoupled", "unknown", True)
+        assert recorded[QWEN][0] == "decoupled" and recorded["sql-lora"] == ("decoupled", "unknown", True, QWEN)
         # the engine map went to the store too: another replica resolves pd's hashes
         keys = list(pair.sink.keys_for(QWEN, big))
         assert await pair.shared.store.resolve({QWEN: hashes}) == {QWEN: [tuple(keys[2 * i:2 * i + 2]) for i in range(4)]}
@@ -395,7 +395,7 @@ def test_a_replica_taking_over_a_decoupled_stream_resolves_parents_through_the_s
         assert raw.hgetall("%s@%d" % (QWEN, keys[4])) == {}
         metrics = b.client.metrics()
         assert metrics[("kvcm_redis_engine_hashes_fetched_total", ())] >= 2
-        assert metrics[("kvcm_ingest_unknown_parent_total", ())] == 0
+        assert metrics[("kvcm_ingest_event_drops_total", (("reason", "unknown_parent"),))] == 0
         assert metrics[("kvcm_ingest_remove_unresolved_total", ())] == 0
     finally:
         a.close()

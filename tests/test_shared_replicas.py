@@ -16,7 +16,7 @@ import pytest
 from aio import poll_until
 from kvcm._core import BlockHasher
 from kvcm.publisher import all_blocks_cleared, encode_batch
-from serving import (BLOCK, HASHER, QWEN, Engine, InProcess, Serve, offloaded, removed, stored,
+from serving import (BLOCK, HASHER, QWEN, TOKENIZERS, Engine, InProcess, Serve, offloaded, removed, stored,
                      tokens)
 
 REDIS_CLI = shutil.which("redis-cli")
@@ -381,3 +381,17 @@ def test_a_switch_to_decoupled_mode_reaches_a_replica_that_saw_no_event(redis_se
         assert r.client.ok("POST", "/v1/hash", {"model": untouched, "token_ids": ids}) == {
             "model": untouched, "mode": "parity", "keys": list(HASHER.keys(ids))}
         assert r.client.score(untouched, token_ids=ids)["scores"] == {pod + "-b": 3.0}
+
+
+def test_a_replica_scores_a_lora_by_text_with_the_base_model_another_replica_learnt(replica, stack):
+    """The base model of a LoRA adapter travels with its namespace contract: a replica that
+    never saw the adapter's events still scores it by prompt, with the base's tokenizer."""
+    tokenizer = ("--tokenizer", "%s=%s" % (QWEN, TOKENIZERS / "qwen2.5-instruct"))
+    a, b = replica(*tokenizer), replica(*tokenizer)
+    prompt = "Which engine already holds the longest cached prefix of this prompt? " * 4
+    ids = a.client.tokenize(QWEN, prompt=prompt)["token_ids"]
+    engine(stack, a, "pa").send(stored(ids, lora_name="sql-adapter"))
+    blocks = float(len(ids) // BLOCK)
+    poll_until(lambda: b.client.post("/v1/score", {"model": "sql-adapter", "prompt": prompt}).status == 200,
+               "replica B to adopt the adapter's namespace and its base model")
+    assert b.client.score("sql-adapter", prompt=prompt)["scores"] == {"pa": blocks}
