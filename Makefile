@@ -37,8 +37,7 @@ build: $(CORE)
 
 # The whole suite, nothing skipped: what the tests need is built or installed first, and
 # kept (.cache/, .venv/) for the next run.
-test: build $(TEST_STAMP) prereq-binary prereq-bullseye prereq-valkey prereq-systemd prereq-chromium \
-	prereq-dynamo prereq-iproute2
+test: build $(TEST_STAMP) prereq-binary prereq-bullseye prereq-valkey prereq-systemd prereq-chromium prereq-dynamo prereq-iproute2
 	$(PY) -m pytest
 
 # Test prerequisites: each builds, installs or finds what some tests need (tests/setup/), and
