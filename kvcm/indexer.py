@@ -90,8 +90,14 @@ class Indexer:
         return None if self.shared is None else self.shared.status
 
     async def start(self):
-        """Connects the shared index, if any (kvcm starts even when the store is down), then
-        starts the ZMQ ingest on the running loop (OSError when a socket cannot bind)."""
+        """Loads the configured tokenizers (a broken one is logged: its requests fail, others
+        work), connects the shared index, if any (kvcm starts even when the store is down),
+        then starts the ZMQ ingest on the running loop (OSError when a socket cannot bind)."""
+        # Parsing a tokenizer holds the GIL (a quarter of a second for a real one), which
+        # would stall the loop at a model's first request even from a worker thread: the
+        # models named by --tokenizer load now, before kvcm serves; those of
+        # --tokenizers-dir, which may be many, on first use.
+        await asyncio.get_running_loop().run_in_executor(None, self.tokenizers.load_all, True)
         if self.shared is not None:
             await self.shared.start(self.sink)
         try:

@@ -846,10 +846,11 @@ class TokenizerRegistry:
             log.error("%s", err)
             raise err
 
-    def load_all(self) -> dict[str, TokenizerLoadError]:
-        """Load every model now (e.g. at start); returns the errors by model name."""
+    def load_all(self, configured_only: bool = False) -> dict[str, TokenizerLoadError]:
+        """Load every model now (e.g. at start), or only those named explicitly (not found in
+        the directory); returns the errors by model name."""
         errors = {}
-        for name in self.models():
+        for name in (sorted(self._explicit) if configured_only else self.models()):
             try:
                 self.get(name)
             except TokenizerLoadError as exc:
