@@ -272,8 +272,15 @@ class Hostile(threading.Thread):
 
 # ---- the run --------------------------------------------------------------------------------
 
-def metrics(conn):
-    status, body = conn.call(request_bytes("GET", "/metrics"))
+def call(address, request):
+    """One request on a connection of its own: kvcm closes keep-alive connections idle for
+    longer than its idle timeout, and these calls are minutes apart."""
+    with Connection(address) as conn:
+        return conn.call(request)
+
+
+def metrics(address):
+    status, body = call(address, request_bytes("GET", "/metrics"))
     if status != 200:
         raise RuntimeError("GET /metrics: HTTP %d" % status)
     out = {}
@@ -284,13 +291,13 @@ def metrics(conn):
     return out
 
 
-def check_answers(conn, api, engines, rng, n=8):
+def check_answers(address, api, engines, rng, n=8):
     """How many of n resident prompts do not come back as fully held by their engine."""
     wrong = 0
     for _ in range(n):
         e = rng.randrange(len(engines))
         tokens = rng.choice(engines[e].resident)
-        status, body = conn.call(request_bytes("POST", "/v1/score", orjson.dumps({"model": QWEN, "token_ids": tokens})))
+        status, body = call(address, request_bytes("POST", "/v1/score", orjson.dumps({"model": QWEN, "token_ids": tokens})))
         if status != 200 or api.matched(body).get(e) != len(tokens):
             wrong += 1
     return wrong
@@ -326,18 +333,18 @@ def soak(args):
     try:
         pubs = [Publisher(target.zmq, topic=api.topic(i), hwm=1_000_000, replay_thread=False)
                 for i in range(len(engines))]
-        conn = Connection(target.address)
+        address = target.address
         deadline = time.monotonic() + 60
         expected = prime(engines, pubs)
-        while metrics(conn).get("kvcm_ingest_blocks_stored_total", 0) < expected:
+        while metrics(address).get("kvcm_ingest_blocks_stored_total", 0) < expected:
             if time.monotonic() > deadline:
                 raise RuntimeError("the primed blocks never all arrived (slow joiners?)")
             prime(engines, pubs)   # the first sends may precede the subscription
             time.sleep(1)
-        wrong = check_answers(conn, api, engines, rng, 64)
+        wrong = check_answers(address, api, engines, rng, 64)
         if wrong:
             raise RuntimeError("%d of 64 resident prompts not fully held after priming" % wrong)
-        base = metrics(conn)
+        base = metrics(address)
         ours.send("idle")
         rss_idle = []
         t_idle = time.monotonic()
@@ -361,7 +368,7 @@ def soak(args):
                     break
                 lat, errors = payload
                 rss = [s for s in samples if s[0] > t0 + CHUNK_S * len(minutes)]
-                wrong_now = check_answers(conn, api, engines, rng)
+                wrong_now = check_answers(address, api, engines, rng)
                 wrong += wrong_now
                 minutes.append({"lat": lat, "errors": errors, "wrong": wrong_now, "rss": rss,
                                 "load": loadavg(), "stored": ingest.stored})
@@ -381,17 +388,16 @@ def soak(args):
         sent = ingest.stored
         deadline = time.monotonic() + 120
         while True:   # the backlog drains; every sent block must be applied
-            end = metrics(conn)
+            end = metrics(address)
             applied = end.get("kvcm_ingest_blocks_stored_total", 0) - base.get("kvcm_ingest_blocks_stored_total", 0)
             if applied >= sent or time.monotonic() > deadline:
                 break
             time.sleep(1)
-        wrong += check_answers(conn, api, engines, rng, 64)
+        wrong += check_answers(address, api, engines, rng, 64)
         ours.send("idle")   # the idle baseline again: the machine's load may have changed meanwhile
         _, (idle2_lat, idle2_errors) = ours.recv()
         idle_lat.extend(idle2_lat)
         idle_errors += idle2_errors
-        conn.close()
         for p in pubs:
             p.close()
         return summarize(args, idle_lat, idle_errors, rss_idle, minutes, samples, seconds, sent, applied,
