@@ -28,43 +28,6 @@ _LIKELY_SEEDS = (None, "0", "42", "")  # besides the configured one; None = unse
 _DIAGNOSE_ALGOS = ("sha256", "sha256_cbor", "llmd_fnv64a", "llmd_fnv64a_nomodel")
 
 
-class DecodeError(ValueError):
-    """A batch payload that cannot be decoded; `reason` names the counter it lands in."""
-
-    def __init__(self, reason, message=None):
-        self.reason = reason
-        super().__init__(message or reason)
-
-
-cdef enum Tag:
-    TAG_UNKNOWN = 0
-    TAG_STORED
-    TAG_REMOVED
-    TAG_CLEARED
-
-cdef enum Field:
-    F_SKIP = 0
-    F_HASHES
-    F_PARENT
-    F_TOKENS
-    F_BLOCK_SIZE
-    F_LORA_ID
-    F_MEDIUM
-    F_LORA_NAME
-    F_EXTRA
-
-# Array positions after the tag (vLLM 0.9-0.23); later fields are skipped.
-cdef Field STORED_FIELDS[8]
-STORED_FIELDS[:] = [F_HASHES, F_PARENT, F_TOKENS, F_BLOCK_SIZE, F_LORA_ID, F_MEDIUM, F_LORA_NAME, F_EXTRA]
-cdef Field REMOVED_FIELDS[2]
-REMOVED_FIELDS[:] = [F_HASHES, F_MEDIUM]
-
-_MAP_FIELDS = {
-    b"block_hashes": F_HASHES, b"parent_block_hash": F_PARENT, b"token_ids": F_TOKENS,
-    b"block_size": F_BLOCK_SIZE, b"lora_id": F_LORA_ID, b"medium": F_MEDIUM,
-    b"lora_name": F_LORA_NAME, b"extra_keys": F_EXTRA,
-}
-
 cdef enum Mode:
     MODE_PARITY = 0
     MODE_DECOUPLED
@@ -122,33 +85,10 @@ cdef enum:
     MAX_PARTIAL_CHAINS = 4096  # per stream, for engines whose blocks are smaller than kvcm's
     MAX_NAME_CACHE = 256
     MAX_FED = 64               # namespaces a stream resolves removals through
-    # One event's cost is bounded (a batch is applied in slices of whole events): a million
-    # tokens in 16-token blocks, more than a scheduler step stores for one request.
-    MAX_EVENT_BLOCKS = 1 << 16
-    MAX_EVENT_TOKENS = 1 << 20
     # A run from block 0 is verified on its first blocks only: the seed and a cache salt
     # enter at block 0 and every later hash chains from it, so they tell whether the engines
     # hash as configured, and a long run costs no more to check than a short one.
     VERIFY_BLOCKS = 32
-
-
-cdef struct Event:
-    Tag tag
-    bint too_large        # more hashes or token ids than one event may carry
-    Py_ssize_t nhashes    # -1: absent
-    bint has_parent
-    uint64_t parent
-    Py_ssize_t ntokens    # -1: absent
-    bint has_block_size
-    int64_t block_size
-    bint has_lora_id
-    int64_t lora_id
-    const unsigned char *medium
-    Py_ssize_t medium_len
-    const unsigned char *lora
-    Py_ssize_t lora_len
-    Py_ssize_t extra_pos
-    Py_ssize_t extra_end  # extra_pos == extra_end: absent or nil
 
 
 cdef bytes u64_csv(const uint64_t *values, Py_ssize_t n):
@@ -179,27 +119,6 @@ cdef bytes u64_csv(const uint64_t *values, Py_ssize_t n):
         p[0] = 44   # ','
         p += 1
     return out[:p - PyBytes_AS_STRING(out) - 1]
-
-
-cdef struct U64Scratch:
-    uint64_t *data
-    Py_ssize_t cap
-
-
-cdef inline int scratch_reserve(U64Scratch *s, Py_ssize_t n) noexcept nogil:
-    cdef uint64_t *p
-    cdef Py_ssize_t cap
-    if n <= s.cap:
-        return 0
-    cap = s.cap * 2 if s.cap else 256
-    while cap < n:
-        cap *= 2
-    p = <uint64_t *>realloc(s.data, sizeof(uint64_t) * cap)
-    if p == NULL:
-        return -1
-    s.data = p
-    s.cap = cap
-    return 0
 
 
 cdef class _Namespace:
@@ -273,13 +192,36 @@ cdef class StreamContext:
 cdef class EventSink
 
 
+cdef enum:
+    MAX_FAST_MEDIA = 8
+    MAX_MEDIUM_NAME = 16
+
+cdef struct Medium:
+    unsigned char name[MAX_MEDIUM_NAME]
+    Py_ssize_t len
+    uint32_t tier
+
+cdef struct FastPath:
+    # what a run of common events may do, read from Python state before the run (_fast_setup)
+    kvi_index *index
+    uint32_t pod
+    bint any       # no journal: some events can be applied in C
+    bint stores    # the stream's model namespace is in parity mode: BlockStored of it
+    bint removes   # and no decoupled namespace the stream fed could resolve a hash: BlockRemoved
+    uint32_t ns    # that namespace's id
+    # out: the run stored into or removed from it
+    bint stored
+    bint removed
+
+
 cdef class BatchCursor:
     """One batch being applied for a stream (EventSink.cursor), a slice at a time. Events
     apply whole and in order; the effects on a shared index's journal stay with the batch."""
     cdef EventSink sink
     cdef StreamContext ctx
-    cdef object payload
-    cdef Py_ssize_t pos     # where the next event starts
+    cdef Batch batch
+    cdef Py_ssize_t next    # the next event to apply
+    cdef Py_ssize_t pos     # where it starts
     cdef Py_ssize_t left    # events not applied yet
     cdef object journal_state
 
@@ -312,9 +254,12 @@ cdef class EventSink:
     cdef uint64_t _uses     # namespace uses so far: their clock for eviction
     cdef object _rlog
     cdef uint64_t _c[<int>N_COUNTERS]
-    cdef U64Scratch _hashes
-    cdef U64Scratch _tokens
+    cdef const uint64_t *_h   # the hashes of the event being applied (in its Batch)
+    cdef const uint64_t *_t   # and its token ids
     cdef U64Scratch _keys
+    cdef Medium _media[MAX_FAST_MEDIA]   # media resolved to a tier, for _fast_tier
+    cdef int _nmedia
+    cdef BlockHasher _fast_hasher        # the parity chain of the model _fast_setup read
     cdef object _journal    # None: effects go to the Index
     cdef list _changed      # namespaces whose contract changed since take_changed_namespaces()
 
@@ -348,8 +293,6 @@ cdef class EventSink:
         memset(self._c, 0, sizeof(self._c))
 
     def __dealloc__(self):
-        free(self._hashes.data)
-        free(self._tokens.data)
         free(self._keys.data)
 
     @property
@@ -485,55 +428,32 @@ cdef class EventSink:
 
     # ---- batches ------------------------------------------------------------------------
 
-    cdef int _open(self, payload, Py_buffer *view) except -1:
-        PyObject_GetBuffer(payload, view, PyBUF_SIMPLE)
-        return 0
-
-    cdef int _header(self, MpReader *r, double *ts, Py_ssize_t *nfields, Py_ssize_t *nevents) except -1:
-        if mp_read_array(r, nfields) or nfields[0] < 2 or mp_read_float(r, ts) or mp_read_array(r, nevents):
-            raise DecodeError(MP_ERROR_NAMES[<int>r.err] if r.err != MP_OK else "wrong_type",
-                              "not a KV event batch [ts, events, dp_rank?]")
-        return 0
+    def decode(self, payload):
+        """The batch decoded (a Batch, for cursor() and missing_engine_hashes()); DecodeError
+        when it is not a well-formed batch: its header, the structure of every event and
+        its dp_rank are checked. `batch.check()` gives (ts, dp_rank, number of events)."""
+        cdef Batch batch = Batch(payload)
+        batch.check()
+        return batch
 
     def batch_header(self, payload):
         """(ts, dp_rank, number of events) of a batch payload; DecodeError when it is not a
         well-formed batch. Checks the structure of every event on the way."""
-        cdef Py_buffer view
-        cdef MpReader r
-        cdef double ts
-        cdef Py_ssize_t nfields, nevents, i
-        cdef uint64_t rank = 0
-        cdef bint neg
-        self._open(payload, &view)
-        try:
-            mp_init(&r, <const unsigned char *>view.buf, 0, view.len)
-            self._header(&r, &ts, &nfields, &nevents)
-            for i in range(nevents):
-                if mp_skip(&r, 1):
-                    raise DecodeError(MP_ERROR_NAMES[<int>r.err], "event %d is malformed" % i)
-            if nfields >= 3 and not mp_next_is_nil(&r):
-                if mp_read_int(&r, &rank, &neg) or neg or rank > 0xFFFF:
-                    raise DecodeError("wrong_type", "data_parallel_rank is not a small non-negative int")
-            return ts, rank, nevents
-        finally:
-            PyBuffer_Release(&view)
+        return Batch(payload).check()
 
     def apply(self, StreamContext ctx not None, payload):
-        """Applies every event of a batch for the stream; returns the number of (block, pod)
-        entries stored plus removed. Bad events are dropped and counted; DecodeError only
-        when the batch itself cannot be read."""
+        """Applies every event of a batch (a payload or a Batch) for the stream; returns the
+        number of (block, pod) entries stored plus removed. Bad events are dropped and
+        counted; DecodeError only when the batch itself cannot be read."""
         cdef int64_t before = self._c[<int>C_BLOCKS_STORED] + self._c[<int>C_BLOCKS_REMOVED]
         self.cursor(ctx, payload).apply()
         return self._c[<int>C_BLOCKS_STORED] + self._c[<int>C_BLOCKS_REMOVED] - before
 
     def cursor(self, StreamContext ctx not None, payload):
-        """A BatchCursor that applies a batch for the stream a slice at a time, so that a huge
-        batch need not hold the caller for long. Reads the batch header (DecodeError when
-        it cannot be read); no event is applied yet."""
-        cdef Py_buffer view
-        cdef MpReader r
-        cdef double ts
-        cdef Py_ssize_t nfields, nevents
+        """A BatchCursor that applies a batch (a payload or a Batch from decode()) for the
+        stream a slice at a time, so that a huge batch need not hold the caller for long.
+        Reads the batch header (DecodeError when it cannot be read); no event is applied yet."""
+        cdef Batch batch
         cdef BatchCursor cursor
         cdef _Namespace model
         if ctx._index is None:
@@ -541,18 +461,17 @@ cdef class EventSink:
             ctx._index = self._index
         elif ctx._index is not self._index:
             raise ValueError("StreamContext belongs to another index")
-        self._open(payload, &view)
-        try:
-            mp_init(&r, <const unsigned char *>view.buf, 0, view.len)
+        if isinstance(payload, Batch):
+            batch = payload
+            batch.rewind()
+        else:
             try:
-                self._header(&r, &ts, &nfields, &nevents)
+                batch = Batch(payload)
             except DecodeError:
                 self._c[<int>C_DROP_BATCH] += 1
                 raise
-        finally:
-            PyBuffer_Release(&view)
         self._c[<int>C_BATCHES] += 1
-        ctx.ts = ts
+        ctx.ts = batch.ts
         # a model whose engines publish is in use, even while they only remove blocks
         model = self._namespaces.get(ctx.model) if ctx.model is not None else None
         if model is not None:
@@ -560,187 +479,184 @@ cdef class EventSink:
         cursor = BatchCursor.__new__(BatchCursor)
         cursor.sink = self
         cursor.ctx = ctx
-        cursor.payload = payload
-        cursor.pos = r.pos
-        cursor.left = nevents
+        cursor.batch = batch
+        cursor.pos = batch.events_pos
+        cursor.left = batch.nevents
         return cursor
 
     cdef bint _apply_events(self, BatchCursor cursor, Py_ssize_t max_bytes) except -1:
-        cdef Py_buffer view
-        cdef MpReader r
-        cdef Py_ssize_t start
+        cdef Batch b = cursor.batch
+        cdef Event *ev
+        cdef Py_ssize_t done, end, stop = cursor.pos + max_bytes if max_bytes > 0 else -1
+        cdef FastPath f
         if self._journal is not None and cursor.journal_state is not None:
             self._journal.resume(cursor.journal_state)
             cursor.journal_state = None
-        self._open(cursor.payload, &view)
-        try:
-            mp_init(&r, <const unsigned char *>view.buf, cursor.pos, view.len)
-            while cursor.left > 0:
-                start = r.pos
-                if mp_skip(&r, 1):
-                    # the rest of the batch cannot be delimited
-                    self._count_reader_error(r.err)
-                    cursor.left = 0
-                    break
-                cursor.left -= 1
-                self._apply_event(cursor.ctx, <const unsigned char *>view.buf, start, r.pos)
-                if max_bytes > 0 and r.pos - cursor.pos >= max_bytes:
-                    break
-            cursor.pos = r.pos
-        finally:
-            PyBuffer_Release(&view)
+        self._fast_setup(cursor.ctx, &f)
+        while cursor.left > 0:
+            ev = b.event(cursor.next)
+            if ev == NULL:
+                # the rest of the batch cannot be delimited
+                self._count_reader_error(b.trunc_err)
+                cursor.left = 0
+                break
+            done = self._fast_run(b, cursor.next, cursor.left, stop, &f, &end) if f.any else 0
+            if done:
+                self._fast_done(cursor.ctx, &f)
+            else:
+                self._apply_event(cursor.ctx, b, ev)
+                self._fast_setup(cursor.ctx, &f)   # the event may have changed what is common
+                done = 1
+                end = ev.end
+            cursor.next += done
+            cursor.left -= done
+            cursor.pos = end
+            if stop >= 0 and cursor.pos >= stop:
+                break
         if cursor.left > 0 and self._journal is not None:
             # another stream's batches apply before the next slice: they must not take these effects
             cursor.journal_state = self._journal.suspend()
         return cursor.left == 0
 
-    cdef inline void _count_reader_error(self, MpError err) noexcept:
+    cdef inline void _count_reader_error(self, MpError err) noexcept nogil:
         self._c[<int>C_DROP_TRUNCATED + <int>err - <int>MP_TRUNCATED] += 1
 
-    # ---- one event ----------------------------------------------------------------------
+    # ---- the common events, in C ------------------------------------------------------------
+    #
+    # Most events are BlockStored/BlockRemoved events of a stream's model in parity mode, of
+    # kvcm's block size, without LoRA or extra keys, in a medium seen before: their effects
+    # need no Python object, so runs of them are applied by _fast_run. Anything else goes to
+    # the general path (_apply_event), after which the state the run reads is taken again.
 
-    cdef int _read_hash(self, MpReader *r, uint64_t *v) noexcept:
-        """A block hash: any msgpack int (modulo 2**64) or bytes (the last 8, big-endian)."""
-        cdef int t = mp_peek(r)
-        cdef bint neg
-        cdef const unsigned char *p
-        cdef Py_ssize_t n
-        if 0xC4 <= t <= 0xC6:
-            if mp_read_bytes(r, False, &p, &n):
-                return -1
-            if n == 0:
-                return mp_fail(r, MP_INVALID)
-            v[0] = mp_be(p + n - 8, 8) if n >= 8 else mp_be(p, <int>n)
-            return 0
-        return mp_read_int(r, v, &neg)
-
-    cdef int _read_field(self, MpReader *r, Event *ev, Field f) noexcept:
-        cdef Py_ssize_t n, i
-        cdef uint64_t v
-        cdef bint neg
-        cdef Py_ssize_t start
-        if f == F_SKIP or f == F_LORA_ID and mp_next_is_nil(r):
-            return mp_skip(r, 2)
-        if f == F_HASHES or f == F_TOKENS:
-            if mp_next_is_nil(r):
-                r.pos += 1
-                return 0
-            start = r.pos
-            if mp_read_array(r, &n):
-                return -1
-            if n > (MAX_EVENT_BLOCKS if f == F_HASHES else MAX_EVENT_TOKENS):
-                ev.too_large = True
-                r.pos = start
-                return mp_skip(r, 2)
-            if f == F_HASHES:
-                if scratch_reserve(&self._hashes, n):
-                    return mp_fail(r, MP_INVALID)
-                for i in range(n):
-                    if self._read_hash(r, &self._hashes.data[i]):
-                        return -1
-                ev.nhashes = n
-            else:
-                if scratch_reserve(&self._tokens, n):
-                    return mp_fail(r, MP_INVALID)
-                for i in range(n):
-                    if mp_read_uint(r, &self._tokens.data[i]):
-                        return -1
-                ev.ntokens = n
-            return 0
-        if mp_next_is_nil(r):
-            r.pos += 1
-            return 0
-        if f == F_PARENT:
-            ev.has_parent = True
-            return self._read_hash(r, &ev.parent)
-        if f == F_BLOCK_SIZE or f == F_LORA_ID:
-            if mp_read_int(r, &v, &neg):
-                return -1
-            if not neg and v > 0x7FFFFFFFFFFFFFFFULL:
-                return mp_fail(r, MP_WRONG_TYPE)
-            if f == F_BLOCK_SIZE:
-                ev.has_block_size = True
-                ev.block_size = <int64_t>v
-            else:
-                ev.has_lora_id = True
-                ev.lora_id = <int64_t>v
-            return 0
-        if f == F_MEDIUM:
-            return mp_read_str(r, &ev.medium, &ev.medium_len)
-        if f == F_LORA_NAME:
-            return mp_read_str(r, &ev.lora, &ev.lora_len)
-        # F_EXTRA: keep the span; decoded only when the event is applied
-        start = r.pos
-        if mp_peek(r) < 0 or not (0x90 <= r.buf[r.pos] <= 0x9F or r.buf[r.pos] in (0xDC, 0xDD)):
-            return mp_fail(r, MP_WRONG_TYPE)
-        if mp_skip(r, 2):
-            return -1
-        ev.extra_pos = start
-        ev.extra_end = r.pos
-        return 0
-
-    cdef Tag _read_tag(self, MpReader *r) noexcept:
-        cdef const unsigned char *p
-        cdef Py_ssize_t n
-        if mp_read_str(r, &p, &n):
-            return TAG_UNKNOWN
-        if n == 11 and memcmp(p, b"BlockStored", 11) == 0:
-            return TAG_STORED
-        if n == 12 and memcmp(p, b"BlockRemoved", 12) == 0:
-            return TAG_REMOVED
-        if n == 16 and memcmp(p, b"AllBlocksCleared", 16) == 0:
-            return TAG_CLEARED
-        return TAG_UNKNOWN
-
-    cdef int _decode_event(self, MpReader *r, Event *ev) noexcept:
-        cdef Py_ssize_t n, i
-        cdef const unsigned char *key
-        cdef Py_ssize_t klen
-        cdef int t = mp_peek(r)
-        cdef object f
-        if t < 0:
-            return -1
-        if 0x90 <= t <= 0x9F or t == 0xDC or t == 0xDD:
-            if mp_read_array(r, &n) or n < 1:
-                return mp_fail(r, MP_WRONG_TYPE)
-            ev.tag = self._read_tag(r)
-            if r.err != MP_OK:
-                return -1
-            for i in range(n - 1):
-                if ev.tag == TAG_STORED and i < 8:
-                    f = STORED_FIELDS[i]
-                elif ev.tag == TAG_REMOVED and i < 2:
-                    f = REMOVED_FIELDS[i]
-                else:
-                    f = F_SKIP
-                if self._read_field(r, ev, <Field><int>f):
-                    return -1
-            return 0
-        if mp_read_map(r, &n):
-            return -1
-        for i in range(n):
-            if mp_read_str(r, &key, &klen):
-                return -1
-            if klen == 4 and memcmp(key, b"type", 4) == 0:
-                ev.tag = self._read_tag(r)
-                if r.err != MP_OK:
-                    return -1
-                continue
-            f = _MAP_FIELDS.get(PyBytes_FromStringAndSize(<const char *>key, klen), F_SKIP)
-            if self._read_field(r, ev, <Field><int>f):
-                return -1
-        return 0
-
-    cdef void _apply_event(self, StreamContext ctx, const unsigned char *buf, Py_ssize_t start, Py_ssize_t end) except *:
-        cdef MpReader r
-        cdef Event ev
-        memset(&ev, 0, sizeof(ev))
-        ev.nhashes = -1
-        ev.ntokens = -1
-        mp_init(&r, buf, start, end)
-        if self._decode_event(&r, &ev):
-            self._count_reader_error(r.err)
+    cdef void _fast_setup(self, StreamContext ctx, FastPath *f) except *:
+        """What a run of common events may do for ctx's stream, read from the Python state."""
+        cdef _Namespace model, ns
+        memset(f, 0, sizeof(FastPath))
+        f.index = &self._index.ix
+        f.pod = ctx.pod_id
+        f.any = self._journal is None   # with a journal every effect goes through Python
+        if not f.any or ctx.model is None:
             return
+        model = self._namespaces.get(ctx.model)
+        if model is None or model.mode != MODE_PARITY or model.parity.block_size > FAST_MAX_BLOCK_TOKENS:
+            return
+        self._fast_hasher = model.parity
+        f.ns = model.id
+        f.stores = True
+        f.removes = True   # unless a decoupled namespace the stream fed could resolve a hash
+        for ns in ctx._fed:
+            if ns.mode == MODE_DECOUPLED and not ns.evicted:
+                f.removes = False
+
+    cdef void _fast_done(self, StreamContext ctx, FastPath *f) except *:
+        """The Python side of a run's effects: the model's namespace was used (and fed)."""
+        cdef _Namespace model
+        if not (f.stored or f.removed):
+            return
+        model = self._namespaces[ctx.model]
+        self._touch(model)
+        if f.stored:
+            ctx.feed(model)
+        f.stored = f.removed = False
+
+    cdef Py_ssize_t _fast_run(self, Batch b, Py_ssize_t i, Py_ssize_t left, Py_ssize_t stop,
+                              FastPath *f, Py_ssize_t *end) noexcept nogil:
+        """Applies events i, i + 1, ... of b while they are common ones, at most `left`, and
+        stops after the one that ends at or past payload position stop (-1: no limit).
+        Returns how many it applied; *end is where the last of them ends. (Event records
+        move when a window is decoded: none is held across b.event().)"""
+        cdef Py_ssize_t done = 0
+        cdef Event *ev
+        while done < left:
+            ev = b.event(i + done)
+            if ev == NULL or not self._fast_event(b, ev, f):
+                break
+            done += 1
+            end[0] = ev.end
+            if stop >= 0 and ev.end >= stop:
+                break
+        return done
+
+    cdef bint _fast_tier(self, Event *ev, uint32_t *tier) noexcept nogil:
+        cdef int i
+        if ev.medium == NULL:
+            tier[0] = self._gpu_tier
+            return True
+        for i in range(self._nmedia):
+            if self._media[i].len == ev.medium_len and memcmp(self._media[i].name, ev.medium, ev.medium_len) == 0:
+                tier[0] = self._media[i].tier
+                return True
+        return False
+
+    cdef bint _fast_event(self, Batch b, Event *ev, FastPath *f) noexcept nogil:
+        """Applies ev when it is a common event (see above); False (nothing done) when not."""
+        cdef uint32_t tier
+        cdef Py_ssize_t n = ev.nhashes, nv
+        cdef int64_t added
+        cdef const uint64_t *hashes
+        cdef unsigned char parent[32]
+        if ev.err != MP_OK:
+            self._count_reader_error(ev.err)
+            return True
+        if ev.too_large:
+            self._c[<int>C_DROP_EVENT_TOO_LARGE] += 1
+            return True
+        if ev.tag == TAG_CLEARED:
+            self._c[<int>C_EVENTS_CLEARED] += 1
+            kvi_clear_pod(f.index, f.pod, <int>self._gpu_tier, KVI_NIL)
+            return True
+        if ev.tag == TAG_UNKNOWN:
+            self._c[<int>C_EVENTS_UNKNOWN_TAG] += 1
+            return True
+        if n < 0:
+            self._c[<int>C_DROP_MISSING_HASHES] += 1
+            return True
+        if not self._fast_tier(ev, &tier):
+            return False
+        hashes = b.hashes.data + ev.hash_off
+        if ev.tag == TAG_REMOVED:
+            if not f.removes:
+                return False
+            self._c[<int>C_EVENTS_REMOVED] += 1
+            self._c[<int>C_BLOCKS_REMOVED] += kvi_remove(f.index, f.ns, f.pod, tier, hashes, n)
+            f.removed = True
+            return True
+        if not f.stores:
+            return False
+        if n and (ev.ntokens <= 0 or ev.lora != NULL or ev.has_lora_id or ev.extra_pos != ev.extra_end
+                  or ev.has_parent and ev.parent == 0 or ev.ntokens != n * self.block_size
+                  or ev.has_block_size and ev.block_size != self.block_size):
+            return False
+        if n and not ev.has_parent:
+            # a run from block 0: verified on its first blocks, as _verify does
+            nv = min(n, <Py_ssize_t>VERIFY_BLOCKS)
+            if scratch_reserve(&self._keys, nv):
+                return False
+            memcpy(parent, self._fast_hasher._root, self._fast_hasher._digest_len)
+            if self._fast_hasher._chain_nogil(b.tokens.data + ev.tok_off, nv, parent, self._keys.data, NULL) \
+                    or memcmp(self._keys.data, hashes, nv * sizeof(uint64_t)):
+                return False   # a mismatch: the general path reports and handles it
+            self._c[<int>C_PARITY_VERIFIED] += 1
+        self._c[<int>C_EVENTS_STORED] += 1
+        if n == 0:
+            return True
+        added = kvi_store(f.index, f.ns, f.pod, tier, hashes, n)
+        if added < 0:
+            self._c[<int>C_DROP_OUT_OF_MEMORY] += 1
+            return True
+        self._c[<int>C_BLOCKS_STORED] += added
+        f.stored = True
+        return True
+
+    # ---- one event, in general --------------------------------------------------------------
+
+    cdef void _apply_event(self, StreamContext ctx, Batch b, Event *ev) except *:
+        cdef const unsigned char *buf = b.buf()
+        if ev.err != MP_OK:
+            self._count_reader_error(ev.err)
+            return
+        self._h = b.hashes.data + ev.hash_off
+        self._t = b.tokens.data + ev.tok_off
         if ev.too_large:
             self._c[<int>C_DROP_EVENT_TOO_LARGE] += 1
             return
@@ -757,14 +673,14 @@ cdef class EventSink:
         if ev.nhashes < 0:
             self._c[<int>C_DROP_MISSING_HASHES] += 1
             return
-        tier = self._tier(&ev)
+        tier = self._tier(ev)
         if tier < 0:
             return
         if ev.tag == TAG_REMOVED:
             self._c[<int>C_EVENTS_REMOVED] += 1
             self._removed(ctx, ev.nhashes, <uint32_t>tier)
         else:
-            self._stored(ctx, buf, &ev, <uint32_t>tier)
+            self._stored(ctx, buf, ev, <uint32_t>tier)
 
     cdef int64_t _tier(self, Event *ev) except? -2:
         """The tier id of the event's medium (lower-cased; missing -> gpu), or -1 (counted)
@@ -788,6 +704,11 @@ cdef class EventSink:
                     tier = -1
             if len(self._tier_cache) < MAX_NAME_CACHE:
                 self._tier_cache[key] = tier
+            if tier >= 0 and self._nmedia < MAX_FAST_MEDIA and ev.medium_len <= MAX_MEDIUM_NAME:
+                memcpy(self._media[self._nmedia].name, ev.medium, ev.medium_len)
+                self._media[self._nmedia].len = ev.medium_len
+                self._media[self._nmedia].tier = <uint32_t>tier
+                self._nmedia += 1
         if tier < 0:
             self._c[<int>C_DROP_UNKNOWN_TIER] += 1
             self._rlog.warning("unknown_tier", "dropping events whose medium %.40r is not a known tier (%s); "
@@ -885,7 +806,7 @@ cdef class EventSink:
             self._switch(ctx, ns, ns.diagnosis + "; kvcm keys this model with its own hashes (decoupled mode)")
         if ns.mode == MODE_PARITY:
             if ev.has_parent or self._verify(ctx, ns, ev, extras):
-                self._store(ctx, ns, self._hashes.data, n, tier)
+                self._store(ctx, ns, self._h, n, tier)
                 return
             if self.hash_mode == "vllm":
                 # parity is forced: keep the engine's keys, but never fail silently
@@ -893,7 +814,7 @@ cdef class EventSink:
                     ns.warned = True
                     self._report(self._mismatch(ns, ev, extras) + " --hash-mode vllm keeps parity, so "
                                  "scoring by tokens will not find this model's blocks.")
-                self._store(ctx, ns, self._hashes.data, n, tier)
+                self._store(ctx, ns, self._h, n, tier)
                 return
             self._switch(ctx, ns, self._mismatch(ns, ev, extras) +
                          " Keying it with kvcm's own hashes (decoupled mode).")
@@ -960,57 +881,54 @@ cdef class EventSink:
         return None
 
     def missing_engine_hashes(self, StreamContext ctx not None, payload):
-        """{namespace: [engine hash]}: what the batch would resolve through the engine map
-        (decoupled parents, removals, token-less stores) and this kvcm has not learnt. A
-        kvcm sharing its index fetches them from the store before applying the batch, so a
-        replica taking over a stream goes on without a replay. Changes nothing."""
-        cdef Py_buffer view
-        cdef MpReader r, er
-        cdef Event ev
-        cdef double ts
-        cdef Py_ssize_t nfields, nevents, i, j
+        """{namespace: [engine hash]}: what the batch (a payload or a Batch) would resolve
+        through the engine map (decoupled parents, removals, token-less stores) and this kvcm
+        has not learnt. A kvcm sharing its index fetches them from the store before applying
+        the batch, so a replica taking over a stream goes on without a replay. Changes
+        nothing."""
+        cdef Batch b
+        cdef Event *ev
+        cdef const uint64_t *hashes
+        cdef Py_ssize_t i, j
         cdef uint64_t keys[64]
         cdef size_t got
         cdef _Namespace ns, model = None
         out = {}
         if ctx.model is not None:
             model = self._namespaces.get(ctx.model)
-        self._open(payload, &view)
-        try:
-            mp_init(&r, <const unsigned char *>view.buf, 0, view.len)
+        if isinstance(payload, Batch):
+            b = payload
+            b.rewind()
+        else:
             try:
-                self._header(&r, &ts, &nfields, &nevents)
+                b = Batch(payload)
             except DecodeError:
                 return out
-            for i in range(nevents):
-                start = r.pos
-                if mp_skip(&r, 1):
-                    break
-                memset(&ev, 0, sizeof(ev))
-                ev.nhashes = -1
-                ev.ntokens = -1
-                mp_init(&er, <const unsigned char *>view.buf, start, r.pos)
-                if self._decode_event(&er, &ev) or ev.nhashes <= 0:
-                    continue
-                if ev.tag == TAG_STORED and ev.ntokens > 0:
-                    if not ev.has_parent or ev.parent == 0 or \
-                            (ev.has_block_size and ev.block_size < self.block_size):
-                        continue   # a chain's first event, or blocks gathered per stream
-                    name = self._event_namespace_name(ctx, &ev)
-                    ns = self._namespaces.get(name) if name is not None else None
-                    if ns is not None and ns.mode == MODE_DECOUPLED and \
-                            not kve_get(&self._index.emap, ns.id, ev.parent, keys, 64):
-                        out.setdefault(ns.name, []).append(ev.parent)
-                elif ev.tag == TAG_STORED or ev.tag == TAG_REMOVED:
-                    for j in range(ev.nhashes):
-                        if self._resolve(ctx, model, self._hashes.data[j], keys, &got) is not None:
-                            continue
-                        for ns in list(ctx._fed) + ([model] if model is not None else []):
-                            if ns.mode == MODE_DECOUPLED and not ns.evicted:
-                                out.setdefault(ns.name, []).append(self._hashes.data[j])
-            return out
-        finally:
-            PyBuffer_Release(&view)
+        for i in range(b.nevents):
+            ev = b.event(i)
+            if ev == NULL:
+                break
+            if ev.err != MP_OK or ev.nhashes <= 0:
+                continue
+            hashes = b.hashes.data + ev.hash_off
+            if ev.tag == TAG_STORED and ev.ntokens > 0:
+                if not ev.has_parent or ev.parent == 0 or \
+                        (ev.has_block_size and ev.block_size < self.block_size):
+                    continue   # a chain's first event, or blocks gathered per stream
+                name = self._event_namespace_name(ctx, ev)
+                ns = self._namespaces.get(name) if name is not None else None
+                if ns is not None and ns.mode == MODE_DECOUPLED and \
+                        not kve_get(&self._index.emap, ns.id, ev.parent, keys, 64):
+                    out.setdefault(ns.name, []).append(ev.parent)
+            elif ev.tag == TAG_STORED or ev.tag == TAG_REMOVED:
+                for j in range(ev.nhashes):
+                    if self._resolve(ctx, model, hashes[j], keys, &got) is not None:
+                        continue
+                    for ns in list(ctx._fed) + ([model] if model is not None else []):
+                        if ns.mode == MODE_DECOUPLED and not ns.evicted:
+                            out.setdefault(ns.name, []).append(hashes[j])
+        b.rewind()
+        return out
 
     cdef object _event_namespace_name(self, StreamContext ctx, Event *ev):
         """The namespace a BlockStored belongs to (as _lora_namespace, counting nothing)."""
@@ -1030,12 +948,12 @@ cdef class EventSink:
         cdef _Namespace ns, model
         model = self._namespace(ctx.model, False) if ctx.model is not None else None
         for i in range(n):
-            ns = self._resolve(ctx, model, self._hashes.data[i], keys, &got)
+            ns = self._resolve(ctx, model, self._h[i], keys, &got)
             if ns is not None:
                 self._store(ctx, ns, keys, got, tier)
                 continue
             if model is not None and model.mode == MODE_PARITY:
-                self._store(ctx, model, &self._hashes.data[i], 1, tier)
+                self._store(ctx, model, &self._h[i], 1, tier)
             else:
                 self._c[<int>C_OFFLOAD_UNRESOLVED] += 1
 
@@ -1063,8 +981,8 @@ cdef class EventSink:
         if scratch_reserve(&self._keys, n):
             raise MemoryError()
         hasher.root_into(parent)
-        hasher.chain(self._tokens.data, n, extras, parent, self._keys.data, NULL)
-        return memcmp(self._keys.data, self._hashes.data, n * sizeof(uint64_t)) == 0
+        hasher.chain(self._t, n, extras, parent, self._keys.data, NULL)
+        return memcmp(self._keys.data, self._h, n * sizeof(uint64_t)) == 0
 
     cdef bint _verify(self, StreamContext ctx, _Namespace ns, Event *ev, extras) except -1:
         """Re-hashes a run that starts at block 0 with kvcm's configuration; True when the
@@ -1205,10 +1123,10 @@ cdef class EventSink:
         if block_extras is not None and k > 1:
             # an engine block's keys go on its first kvcm block
             block_extras = [block_extras[j // k] if j % k == 0 else None for j in range(nkv)]
-        ns.decoupled.chain(self._tokens.data, nkv, block_extras, parent, self._keys.data, NULL)
+        ns.decoupled.chain(self._t, nkv, block_extras, parent, self._keys.data, NULL)
         self._store(ctx, ns, self._keys.data, nkv, tier)
         for i in range(n):
-            self._map_engine(ns, self._hashes.data[i], self._keys.data + i * k, k)
+            self._map_engine(ns, self._h[i], self._keys.data + i * k, k)
 
     cdef void _stored_small_blocks(self, StreamContext ctx, _Namespace ns, Event *ev, extras,
                                    Py_ssize_t bs, lora, uint32_t tier) except *:
@@ -1233,8 +1151,8 @@ cdef class EventSink:
         # the kvcm block's extra keys are those of its first engine block
         parent_key, pending, pending_hashes, first_extra = state
         for i in range(n):
-            h = self._hashes.data[i]
-            tokens = tuple([self._tokens.data[j] for j in range(i * bs, (i + 1) * bs)])
+            h = self._h[i]
+            tokens = tuple([self._t[j] for j in range(i * bs, (i + 1) * bs)])
             if not pending:
                 first_extra = block_extras[i] if block_extras is not None else None
             pending = pending + tokens
@@ -1261,7 +1179,7 @@ cdef class EventSink:
         if ctx.model is not None:
             model = self._namespaces.get(ctx.model)
         for i in range(n):
-            h = self._hashes.data[i]
+            h = self._h[i]
             ns = self._resolve(ctx, model, h, keys, &got)
             if ns is not None:
                 self._remove(ctx, ns, keys, got, tier)

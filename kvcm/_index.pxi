@@ -2,7 +2,7 @@
 # scorer. Names (namespaces, pods, tiers) are interned here to small integers; the C side
 # sees only integers.
 
-cdef extern from "index.h":
+cdef extern from "index.h" nogil:
     uint32_t KVI_NIL
     int KVI_MAX_TIERS
     uint32_t KVI_MAX_PODS
@@ -32,7 +32,7 @@ cdef extern from "index.h":
     int64_t kvi_lookup(kvi_index *ix, uint32_t ns, const uint64_t *keys, size_t n,
                        const uint8_t *filter, uint32_t filter_bits, const double *weights)
 
-cdef extern from "engine_map.h":
+cdef extern from "engine_map.h" nogil:
     ctypedef struct kve_map:
         pass
     int kve_init(kve_map *m, uint64_t capacity)

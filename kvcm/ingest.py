@@ -385,10 +385,11 @@ class Ingest:
                     return self._drop("model")
                 model = ids[1]
         try:
-            _, dp_rank, _ = self._sink.batch_header(payload)
+            batch = self._sink.decode(payload)   # decoded once: what follows reads the records
+            _, dp_rank, _ = batch.check()
         except DecodeError as exc:
             return self._drop(exc.reason)
-        self._on_live(self._stream(pod, model, dp_rank or 0), int.from_bytes(seq8, "big"), payload)
+        self._on_live(self._stream(pod, model, dp_rank or 0), int.from_bytes(seq8, "big"), batch)
 
     def _stream(self, pod, model, dp_rank):
         """The stream, made the most recently active one; a new one when unknown, for which
@@ -592,7 +593,8 @@ class Ingest:
 
     def _hold(self, stream, seq, payload):
         if len(stream.held) < self._max_held:
-            stream.held.append((seq, payload))
+            # the payload alone: a held batch is decoded again when its turn comes
+            stream.held.append((seq, getattr(payload, "payload", payload)))
         else:
             # The seq is then missing after the replay: a gap like any other.
             self.counters["held_dropped"] += 1
