@@ -260,11 +260,12 @@ cdef class EventSink:
     cdef Medium _media[MAX_FAST_MEDIA]   # media resolved to a tier, for _fast_tier
     cdef int _nmedia
     cdef BlockHasher _fast_hasher        # the parity chain of the model _fast_setup read
+    cdef bint _fast_path                 # False: every event takes the general path (tests compare)
     cdef object _journal    # None: effects go to the Index
     cdef list _changed      # namespaces whose contract changed since take_changed_namespaces()
 
     def __init__(self, Index index, Py_ssize_t block_size=16, str hash_algo="sha256",
-                 hash_seed=None, str hash_mode="auto", warn=None, journal=None, tiers=()):
+                 hash_seed=None, str hash_mode="auto", warn=None, journal=None, tiers=(), bint fast_path=True):
         if hash_mode not in HASH_MODES:
             raise ValueError("unknown hash mode %r (expected one of %s)" % (hash_mode, ", ".join(HASH_MODES)))
         if hash_algo not in ENGINE_ALGORITHMS:
@@ -289,6 +290,7 @@ cdef class EventSink:
         self._gpu_tier = index._tiers.intern("gpu")
         self._rlog = RateLimitedLog(_log)
         self._journal = journal
+        self._fast_path = fast_path
         self._changed = []
         memset(self._c, 0, sizeof(self._c))
 
@@ -534,7 +536,7 @@ cdef class EventSink:
         memset(f, 0, sizeof(FastPath))
         f.index = &self._index.ix
         f.pod = ctx.pod_id
-        f.any = self._journal is None   # with a journal every effect goes through Python
+        f.any = self._journal is None and self._fast_path   # a journal takes every effect in Python
         if not f.any or ctx.model is None:
             return
         model = self._namespaces.get(ctx.model)

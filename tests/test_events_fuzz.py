@@ -10,7 +10,7 @@
 Example counts are bounded so that the suite stays fast; the seeds vary between runs."""
 
 import msgpack
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from captures import IndexModel
@@ -147,3 +147,65 @@ def test_mutated_batches_raise_only_decode_error_and_keep_the_index_consistent(v
     assert blocks == 4 and tiers["gpu"] == 4
     sink.clear_pod(PODS[0])
     assert index.stats()["entries"] == 0
+
+
+# -- the C fast path against the general path ------------------------------------------------
+
+@st.composite
+def any_events(draw):
+    """Valid events (as events()), events from block 0 whose hashes are not vLLM's (a parity
+    mismatch: the namespace switches to decoupled mode mid-batch, or is kept in parity under
+    --hash-mode vllm), removals of anything and events of another block size."""
+    kind = draw(st.sampled_from(["valid"] * 6 + ["wrong_hashes", "remove_any", "other_size"]))
+    form = draw(st.sampled_from(["map", "array"]))
+    p = draw(st.integers(0, len(PROMPTS) - 1))
+    if kind == "valid":
+        return draw(events())
+    if kind == "wrong_hashes":
+        return block_stored([k + 1 for k in KEYS[p][:2]], None, PROMPTS[p][:2 * BS], BS, form=form)
+    if kind == "remove_any":
+        return block_removed([draw(st.sampled_from(KEYS[p] + [12345]))], medium=draw(st.sampled_from(MEDIA)),
+                             form=form)
+    return block_stored(KEYS[p][:1], None, PROMPTS[p][:BS], 2 * BS, form=form)
+
+
+def index_state(index, sink):
+    """Everything a fast path could get wrong, as comparable values."""
+    lookups = {}
+    for ns in (MODEL,) + LORAS:
+        for tokens in PROMPTS:
+            for keys in (list(HASHER.keys(tokens)), list(sink.keys_for(ns, tokens)), lora_keys(ns, tokens)):
+                lookups[(ns, tuple(keys))] = index.lookup_prefix(ns, keys)
+    return index.stats(), lookups, sink.counters, sink.namespaces(), sorted(sink.take_switched())
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=st.lists(st.tuples(st.sampled_from(PODS), st.lists(any_events(), max_size=8), st.integers(0, 400)),
+                        min_size=1, max_size=10),
+       mode=st.sampled_from(["auto", "vllm", "kvcm"]), capacity=st.sampled_from([6, 100_000]),
+       mutation=st.none() | EDITS)
+# a model's store after a LoRA's: the model is the stream's most recently fed namespace again
+@example(batches=[(PODS[0], [block_stored(KEYS[0][:1], None, PROMPTS[0][:BS], BS),
+                             block_stored([lora_hash("sql", 0, 0)], None, PROMPTS[0][:BS], BS, lora_id=1,
+                                          lora_name="sql"),
+                             block_stored(KEYS[0][1:2], KEYS[0][0], PROMPTS[0][BS:2 * BS], BS)], 0)],
+         mode="auto", capacity=100_000, mutation=None)
+def test_the_fast_path_leaves_what_the_general_path_leaves(batches, mode, capacity, mutation):
+    """The same batches, whole or in slices, a small index (so that recency decides what is
+    evicted) or a large one, optionally one of them mutated: the C fast path and the general
+    path leave the same index, counters and namespace contracts."""
+    states = []
+    for fast in (True, False):
+        index = Index(max_blocks=capacity)
+        sink = EventSink(index, BS, "sha256", None, mode, fast_path=fast)
+        contexts = {pod: StreamContext(pod, MODEL) for pod in PODS}
+        for i, (pod, evs, slice_bytes) in enumerate(batches):
+            payload = encode_batch(evs)
+            if mutation is not None and i == len(batches) // 2:
+                payload = mutate(payload, mutation)
+            try:
+                apply_in_slices(sink, contexts[pod], payload, slice_bytes)
+            except DecodeError:
+                pass
+        states.append((index_state(index, sink), [contexts[pod].fed for pod in PODS]))
+    assert states[0] == states[1]
