@@ -11,6 +11,7 @@ import ipaddress
 import logging
 
 from kvcm import chat, tokenize
+from kvcm.dynamo import DynamoApi
 from kvcm.endpoints import check_registered_endpoint
 from kvcm.http import BadRequest, HttpError, Response, Router, json_response
 from kvcm.indexer import Busy, TemplatesUnavailable
@@ -133,6 +134,7 @@ class Api:
         r.add("GET", "/v1/engines", self.engines)
         r.add("POST", "/v1/engines", self.add_engine)
         r.add("DELETE", "/v1/engines/{name}", self.remove_engine)
+        DynamoApi(indexer, self._admin, self._connect_engine).routes(r)
         r.add("GET", "/health", self.health)
         r.add("GET", "/ready", self.readiness)
         r.add("GET", "/metrics", self.metrics_text)
@@ -289,6 +291,10 @@ class Api:
         return self._add_engine(name, endpoint, replay, model)
 
     async def _add_engine(self, name, endpoint, replay, model):
+        await self._connect_engine(name, endpoint, replay, model)
+        return json_response(201, {"engine": name})
+
+    async def _connect_engine(self, name, endpoint, replay, model):
         # a client of the admin API may only name reachable TCP engines (kvcm/endpoints.py)
         try:
             await check_registered_endpoint(endpoint, "endpoint")
@@ -299,7 +305,6 @@ class Api:
             raise BadRequest(str(e)) from None
         except OSError as e:     # out of sockets or file descriptors
             raise HttpError(503, str(e), headers=(("Retry-After", "1"),)) from None
-        return json_response(201, {"engine": name})
 
     def remove_engine(self, request):
         self._admin(request)
@@ -366,7 +371,8 @@ def _is_loopback(peer):
 
 _STATIC_ENDPOINTS = frozenset(("/v1/score", "/score_completions", "/score_chat_completions", "/v1/tokenize",
                                "/v1/hash", "/v1/pods", "/v1/engines", "/health", "/ready", "/metrics",
-                               "/v1/status", "/", "/status"))
+                               "/v1/status", "/", "/status",
+                               "/register", "/unregister", "/workers", "/query", "/query_by_hash"))
 _PARAM_ENDPOINTS = (("/v1/pods/", "/v1/pods/{pod}"), ("/v1/engines/", "/v1/engines/{name}"))
 
 
