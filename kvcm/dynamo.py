@@ -21,6 +21,7 @@ the run's blocks the device tier holds.
 import dataclasses
 from urllib.parse import parse_qsl
 
+from kvcm.bodies import TOKEN_ID_TYPES, json_object
 from kvcm.http import BadRequest, HttpError, json_response
 from kvcm.shared_index import IndexUnavailable
 
@@ -72,8 +73,9 @@ def _text(body, name, required=False, default=None):
 class DynamoApi:
     """The routes; `admin(request)` raises unless the request may change state."""
 
-    def __init__(self, indexer, admin, add_engine):
+    def __init__(self, indexer, admin, add_engine, fast_ids=True):
         self.indexer = indexer
+        self.fast_ids = fast_ids
         self.admin = admin
         self.add_engine = add_engine    # coroutine (name, endpoint, replay, model): checks and connects
         self.workers = {}               # engine name -> Worker
@@ -96,7 +98,7 @@ class DynamoApi:
 
     def register(self, request):
         self.admin(request)
-        body = _object(request)
+        body = json_object(request)
         instance = _uint(body, "instance_id", required=True)
         endpoint = _text(body, "endpoint", required=True)
         model = _text(body, "model_name", required=True)
@@ -122,7 +124,7 @@ class DynamoApi:
 
     def unregister(self, request):
         self.admin(request)
-        body = _object(request)
+        body = json_object(request)
         instance = _uint(body, "instance_id", required=True)
         model = _text(body, "model_name", required=True)
         dp_rank = _uint(body, "dp_rank", limit=(1 << 32) - 1)
@@ -163,11 +165,11 @@ class DynamoApi:
         return model, members
 
     def query(self, request):
-        body = _object(request)
+        body = json_object(request, self.fast_ids)
         ids = body.get("token_ids")
         if ids is None:
             raise BadRequest("field 'token_ids' is required")
-        if not isinstance(ids, list):
+        if not isinstance(ids, TOKEN_ID_TYPES):
             raise BadRequest("field 'token_ids' must be a list of non-negative integers")
         model, members = self._group(body)
         lora = _text(body, "lora_name")
@@ -183,7 +185,7 @@ class DynamoApi:
                              % e) from None
 
     def query_by_hash(self, request):
-        body = _object(request)
+        body = json_object(request)
         keys = body.get("block_hashes")
         if keys is None:
             raise BadRequest("field 'block_hashes' is required")
@@ -219,13 +221,6 @@ class DynamoApi:
             entry["gpu"] = max(entry["gpu"], gpu)
             entry["longest_matched"] = entry["cpu"] = entry["disk"] = max(entry["longest_matched"], longest)
         return json_response(200, {"scores": scores, "frequencies": [], "instances": instances})
-
-
-def _object(request):
-    body = request.json()
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    return body
 
 
 __all__ = ["DynamoApi", "engine_name"]
