@@ -5,8 +5,9 @@
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release
 
 cdef extern from "json_ids.h":
-    int kj_find_token_ids(const char *p, size_t n, size_t *start, size_t *end) nogil
-    Py_ssize_t kj_u64_array(const char *p, size_t s, size_t e, uint64_t *out) nogil
+    size_t kj_find_token_ids(const char *p, size_t n) nogil
+    Py_ssize_t kj_u64_array(const char *p, size_t n, size_t *at, uint64_t *out) nogil
+    int kj_rest(const char *p, size_t n, size_t i) nogil
 
 # Bodies at least this long are scanned without the GIL: other threads (tokenizer encodes)
 # run meanwhile; shorter ones are done before releasing it would pay.
@@ -19,29 +20,32 @@ def json_token_ids(body):
     `[]` (for the general parser, which reads the other fields). None when the body is
     anything else: then the general path parses it and words any error."""
     cdef Py_buffer view
-    cdef size_t start = 0, end = 0, n
-    cdef int found
-    cdef Py_ssize_t count
+    cdef size_t start, end, n
+    cdef Py_ssize_t count = -1
     cdef array ids
     cdef const char *p
+    cdef uint64_t *out
     cdef bytes rest
     PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
     try:
         p = <const char *>view.buf
         n = <size_t>view.len
-        if view.len >= _NOGIL_BODY:
-            with nogil:
-                found = kj_find_token_ids(p, n, &start, &end)
-        else:
-            found = kj_find_token_ids(p, n, &start, &end)
-        if not found:
+        start = kj_find_token_ids(p, n)
+        if start == 0:
             return None
-        ids = new_u64_array(<Py_ssize_t>((end - start + 1) // 2))
+        # room for the most values the rest of the body could hold; shrunk once parsed
+        ids = new_u64_array(<Py_ssize_t>((n - start + 1) // 2))
+        out = <uint64_t *>ids.data.as_voidptr
+        end = start
         if view.len >= _NOGIL_BODY:
             with nogil:
-                count = kj_u64_array(p, start, end, <uint64_t *>ids.data.as_voidptr)
+                count = kj_u64_array(p, n, &end, out)
+                if count >= 0 and not kj_rest(p, n, end):
+                    count = -1
         else:
-            count = kj_u64_array(p, start, end, <uint64_t *>ids.data.as_voidptr)
+            count = kj_u64_array(p, n, &end, out)
+            if count >= 0 and not kj_rest(p, n, end):
+                count = -1
         if count < 0:
             return None
         resize(ids, count)

@@ -119,7 +119,9 @@ def body(draw):
 
 EDGES = [b'{"model": "%s", "token_ids": [%s]}' % (MODEL.encode(), x) for x in (
     b"18446744073709551615", b"18446744073709551616", b"184467440737095516150", b"99999999999999999999", b"01",
-    b"-0", b"1.0", b"1e2", b"0")] + [
+    b"-0", b"1.0", b"1e2", b"0",
+    b",".join(b"1234567890123456789"[:k] for k in range(1, 20)) + b",12345678901234567890",   # every length
+    b"12345678,0,9,012345678", b"123456789a")] + [
     b'{"model": "%s", "token_ids": [1, 2], "token\\u005fids": [3]}' % MODEL.encode(),   # an escaped twin, last
     b'{"model": "%s", "token\\u005fids": [3], "token_ids": [1, 2]}' % MODEL.encode(),
     b'{"model": "%s", "token_ids": [1, 2], "token_ids": [4]}' % MODEL.encode(),         # a plain twin: last wins
