@@ -49,6 +49,8 @@ def outcome(api, path, body, content_type=None):
     headers = {} if content_type is None else {"content-type": content_type}
     try:
         response = handler(Request("POST", path, headers=headers, body=body))
+        if asyncio.iscoroutine(response):      # a prompt to tokenize (there is no tokenizer: 404)
+            response = asyncio.run(response)
     except HttpError as e:
         return ("error", e.status, e.message)
     return ("ok", response.status, orjson.loads(response.body))
