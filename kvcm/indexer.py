@@ -189,7 +189,10 @@ class Indexer:
         model's template names) only with --trust-request-chat-template, in a worker process.
         Raises tokenize.UnknownModel, tokenize.TokenizerLoadError, chat.TemplateError
         (TemplateRefused, chat.TemplateLimitExceeded), inflight.Busy, TemplatesUnavailable."""
-        tokenizer = self.tokenizers.get(self.tokenizer_name(model))
+        name = self.tokenizer_name(model)
+        tokenizer = self.tokenizers.loaded(name)
+        if tokenizer is None:   # the first use reads and compiles megabytes: not on the loop
+            tokenizer = await asyncio.get_running_loop().run_in_executor(None, self.tokenizers.get, name)
         if messages is None:
             with self.inflight.admit(len(prompt)):
                 return await self._encode(tokenizer, prompt, add_special_tokens), None

@@ -812,6 +812,13 @@ class TokenizerRegistry:
             raise UnknownModel(model, known)
         return entry.path
 
+    def loaded(self, model: str) -> Tokenizer | None:
+        """The model's tokenizer when it is loaded already, else None: :meth:`get` would read
+        and compile its files (hundreds of milliseconds), or fail."""
+        with self._lock:
+            entry = self._entries.get(model)
+            return entry.tokenizer if entry is not None else None
+
     def get(self, model: str) -> Tokenizer:
         """The model's tokenizer; ``UnknownModel`` or ``TokenizerLoadError`` otherwise."""
         with self._lock:

@@ -7,12 +7,15 @@ for that long, which lets the tests fill the bound deterministically: whatever i
 while a scrape of /metrics shows it in flight meets a full bound."""
 
 import concurrent.futures
+import errno
+import os
 import random
+import shutil
 
 import pytest
 
 from procfs import status_mib
-from serving import QWEN, WAIT, Serve, until
+from serving import QWEN, TOKENIZERS, WAIT, Serve, until
 
 RUNAWAY = ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
            "{{ messages[0].content }}")
@@ -83,4 +86,45 @@ def test_memory_returns_near_its_baseline_after_large_prompts(shared):
         until(lambda: status_mib(server.proc.pid, "VmRSS") < baseline + 200,
               "RSS to return near its baseline of %.0f MiB" % baseline, deadline=WAIT)
     finally:
+        server.close()
+
+
+def test_a_tokenizer_loads_off_the_event_loop(tmp_path):
+    """A model's first request reads and compiles its tokenizer (hundreds of milliseconds for
+    a real one); meanwhile kvcm keeps answering. Here one of the model's chat templates is a
+    FIFO, so the load waits, however long, until the test writes the template into it."""
+    fixture = TOKENIZERS / "qwen2.5-instruct"
+    model_dir = tmp_path / "slow-model"
+    model_dir.mkdir()
+    shutil.copy(fixture / "tokenizer.json", model_dir)
+    shutil.copy(fixture / "tokenizer_config.json", model_dir)
+    (model_dir / "additional_chat_templates").mkdir()
+    fifo = model_dir / "additional_chat_templates" / "plain.jinja"
+    os.mkfifo(fifo)
+
+    def loading():
+        # a FIFO opens for writing (without blocking) only once a reader has it open
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            return None
+
+    server = start("--tokenizer", "slow=%s" % model_dir)
+    writer = None
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(server.client.post, "/v1/tokenize", {"model": "slow", "prompt": "hello"})
+            writer = until(loading, "kvcm to start reading the tokenizer's files")
+            assert server.client.ok("GET", "/health", timeout=WAIT) == {"status": "ok"}
+            os.set_blocking(writer, True)
+            os.write(writer, b"{% for m in messages %}{{ m.content }}{% endfor %}")
+            os.close(writer)
+            writer = None
+            reply = first.result(WAIT)
+            assert reply.status == 200 and reply.json["token_ids"], reply
+    finally:
+        if writer is not None:    # a failed test still lets the load (and the server) finish
+            os.close(writer)
         server.close()
