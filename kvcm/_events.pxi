@@ -194,6 +194,9 @@ cdef class EventSink
 
 cdef enum:
     MAX_FAST_MEDIA = 8
+    # Events a run applies per hold of the index lock (without the GIL): a few hundred
+    # microseconds at most, the longest a lookup waits for ingest.
+    FAST_RUN_EVENTS = 32
     MAX_MEDIUM_NAME = 16
 
 cdef struct Medium:
@@ -502,11 +505,23 @@ cdef class EventSink:
                 self._count_reader_error(b.trunc_err)
                 cursor.left = 0
                 break
-            done = self._fast_run(b, cursor.next, cursor.left, stop, &f, &end) if f.any else 0
+            done = 0
+            if f.any:
+                # without the GIL (the scoring thread goes on), holding the index lock for a
+                # bounded run: a lookup waits for at most FAST_RUN_EVENTS events
+                with nogil:
+                    ilock_acquire(&self._index._lock)
+                    done = self._fast_run(b, cursor.next, min(cursor.left, <Py_ssize_t>FAST_RUN_EVENTS),
+                                          stop, &f, &end)
+                    ilock_release(&self._index._lock)
             if done:
                 self._fast_done(cursor.ctx, &f)
             else:
-                self._apply_event(cursor.ctx, b, ev)
+                ilock_acquire_gil(&self._index._lock)
+                try:
+                    self._apply_event(cursor.ctx, b, ev)
+                finally:
+                    ilock_release(&self._index._lock)
                 self._fast_setup(cursor.ctx, &f)   # the event may have changed what is common
                 done = 1
                 end = ev.end

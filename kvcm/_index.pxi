@@ -42,6 +42,63 @@ cdef extern from "engine_map.h" nogil:
     uint64_t kve_count(const kve_map *m)
     int kve_clear_namespace(kve_map *m, uint32_t ns)
 
+cdef extern from "pythread.h" nogil:
+    ctypedef void *PyThread_type_lock
+    PyThread_type_lock PyThread_allocate_lock()
+    void PyThread_free_lock(PyThread_type_lock)
+    int PyThread_acquire_lock(PyThread_type_lock, int waitflag)
+    void PyThread_release_lock(PyThread_type_lock)
+    unsigned long PyThread_get_thread_ident()
+    int WAIT_LOCK
+    int NOWAIT_LOCK
+
+
+# The index is shared by the thread that scores (the event loop's) and the ingest thread,
+# which applies runs of events without the GIL (EventSink._fast_run). Everything that reads
+# or writes the C structures holds this lock: the public methods here, and the sink for each
+# event or bounded run of events it applies. It is recursive (a method may call another),
+# and a thread holding the GIL never waits for it without releasing the GIL first, so the
+# two locks cannot deadlock.
+cdef struct IndexLock:
+    PyThread_type_lock lock
+    unsigned long owner
+    int depth
+
+
+cdef inline bint ilock_reenter(IndexLock *l) noexcept nogil:
+    if l.depth and l.owner == PyThread_get_thread_ident():
+        l.depth += 1
+        return True
+    return False
+
+
+cdef inline void ilock_acquire(IndexLock *l) noexcept nogil:
+    """Without the GIL."""
+    if ilock_reenter(l):
+        return
+    PyThread_acquire_lock(l.lock, WAIT_LOCK)
+    l.owner = PyThread_get_thread_ident()
+    l.depth = 1
+
+
+cdef inline void ilock_acquire_gil(IndexLock *l) noexcept:
+    """With the GIL, which is released while waiting."""
+    if ilock_reenter(l):
+        return
+    if not PyThread_acquire_lock(l.lock, NOWAIT_LOCK):
+        with nogil:
+            PyThread_acquire_lock(l.lock, WAIT_LOCK)
+    l.owner = PyThread_get_thread_ident()
+    l.depth = 1
+
+
+cdef inline void ilock_release(IndexLock *l) noexcept nogil:
+    l.depth -= 1
+    if l.depth == 0:
+        l.owner = 0
+        PyThread_release_lock(l.lock)
+
+
 DEFAULT_MAX_BLOCKS = 10_000_000
 MAX_NAMESPACES = KVI_MAX_NS + 1   # namespace ids are 16 bits, and one value marks a free block
 MAX_TIERS = KVI_MAX_TIERS
@@ -117,13 +174,15 @@ cdef class Index:
     cdef uint8_t *_filter
     cdef uint32_t _filter_cap
     cdef double _unit_weights[16]
+    cdef IndexLock _lock
 
     def __cinit__(self, max_blocks=DEFAULT_MAX_BLOCKS, max_namespaces=MAX_NAMESPACES):
         if max_blocks < 1:
             raise ValueError("max_blocks must be at least 1, got %r" % (max_blocks,))
         if not 2 <= max_namespaces <= MAX_NAMESPACES:
             raise ValueError("max_namespaces must be between 2 and %d, got %r" % (MAX_NAMESPACES, max_namespaces))
-        if kvi_init(&self.ix, max_blocks) or kve_init(&self.emap, max_blocks):
+        self._lock.lock = PyThread_allocate_lock()
+        if self._lock.lock == NULL or kvi_init(&self.ix, max_blocks) or kve_init(&self.emap, max_blocks):
             raise MemoryError()
         self._ns = _Names("namespace", max_namespaces)
         self._pods = _Names("pod", KVI_MAX_PODS)
@@ -137,16 +196,22 @@ cdef class Index:
         kve_release(&self.emap)
         free(self._filter)
         free(self._pod_refs)
+        if self._lock.lock != NULL:
+            PyThread_free_lock(self._lock.lock)
 
     cdef uint32_t _pod_id(self, pod) except? 0xFFFFFFFF:
         cdef uint32_t p = self._pods.get(pod)
         if p != KVI_NIL:
             return p
-        if len(self._pods.ids) >= self._pod_sweep_at:
-            self._forget_idle_pods()
-        p = self._pods.intern(pod)
-        if kvi_ensure_pods(&self.ix, p + 1) or self._reserve_pod_refs(p + 1):
-            raise MemoryError()
+        ilock_acquire_gil(&self._lock)
+        try:
+            if len(self._pods.ids) >= self._pod_sweep_at:
+                self._forget_idle_pods()
+            p = self._pods.intern(pod)
+            if kvi_ensure_pods(&self.ix, p + 1) or self._reserve_pod_refs(p + 1):
+                raise MemoryError()
+        finally:
+            ilock_release(&self._lock)
         return p
 
     cdef int _reserve_pod_refs(self, uint32_t n) noexcept:
@@ -206,6 +271,13 @@ cdef class Index:
 
     def store(self, str ns, pod, str tier, keys):
         """Adds (pod, tier) to every block of keys; returns how many entries were new."""
+        ilock_acquire_gil(&self._lock)
+        try:
+            return self._store(ns, pod, tier, keys)
+        finally:
+            ilock_release(&self._lock)
+
+    cdef _store(self, str ns, pod, str tier, keys):
         cdef uint32_t n = self._ns.intern(ns), p = self._pod_id(pod), t = self._tiers.intern(tier)
         cdef U64s k
         cdef int64_t added
@@ -219,6 +291,13 @@ cdef class Index:
     def remove(self, str ns, pod, str tier, keys):
         """Removes (pod, tier) from every block of keys; unknown ones are skipped. Returns
         how many entries were removed."""
+        ilock_acquire_gil(&self._lock)
+        try:
+            return self._remove(ns, pod, tier, keys)
+        finally:
+            ilock_release(&self._lock)
+
+    cdef _remove(self, str ns, pod, str tier, keys):
         cdef uint32_t n = self._ns.get(ns), p = self._pods.get(pod), t = self._tiers.get(tier)
         cdef U64s k
         cdef uint64_t removed
@@ -232,6 +311,13 @@ cdef class Index:
     def clear_pod(self, pod, tier=None, ns=None):
         """Removes the pod's entries (in one tier and/or one namespace when given); costs
         O(the pod's entries). Returns how many were removed."""
+        ilock_acquire_gil(&self._lock)
+        try:
+            return self._clear_pod(pod, tier, ns)
+        finally:
+            ilock_release(&self._lock)
+
+    cdef _clear_pod(self, pod, tier=None, ns=None):
         cdef uint32_t p = self._pods.get(pod)
         cdef uint32_t n = KVI_NIL
         cdef int t = -1
@@ -250,6 +336,13 @@ cdef class Index:
     def clear_namespace(self, str ns):
         """Removes every block of a namespace on all pods, O(index), and forgets its engine
         map entries (they stop resolving at once and leave the count with their generation)."""
+        ilock_acquire_gil(&self._lock)
+        try:
+            return self._clear_namespace(ns)
+        finally:
+            ilock_release(&self._lock)
+
+    cdef _clear_namespace(self, str ns):
         cdef uint32_t n = self._ns.get(ns)
         if n == KVI_NIL:
             return 0
@@ -261,6 +354,13 @@ cdef class Index:
         """Forgets namespaces as if they had never been seen: their blocks on every pod and
         their engine-map entries go, and their ids serve new names. One walk of the index at
         most, however many they are. Returns how many entries were removed."""
+        ilock_acquire_gil(&self._lock)
+        try:
+            return self._forget_namespaces(names)
+        finally:
+            ilock_release(&self._lock)
+
+    cdef _forget_namespaces(self, names):
         cdef uint8_t dead[NS_BITMAP_BYTES]
         cdef uint32_t n
         cdef list known = []
@@ -321,6 +421,13 @@ cdef class Index:
         {pod: (blocks, {tier: blocks})}: the length of each pod's consecutive run from
         block 0 and how many blocks of it the pod holds in each tier. Pods absent from
         block 0 (or outside `pods`, when given) are not returned."""
+        ilock_acquire_gil(&self._lock)
+        try:
+            return self._lookup_prefix(ns, keys, pods)
+        finally:
+            ilock_release(&self._lock)
+
+    cdef _lookup_prefix(self, str ns, keys, pods=None):
         cdef int64_t i, found = self._walk(ns, keys, pods, self._unit_weights)
         cdef const kvi_match *m
         cdef dict out = {}
@@ -331,6 +438,13 @@ cdef class Index:
 
     def pod_blocks(self, pod):
         """{tier: entries} held by pod, over every namespace."""
+        ilock_acquire_gil(&self._lock)
+        try:
+            return self._pod_blocks(pod)
+        finally:
+            ilock_release(&self._lock)
+
+    cdef _pod_blocks(self, pod):
         cdef uint32_t p = self._pods.get(pod)
         if p == KVI_NIL or p >= self.ix.pods_cap:
             return {}
@@ -338,6 +452,13 @@ cdef class Index:
                 for t in range(len(self._tiers.names)) if self.ix.pods[p].per_tier[t]}
 
     def stats(self):
+        ilock_acquire_gil(&self._lock)
+        try:
+            return self._stats()
+        finally:
+            ilock_release(&self._lock)
+
+    cdef _stats(self):
         pods = {}
         for p, name in enumerate(self._pods.names):
             if self.ix.pods[p].total:
@@ -354,6 +475,13 @@ cdef class Index:
     def map_engine(self, str ns, engine_hashes, keys):
         """Records engine hash -> kvcm key(s) for a decoupled namespace. keys holds k keys per
         engine hash (an engine block of k kvcm blocks), in order."""
+        ilock_acquire_gil(&self._lock)
+        try:
+            return self._map_engine(ns, engine_hashes, keys)
+        finally:
+            ilock_release(&self._lock)
+
+    cdef _map_engine(self, str ns, engine_hashes, keys):
         cdef uint32_t n = self._ns.intern(ns)
         cdef U64s e, k
         cdef Py_ssize_t i, per
@@ -380,6 +508,13 @@ cdef class Index:
 
     def resolve(self, str ns, engine_hashes):
         """For each engine hash, the tuple of kvcm keys it maps to (empty when unknown)."""
+        ilock_acquire_gil(&self._lock)
+        try:
+            return self._resolve(ns, engine_hashes)
+        finally:
+            ilock_release(&self._lock)
+
+    cdef _resolve(self, str ns, engine_hashes):
         cdef uint32_t n = self._ns.get(ns)
         cdef U64s e
         cdef uint64_t out[64]
@@ -434,6 +569,13 @@ cdef class Scorer:
 
     def score(self, Index index, str ns, keys, pods=None):
         """{pod: score} for the pods that hold block 0."""
+        ilock_acquire_gil(&index._lock)
+        try:
+            return self._score(index, ns, keys, pods)
+        finally:
+            ilock_release(&index._lock)
+
+    cdef _score(self, Index index, str ns, keys, pods=None):
         cdef int64_t i, found = index._walk(ns, keys, pods, self._weights_for(index))
         cdef const kvi_match *m
         cdef dict out = {}
@@ -445,6 +587,13 @@ cdef class Scorer:
 
     def score_detailed(self, Index index, str ns, keys, pods=None):
         """{pod: (score, blocks, {tier: blocks})}."""
+        ilock_acquire_gil(&index._lock)
+        try:
+            return self._score_detailed(index, ns, keys, pods)
+        finally:
+            ilock_release(&index._lock)
+
+    cdef _score_detailed(self, Index index, str ns, keys, pods=None):
         cdef int64_t i, found = index._walk(ns, keys, pods, self._weights_for(index))
         cdef const kvi_match *m
         cdef dict out = {}
