@@ -314,7 +314,7 @@ cdef class EventSink:
         kvcm's (kept for operators: the status page, `kvcm doctor`)."""
         return {name: {"mode": ns.mode_name, "extra_style": ns.style_name, "lora": ns.lora,
                        "diagnosis": ns.diagnosis}
-                for name, ns in self._namespaces.items()}
+                for name, ns in list(self._namespaces.items())}   # a copy: the ingest thread may add one
 
     def take_switched(self):
         """Namespaces switched to decoupled mode since the last call; their entries were

@@ -21,6 +21,7 @@ from kvcm._core import EventSink, Index, Scorer
 from kvcm.config import Config, load_config
 from kvcm.inflight import Busy, InflightLimit
 from kvcm.ingest import Ingest
+from kvcm.ingest_thread import IngestThread
 from kvcm.shared_index import IndexUnavailable, SharedIndex
 from kvcm.template_pool import TemplatePool, TemplatesUnavailable
 from kvcm.tokenize import TokenizerRegistry
@@ -58,7 +59,10 @@ class Indexer:
                               journal=None if self.shared is None else self.shared.journal,
                               tiers=cfg.tier_weights)
         self.scorer = Scorer(cfg.tier_weights)
-        self.ingest = Ingest(self.sink, binds=cfg.zmq_bind, topic_prefix=cfg.zmq_topic_prefix,
+        # In memory, the ingest runs on a thread of its own (the second core); a shared
+        # index's journal and store client live on the event loop, and so does its ingest.
+        ingest = Ingest if self.shared is not None else IngestThread
+        self.ingest = ingest(self.sink, binds=cfg.zmq_bind, topic_prefix=cfg.zmq_topic_prefix,
                              engines=cfg.engines, replay_endpoints=cfg.replay_endpoint,
                              on_applied=None if self.shared is None else self.shared.batch_done,
                              clears_on_restart=self.shared is None,
@@ -282,8 +286,7 @@ class Indexer:
         new baseline); returns how many entries were removed. In-memory index only."""
         if self.shared is not None:
             raise RuntimeError("the index is shared: use clear_pod_async")
-        self.ingest.forget_pod(pod)
-        return self.index.clear_pod(pod)
+        return self.ingest.clear_pod(pod, lambda: self.index.clear_pod(pod))
 
     async def clear_pod_async(self, pod):
         """clear_pod() for either index (IndexUnavailable while a shared store is down)."""

@@ -428,6 +428,13 @@ class Ingest:
             self._forget(key)
         return len(keys)
 
+    def clear_pod(self, pod, clear):
+        """Forgets the pod's streams and calls clear() (which clears the pod in the index)
+        in the same loop turn: no batch of the pod applies between the two. Returns what
+        clear() returns."""
+        self.forget_pod(pod)
+        return clear()
+
     def _forget(self, key):
         stream = self._streams.pop(key)
         self._pod_streams[stream.pod] -= 1

@@ -85,6 +85,10 @@ def _rate_limited_exception_handler():
     return handle
 
 
+class IngestFailed(RuntimeError):
+    """The ingest stopped while kvcm was serving."""
+
+
 class Service:
     """The running service; `run()` returns when it has stopped."""
 
@@ -101,6 +105,15 @@ class Service:
                                idle_timeout=config.idle_timeout, max_connections=config.max_connections,
                                on_response=request_timer(self.metrics), ssl=_tls(config))
         self._stop = None
+        self._failure = None
+        if hasattr(self.indexer.ingest, "on_fatal"):   # the ingest runs on a thread of its own
+            self.indexer.ingest.on_fatal = self._ingest_failed
+
+    def _ingest_failed(self, exc):
+        """The ingest thread ended: kvcm stops, and exits non-zero, rather than serve an
+        index nobody feeds."""
+        self._failure = "the ingest thread stopped (%r); see the log above" % (exc,)
+        self.stop()
 
     async def start(self):
         await self.indexer.start()
@@ -138,6 +151,8 @@ class Service:
             await self.indexer.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+        if self._failure is not None:
+            raise IngestFailed(self._failure)
 
     def stop(self):
         if self._stop is not None:
@@ -178,7 +193,7 @@ def main(args):
         # a port in use or an address kvcm cannot bind: a setting to change, like a bad value
         sys.stderr.write("kvcm serve: error: cannot listen: %s\n" % e)
         return 2
-    except TemplatesUnavailable as e:
+    except (TemplatesUnavailable, IngestFailed) as e:
         sys.stderr.write("kvcm serve: error: %s\n" % e)
         return 1
     return 0

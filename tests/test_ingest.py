@@ -19,6 +19,7 @@ from captures import IndexModel, load_captures
 from kvcm._core import BlockHasher, EventSink, Index
 from kvcm.endpoints import check_endpoint
 from kvcm.ingest import EngineSpec, Ingest, parse_engine, read_engines_file
+from kvcm.ingest_thread import IngestThread
 from kvcm.publisher import (Publisher, all_blocks_cleared, block_removed, block_stored,
                             encode_batch)
 
@@ -27,6 +28,7 @@ BLOCK = 16
 LOCAL = "tcp://127.0.0.1:*"
 SINK = {"block_size": BLOCK, "hash_algo": "sha256", "hash_seed": None, "hash_mode": "vllm"}
 HASHER = BlockHasher("sha256", None, BLOCK)
+INGEST = Ingest   # or IngestThread: see ingest_class
 _probe_ranks = itertools.count(1000)
 
 
@@ -40,10 +42,19 @@ def for_rank(endpoint, rank):
     return "%s:%d" % (base, int(port) - rank)
 
 
+@pytest.fixture(autouse=True, params=[Ingest, IngestThread], ids=["loop", "thread"])
+def ingest_class(request):
+    """Every test runs with the ingest on the test's loop and on a thread of its own: the
+    same semantics either way."""
+    global INGEST
+    INGEST = request.param
+    yield request.param
+
+
 @contextlib.asynccontextmanager
-async def running(sink_config=None, *, binds=(LOCAL,), **options):
+async def running(sink_config=None, *, binds=(LOCAL,), ingest_class=None, **options):
     index = Index(max_blocks=1_000_000)
-    ingest = Ingest(EventSink(index, **dict(SINK, **(sink_config or {}))), binds=binds, **options)
+    ingest = (ingest_class or INGEST)(EventSink(index, **dict(SINK, **(sink_config or {}))), binds=binds, **options)
     await ingest.start()
     try:
         yield ingest, index
@@ -58,6 +69,13 @@ def publishers(*pubs):
     finally:
         for pub in pubs:
             pub.close()
+
+
+def tasks_of(ingest):
+    """The tasks of the loop the ingest runs on (its thread's, while that runs)."""
+    if isinstance(ingest, IngestThread) and ingest.alive:
+        return ingest._call(asyncio.all_tasks)
+    return asyncio.all_tasks()
 
 
 def stream(ingest, pod, model=MODEL, dp_rank=0):
@@ -410,15 +428,15 @@ async def test_forgetting_a_pod_frees_its_streams_and_cancels_their_replays():
         async with running(binds=(), replay_timeout=TEST_DEADLINE,
                            engines=[EngineSpec("gone", pub.endpoint, pub.replay_endpoint)]) as (ingest, _):
             await connected(pub, ingest)
-            tasks = asyncio.all_tasks()
+            tasks = tasks_of(ingest)
             pub.publish([])
             pub.publish([], deliver=False)
             pub.publish([])
             await until(lambda: stream_field(ingest, "gone", "state") == "replaying", "a replay in flight")
-            assert asyncio.all_tasks() > tasks
+            assert tasks_of(ingest) > tasks
             assert ingest.forget_pod("gone") == 2             # the stream and the probe's
             assert ingest.streams() == [] and ingest.tables()["streams"] == (0, 4096)
-            await until(lambda: asyncio.all_tasks() == tasks, "the replay to be cancelled")
+            await until(lambda: tasks_of(ingest) == tasks, "the replay to be cancelled")
             s = await caught_up(ingest, "gone", pub.publish([]))
             assert (s["batches"], s["gaps"], s["restarts"], s["state"]) == (1, 0, 0, "ok")
 
@@ -646,11 +664,12 @@ async def test_engines_added_and_removed_at_run_time():
 
 @on_uvloop
 async def test_stop_closes_every_socket_and_task():
-    fds, tasks = open_fds(), asyncio.all_tasks()
+    fds, loop_tasks = open_fds(), asyncio.all_tasks()
     mute = Publisher(LOCAL, topic=topic("e"), replay_endpoint=LOCAL, replay_thread=False)
-    ingest = Ingest(EventSink(Index(max_blocks=1024), **SINK), binds=[LOCAL], replay_timeout=60,
+    ingest = INGEST(EventSink(Index(max_blocks=1024), **SINK), binds=[LOCAL], replay_timeout=60,
                     engines=[EngineSpec("e", mute.endpoint, mute.replay_endpoint)])
     await ingest.start()
+    tasks = tasks_of(ingest)
     bound = ingest.bound[0]
     binder = Publisher(bound, topic=topic("b"))
     await connected(binder, ingest)
@@ -659,10 +678,11 @@ async def test_stop_closes_every_socket_and_task():
     mute.publish([], deliver=False)
     mute.publish([])
     await until(lambda: stream_field(ingest, "e", "state") == "replaying", "a replay in flight")
-    assert asyncio.all_tasks() > tasks                     # the replay
+    assert tasks_of(ingest) > tasks                        # the replay
     await ingest.stop()
     await ingest.stop()
-    assert asyncio.all_tasks() == tasks
+    assert asyncio.all_tasks() == loop_tasks
+    assert not isinstance(ingest, IngestThread) or not ingest.alive
     assert ingest.bound == []
     assert (stream_field(ingest, "e", "state"), stream_field(ingest, "e", "held")) == ("ok", 0)
     with zmq.Context() as ctx, ctx.socket(zmq.SUB) as again:   # the port is free again
@@ -675,7 +695,8 @@ async def test_stop_closes_every_socket_and_task():
 @on_uvloop
 async def test_ingest_yields_to_the_loop_between_budgets():
     budget, n = 8, 400
-    async with running(batch_budget=budget) as (ingest, _):
+    # the loop the ingest shares with HTTP: on a thread of its own it shares none
+    async with running(batch_budget=budget, ingest_class=Ingest) as (ingest, _):
         with publishers(Publisher(ingest.bound[0], topic=topic("burst"))) as (pub,):
             await connected(pub, ingest)
             start = ingest.counters["messages"]
@@ -734,7 +755,9 @@ async def test_a_large_batch_is_applied_in_slices_between_other_streams_batches(
     big = [events for events in workload(seed=20, n=300, resets=False)]
     small = workload(seed=21, n=1)[0]
     applied = []
-    async with running(slice_bytes=2048, on_applied=lambda s, seq, resync: applied.append((s.pod, seq))) as (ingest, index):
+    # blocking the test's loop queues the batches only when the ingest runs on that loop
+    async with running(slice_bytes=2048, on_applied=lambda s, seq, resync: applied.append((s.pod, seq)),
+                       ingest_class=Ingest) as (ingest, index):
         with publishers(Publisher(ingest.bound[0], topic=topic("big")),
                         Publisher(ingest.bound[0], topic=topic("small"))) as (a, b):
             for pub in (a, b):
