@@ -11,8 +11,9 @@ import ipaddress
 import logging
 
 from kvcm import chat, tokenize
+from kvcm._core import DumpAborted
 from kvcm.endpoints import check_registered_endpoint
-from kvcm.http import BadRequest, HttpError, Response, Router, json_response
+from kvcm.http import BadRequest, HttpError, Response, Router, StreamingResponse, json_response
 from kvcm.indexer import Busy, TemplatesUnavailable
 from kvcm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvcm.ratelog import RateLimitedLog
@@ -131,6 +132,7 @@ class Api:
         r.add("GET", "/v1/pods", self.pods)
         r.add("DELETE", "/v1/pods/{pod}", self.delete_pod)
         r.add("GET", "/v1/engines", self.engines)
+        r.add("GET", "/v1/snapshot", self.snapshot)
         r.add("POST", "/v1/engines", self.add_engine)
         r.add("DELETE", "/v1/engines/{name}", self.remove_engine)
         r.add("GET", "/health", self.health)
@@ -310,6 +312,18 @@ class Api:
             raise HttpError(404, "no engine named %r" % name) from None
         return json_response(200, {"engine": name, "removed": True})
 
+    async def snapshot(self, request):
+        """The in-memory index as a snapshot (kvcm/snapshot.py), for --bootstrap-from."""
+        self._admin(request)
+        if self.indexer.state is None:
+            raise HttpError(409, "the index is shared: its store keeps the state, there is no snapshot")
+        chunks = self.indexer.state.stream()
+        try:
+            first = await chunks.__anext__()
+        except DumpAborted as e:
+            raise HttpError(503, str(e), headers=(("Retry-After", "1"),)) from None
+        return StreamingResponse(200, _then(first, chunks))
+
     def _admin(self, request):
         """Mutating endpoints: the bearer token when one is configured, else loopback only."""
         if self.admin_token is not None:
@@ -365,9 +379,15 @@ def _is_loopback(peer):
 
 
 _STATIC_ENDPOINTS = frozenset(("/v1/score", "/score_completions", "/score_chat_completions", "/v1/tokenize",
-                               "/v1/hash", "/v1/pods", "/v1/engines", "/health", "/ready", "/metrics",
+                               "/v1/hash", "/v1/pods", "/v1/engines", "/v1/snapshot", "/health", "/ready", "/metrics",
                                "/v1/status", "/", "/status"))
 _PARAM_ENDPOINTS = (("/v1/pods/", "/v1/pods/{pod}"), ("/v1/engines/", "/v1/engines/{name}"))
+
+
+async def _then(first, rest):
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 def _endpoint_label(path):

@@ -22,6 +22,7 @@ from kvcm.config import Config, load_config
 from kvcm.inflight import Busy, InflightLimit
 from kvcm.ingest import Ingest
 from kvcm.shared_index import IndexUnavailable, SharedIndex
+from kvcm.state import StateKeeper
 from kvcm.template_pool import TemplatePool, TemplatesUnavailable
 from kvcm.tokenize import TokenizerRegistry
 
@@ -67,6 +68,13 @@ class Indexer:
                              max_message=cfg.zmq_max_message, allow=cfg.zmq_allow)
         if self.shared is not None:
             self.shared.on_switch = self.ingest.resync_namespace
+        if self.shared is not None and (cfg.state_dir or cfg.bootstrap_from):
+            raise ValueError("--state-dir and --bootstrap-from keep the in-memory index; with --index %s://... "
+                             "the store keeps the state, so leave them out" % cfg.index.split("://")[0])
+        # in memory, a snapshot can always be streamed (GET /v1/snapshot); written to disk and
+        # loaded with --state-dir, or loaded from a peer with --bootstrap-from
+        self.state = None if self.shared is not None else StateKeeper(
+            self, cfg.state_dir, cfg.snapshot_interval, cfg.bootstrap_from, cfg.admin_token)
         self.tokenizers = tokenizers if tokenizers is not None else TokenizerRegistry(
             cfg.tokenizer, cfg.tokenizers_dir)
         self.template_limits = chat.Limits(cfg.template_timeout, cfg.template_output_limit)
@@ -94,6 +102,8 @@ class Indexer:
         starts the ZMQ ingest on the running loop (OSError when a socket cannot bind)."""
         if self.shared is not None:
             await self.shared.start(self.sink)
+        if self.state is not None:
+            await self.state.restore()
         try:
             await self.ingest.start()
             if self.templates is not None:
@@ -103,10 +113,15 @@ class Indexer:
             if self.shared is not None:
                 await self.shared.close()
             raise
+        if self.state is not None:
+            self.state.start_periodic()
         self.started = True
 
     async def close(self):
-        self.started = False
+        """Stops; with --state-dir, after a last snapshot."""
+        started, self.started = self.started, False
+        if self.state is not None and started:
+            await self.state.close()
         await self.ingest.stop()
         if self.templates is not None:
             await self.templates.close()

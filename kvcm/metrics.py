@@ -141,6 +141,7 @@ class _IndexerCollector:
         yield from self._tokenizing()
         if self.indexer.shared is None:
             yield from self._index()
+            yield from self._snapshots(self.indexer.state)
         else:
             yield from self._shared(self.indexer.shared)
 
@@ -264,6 +265,22 @@ class _IndexerCollector:
             yield _counter("kvcm_redis_%s_total" % name, text, shared.counters[name])
         yield GaugeMetricFamily("kvcm_index_engine_map_entries", "Engine hash -> kvcm key entries cached locally",
                                 value=self.indexer.index.stats()["engine_map_entries"])
+
+
+    def _snapshots(self, state):
+        for name, value in state.counters.items():
+            yield _counter("kvcm_%s_total" % name, "Index snapshots: %s" % name.replace("_", " "), value)
+        last = state.last
+        figures = (("kvcm_snapshot_duration_seconds", "Time the last snapshot written took", last["duration_s"]),
+                   ("kvcm_snapshot_size_bytes", "Size of the last snapshot written", last["size_bytes"]),
+                   ("kvcm_snapshot_age_seconds", "Time since the last good snapshot was written",
+                    None if last["good_at"] is None else max(0.0, time.time() - last["good_at"])),
+                   ("kvcm_restore_duration_seconds", "Time loading the snapshot took at start",
+                    last["restore_duration_s"]),
+                   ("kvcm_restore_entries", "Entries loaded from the snapshot at start", last["entries_restored"]))
+        for metric, text, value in figures:
+            if value is not None:
+                yield GaugeMetricFamily(metric, text, value=value)
 
 
 def _counter(name, text, value):
