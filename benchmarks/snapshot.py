@@ -1,0 +1,123 @@
+"""Snapshots of the in-memory index: write time and size, restore time, and what a snapshot
+being written does to scoring (DESIGN.md "Durable state"; results in benchmarks/RESULTS.md).
+
+    .venv/bin/python benchmarks/snapshot.py --entries 1000000 10000000
+
+For each size: an Indexer filled with `entries` (block, pod) entries (sequences of 32 blocks
+on one or two of 8 pods), then
+- write: StateKeeper.write() to a temporary --state-dir (dump in slices, fsync, rename);
+- restore: a fresh Indexer's StateKeeper.restore() of that file (read, verify, load);
+- scoring: an open-loop stream of score_tokens() calls on the same event loop (one every
+  `--period` seconds, 1,000 prompts of 32 blocks that the index holds), latency measured from
+  each call's due time, so that a stalled loop counts: p50/p99 for 3 s while idle, then for
+  snapshots written back to back for at least 3 s (the write time is their median).
+"""
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from kvcm.config import load_config  # noqa: E402
+from kvcm.indexer import Indexer  # noqa: E402
+
+MODEL = "bench-model"
+BLOCKS = 32
+PODS = ["pod-%d" % i for i in range(8)]
+
+
+def filled(state_dir, entries, rng):
+    indexer = Indexer(load_config(["--state-dir", state_dir, "--zmq-bind", "tcp://127.0.0.1:0",
+                                   "--max-blocks", str(max(entries, 1000))]))
+    prompts = []
+    for i in range(1000):   # prompts the scorer asks about: their real keys
+        tokens = [(i * 7919 + t * 104729) % 150_000 for t in range(BLOCKS * 16)]
+        keys = indexer.keys(MODEL, tokens)
+        indexer.index.store(MODEL, rng.choice(PODS), "gpu", keys)
+        prompts.append(tokens)
+    stored = indexer.index.stats()["entries"]
+    while stored < entries:
+        keys = [rng.getrandbits(64) for _ in range(BLOCKS)]
+        for pod in rng.sample(PODS, rng.choice((1, 1, 2))):
+            stored += indexer.index.store(MODEL, pod, rng.choice(("gpu", "gpu", "cpu")), keys)
+    return indexer, prompts
+
+
+async def scoring(indexer, prompts, period, stop):
+    latencies, due, i = [], time.perf_counter(), 0
+    while not stop.is_set():
+        now = time.perf_counter()
+        if now < due:
+            await asyncio.sleep(due - now)
+        indexer.score_tokens(MODEL, prompts[i % len(prompts)])
+        latencies.append(time.perf_counter() - due)
+        due += period
+        i += 1
+    return latencies
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def measure(entries, period, rng):
+    with tempfile.TemporaryDirectory(prefix="kvcm-snapbench-") as state_dir:
+        indexer, prompts = filled(state_dir, entries, rng)
+        stats = indexer.index.stats()
+        # scoring alone, then scoring while a snapshot is written
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(scoring(indexer, prompts, period, stop))
+        await asyncio.sleep(3.0)
+        stop.set()
+        idle = await task
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(scoring(indexer, prompts, period, stop))
+        writes = []
+        while sum(writes) < 3.0:   # snapshots back to back, for enough scoring samples
+            started = time.perf_counter()
+            assert await indexer.state.write()
+            writes.append(time.perf_counter() - started)
+        write_s = statistics.median(writes)
+        stop.set()
+        during = await task
+        size = os.path.getsize(os.path.join(state_dir, "index.snapshot"))
+        del indexer
+        fresh = Indexer(load_config(["--state-dir", state_dir, "--zmq-bind", "tcp://127.0.0.1:0",
+                                     "--max-blocks", str(max(entries, 1000))]))
+        started = time.perf_counter()
+        assert await fresh.state.restore()
+        restore_s = time.perf_counter() - started
+        assert fresh.index.stats()["entries"] == stats["entries"]
+        return {"entries": stats["entries"], "blocks": stats["blocks"], "write_s": write_s, "size": size,
+                "restore_s": restore_s, "idle_p50": pct(idle, 0.5), "idle_p99": pct(idle, 0.99),
+                "during_p50": pct(during, 0.5), "during_p99": pct(during, 0.99), "calls": len(during)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--entries", type=int, nargs="+", default=[1_000_000])
+    parser.add_argument("--period", type=float, default=0.001, help="seconds between scoring calls")
+    args = parser.parse_args()
+    rng = random.Random(14)
+    print("| entries | blocks | write | size | B/entry | restore | scoring p50 / p99 idle | "
+          "p50 / p99 while writing (calls) | p99 ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for entries in args.entries:
+        r = asyncio.run(measure(entries, args.period, rng))
+        print("| %s | %s | %.2f s | %.1f MB | %.1f | %.2f s | %.0f / %.0f µs | %.0f / %.0f µs (%d) | %.2f × |" % (
+            format(r["entries"], ","), format(r["blocks"], ","), r["write_s"], r["size"] / 1e6,
+            r["size"] / r["entries"], r["restore_s"], r["idle_p50"] * 1e6, r["idle_p99"] * 1e6,
+            r["during_p50"] * 1e6, r["during_p99"] * 1e6, r["calls"],
+            r["during_p99"] / r["idle_p99"]))
+    print("\n%d CPUs, load average %.2f %.2f %.2f at the end" % ((os.cpu_count(),) + os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()
