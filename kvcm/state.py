@@ -26,7 +26,7 @@ from kvcm._core import DUMP_EMAP_RESET, DumpAborted
 log = logging.getLogger("kvcm.state")
 
 SNAPSHOT_FILE = "index.snapshot"
-SLICE_ITEMS = 16384          # blocks (or engine-map entries) per slice: about a millisecond
+SLICE_ITEMS = 4096           # blocks (or engine-map entries) per slice: about 0.1 ms
 BOOTSTRAP_TIMEOUT = 60.0     # seconds a peer may take to start sending, and between reads
 MAX_BOOTSTRAP_BYTES = 64 << 30
 DUMP_WAIT = 30.0             # seconds a snapshot waits for another one in progress
@@ -115,15 +115,16 @@ class StateKeeper:
         started = time.monotonic()
         size = 0
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
+            # File calls run off the loop: a write can wait on the kernel's dirty-page
+            # throttling, a truncate or a rename on freeing pages, for milliseconds.
+            fd = await loop.run_in_executor(None, os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb", buffering=0) as f:
                 async for part in self.stream():
-                    f.write(part)
+                    await loop.run_in_executor(None, _write_all, f, part)
                     size += len(part)
-                f.flush()
                 await loop.run_in_executor(None, os.fsync, f.fileno())
-            os.replace(tmp, self.path)
-            await loop.run_in_executor(None, _fsync_dir, self.dir)
+            # replacing frees the old file's pages, which takes milliseconds: off the loop
+            await loop.run_in_executor(None, _replace_synced, tmp, self.path, self.dir)
         except (OSError, DumpAborted) as exc:
             self.counters["snapshot_failures"] += 1
             log.error("snapshot to %s failed, the previous one is kept: %s", self.path, exc)
@@ -260,8 +261,15 @@ def _contracts(sink):
             for name, info in sink.namespaces().items()}
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _write_all(f, data):
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]
+
+
+def _replace_synced(tmp, path, directory):
+    os.replace(tmp, path)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
