@@ -9,8 +9,9 @@ on one or two of 8 pods), then
 - restore: a fresh Indexer's StateKeeper.restore() of that file (read, verify, load);
 - scoring: an open-loop stream of score_tokens() calls on the same event loop (one every
   `--period` seconds, 1,000 prompts of 32 blocks that the index holds), latency measured from
-  each call's due time, so that a stalled loop counts: p50/p99 for 3 s while idle, then for
-  snapshots written back to back for at least 3 s (the write time is their median).
+  each call's due time, so that a stalled loop counts: p50/p99 while idle and while
+  snapshots are written back to back, in 5 alternating windows of 2 s each (the write time
+  is the median of those writes).
 """
 
 import argparse
@@ -30,6 +31,7 @@ from kvcm.indexer import Indexer  # noqa: E402
 MODEL = "bench-model"
 BLOCKS = 32
 PODS = ["pod-%d" % i for i in range(8)]
+ROUNDS, WINDOW = 5, 2.0   # alternating idle / writing windows of at least WINDOW seconds
 
 
 def filled(state_dir, entries, rng):
@@ -71,22 +73,26 @@ async def measure(entries, period, rng):
     with tempfile.TemporaryDirectory(prefix="kvcm-snapbench-") as state_dir:
         indexer, prompts = filled(state_dir, entries, rng)
         stats = indexer.index.stats()
-        # scoring alone, then scoring while a snapshot is written
-        stop = asyncio.Event()
-        task = asyncio.ensure_future(scoring(indexer, prompts, period, stop))
-        await asyncio.sleep(3.0)
-        stop.set()
-        idle = await task
-        stop = asyncio.Event()
-        task = asyncio.ensure_future(scoring(indexer, prompts, period, stop))
-        writes = []
-        while sum(writes) < 3.0:   # snapshots back to back, for enough scoring samples
-            started = time.perf_counter()
-            assert await indexer.state.write()
-            writes.append(time.perf_counter() - started)
+        # scoring alone, then scoring while snapshots are written back to back, in
+        # alternating windows so that the machine's other load falls on both alike
+        idle, during, writes = [], [], []
+        for _ in range(ROUNDS):
+            stop = asyncio.Event()
+            task = asyncio.ensure_future(scoring(indexer, prompts, period, stop))
+            await asyncio.sleep(WINDOW)
+            stop.set()
+            idle += await task
+            stop = asyncio.Event()
+            task = asyncio.ensure_future(scoring(indexer, prompts, period, stop))
+            spent = 0.0
+            while spent < WINDOW:
+                started = time.perf_counter()
+                assert await indexer.state.write()
+                writes.append(time.perf_counter() - started)
+                spent += writes[-1]
+            stop.set()
+            during += await task
         write_s = statistics.median(writes)
-        stop.set()
-        during = await task
         size = os.path.getsize(os.path.join(state_dir, "index.snapshot"))
         del indexer
         fresh = Indexer(load_config(["--state-dir", state_dir, "--zmq-bind", "tcp://127.0.0.1:0",

@@ -15,6 +15,8 @@ from serving import QWEN, Serve, removed, serve, stored, tokens  # noqa: F401  (
 from kvcm.publisher import Publisher, encode_batch
 
 PODS = ("e1", "e2")
+TOKEN = "s3cret"
+ADMIN = {"Authorization": "Bearer " + TOKEN}   # ignored by a kvcm without --admin-token
 
 
 class Engines:
@@ -38,7 +40,7 @@ class Engines:
         for server in servers:
             for pod, pub in self.pubs.items():
                 server.client.connected(pub)
-                server.client.ok("DELETE", "/v1/pods/%s" % pod)
+                server.client.ok("DELETE", "/v1/pods/%s" % pod, headers=ADMIN)
 
     def publish(self, n):
         """n batches over the engines: new sequences stored on GPU, some offloaded to CPU,
@@ -195,11 +197,12 @@ def test_an_engine_restarted_while_kvcm_was_down_is_cleared(serve, engines, tmp_
 
 def test_bootstrap_from_a_running_replica(serve, engines):
     e = engines()
-    a = serve(*e.flags())
+    a = serve("--admin-token", TOKEN, *e.flags())
     e.connect(a)
     e.publish(40)
     e.caught_up(a)
-    b = serve("--bootstrap-from", "http://127.0.0.1:%d" % a.http_port, *e.flags())
+    assert a.client.request("GET", "/v1/snapshot").status == 401    # an admin endpoint
+    b = serve("--admin-token", TOKEN, "--bootstrap-from", "http://127.0.0.1:%d" % a.http_port, *e.flags())
     until(lambda: set(recovery(b).values()) == {"resumed"}, "b's streams to resume")
     e.caught_up(a, b)
     e.assert_same(b, a)
