@@ -12,6 +12,9 @@ applying them is the core's EventSink.
   duplicate; a jump is a gap, filled by a replay when the stream has a replay endpoint
   (live batches are held meanwhile and applied in order afterwards) and otherwise counted,
   leaving the stream degraded; the live feed going backwards is an engine restart.
+- A stream restored from a snapshot (kvcm/state.py) resumes by a replay from its last
+  applied batch, which must come back first and unchanged (the same engine process, a buffer
+  that still reaches back); otherwise its pod is cleared. /v1/pods shows the outcome.
 - The stream table is bounded: when it is full, the least recently active stream is
   forgotten (if it comes back, its next batch is a new baseline), and its pod cleared when
   that was the pod's last stream. Clearing a pod forgets its streams.
