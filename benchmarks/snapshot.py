@@ -25,7 +25,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from kvcm import snapshot  # noqa: E402
 from kvcm.config import load_config  # noqa: E402
+from kvcm.state import SLICE_ITEMS  # noqa: E402
 from kvcm.indexer import Indexer  # noqa: E402
 
 MODEL = "bench-model"
@@ -64,6 +66,20 @@ async def scoring(indexer, prompts, period, stop):
     return latencies
 
 
+def slice_times(indexer):
+    """How long the event loop is held per slice of a dump (the dump and its frame, as
+    StateKeeper.stream does them): the longest a scoring request can wait behind a snapshot,
+    scheduler preemption aside."""
+    dump, writer, times = indexer.index.dump(), snapshot.Writer(), []
+    while True:
+        started = time.perf_counter()
+        chunk = dump.next(SLICE_ITEMS)
+        if chunk is None:
+            return times
+        writer.frame(*chunk)
+        times.append(time.perf_counter() - started)
+
+
 def pct(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
@@ -73,6 +89,7 @@ async def measure(entries, period, rng):
     with tempfile.TemporaryDirectory(prefix="kvcm-snapbench-") as state_dir:
         indexer, prompts = filled(state_dir, entries, rng)
         stats = indexer.index.stats()
+        slices = slice_times(indexer)
         # scoring alone, then scoring while snapshots are written back to back, in
         # alternating windows so that the machine's other load falls on both alike
         idle, during, writes = [], [], []
@@ -103,7 +120,8 @@ async def measure(entries, period, rng):
         assert fresh.index.stats()["entries"] == stats["entries"]
         return {"entries": stats["entries"], "blocks": stats["blocks"], "write_s": write_s, "size": size,
                 "restore_s": restore_s, "idle_p50": pct(idle, 0.5), "idle_p99": pct(idle, 0.99),
-                "during_p50": pct(during, 0.5), "during_p99": pct(during, 0.99), "calls": len(during)}
+                "during_p50": pct(during, 0.5), "during_p99": pct(during, 0.99), "calls": len(during),
+                "slice_p99": pct(slices, 0.99), "slice_max": max(slices), "slices": len(slices)}
 
 
 def main():
@@ -112,14 +130,16 @@ def main():
     parser.add_argument("--period", type=float, default=0.001, help="seconds between scoring calls")
     args = parser.parse_args()
     rng = random.Random(14)
-    print("| entries | blocks | write | size | B/entry | restore | scoring p50 / p99 idle | "
-          "p50 / p99 while writing (calls) | p99 ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| entries | blocks | write | size | B/entry | restore | slice p99 / max (slices) | "
+          "scoring p50 / p99 idle | p50 / p99 while writing (calls) | p99 ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for entries in args.entries:
         r = asyncio.run(measure(entries, args.period, rng))
-        print("| %s | %s | %.2f s | %.1f MB | %.1f | %.2f s | %.0f / %.0f µs | %.0f / %.0f µs (%d) | %.2f × |" % (
+        print("| %s | %s | %.2f s | %.1f MB | %.1f | %.2f s | %.0f / %.0f µs (%d) | %.0f / %.0f µs | "
+              "%.0f / %.0f µs (%d) | %.2f × |" % (
             format(r["entries"], ","), format(r["blocks"], ","), r["write_s"], r["size"] / 1e6,
-            r["size"] / r["entries"], r["restore_s"], r["idle_p50"] * 1e6, r["idle_p99"] * 1e6,
+            r["size"] / r["entries"], r["restore_s"], r["slice_p99"] * 1e6, r["slice_max"] * 1e6, r["slices"],
+            r["idle_p50"] * 1e6, r["idle_p99"] * 1e6,
             r["during_p50"] * 1e6, r["during_p99"] * 1e6, r["calls"],
             r["during_p99"] / r["idle_p99"]))
     print("\n%d CPUs, load average %.2f %.2f %.2f at the end" % ((os.cpu_count(),) + os.getloadavg()))

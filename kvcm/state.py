@@ -29,6 +29,7 @@ SNAPSHOT_FILE = "index.snapshot"
 SLICE_ITEMS = 4096           # blocks (or engine-map entries) per slice: about 0.1 ms
 BOOTSTRAP_TIMEOUT = 60.0     # seconds a peer may take to start sending, and between reads
 MAX_BOOTSTRAP_BYTES = 64 << 30
+WRITE_BYTES = 1 << 20        # bytes per write call
 DUMP_WAIT = 30.0             # seconds a snapshot waits for another one in progress
 
 
@@ -119,9 +120,14 @@ class StateKeeper:
             # throttling, a truncate or a rename on freeing pages, for milliseconds.
             fd = await loop.run_in_executor(None, os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb", buffering=0) as f:
+                pending = []    # parts gathered into writes of WRITE_BYTES: fewer thread hops
                 async for part in self.stream():
-                    await loop.run_in_executor(None, _write_all, f, part)
+                    pending.append(part)
                     size += len(part)
+                    if sum(map(len, pending)) >= WRITE_BYTES:
+                        await loop.run_in_executor(None, _write_all, f, b"".join(pending))
+                        pending = []
+                await loop.run_in_executor(None, _write_all, f, b"".join(pending))
                 await loop.run_in_executor(None, os.fsync, f.fileno())
             # replacing frees the old file's pages, which takes milliseconds: off the loop
             await loop.run_in_executor(None, _replace_synced, tmp, self.path, self.dir)
