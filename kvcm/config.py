@@ -47,6 +47,7 @@ from typing import Mapping, Optional, Sequence, Union
 from kvcm._core import ENGINE_ALGORITHMS, KNOWN_TIERS, MAX_TIERS
 from kvcm.endpoints import check_endpoint
 from kvcm.ingest import DEFAULT_MAX_MESSAGE, EngineSpec, parse_engine, read_engines_file
+from kvcm.urls import redact_url
 from kvcm.zap import parse_network
 
 ENV_PREFIX = "KVCM_"
@@ -270,16 +271,6 @@ class _TierWeights(_Kind):
 
 
 INDEX_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "unix")
-
-
-def redact_url(url):
-    """The URL with its password replaced by ***, for messages and logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc="%s:***@%s" % (user, netloc)))
 
 
 class _IndexUrl(_Kind):

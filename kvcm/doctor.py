@@ -27,7 +27,7 @@ import zmq
 
 from kvcm._core import DecodeError, EventSink, Index, StreamContext
 from kvcm.ingest import _topic_ids, check_endpoint
-from kvcm.publisher import END_SEQ, dp_endpoint
+from kvcm.wire import END_SEQ, dp_endpoint
 
 DEFAULT_DURATION = 10.0
 DEFAULT_MAX_SKEW = 2.0

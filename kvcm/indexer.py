@@ -98,8 +98,15 @@ class Indexer:
         return None if self.shared is None else self.shared.status
 
     async def start(self):
-        """Connects the shared index, if any (kvcm starts even when the store is down), then
-        starts the ZMQ ingest on the running loop (OSError when a socket cannot bind)."""
+        """Loads the configured tokenizers (a broken one is logged: its requests fail, others
+        work), connects the shared index, if any (kvcm starts even when the store is down),
+        loads a snapshot (--state-dir, --bootstrap-from), then starts the ZMQ ingest on the
+        running loop (OSError when a socket cannot bind), whose restored streams resume."""
+        # Parsing a tokenizer holds the GIL (a quarter of a second for a real one), which
+        # would stall the loop at a model's first request even from a worker thread: the
+        # models named by --tokenizer load now, before kvcm serves; those of
+        # --tokenizers-dir, which may be many, on first use.
+        await asyncio.get_running_loop().run_in_executor(None, self.tokenizers.load_all, True)
         if self.shared is not None:
             await self.shared.start(self.sink)
         if self.state is not None:
@@ -191,7 +198,10 @@ class Indexer:
         model's template names) only with --trust-request-chat-template, in a worker process.
         Raises tokenize.UnknownModel, tokenize.TokenizerLoadError, chat.TemplateError
         (TemplateRefused, chat.TemplateLimitExceeded), inflight.Busy, TemplatesUnavailable."""
-        tokenizer = self.tokenizers.get(self.tokenizer_name(model))
+        name = self.tokenizer_name(model)
+        tokenizer = self.tokenizers.loaded(name)
+        if tokenizer is None:   # the first use reads and compiles megabytes: not on the loop
+            tokenizer = await asyncio.get_running_loop().run_in_executor(None, self.tokenizers.get, name)
         if messages is None:
             with self.inflight.admit(len(prompt)):
                 return await self._encode(tokenizer, prompt, add_special_tokens), None

@@ -40,8 +40,8 @@ import zmq
 
 from kvcm._core import DecodeError, StreamContext
 from kvcm.endpoints import check_endpoint
-from kvcm.publisher import END_SEQ, dp_endpoint
 from kvcm.ratelog import RateLimitedLog
+from kvcm.wire import END_SEQ, dp_endpoint
 from kvcm.zap import SourceFilter
 
 log = logging.getLogger("kvcm.ingest")

@@ -25,29 +25,12 @@ import time
 import msgpack
 import zmq
 
-END_SEQ = b"\xff" * 8
+from kvcm.wire import END_SEQ, binds, dp_endpoint
+
 REPLAY_LAYOUTS = ("v26", "v25")
 EVENT_FORMATS = ("map", "array")
 
 _REPLAY_POLL_S = 0.05  # how long close() may wait for the replay thread to notice
-
-
-def dp_endpoint(endpoint, dp_rank):
-    """The endpoint vLLM's data-parallel rank `dp_rank` uses for `endpoint`."""
-    if not dp_rank:
-        return endpoint
-    transport, sep, address = endpoint.partition("://")
-    if transport in ("ipc", "inproc"):
-        return "%s_dp%d" % (endpoint, dp_rank)
-    host, colon, port = address.rpartition(":")
-    if transport == "tcp" and colon and port.isdigit():
-        return "%s://%s:%d" % (transport, host, int(port) + dp_rank)
-    return endpoint
-
-
-def binds(endpoint):
-    """vLLM binds its PUB socket for wildcard and local endpoints and connects otherwise."""
-    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
 
 
 def _check_form(form):

@@ -43,7 +43,7 @@ from redis import exceptions as redis_errors
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kvcm.config import redact_url
+from kvcm.urls import redact_url
 
 log = logging.getLogger("kvcm.redis")
 

@@ -19,9 +19,9 @@ import time
 import urllib.parse
 
 from kvcm import _build_info
-from kvcm.config import redact_url
 from kvcm.http import Response, json_response
 from kvcm.metrics import quantile
+from kvcm.urls import redact_url
 
 WINDOW = 60.0          # seconds the recent figures cover, once kvcm has run that long
 SAMPLE_EVERY = 5.0

@@ -812,6 +812,13 @@ class TokenizerRegistry:
             raise UnknownModel(model, known)
         return entry.path
 
+    def loaded(self, model: str) -> Tokenizer | None:
+        """The model's tokenizer when it is loaded already, else None: :meth:`get` would read
+        and compile its files (hundreds of milliseconds), or fail."""
+        with self._lock:
+            entry = self._entries.get(model)
+            return entry.tokenizer if entry is not None else None
+
     def get(self, model: str) -> Tokenizer:
         """The model's tokenizer; ``UnknownModel`` or ``TokenizerLoadError`` otherwise."""
         with self._lock:
@@ -839,10 +846,11 @@ class TokenizerRegistry:
             log.error("%s", err)
             raise err
 
-    def load_all(self) -> dict[str, TokenizerLoadError]:
-        """Load every model now (e.g. at start); returns the errors by model name."""
+    def load_all(self, configured_only: bool = False) -> dict[str, TokenizerLoadError]:
+        """Load every model now (e.g. at start), or only those named explicitly (not found in
+        the directory); returns the errors by model name."""
         errors = {}
-        for name in self.models():
+        for name in (sorted(self._explicit) if configured_only else self.models()):
             try:
                 self.get(name)
             except TokenizerLoadError as exc:

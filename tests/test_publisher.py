@@ -6,8 +6,8 @@ import pytest
 import zmq
 
 from captures import event_fields, load_captures
-from kvcm.publisher import (END_SEQ, Publisher, all_blocks_cleared, binds, block_removed,
-                            block_stored, dp_endpoint, encode_batch)
+from kvcm.publisher import Publisher, all_blocks_cleared, block_removed, block_stored, encode_batch
+from kvcm.wire import END_SEQ, binds, dp_endpoint
 
 LOCAL = "tcp://127.0.0.1:*"
 POLL_MS = 5000

@@ -7,12 +7,15 @@ for that long, which lets the tests fill the bound deterministically: whatever i
 while a scrape of /metrics shows it in flight meets a full bound."""
 
 import concurrent.futures
+import errno
+import os
 import random
+import shutil
 
 import pytest
 
 from procfs import status_mib
-from serving import QWEN, WAIT, Serve, until
+from serving import QWEN, TOKENIZERS, WAIT, Serve, until
 
 RUNAWAY = ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
            "{{ messages[0].content }}")
@@ -83,4 +86,71 @@ def test_memory_returns_near_its_baseline_after_large_prompts(shared):
         until(lambda: status_mib(server.proc.pid, "VmRSS") < baseline + 200,
               "RSS to return near its baseline of %.0f MiB" % baseline, deadline=WAIT)
     finally:
+        server.close()
+
+
+class HeldTokenizer:
+    """A model directory whose tokenizer cannot finish loading until release(): one of its
+    chat templates is a FIFO, which the loader reads until the test writes into it."""
+
+    def __init__(self, root):
+        fixture = TOKENIZERS / "qwen2.5-instruct"
+        self.dir = root / "held"
+        (self.dir / "additional_chat_templates").mkdir(parents=True)
+        shutil.copy(fixture / "tokenizer.json", self.dir)
+        shutil.copy(fixture / "tokenizer_config.json", self.dir)
+        self.fifo = self.dir / "additional_chat_templates" / "plain.jinja"
+        os.mkfifo(self.fifo)
+        self.writer = None
+
+    def loading(self):
+        """True once kvcm opened the FIFO to read it (before that, opening it for writing
+        without blocking fails)."""
+        if self.writer is None:
+            try:
+                self.writer = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+        return self.writer is not None
+
+    def release(self):
+        if self.writer is not None:
+            os.set_blocking(self.writer, True)
+            os.write(self.writer, b"{% for m in messages %}{{ m.content }}{% endfor %}")
+            os.close(self.writer)
+            self.writer = None
+
+
+def test_a_tokenizer_found_in_the_directory_loads_off_the_event_loop(tmp_path):
+    """A --tokenizers-dir model loads on its first request (reading and compiling it takes
+    a quarter of a second for a real one); meanwhile kvcm keeps answering."""
+    held = HeldTokenizer(tmp_path)
+    server = start("--tokenizers-dir", str(tmp_path))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(server.client.post, "/v1/tokenize", {"model": "held", "prompt": "hello"})
+            until(held.loading, "kvcm to start reading the tokenizer's files")
+            assert server.client.ok("GET", "/health", timeout=WAIT) == {"status": "ok"}
+            held.release()
+            reply = first.result(WAIT)
+            assert reply.status == 200 and reply.json["token_ids"], reply
+    finally:
+        held.release()    # a failed test still lets the load (and the server) finish
+        server.close()
+
+
+def test_configured_tokenizers_load_before_kvcm_is_ready(tmp_path):
+    """Parsing a tokenizer holds the GIL, so one loading at a first request would stall the
+    loop even from a worker thread: the --tokenizer models load before READY=1."""
+    held = HeldTokenizer(tmp_path)
+    server = Serve.standard("--log-level", "warning", "--tokenizer", "held=%s" % held.dir)
+    try:
+        until(held.loading, "kvcm to start reading the tokenizer's files")
+        assert "READY=1" not in server.notify.lines()
+        held.release()
+        server.wait_ready()
+        assert server.client.ok("POST", "/v1/tokenize", {"model": "held", "prompt": "hello"})["token_ids"]
+    finally:
+        held.release()
         server.close()

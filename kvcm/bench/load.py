@@ -172,7 +172,7 @@ def _drive(address, requests, count, n_conns, schedule, until_ns=None, lags=None
                 due = schedule(i)
                 if due is not None and due > t:
                     break
-                slot = free.pop()
+                slot = free.pop(0)   # round robin: every connection stays in use
                 slot.due = due if due is not None else t
                 slot.sent = t
                 if lags is not None:

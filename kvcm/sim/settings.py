@@ -15,9 +15,9 @@ import math
 from typing import Optional, Tuple
 
 from kvcm.endpoints import check_endpoint
-from kvcm.publisher import dp_endpoint
 from kvcm.sim.durations import duration, format_duration
 from kvcm.sim.fakemetrics import FakeMetrics
+from kvcm.wire import dp_endpoint
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 DEFAULT_TOPIC = "kv@{pod}@{model}"
