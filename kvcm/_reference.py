@@ -18,6 +18,7 @@ MAX_TIERS = 16
 MAX_NAMESPACES = 0xFFFF
 MAX_KEYS_PER_ENGINE_HASH = 64
 DUMP_BLOCKS = 1
+_DUMP_ENGINE_MAP = (2, 3, 4)
 _BLOCK_HEAD = struct.Struct("<QHH")   # key, namespace id, holder count; then u32 pod << 4 | tier
 
 
@@ -341,8 +342,10 @@ class Index:
             raise ValueError("malformed dump: the name tables are not lists")
         try:
             for kind, data in chunks:
-                if kind != DUMP_BLOCKS:
+                if kind in _DUMP_ENGINE_MAP:   # the core's raw engine map: its own to read
                     continue
+                if kind != DUMP_BLOCKS:
+                    raise ValueError("unknown chunk kind %r" % (kind,))
                 at = 0
                 while at < len(data):
                     key, ns, n = _BLOCK_HEAD.unpack_from(data, at)

@@ -101,16 +101,23 @@ def started_like(serve, engines, state_dir, *extra):
     return serve("--state-dir", str(state_dir), "--snapshot-interval", "3600", *engines.flags(), *extra)
 
 
-def test_sigterm_restart_equals_a_kvcm_that_never_stopped(serve, engines, tmp_path):
-    e = engines()
+def stopped_beside_a_control(serve, e, state_dir, batches):
+    """A control kvcm, and one with --state-dir that ingested `batches` batches beside it
+    (the same index) and was stopped with SIGTERM; returns the control."""
     control = serve(*e.flags())
-    a = started_like(serve, e, tmp_path)
+    a = started_like(serve, e, state_dir)
     e.connect(control, a)
-    e.publish(40)
+    e.publish(batches)
     e.caught_up(control, a)
     e.assert_same(a, control)
     assert a.stop(signal.SIGTERM) == 0
-    assert (tmp_path / "index.snapshot").is_file()
+    assert (state_dir / "index.snapshot").is_file()
+    return control
+
+
+def test_sigterm_restart_equals_a_kvcm_that_never_stopped(serve, engines, tmp_path):
+    e = engines()
+    control = stopped_beside_a_control(serve, e, tmp_path, 40)
     e.publish(30)               # while it is down: stores, offloads and removals
     e.caught_up(control)
     b = started_like(serve, e, tmp_path)
@@ -147,12 +154,7 @@ def test_sigkill_keeps_the_last_periodic_snapshot_and_replay_fills_in(serve, eng
 
 def test_a_replay_that_no_longer_reaches_back_clears_the_stream(serve, engines, tmp_path):
     e = engines(buffer_steps=5)
-    control = serve(*e.flags())
-    a = started_like(serve, e, tmp_path)
-    e.connect(control, a)
-    e.publish(30)
-    e.caught_up(control, a)
-    assert a.stop(signal.SIGTERM) == 0
+    control = stopped_beside_a_control(serve, e, tmp_path, 30)
     # e1 publishes more than its buffer holds while kvcm is down; e2 nothing
     for _ in range(8):
         e.pubs["e1"].publish_raw(encode_batch([stored(tokens(9000 + e.pubs["e1"].next_seq, 3))]))
@@ -171,12 +173,7 @@ def test_a_replay_that_no_longer_reaches_back_clears_the_stream(serve, engines, 
 
 def test_an_engine_restarted_while_kvcm_was_down_is_cleared(serve, engines, tmp_path):
     e = engines()
-    control = serve(*e.flags())
-    a = started_like(serve, e, tmp_path)
-    e.connect(control, a)
-    e.publish(20)
-    e.caught_up(control, a)
-    assert a.stop(signal.SIGTERM) == 0
+    control = stopped_beside_a_control(serve, e, tmp_path, 20)
     e.pubs["e1"].restart()      # a new process: seq from 0, an empty replay buffer
     for i in range(e.pubs["e2"].next_seq + 5):   # past the old seq: only the digest tells
         e.pubs["e1"].publish_raw(encode_batch([stored(tokens(50_000 + i, 2))]))
