@@ -12,6 +12,8 @@ import logging
 
 from kvcm import chat, tokenize
 from kvcm._core import DumpAborted
+from kvcm.bodies import TOKEN_ID_TYPES, json_object
+from kvcm.dynamo import DynamoApi
 from kvcm.endpoints import check_registered_endpoint
 from kvcm.http import BadRequest, HttpError, Response, Router, StreamingResponse, json_response
 from kvcm.indexer import Busy, TemplatesUnavailable
@@ -34,10 +36,7 @@ _CHAT_OPTIONS = ("chat_template", "chat_template_kwargs", "add_generation_prompt
 # ---- request fields ---------------------------------------------------------------------
 
 def _body(request):
-    body = request.json()
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    return body
+    return json_object(request)
 
 
 def _field(body, name, kinds, what, required=False):
@@ -64,7 +63,7 @@ def _model(body, default):
 def _token_ids(body):
     # only the container here: the core checks every item while it converts them (a Python
     # loop over 1024 ids would cost more than hashing them)
-    return _field(body, "token_ids", list, "a list of non-negative integers")
+    return _field(body, "token_ids", TOKEN_ID_TYPES, "a list of non-negative integers")
 
 
 def _bad_token_ids(error):
@@ -117,8 +116,9 @@ def _one_input(body, names):
 class Api:
     """Handlers bound to one Indexer; `router` is what the HTTP server serves."""
 
-    def __init__(self, indexer, metrics, *, admin_token=None, ready=lambda: True):
+    def __init__(self, indexer, metrics, *, admin_token=None, ready=lambda: True, fast_ids=True):
         self.indexer = indexer
+        self.fast_ids = fast_ids    # token ids parsed by the core from the body (kvcm/bodies.py)
         self.metrics = metrics
         self.admin_token = admin_token
         self.default_model = indexer.config.default_model
@@ -135,6 +135,7 @@ class Api:
         r.add("GET", "/v1/snapshot", self.snapshot)
         r.add("POST", "/v1/engines", self.add_engine)
         r.add("DELETE", "/v1/engines/{name}", self.remove_engine)
+        DynamoApi(indexer, self._admin, self._connect_engine, fast_ids).routes(r)
         r.add("GET", "/health", self.health)
         r.add("GET", "/ready", self.readiness)
         r.add("GET", "/metrics", self.metrics_text)
@@ -146,7 +147,7 @@ class Api:
     # -- scoring ---------------------------------------------------------------------------
 
     def score(self, request):
-        body = _body(request)
+        body = json_object(request, self.fast_ids)
         model = _model(body, self.default_model)
         pods = _pods(body)
         salt = _field(body, "cache_salt", str, "a string")
@@ -242,7 +243,7 @@ class Api:
         return json_response(200, out)
 
     def hash(self, request):
-        body = _body(request)
+        body = json_object(request, self.fast_ids)
         model = _model(body, self.default_model)
         ids = _token_ids(body)
         if ids is None:
@@ -291,6 +292,10 @@ class Api:
         return self._add_engine(name, endpoint, replay, model)
 
     async def _add_engine(self, name, endpoint, replay, model):
+        await self._connect_engine(name, endpoint, replay, model)
+        return json_response(201, {"engine": name})
+
+    async def _connect_engine(self, name, endpoint, replay, model):
         # a client of the admin API may only name reachable TCP engines (kvcm/endpoints.py)
         try:
             await check_registered_endpoint(endpoint, "endpoint")
@@ -301,7 +306,6 @@ class Api:
             raise BadRequest(str(e)) from None
         except OSError as e:     # out of sockets or file descriptors
             raise HttpError(503, str(e), headers=(("Retry-After", "1"),)) from None
-        return json_response(201, {"engine": name})
 
     def remove_engine(self, request):
         self._admin(request)
@@ -379,8 +383,9 @@ def _is_loopback(peer):
 
 
 _STATIC_ENDPOINTS = frozenset(("/v1/score", "/score_completions", "/score_chat_completions", "/v1/tokenize",
-                               "/v1/hash", "/v1/pods", "/v1/engines", "/v1/snapshot", "/health", "/ready", "/metrics",
-                               "/v1/status", "/", "/status"))
+                               "/v1/hash", "/v1/pods", "/v1/engines", "/v1/snapshot", "/health", "/ready",
+                               "/metrics", "/v1/status", "/", "/status",
+                               "/register", "/unregister", "/workers", "/query", "/query_by_hash"))
 _PARAM_ENDPOINTS = (("/v1/pods/", "/v1/pods/{pod}"), ("/v1/engines/", "/v1/engines/{name}"))
 
 

@@ -130,12 +130,16 @@ class Request:
         self.params = {} if params is None else params
         self.trailers = {} if trailers is None else trailers
 
+    def json_type_ok(self):
+        """True when the Content-Type (if any) is one a JSON body may come as."""
+        content_type = self.headers.get("content-type")
+        return content_type is None or _may_be_json(content_type)
+
     def json(self):
         """The body as JSON; 415 for a Content-Type a JSON body does not come as, 400 for
         invalid JSON."""
-        content_type = self.headers.get("content-type")
-        if content_type is not None and not _may_be_json(content_type):
-            raise HttpError(415, "Content-Type must be application/json, got %r" % content_type)
+        if not self.json_type_ok():
+            raise HttpError(415, "Content-Type must be application/json, got %r" % self.headers["content-type"])
         if not self.body:
             raise BadRequest("request body is empty; expected a JSON document")
         try:

@@ -172,6 +172,19 @@ class Indexer:
             return result
         return self._result(model, token_ids, keys, detailed)
 
+    def score_keys(self, model, keys, pods=None):
+        """score_tokens for keys already computed (kvcm keys, as keys() gives them)."""
+        if self.shared is not None:
+            raise RuntimeError("the index is shared: use score_keys_async")
+        return self._result(model, (), keys, self.scorer.score_detailed(self.index, model, keys, pods))
+
+    async def score_keys_async(self, model, keys, pods=None):
+        """score_keys for either index (IndexUnavailable while a shared store cannot answer)."""
+        if self.shared is None:
+            return self.score_keys(model, keys, pods)
+        _, detailed = await self.shared.lookup(model, keys, pods, self.scorer.weights, self.scorer.default_weight)
+        return self._result(model, (), keys, detailed)
+
     def _result(self, model, token_ids, keys, detailed):
         block_size = self.config.block_size
         counts = self.score_counts

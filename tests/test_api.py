@@ -502,7 +502,12 @@ ADMIN_REQUESTS = [
     ("DELETE", "/v1/pods/somebody", None, 200),
     ("POST", "/v1/engines", {"name": "{name}", "endpoint": "tcp://127.0.0.1:9"}, 201),
     ("DELETE", "/v1/engines/nobody", None, 404),      # authorized, then: no such engine
+    # Dynamo's indexer API (kvcm/dynamo.py): registering a worker adds an engine
+    ("POST", "/register", {"instance_id": "{id}", "endpoint": "tcp://127.0.0.1:9", "model_name": "m",
+                           "block_size": BLOCK}, 201),
+    ("POST", "/unregister", {"instance_id": "{id}", "model_name": "m"}, 404),
 ]
+_INSTANCE_IDS = iter(range(1000, 1 << 32))
 AUTH_CASES = [
     # (service, client address, Authorization header, expected status or None = the request's own)
     ("guarded", "loopback", None, 401),
@@ -519,14 +524,16 @@ AUTH_CASES = [
 ]
 
 
-@pytest.mark.parametrize("method, path, body, allowed", ADMIN_REQUESTS, ids=["delete-pod", "add-engine", "remove-engine"])
+@pytest.mark.parametrize("method, path, body, allowed", ADMIN_REQUESTS,
+                         ids=["delete-pod", "add-engine", "remove-engine", "register", "unregister"])
 @pytest.mark.parametrize("which, address, auth, status", AUTH_CASES,
                          ids=["-".join(str(x) for x in case[:3])[:60] for case in AUTH_CASES])
 def test_admin_endpoints_need_the_token_or_loopback(request, method, path, body, allowed, which, address, auth, status):
     service = request.getfixturevalue(which)
     client = Client("127.0.0.1", service.port) if address == "loopback" else request.getfixturevalue("external_host")
     if body is not None:
-        body = dict(body, name=unique("engine"))
+        fresh = {"{name}": unique("engine"), "{id}": next(_INSTANCE_IDS)}
+        body = {k: fresh.get(v, v) if isinstance(v, str) else v for k, v in body.items()}
     headers = {"Authorization": auth} if auth else None
     if address == "loopback":
         reply = client.request(method, path, body, headers=headers)

@@ -1,0 +1,58 @@
+# The token ids of a request body, parsed by the core from the body's bytes (json_ids.h):
+# the fast path of scoring by token ids. The HTTP layer hands the body over as it arrived;
+# the ids become one array('Q') that the hasher reads in place, never a list of Python ints.
+
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release
+
+cdef extern from "json_ids.h":
+    size_t kj_find_token_ids(const char *p, size_t n) nogil
+    Py_ssize_t kj_u64_array(const char *p, size_t n, size_t *at, uint64_t *out) nogil
+    int kj_rest(const char *p, size_t n, size_t i) nogil
+
+# Bodies at least this long are scanned without the GIL: other threads (tokenizer encodes)
+# run meanwhile; shorter ones are done before releasing it would pay.
+cdef Py_ssize_t _NOGIL_BODY = 16384
+
+
+def json_token_ids(body):
+    """(ids, rest) when body (bytes-like) is a JSON object whose "token_ids" is an array of
+    plain integers below 2**64: ids an array('Q'), rest the body with that array replaced by
+    `[]` (for the general parser, which reads the other fields). None when the body is
+    anything else: then the general path parses it and words any error."""
+    cdef Py_buffer view
+    cdef size_t start, end, n
+    cdef Py_ssize_t count = -1
+    cdef array ids
+    cdef const char *p
+    cdef uint64_t *out
+    cdef bytes rest
+    PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
+    try:
+        p = <const char *>view.buf
+        n = <size_t>view.len
+        start = kj_find_token_ids(p, n)
+        if start == 0:
+            return None
+        # room for the most values the rest of the body could hold; shrunk once parsed
+        ids = new_u64_array(<Py_ssize_t>((n - start + 1) // 2))
+        out = <uint64_t *>ids.data.as_voidptr
+        end = start
+        if view.len >= _NOGIL_BODY:
+            with nogil:
+                count = kj_u64_array(p, n, &end, out)
+                if count >= 0 and not kj_rest(p, n, end):
+                    count = -1
+        else:
+            count = kj_u64_array(p, n, &end, out)
+            if count >= 0 and not kj_rest(p, n, end):
+                count = -1
+        if count < 0:
+            return None
+        resize(ids, count)
+        rest = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(n - (end - start) + 2))
+        memcpy(PyBytes_AS_STRING(rest), p, start)
+        memcpy(PyBytes_AS_STRING(rest) + start, b"[]", 2)
+        memcpy(PyBytes_AS_STRING(rest) + start + 2, p + end, n - end)
+        return ids, rest
+    finally:
+        PyBuffer_Release(&view)

@@ -1,0 +1,255 @@
+/* The token ids of a JSON request body, read straight from its bytes (kvcm/_json_ids.pxi).
+
+   Scoring by token ids is the call schedulers make on every request; parsing its body with a
+   general JSON parser turns each id into a Python int only for the core to turn it back into
+   a uint64. These functions find the top-level "token_ids" array of a JSON object and parse
+   it into uint64s. They accept only what is certainly valid and certainly means the same to
+   the general path: anything else (a sign, a fraction, an exponent, a leading zero, a value
+   of 2**64 or more, an escaped or repeated key, a body that is not an object) makes them
+   answer 0, and the caller parses the body the general way, which also words every error.
+   Values other than token_ids are only skipped here, not checked: the caller parses the
+   rest of the body with the general parser. */
+
+#ifndef KVCM_JSON_IDS_H
+#define KVCM_JSON_IDS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline size_t kj_space(const char *p, size_t i, size_t n)
+{
+    while (i < n && (p[i] == ' ' || p[i] == '\t' || p[i] == '\n' || p[i] == '\r'))
+        i++;
+    return i;
+}
+
+/* p[i] is '"': the index after the closing quote, or 0 when the string does not end.
+   *escaped is set when it holds a backslash. */
+static inline size_t kj_string(const char *p, size_t i, size_t n, int *escaped)
+{
+    for (i++; i < n; i++) {
+        if (p[i] == '"')
+            return i + 1;
+        if (p[i] == '\\') {
+            *escaped = 1;
+            i++;
+        }
+    }
+    return 0;
+}
+
+static inline int kj_ends_scalar(char c)
+{
+    return c == ',' || c == '}' || c == ']' || c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/* The index after the value starting at p[i] (strings and brackets matched, scalars up to
+   the next delimiter), or 0. Brackets are counted, not paired: the general parser of the
+   rest of the body rejects what is malformed. */
+static size_t kj_skip_value(const char *p, size_t i, size_t n)
+{
+    size_t depth = 0, start = i;
+    int escaped = 0;
+    if (i >= n)
+        return 0;
+    if (p[i] != '"' && p[i] != '[' && p[i] != '{') {
+        while (i < n && !kj_ends_scalar(p[i]))
+            i++;
+        return i > start ? i : 0;
+    }
+    while (i < n) {
+        char c = p[i];
+        if (c == '"') {
+            i = kj_string(p, i, n, &escaped);
+            if (i == 0)
+                return 0;
+            if (depth == 0)
+                return i;
+            continue;
+        }
+        if (c == '[' || c == '{') {
+            depth++;
+        } else if (c == ']' || c == '}') {
+            if (--depth == 0)
+                return i + 1;
+        }
+        i++;
+    }
+    return 0;
+}
+
+/* Reads a top-level key and its ':' at p[*i]; 1 with *i at the value (and *is_ids set
+   when the key is "token_ids"), 0 when what is there is not a key spelled without escapes
+   (an escaped key could spell token_ids). */
+static int kj_key(const char *p, size_t n, size_t *i, int *is_ids)
+{
+    static const char key[] = "\"token_ids\"";
+    size_t k = *i, j;
+    int escaped = 0;
+    if (k >= n || p[k] != '"')
+        return 0;
+    j = kj_string(p, k, n, &escaped);
+    if (j == 0 || escaped)
+        return 0;
+    *is_ids = j - k == sizeof key - 1 && memcmp(p + k, key, sizeof key - 1) == 0;
+    j = kj_space(p, j, n);
+    if (j >= n || p[j] != ':')
+        return 0;
+    *i = kj_space(p, j + 1, n);
+    return 1;
+}
+
+/* After a top-level value ending at p[i]: 1 with *i at the next key, 2 at the end of a
+   well-formed body, 0 otherwise. */
+static int kj_next(const char *p, size_t n, size_t *i)
+{
+    size_t j = kj_space(p, *i, n);
+    if (j < n && p[j] == ',') {
+        *i = kj_space(p, j + 1, n);
+        return 1;
+    }
+    if (j < n && p[j] == '}')
+        return kj_space(p, j + 1, n) == n ? 2 : 0;
+    return 0;
+}
+
+/* The index of the value of the first top-level "token_ids" key when p[0:n] starts as a JSON
+   object whose keys up to it are spelled without escapes and that value starts with '[';
+   0 otherwise (0 is never a value's index). The values before it are skipped, not checked. */
+static size_t kj_find_token_ids(const char *p, size_t n)
+{
+    size_t i = kj_space(p, 0, n);
+    int is_ids = 0;
+    if (i >= n || p[i] != '{')
+        return 0;
+    i = kj_space(p, i + 1, n);
+    for (;;) {
+        if (!kj_key(p, n, &i, &is_ids))
+            return 0;
+        if (is_ids)
+            return i < n && p[i] == '[' ? i : 0;
+        i = kj_skip_value(p, i, n);
+        if (i == 0 || kj_next(p, n, &i) != 1)
+            return 0;
+    }
+}
+
+/* The plain decimal integer at p[*at] (at most 20 digits, no leading zero, below 2**64):
+   1 with *at after it, else 0. */
+static int kj_u64_slow(const char *p, size_t n, size_t *at, uint64_t *out)
+{
+    size_t i = *at, first = i;
+    uint64_t v = 0;
+    unsigned d;
+    /* 19 digits never overflow (10**19 - 1 < 2**64); only a 20th is checked */
+    while (i < n && (d = (unsigned)(unsigned char)p[i] - '0') <= 9 && i - first < 19) {
+        v = v * 10 + d;
+        i++;
+    }
+    if (i == first || (p[first] == '0' && i - first > 1))
+        return 0;                             /* no digit, or a leading zero: not JSON */
+    if (i < n && (d = (unsigned)(unsigned char)p[i] - '0') <= 9) {
+        if (v > (UINT64_MAX - d) / 10)
+            return 0;
+        v = v * 10 + d;
+        i++;
+        if (i < n && (unsigned)(unsigned char)p[i] - '0' <= 9)
+            return 0;                         /* 21 digits and more */
+    }
+    *out = v;
+    *at = i;
+    return 1;
+}
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define KJ_SWAR 1
+/* The digits at the start of the 8 bytes at p, read as one word: how many there are (8 when
+   all are) and, when fewer than 8, their value. A token id is a few digits of varying
+   length: this takes it without a branch per digit. */
+static inline int kj_digits8(const char *p, uint64_t *v)
+{
+    const uint64_t high = 0xF0F0F0F0F0F0F0F0ULL, zeros = 0x3030303030303030ULL;
+    uint64_t word, other;
+    int len;
+    memcpy(&word, p, 8);
+    /* a byte is a digit when it is 0x3_ and stays 0x3_ with 6 added; a carry out of a
+       non-digit byte only reaches bytes after the first non-digit, which are not read */
+    other = ((word & high) ^ zeros) | (((word + 0x0606060606060606ULL) & high) ^ zeros);
+    if (other == 0)
+        return 8;
+    len = __builtin_ctzll(other) >> 3;
+    if (len == 0)
+        return 0;
+    /* the digits' values, moved up so that zero bytes stand before them as leading zeros */
+    word = (word - zeros) << (8 * (8 - len));
+    /* pairs, then fours, then eight digits (each step multiplies and adds neighbours) */
+    word = (word * 10 + (word >> 8)) & 0x00FF00FF00FF00FFULL;
+    word = (word * 100 + (word >> 16)) & 0x0000FFFF0000FFFFULL;
+    *v = (word * 10000 + (word >> 32)) & 0xFFFFFFFFULL;
+    return len;
+}
+#endif
+
+/* Parses the array at p[*at] (a '[') into out, which has room for (n - *at + 1) / 2 values
+   (every value takes a digit and a separator), and leaves *at after it; the number of
+   values, or -1 unless every item is a plain decimal integer from 0 to 2**64 - 1. */
+static ptrdiff_t kj_u64_array(const char *p, size_t n, size_t *at, uint64_t *out)
+{
+    size_t i = kj_space(p, *at + 1, n);
+    ptrdiff_t count = 0;
+    if (i < n && p[i] == ']') {
+        *at = i + 1;
+        return 0;
+    }
+    for (;;) {
+#ifdef KJ_SWAR
+        int len;
+        if (i + 8 <= n && (len = kj_digits8(p + i, &out[count])) < 8) {
+            if (len == 0 || (p[i] == '0' && len > 1))
+                return -1;                    /* no digit, or a leading zero: not JSON */
+            i += (size_t)len;
+        } else if (!kj_u64_slow(p, n, &i, &out[count])) {
+            return -1;
+        }
+#else
+        if (!kj_u64_slow(p, n, &i, &out[count]))
+            return -1;
+#endif
+        count++;
+        if (i < n && p[i] == ',') {
+            i++;
+        } else {
+            i = kj_space(p, i, n);
+            if (i < n && p[i] == ']') {
+                *at = i + 1;
+                return count;
+            }
+            if (i >= n || p[i] != ',')
+                return -1;
+            i++;
+        }
+        if (i < n && (p[i] == ' ' || p[i] == '\t' || p[i] == '\n' || p[i] == '\r'))
+            i = kj_space(p, i, n);
+    }
+}
+
+/* After the token_ids array, ending at p[i]: 1 when the rest of the top level is well formed
+   as far as it shows and repeats no "token_ids" key (a parser keeps the last one: the
+   general path takes such bodies), else 0. */
+static int kj_rest(const char *p, size_t n, size_t i)
+{
+    int is_ids = 0;
+    for (;;) {
+        int next = kj_next(p, n, &i);
+        if (next != 1)
+            return next == 2;
+        if (!kj_key(p, n, &i, &is_ids) || is_ids)
+            return 0;
+        i = kj_skip_value(p, i, n);
+        if (i == 0)
+            return 0;
+    }
+}
+
+#endif

@@ -1,0 +1,201 @@
+"""The fast path of scoring by token ids (kvcm/bodies.py, kvcm/json_ids.h) against the
+general path: the same real Api handlers over one real Indexer, once with the core reading
+token ids from the body's bytes and once with every body parsed by orjson, must give the same
+answers and the same errors on many generated bodies (valid, invalid, unusual). The core's
+reader is also checked against orjson itself, the independent reference."""
+
+import asyncio
+import json
+import random
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from kvcm._core import json_token_ids
+from kvcm.api import Api
+from kvcm.config import load_config
+from kvcm.http import HttpError, Request
+from kvcm.indexer import Indexer
+from kvcm.metrics import Metrics
+
+MODEL, BLOCK = "fast-model", 16
+HELD = [list(range(i, i + 3 * BLOCK)) for i in (0, 1000)]   # two pods' prompts
+
+
+@pytest.fixture(scope="module")
+def apis():
+    indexer = Indexer(load_config(["--block-size", str(BLOCK), "--zmq-bind", ""], environ={}))
+    for n, ids in enumerate(HELD):
+        indexer.index.store(MODEL, "pod-%d" % n, "gpu", indexer.keys(MODEL, ids))
+    metrics = Metrics(indexer)
+    fast, general = Api(indexer, metrics, fast_ids=True), Api(indexer, metrics, fast_ids=False)
+    for api in (fast, general):      # one Dynamo worker serving MODEL (its engine is never connected)
+        handler, _ = api.router.match("POST", "/register")
+        register = {"instance_id": 1, "endpoint": "tcp://127.0.0.1:9", "model_name": MODEL, "block_size": BLOCK}
+        if api is fast:
+            asyncio.run(handler(Request("POST", "/register", body=orjson.dumps(register), peer=("127.0.0.1", 1))))
+        else:                        # the same indexer: the engine is there already
+            api.router.match("POST", "/query")[0].__self__.workers.update(
+                fast.router.match("POST", "/query")[0].__self__.workers)
+    return fast, general
+
+
+PATHS = ("/v1/score", "/v1/hash", "/query")
+
+
+def outcome(api, path, body, content_type=None):
+    handler, _ = api.router.match("POST", path)
+    headers = {} if content_type is None else {"content-type": content_type}
+    try:
+        response = handler(Request("POST", path, headers=headers, body=body))
+        if asyncio.iscoroutine(response):      # a prompt to tokenize (there is no tokenizer: 404)
+            response = asyncio.run(response)
+    except HttpError as e:
+        return ("error", e.status, e.message)
+    return ("ok", response.status, orjson.loads(response.body))
+
+
+def same(apis, body, content_type=None):
+    """The /v1/score outcome, once every path answered alike both ways."""
+    fast, general = apis
+    for path in PATHS:
+        got, want = outcome(fast, path, body, content_type), outcome(general, path, body, content_type)
+        assert got == want, (path, body[:200])
+    return outcome(fast, "/v1/score", body, content_type)
+
+
+# ---- bodies -----------------------------------------------------------------------------------
+
+def _id_literal():
+    """Token-id items as JSON text, plain and otherwise."""
+    big = st.integers(min_value=2 ** 64 - 3, max_value=2 ** 64 + 3).map(str)
+    plain = st.integers(min_value=0, max_value=200_000).map(str)
+    return st.one_of(plain, plain, plain, big, st.integers(-5, -1).map(str),
+                     st.sampled_from(["-0", "0", "00", "01", "1.0", "1e2", "1E2", "0.5", "true", "null", '"7"',
+                                      "[1]", "{}", "NaN", "Infinity", "1_0", "0x10", "+1", "2 3", ""]))
+
+
+_SPACE = st.sampled_from(["", " ", "\n", "\t", "\r\n  ", "\u00a0", "\v"])
+
+
+@st.composite
+def token_array(draw):
+    items = draw(st.lists(_id_literal(), max_size=40))
+    gaps = [draw(_SPACE) for _ in range(2 * len(items) + 2)]
+    inner = ",".join(gaps[2 * i] + item + gaps[2 * i + 1] for i, item in enumerate(items))
+    return "[" + gaps[-2] + inner + gaps[-1] + "]" if items else "[" + gaps[-1] + "]"
+
+
+_OTHER_FIELDS = st.sampled_from([
+    '"model": "%s"' % MODEL, '"model_name": "%s"' % MODEL, '"model": 3', '"model": "other"', '"pods": ["pod-0"]',
+    '"pods": [1]', '"cache_salt": "s"', '"cache_salt": 1', '"prompt": "hi"', '"x": {"token_ids": [1, 2]}',
+    '"x": "a \\" ] } , \\"token_ids\\": [9]"', '"x": [[], {}, "]"]', '"token\\u005fids": [5]', '"token_ids": [1]',
+    '"token_ids": null', '"token_ids": "12"', '"lora_name": "l"', '"routing_group": "g"', '"x": 1e400',
+    '"x": tru', '"x": [1, 2', '"x": "\\ud800"', '"\xff": 1', '"x": 01'])
+
+
+@st.composite
+def body(draw):
+    fields = draw(st.lists(_OTHER_FIELDS, max_size=4))
+    if draw(st.booleans()) or not fields:
+        fields.insert(draw(st.integers(0, len(fields))), '"token_ids"%s:%s%s' % (draw(_SPACE), draw(_SPACE),
+                                                                               draw(token_array())))
+    text = "{" + draw(_SPACE) + ("," + draw(_SPACE)).join(fields) + draw(_SPACE) + "}"
+    text = draw(st.sampled_from(["", " ", "\n", "\ufeff", "[", "x"])) * draw(st.integers(0, 1)) + text
+    text += draw(st.sampled_from(["", " ", "\n", "}", ",", "x", " []"])) * draw(st.integers(0, 1))
+    raw = text.encode("utf-8", "surrogatepass")
+    if draw(st.integers(0, 4)) == 0:          # a byte-level mutation: cut, drop or change one byte
+        at = draw(st.integers(0, max(0, len(raw) - 1)))
+        kind = draw(st.sampled_from(["cut", "drop", "set"]))
+        if kind == "cut":
+            raw = raw[:at]
+        elif kind == "drop":
+            raw = raw[:at] + raw[at + 1:]
+        else:
+            raw = raw[:at] + bytes([draw(st.integers(0, 255))]) + raw[at + 1:]
+    return raw
+
+
+# ---- the properties ---------------------------------------------------------------------------
+
+EDGES = [b'{"model": "%s", "token_ids": [%s]}' % (MODEL.encode(), x) for x in (
+    b"18446744073709551615", b"18446744073709551616", b"184467440737095516150", b"99999999999999999999", b"01",
+    b"-0", b"1.0", b"1e2", b"0",
+    b",".join(b"1234567890123456789"[:k] for k in range(1, 20)) + b",12345678901234567890",   # every length
+    b"12345678,0,9,012345678", b"123456789a")] + [
+    b'{"model": "%s", "token_ids": [1, 2], "token\\u005fids": [3]}' % MODEL.encode(),   # an escaped twin, last
+    b'{"model": "%s", "token\\u005fids": [3], "token_ids": [1, 2]}' % MODEL.encode(),
+    b'{"model": "%s", "token_ids": [1, 2], "token_ids": [4]}' % MODEL.encode(),         # a plain twin: last wins
+    b'{"model": "%s", "token_ids": [1, 2], "token_ids": "4"}' % MODEL.encode(),
+    b'{"model": "%s", "x": {"token_ids": [5]}, "token_ids": [1]}' % MODEL.encode(),
+]
+
+
+@pytest.mark.parametrize("raw", EDGES)
+def test_edge_bodies_answer_alike(apis, raw):
+    same(apis, raw)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body())
+def test_fast_and_general_paths_answer_alike(apis, raw):
+    same(apis, raw)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(body())
+def test_the_core_reads_what_orjson_reads(raw):
+    split = json_token_ids(raw)
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if split is None:
+        return
+    ids, rest = split
+    # what the fast path takes is a plain array of uint64 in a body that parses iff the rest does
+    try:
+        rest_parsed = orjson.loads(rest)
+    except orjson.JSONDecodeError:
+        assert parsed is None
+        return
+    assert isinstance(parsed, dict) and isinstance(parsed["token_ids"], list)
+    assert list(ids) == parsed["token_ids"] and ids.typecode == "Q"
+    assert rest_parsed == dict(parsed, token_ids=[])
+
+
+def test_valid_bodies_of_every_length_take_the_fast_path(apis):
+    rng = random.Random(7)
+    taken = 0
+    for n in (0, 1, 15, 16, 17, 48, 1000, 5000):
+        for ids in ([rng.randrange(2 ** 64) for _ in range(n)], HELD[0][:n], HELD[1][:n] + [0] * n):
+            for indent in (None, 2):
+                raw = json.dumps({"model": MODEL, "model_name": MODEL, "token_ids": ids}, indent=indent).encode()
+                assert json_token_ids(raw) is not None
+                taken += 1
+                result = same(apis, raw)
+                assert result[:2] == ("ok", 200)
+    assert taken == 48
+    # the held prefixes score as the general path scores them, over HTTP bodies as sent
+    scored = outcome(apis[0], "/v1/score", orjson.dumps({"model": MODEL, "token_ids": HELD[1]}))
+    assert scored[2]["scores"] == {"pod-1": 3.0}
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b'{"model": "%s", "token_ids": [1, -2]}' % MODEL.encode(), "below 2**64"),
+    (b'{"model": "%s", "token_ids": [18446744073709551616]}' % MODEL.encode(), "below 2**64"),
+    (b'{"model": "%s", "token_ids": [1.0]}' % MODEL.encode(), "below 2**64"),
+    (b'{"model": "%s", "token_ids": [1], }' % MODEL.encode(), "not valid JSON"),
+    (b'{"model": "%s", "token_ids": "1"}' % MODEL.encode(), "must be a list"),
+    (b'[1, 2]', "must be a JSON object"),
+])
+def test_errors_are_worded_as_the_general_path_words_them(apis, raw, message):
+    kind, status, text = same(apis, raw)
+    assert (kind, status) == ("error", 400) and message in text, text
+
+
+def test_a_wrong_content_type_is_415_either_way(apis):
+    raw = orjson.dumps({"model": MODEL, "token_ids": [1, 2]})
+    assert same(apis, raw, "application/xml")[:2] == ("error", 415)
+    assert same(apis, raw, "application/json")[:2] == ("ok", 200)
