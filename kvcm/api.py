@@ -12,6 +12,7 @@ import logging
 
 from kvcm import chat, tokenize
 from kvcm._core import DumpAborted
+from kvcm.backend import IndexUnavailable, then
 from kvcm.bodies import TOKEN_ID_TYPES, json_object
 from kvcm.dynamo import DynamoApi
 from kvcm.endpoints import check_registered_endpoint
@@ -19,7 +20,6 @@ from kvcm.http import BadRequest, HttpError, Response, Router, StreamingResponse
 from kvcm.indexer import Busy, TemplatesUnavailable
 from kvcm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvcm.ratelog import RateLimitedLog
-from kvcm.shared_index import IndexUnavailable
 from kvcm.status import Status
 
 log = logging.getLogger("kvcm.api")
@@ -102,6 +102,10 @@ def _unavailable(error, type="index_unavailable"):
     return HttpError(503, str(error), type=type, headers=(("Retry-After", "1"),))
 
 
+def _ok(body):
+    return json_response(200, body)
+
+
 
 
 def _one_input(body, names):
@@ -153,19 +157,12 @@ class Api:
         salt = _field(body, "cache_salt", str, "a string")
         source = _one_input(body, ("token_ids", "prompt", "messages"))
         if source == "token_ids":
-            if self.indexer.remote:
-                return self._score_ids(model, _token_ids(body), pods, salt)
             try:
-                return json_response(200, self.indexer.score_tokens(model, _token_ids(body), pods, salt))
+                found = self.indexer.lookup_tokens(model, _token_ids(body), pods, salt)
             except (TypeError, ValueError) as e:
                 raise _bad_token_ids(e) from None
+            return then(found, _ok, _unavailable)
         return self._score_text(body, model, pods, salt)
-
-    async def _score_ids(self, model, ids, pods, salt):
-        try:
-            return json_response(200, await self._scores(model, ids, pods, salt))
-        except (TypeError, ValueError) as e:
-            raise _bad_token_ids(e) from None
 
     async def _score_text(self, body, model, pods, salt):
         ids, _ = await self._tokenize(body, model)
@@ -258,26 +255,13 @@ class Api:
     # -- pods and engines ------------------------------------------------------------------
 
     def pods(self, request):
-        if self.indexer.remote:
-            return self._pods_remote()
-        return json_response(200, {"pods": self.indexer.pods()})
-
-    async def _pods_remote(self):
-        return json_response(200, await self.indexer.pods_async())
+        return then(self.indexer.pod_listing(), _ok)
 
     def delete_pod(self, request):
         self._admin(request)
         pod = request.params["pod"]
-        if self.indexer.remote:
-            return self._delete_pod_remote(pod)
-        return json_response(200, {"pod": pod, "removed": self.indexer.clear_pod(pod)})
-
-    async def _delete_pod_remote(self, pod):
-        try:
-            removed = await self.indexer.clear_pod_async(pod)
-        except IndexUnavailable as e:
-            raise _unavailable(e) from None
-        return json_response(200, {"pod": pod, "removed": removed})
+        return then(self.indexer.forget_pod(pod), lambda removed: _ok({"pod": pod, "removed": removed}),
+                    _unavailable)
 
     def engines(self, request):
         return json_response(200, {"engines": [_engine_json(e) for e in self.indexer.ingest.engines]})

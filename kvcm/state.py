@@ -92,10 +92,10 @@ class StateKeeper:
         write) to finish first."""
         for _ in range(int(DUMP_WAIT / 0.05)):
             try:
-                return self.indexer.index.dump()
+                return self.indexer.backend.dump()
             except DumpAborted:
                 await asyncio.sleep(0.05)
-        return self.indexer.index.dump()
+        return self.indexer.backend.dump()
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -193,7 +193,7 @@ class StateKeeper:
         started = time.monotonic()
         try:
             snap = snapshot.read(data, self.indexer.config)
-            self.indexer.index.load(snap.tables, snap.chunks)
+            self.indexer.backend.load(snap.tables, snap.chunks)
         except (snapshot.SnapshotError, ValueError) as exc:
             if source == self.path:
                 self._reject(str(exc))
