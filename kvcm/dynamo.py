@@ -21,9 +21,9 @@ the run's blocks the device tier holds.
 import dataclasses
 from urllib.parse import parse_qsl
 
+from kvcm.backend import then
 from kvcm.bodies import TOKEN_ID_TYPES, json_object
 from kvcm.http import BadRequest, HttpError, json_response
-from kvcm.shared_index import IndexUnavailable
 
 DEFAULT_GROUP = "default"
 DEVICE_TIER = "gpu"
@@ -176,10 +176,7 @@ class DynamoApi:
         salt = _text(body, "cache_salt")
         namespace = lora if lora is not None else model
         try:
-            if self.indexer.remote:
-                return self._answer_async(self.indexer.score_tokens_async(namespace, ids, list(members), salt),
-                                          members)
-            return self._answer(self.indexer.score_tokens(namespace, ids, list(members), salt), members)
+            return self._answer(self.indexer.lookup_tokens(namespace, ids, list(members), salt), members)
         except (TypeError, ValueError) as e:
             raise BadRequest("field 'token_ids' must be a list of non-negative integers below 2**64 (%s)"
                              % e) from None
@@ -194,17 +191,13 @@ class DynamoApi:
             raise BadRequest("field 'block_hashes' must be a list of kvcm keys (integers from 0 to 2**64-1)")
         model, members = self._group(body)
         namespace = _text(body, "lora_name", default=model)
-        if self.indexer.remote:
-            return self._answer_async(self.indexer.score_keys_async(namespace, keys, list(members)), members)
-        return self._answer(self.indexer.score_keys(namespace, keys, list(members)), members)
+        return self._answer(self.indexer.lookup_keys(namespace, keys, list(members)), members)
 
-    async def _answer_async(self, result, members):
-        try:
-            return self._answer(await result, members)
-        except IndexUnavailable as e:
-            raise HttpError(503, str(e), type="index_unavailable", headers=(("Retry-After", "1"),)) from None
+    def _answer(self, found, members):
+        """The Dynamo-shaped answer to a lookup's result, now or later."""
+        return then(found, lambda result: self._shape(result, members), _unavailable)
 
-    def _answer(self, result, members):
+    def _shape(self, result, members):
         block_size = self.indexer.config.block_size
         scores, instances = {}, {}
         for pod, m in result["matched"].items():
@@ -221,6 +214,10 @@ class DynamoApi:
             entry["gpu"] = max(entry["gpu"], gpu)
             entry["longest_matched"] = entry["cpu"] = entry["disk"] = max(entry["longest_matched"], longest)
         return json_response(200, {"scores": scores, "frequencies": [], "instances": instances})
+
+
+def _unavailable(error):
+    return HttpError(503, str(error), type="index_unavailable", headers=(("Retry-After", "1"),))
 
 
 __all__ = ["DynamoApi", "engine_name"]

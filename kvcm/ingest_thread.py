@@ -160,6 +160,15 @@ class IngestThread:
     def clear_pod(self, pod, clear):
         return self._call(self._ingest.clear_pod, pod, clear)
 
+    def cut(self, start):
+        return self._call(self._ingest.cut, start)
+
+    def positions(self):
+        return self._call(self._ingest.positions)
+
+    def restore_streams(self, positions):
+        return self._call(self._ingest.restore_streams, positions)
+
     def resync_namespace(self, namespace):
         return self._call(self._ingest.resync_namespace, namespace)
 
