@@ -441,10 +441,10 @@ def bench_ingest_apply(repeats):
     payloads, blocks = workloads[True]
     nbytes = sum(map(len, payloads))
 
-    def run(mode, again=False, header=False, nil_parents=True):
+    def run(mode, again=False, header=False, nil_parents=True, fast_path=True):
         payloads = workloads[nil_parents][0]
         index = _core.Index(max_blocks=10_000_000)
-        sink = _core.EventSink(index, BLOCK, "sha256", None, mode)
+        sink = _core.EventSink(index, BLOCK, "sha256", None, mode, fast_path=fast_path)
         ctx = _core.StreamContext(APPLY_POD, NS)
         if again:
             for p in payloads:
@@ -469,9 +469,11 @@ def bench_ingest_apply(repeats):
         sink = _core.EventSink(_core.Index(max_blocks=1024), BLOCK, "sha256", None, "vllm")
         return pass_ns(sink.decode, [(p,) for p in payloads])
 
-    # (case, mode, blocks already held, batch_header first, nil parents, budget)
+    # (case, mode, blocks already held, decode first, nil parents, budget[, fast path])
     cases = (
         ("auto mode", "auto", False, False, True, (">=", 4e6)),
+        ("auto mode, every event through the general path (fast_path=False)", "auto", False, False, True, None,
+         False),
         ("vllm mode", "vllm", False, False, True, (">=", 2e6)),
         ("kvcm mode (decoupled: every block rehashed, engine map)", "kvcm", False, False, True, (">=", 2e6)),
         ("auto mode, every parent set (nothing to verify)", "auto", False, False, False, None),
@@ -483,14 +485,14 @@ def bench_ingest_apply(repeats):
     run("vllm")  # warm-up: the first index built faults its pages in; later ones reuse them
     for _ in range(repeats):  # the cases take turns, so background load hits them alike
         decode.append(decode_only())
-        for case, mode, again, header, nil_parents, _ in cases:
-            ns, verified[case] = run(mode, again, header, nil_parents)
+        for case, mode, again, header, nil_parents, _, *fast in cases:
+            ns, verified[case] = run(mode, again, header, nil_parents, *fast)
             times[case].append(ns)
     ns = statistics.median(decode)
     rows = [row("decode only (EventSink.decode: every event into C records)", blocks / ns * 1e9, "blocks/s",
                 note="%.0f ns/block, %.0f MB/s" % (ns / blocks, nbytes / ns * 1e3))]
     events = len(payloads) * APPLY_EVENTS_PER_BATCH
-    for case, _, _, _, _, budget in cases:
+    for case, _, _, _, _, budget, *_ in cases:
         ns = statistics.median(times[case])
         rows.append(row(case, blocks / ns * 1e9, "blocks/s", budget=budget,
                         note="%.0f ns/block, %.1f µs/batch; %d of %d events verified by rehashing"
