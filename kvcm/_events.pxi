@@ -17,15 +17,17 @@ from kvcm.ratelog import RateLimitedLog
 _log = logging.getLogger("kvcm.events")
 
 HASH_MODES = ("auto", "vllm", "kvcm")
-# What engines hash with: vLLM's algorithms, and llm-d's request keys (llm-d-inference-sim
-# >= 0.8 publishes those; specs/llmd-request-keys.md).
-ENGINE_ALGORITHMS = ("sha256", "sha256_cbor", "sha256_cbor_64bit", "llmd_fnv64a", "llmd_fnv64a_nomodel")
+# What engines hash with: every chain of the hasher's ALGORITHMS but kvcm's own, that is
+# vLLM's algorithms and llm-d's request keys (llm-d-inference-sim >= 0.8 publishes those;
+# specs/llmd-request-keys.md).
+ENGINE_ALGORITHMS = tuple(algo for algo in ALGORITHMS if algo != "kvcm")
 # The media vLLM (GPU, CPU, Disk; FS and OBJ before STORAGE) and LMCache (cpu) publish, as
 # tier names. Other media are dropped and counted unless the operator names them in the
 # scorer's tier weights: a publisher must not be able to fill the 16-tier table with junk.
 KNOWN_TIERS = ("gpu", "cpu", "disk", "storage", "fs", "obj")
 _LIKELY_SEEDS = (None, "0", "42", "")  # besides the configured one; None = unset
-_DIAGNOSE_ALGOS = ("sha256", "sha256_cbor", "llmd_fnv64a", "llmd_fnv64a_nomodel")
+# the engine algorithms a parity mismatch is checked against (sha256_cbor_64bit is not)
+_DIAGNOSE_ALGOS = tuple(algo for algo in ENGINE_ALGORITHMS if algo != "sha256_cbor_64bit")
 
 
 cdef enum Mode:

@@ -4,17 +4,17 @@
 
 cdef extern from "index.h" nogil:
     uint32_t KVI_NIL
-    int KVI_MAX_TIERS
+    enum: KVI_MAX_TIERS
     uint32_t KVI_MAX_PODS
     uint32_t KVI_MAX_NS
     ctypedef struct kvi_match:
         uint32_t pod
         uint32_t blocks
         double score
-        uint32_t tiers[16]
+        uint32_t tiers[KVI_MAX_TIERS]
     ctypedef struct kvi_pod:
         uint64_t total
-        uint64_t per_tier[16]
+        uint64_t per_tier[KVI_MAX_TIERS]
     ctypedef struct kvi_index:
         kvi_pod *pods
         uint32_t pods_cap
@@ -184,7 +184,7 @@ cdef class Index:
     cdef _Names _tiers
     cdef uint8_t *_filter
     cdef uint32_t _filter_cap
-    cdef double _unit_weights[16]
+    cdef double _unit_weights[KVI_MAX_TIERS]
     cdef IndexLock _lock
 
     def __cinit__(self, max_blocks=DEFAULT_MAX_BLOCKS, max_namespaces=MAX_NAMESPACES):
@@ -569,7 +569,7 @@ cdef class Scorer:
     Tiers without a configured weight weigh `default_weight`."""
     cdef dict _weights
     cdef readonly double default_weight
-    cdef double _w[16]
+    cdef double _w[KVI_MAX_TIERS]
     cdef object _for_tiers  # the index's tier-name list _w was computed for
     cdef Py_ssize_t _nt     # and its length then (the list only grows)
 

@@ -429,3 +429,11 @@ def test_long_inputs_hashed_concurrently_from_threads_match_reference():
         t.join()
     assert not errors
     assert results == expected
+
+
+def test_the_twin_and_the_core_name_the_same_algorithms_in_the_same_order():
+    """One list of algorithms: the core's (its hasher indexes it); the engines' algorithms are
+    all of them but kvcm's own chain, and the twin restates the same."""
+    from kvcm import _core, _reference
+    assert _reference.ALGORITHMS == _core.ALGORITHMS
+    assert _core.ENGINE_ALGORITHMS == tuple(a for a in _core.ALGORITHMS if a != "kvcm")
