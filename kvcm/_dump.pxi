@@ -7,23 +7,8 @@
 # passed; the streams' positions are recorded before the first slice, so replaying every
 # batch after them (stores and removals are idempotent and apply in order) brings the
 # loaded index to the truth. Blocks are walked from the LRU tail with a cursor that index.h
-# keeps valid across changes, so loading them in order rebuilds the LRU order too.
-
-cdef extern from "index.h":
-    void kvi_dump_begin(kvi_index *ix)
-    void kvi_dump_end(kvi_index *ix)
-    int kvi_dump_done(const kvi_index *ix)
-    size_t kvi_dump_slice(kvi_index *ix, uint8_t *out, size_t cap, uint32_t max_blocks, size_t *need)
-    int kvi_reserve(kvi_index *ix, uint64_t blocks, uint64_t entries)
-    int64_t kvi_load_slice(kvi_index *ix, const uint8_t *data, size_t len, const uint32_t *pod_map,
-                           uint32_t npods, const uint32_t *tier_map, uint32_t ntiers)
-
-cdef extern from "engine_map.h":
-    uint64_t kve_dump_start(const kve_table *t)
-    size_t kve_dump_slice(const kve_table *t, uint64_t start, uint64_t *pos, kve_entry *out, size_t max)
-    int64_t kve_load_slice(kve_map *m, int which, const kve_entry *entries, size_t n)
-    int kve_reset(kve_map *m)
-    int kve_set_epochs(kve_map *m, const uint32_t *epochs, uint32_t n)
+# keeps valid across changes, so loading them in order rebuilds the LRU order too. The C
+# functions it calls are declared in _core.pxd.
 
 # Chunk kinds of a dump.
 DUMP_BLOCKS = 1       # block records (index.h, "dump and load")

@@ -1,55 +1,6 @@
 # The Python face of the block index (index.h) and the engine map (engine_map.h), and the
 # scorer. Names (namespaces, pods, tiers) are interned here to small integers; the C side
-# sees only integers.
-
-cdef extern from "index.h" nogil:
-    uint32_t KVI_NIL
-    enum: KVI_MAX_TIERS
-    uint32_t KVI_MAX_PODS
-    uint32_t KVI_MAX_NS
-    ctypedef struct kvi_match:
-        uint32_t pod
-        uint32_t blocks
-        double score
-        uint32_t tiers[KVI_MAX_TIERS]
-    ctypedef struct kvi_pod:
-        uint64_t total
-        uint64_t per_tier[KVI_MAX_TIERS]
-    ctypedef struct kvi_index:
-        kvi_pod *pods
-        uint32_t pods_cap
-        uint64_t nblocks, nentries, max_blocks, evictions
-        kvi_match *matches
-        int dumping
-    int kvi_init(kvi_index *ix, uint64_t max_blocks)
-    void kvi_release(kvi_index *ix)
-    int kvi_ensure_pods(kvi_index *ix, uint32_t npods)
-    int64_t kvi_store(kvi_index *ix, uint32_t ns, uint32_t pod, uint32_t tier, const uint64_t *keys, size_t n)
-    uint64_t kvi_remove(kvi_index *ix, uint32_t ns, uint32_t pod, uint32_t tier, const uint64_t *keys, size_t n)
-    uint64_t kvi_clear_pod(kvi_index *ix, uint32_t pod, int tier, uint32_t ns)
-    uint64_t kvi_clear_namespace(kvi_index *ix, uint32_t ns)
-    uint32_t kvi_find(const kvi_index *ix, uint32_t ns, uint64_t key)
-    uint64_t kvi_clear_namespaces(kvi_index *ix, const uint8_t *dead)
-    int64_t kvi_lookup(kvi_index *ix, uint32_t ns, const uint64_t *keys, size_t n,
-                       const uint8_t *filter, uint32_t filter_bits, const double *weights)
-
-cdef extern from "engine_map.h" nogil:
-    ctypedef struct kve_entry:
-        uint64_t tag, key
-    ctypedef struct kve_table:
-        kve_entry *e
-        uint64_t size, count
-    ctypedef struct kve_map:
-        kve_table young, old
-        uint64_t layout
-        uint32_t *epochs
-        uint32_t nepochs
-    int kve_init(kve_map *m, uint64_t capacity)
-    void kve_release(kve_map *m)
-    int kve_set(kve_map *m, uint32_t ns, uint64_t ehash, const uint64_t *keys, size_t k)
-    size_t kve_get(kve_map *m, uint32_t ns, uint64_t ehash, uint64_t *out, size_t max)
-    uint64_t kve_count(const kve_map *m)
-    int kve_clear_namespace(kve_map *m, uint32_t ns)
+# sees only integers. The C declarations of index.h and engine_map.h are in _core.pxd.
 
 cdef extern from "pythread.h" nogil:
     ctypedef void *PyThread_type_lock

@@ -1,11 +1,6 @@
 # SHA-256: a portable C kernel and a SHA-NI kernel (sha256.h), chosen once by CPUID.
-# KVCM_SHA256=portable forces the portable kernel, so tests cover both on one machine.
-
-cdef extern from "sha256.h":
-    int KVCM_SHA256_SHANI
-    void kvcm_sha256_select(int force_portable)
-    int kvcm_sha256_backend()
-    void kvcm_sha256(const unsigned char *data, size_t length, unsigned char *out) nogil
+# KVCM_SHA256=portable forces the portable kernel, so tests cover both on one machine. Its
+# C declarations are in _core.pxd.
 
 
 def _select_sha256_kernel():

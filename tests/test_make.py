@@ -19,7 +19,8 @@ from conftest import ROOT
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 
 CORE_SOURCES = ["kvcm/_core.pyx", "setup.py"] + [str(p.relative_to(ROOT)) for p in
-                                                  sorted((ROOT / "kvcm").glob("*.pxi")) + sorted((ROOT / "kvcm").glob("*.h"))]
+                                                  sorted((ROOT / "kvcm").glob("*.pxi")) + sorted((ROOT / "kvcm").glob("*.pxd"))
+                                                  + sorted((ROOT / "kvcm").glob("*.h"))]
 
 
 @pytest.fixture
