@@ -780,9 +780,13 @@ class Ingest:
             readable.clear()
             if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return sock.recv_multipart(zmq.NOBLOCK)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation
+            # (forgetting the stream, stop()) that comes as the socket turns readable, and
+            # the replay would then wait out its timeout
             try:
-                await asyncio.wait_for(readable.wait(), self._replay_timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self._replay_timeout):
+                    await readable.wait()
+            except TimeoutError:
                 return None
 
     # -- snapshots (kvcm/state.py) -----------------------------------------------------------
