@@ -160,41 +160,76 @@ def vllm_style_keys(tokens, root):
     return keys
 
 
+def side_by_side_ns(fns, repeats, calls):
+    """{name: ns per call} for each fn of `fns` ({name: (fn, args)}): in each of `repeats`
+    rounds every fn runs `calls` times in turn, so they share the machine's load; medians
+    over the rounds, and for each fn the median of its per-round ratio to the first fn."""
+    per = {name: [] for name in fns}
+    for name, (fn, args) in fns.items():
+        fn(*args)  # warm-up
+    for _ in range(repeats):
+        for name, (fn, args) in fns.items():
+            per[name].append(pass_ns(fn, [args] * calls) / calls)
+    first = next(iter(fns))
+    ratios = {name: statistics.median(a / b for a, b in zip(per[name], per[first])) for name in fns}
+    return {name: statistics.median(v) for name, v in per.items()}, ratios
+
+
+def chain_compressions(algo, tokens, root):
+    """SHA-256 compressions the chain of `tokens` needs: each block's message plus its
+    padding (>= 9 bytes), in 64-byte blocks."""
+    if algo == "sha256":
+        encode = lambda parent, block: _reference.pickle5_encode((parent, block, None))  # noqa: E731
+    elif algo == "sha256_cbor":
+        encode = lambda parent, block: _reference.cbor_encode([parent, list(block), None])  # noqa: E731
+    else:
+        encode = lambda parent, block: _reference.cbor_encode([int.from_bytes(parent, "big"), list(block), None])  # noqa: E731
+    digests = _reference.BlockHasher(algo, block_size=BLOCK).digests(tokens)
+    parents = [root] + digests[:-1]
+    return sum((len(encode(parent, tuple(tokens[i * BLOCK:(i + 1) * BLOCK]))) + 9 + 63) // 64
+               for i, parent in enumerate(parents))
+
+
 def bench_hash4096(repeats):
-    """4096 random token ids (uniform over a 152k vocabulary), block 16: 256 chained blocks."""
+    """4096 random token ids (uniform over a 152k vocabulary), block 16: 256 chained blocks.
+
+    The floor is one SHA-256 call over exactly as many compressions as the chain needs
+    (hashlib for SHA-NI, kvcm's own kernel for the portable one), timed side by side with
+    the hasher; vLLM's loop is its Python hashing. Inputs: a list of ints (what orjson and
+    tokenizers give) and buffers (array('I'), array('Q'))."""
     rng = random.Random(4096)
     tokens = [rng.randrange(VOCAB) for _ in range(4096)]
-    per_comp = ns_per_compression(repeats)
+    inputs = {"list": tokens, "array('I')": array("I", tokens), "array('Q')": array("Q", tokens)}
     rows = []
-    for algo in ("sha256", "sha256_cbor"):
+    for algo in ("sha256", "sha256_cbor", "kvcm"):
         core, ref = _core.BlockHasher(algo, block_size=BLOCK), _reference.BlockHasher(algo, block_size=BLOCK)
         assert list(core.keys(tokens)) == list(ref.keys(tokens))
-        us = {}
-        for kind, toks in (("list", tokens), ("array('I')", array("I", tokens))):
-            us[kind] = median_per_call_ns(core.keys, [(toks,)] * 200, repeats) / 1e3
-            rows.append(row("%s, %s" % (algo, kind), us[kind], "µs", budget=("<=", 40)))
-        with sha256_kernel("portable") as name:
-            rows.append(row("%s, list, %s kernel" % (algo, name),
-                            median_per_call_ns(core.keys, [(tokens,)] * 50, repeats) / 1e3, "µs"))
-        ref_us = median_per_call_ns(ref.keys, [(tokens,)] * 5, repeats) / 1e3
-        rows.append(row("%s, _reference" % algo, ref_us, "µs"))
-        rows.append(row("%s, _reference / core(list)" % algo, ref_us / us["list"], "x"))
+        compressions = chain_compressions(algo, tokens, core.root)
+        message = os.urandom(compressions * 64 - 9)  # padded, exactly `compressions` blocks
+        fns = {"floor": (lambda m: hashlib.sha256(m).digest(), (message,))}
+        for kind, toks in inputs.items():
+            fns[kind] = (core.keys, (toks,))
         if algo == "sha256":
             assert vllm_style_keys(tokens, core.root) == list(core.keys(tokens))
-            vllm_us = median_per_call_ns(vllm_style_keys, [(tokens, core.root)] * 5, repeats) / 1e3
-            rows.append(row("sha256, vLLM's loop (hashlib+pickle)", vllm_us, "µs"))
-            rows.append(row("sha256, vLLM's loop / core(list)", vllm_us / us["list"], "x", budget=(">=", 10)))
-        # Where the time goes: SHA compressions at the measured kernel speed, the rest.
-        encode = _reference.pickle5_encode if algo == "sha256" else _reference.cbor_encode
-        parent = core.root
-        compressions = sum((len(encode((parent, tuple(tokens[i:i + BLOCK]), None))) + 9 + 63) // 64
-                           for i in range(0, len(tokens), BLOCK))
-        floor = compressions * per_comp / 1e3
-        rows.append(row("%s, SHA floor" % algo, floor, "µs",
-                        note="%d compressions x %.1f ns" % (compressions, per_comp)))
-        rows.append(row("%s, rest (array('I') - floor)" % algo, us["array('I')"] - floor, "µs"))
-        rows.append(row("%s, list conversion (list - array('I'))" % algo, us["list"] - us["array('I')"], "µs"))
-    report("hash4096", rows, kernel=_core.sha256_backend())
+            fns["vllm"] = (vllm_style_keys, (tokens, core.root))
+        ns, ratio = side_by_side_ns(fns, repeats, 50)
+        rows.append(row("%s, SHA floor (hashlib, %d compressions)" % (algo, compressions), ns["floor"] / 1e3, "µs"))
+        for kind in inputs:
+            rows.append(row("%s, %s" % (algo, kind), ns[kind] / 1e3, "µs"))
+            rows.append(row("%s, %s / floor" % (algo, kind), ratio[kind], "x", budget=("<=", 1.5)))
+        if algo == "sha256":
+            rows.append(row("sha256, vLLM's loop (hashlib+pickle)", ns["vllm"] / 1e3, "µs"))
+            for kind in inputs:
+                rows.append(row("sha256, vLLM's loop / %s" % kind, ratio["vllm"] / ratio[kind], "x", budget=(">=", 10)))
+        with sha256_kernel("portable") as name:
+            ns, ratio = side_by_side_ns({"floor": (_core.sha256, (message,)), "list": (core.keys, (tokens,))},
+                                        repeats, 20)
+            rows.append(row("%s, %s kernel: floor" % (algo, name), ns["floor"] / 1e3, "µs"))
+            rows.append(row("%s, %s kernel: list" % (algo, name), ns["list"] / 1e3, "µs"))
+            rows.append(row("%s, %s kernel: list / floor" % (algo, name), ratio["list"], "x", budget=("<=", 1.5)))
+        ref_us = median_per_call_ns(ref.keys, [(tokens,)] * 3, 1) / 1e3
+        rows.append(row("%s, _reference" % algo, ref_us, "µs"))
+    report("hash4096", rows, kernel=_core.sha256_backend(), loadavg=os.getloadavg())
 
 
 # ---- 2. raw SHA-256 ------------------------------------------------------------------------
