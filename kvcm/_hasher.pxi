@@ -234,7 +234,7 @@ cdef class BlockHasher:
             self.root_into(par)
         else:
             self._set_parent(parent, par)
-        load_u64s(tokens, &tok, "tokens", False)
+        load_u64s(tokens, &tok, "tokens")
         try:
             nblocks = tok.n // self.block_size
             keys = new_u64_array(nblocks)

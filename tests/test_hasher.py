@@ -364,6 +364,21 @@ def test_array_Q_tokens_above_2_63_are_unsigned(impl):
     assert list(hasher.keys(array("Q", tokens))) == manual("sha256_cbor", "0", 4, tokens)[2]
 
 
+@pytest.mark.parametrize("typecode", ["Q", "q", "L"])
+def test_token_array_is_released_after_hashing(typecode):
+    """64-bit arrays are read in place while exported (so they cannot be resized meanwhile,
+    even with the GIL dropped); afterwards the array is the caller's again."""
+    tokens = array(typecode, range(16 * 20))
+    hasher = _core.BlockHasher("sha256", "0", 16)
+    assert list(hasher.keys(tokens)) == list(_reference.BlockHasher("sha256", "0", 16).keys(list(tokens)))
+    tokens.append(1)  # BufferError if the export were still held
+    index = _core.Index()
+    index.store("m", "pod", "gpu", array(typecode, [1, 2, 3]))
+    keys = array(typecode, [1, 2, 3])
+    assert index.lookup_prefix("m", keys)
+    keys.append(4)
+
+
 @pytest.mark.parametrize("make", [bytes, bytearray, lambda t: memoryview(bytes(t))],
                          ids=["bytes", "bytearray", "memoryview-B"])
 def test_byte_strings_are_sequences_of_small_token_ids(impl, make):
