@@ -252,6 +252,48 @@ static inline uint64_t kvcm_chain_digest(int kind, const uint32_t st[8], unsigne
 }
 
 #if KVCM_SHA256_HAVE_SHANI
+/* Stores the digest (bytes d0 = 0..15, d1 = 16..31) into the next message, len bytes, as
+ * whole 16-byte pieces composed in registers: the kernel's 16-byte loads then take them
+ * straight from the store buffer, where loads spanning several smaller stores would wait for
+ * them to reach the cache - on the chain's critical path. Returns the message's length. */
+KVCM_SHANI_TARGET __attribute__((always_inline))
+static inline size_t kvcm_chain_parent_vec(const int kind, unsigned char *buf, size_t len,
+                                           __m128i d0, __m128i d1) {
+    __m128i c0, c2;
+    unsigned char key[8];
+    if (kind == KVCM_CHAIN_PICKLE) {
+        /* 80 05 95 <frame length: 8 bytes LE> 43 20 | parent at 13..44 | 94 ... */
+        c0 = _mm_set_epi64x((long long)(0x43ULL << 24 | 0x20ULL << 32),
+                            (long long)(0x950580ULL | (uint64_t)(len - 11) << 24));
+        c0 = _mm_or_si128(c0, _mm_slli_si128(d0, 13));
+        c2 = _mm_and_si128(_mm_loadu_si128((const __m128i *)(buf + 32)),
+                           _mm_set_epi64x((long long)0xFFFFFF0000000000ULL, 0));
+        _mm_storeu_si128((__m128i *)buf, c0);
+        _mm_storeu_si128((__m128i *)(buf + 16), _mm_alignr_epi8(d1, d0, 3));
+        _mm_storeu_si128((__m128i *)(buf + 32), _mm_or_si128(c2, _mm_srli_si128(d1, 3)));
+        return len;
+    }
+    if (kind == KVCM_CHAIN_CBOR) {
+        /* 83 58 20 | parent at 3..34 | array head, ids... */
+        c0 = _mm_or_si128(_mm_cvtsi32_si128(0x205883), _mm_slli_si128(d0, 3));
+        c2 = _mm_and_si128(_mm_loadu_si128((const __m128i *)(buf + 32)),
+                           _mm_set_epi64x(-1LL, (long long)0xFFFFFFFFFF000000ULL));
+        _mm_storeu_si128((__m128i *)buf, c0);
+        _mm_storeu_si128((__m128i *)(buf + 16), _mm_alignr_epi8(d1, d0, 13));
+        _mm_storeu_si128((__m128i *)(buf + 32), _mm_or_si128(c2, _mm_srli_si128(d1, 13)));
+        return len;
+    }
+    /* 83 1B | key (the digest's last 8 bytes) at 2..9 | array head, ids... */
+    if (_mm_extract_epi32(d1, 2) != 0) { /* the key's high half: >= 2**32, a 9-byte head */
+        c0 = _mm_and_si128(_mm_loadu_si128((const __m128i *)buf),
+                           _mm_set_epi64x((long long)0xFFFFFFFFFFFF0000ULL, 0xFFFF));
+        _mm_storeu_si128((__m128i *)buf, _mm_or_si128(c0, _mm_slli_si128(_mm_srli_si128(d1, 8), 2)));
+        return len;
+    }
+    _mm_storel_epi64((__m128i *)key, _mm_srli_si128(d1, 8));
+    return kvcm_chain_set_parent(kind, buf, len, key);
+}
+
 /* The chain with SHA-NI, the next block's ids written between the current block's rounds.
  * Always inlined with a constant kind, so each kind gets its own loop without branches on it. */
 KVCM_SHANI_TARGET __attribute__((always_inline))
@@ -259,15 +301,13 @@ static inline void kvcm_chain_shani_kind(const int kind, const uint64_t *tok, si
                                          unsigned char *bufs[2], unsigned char *parent,
                                          uint64_t *keys_out, unsigned char *digests_out, size_t dl) {
     const __m128i bswap = KVCM_SHANI_BSWAP_MASK;
-    __m128i s0, s1, t, save0, save1, m0, m1, m2, m3;
+    __m128i s0, s1, t, save0, save1, m0, m1, m2, m3, d0, d1;
     struct kvcm_enc e;
-    size_t lens[2], len, b, c, nc;
-    uint32_t st[8];
+    size_t len, b, c, nc;
 
-    lens[0] = kvcm_chain_encode(kind, tok, n, bufs[0]);
+    len = kvcm_chain_set_parent(kind, bufs[0], kvcm_chain_encode(kind, tok, n, bufs[0]), parent);
     for (b = 0; b < nblocks; b++) {
         unsigned char *cur = bufs[b & 1];
-        len = kvcm_chain_set_parent(kind, cur, lens[b & 1], parent);
         if (b + 1 < nblocks)
             kvcm_enc_begin(&e, kind, tok + (b + 1) * n, n, bufs[(b + 1) & 1]);
         else
@@ -276,10 +316,20 @@ static inline void kvcm_chain_shani_kind(const int kind, const uint64_t *tok, si
         KVCM_SHANI_STATE_IN(kvcm_sha256_iv);
         for (c = 0; c < nc; c++)
             KVCM_SHANI_BLOCK(cur + 64 * c, kvcm_enc_step(&e, kind));
-        KVCM_SHANI_STATE_OUT(st);
+        /* the digest's bytes, big-endian words: as KVCM_SHANI_STATE_OUT, then byte-swapped */
+        t = _mm_shuffle_epi32(s0, 0x1B);
+        s1 = _mm_shuffle_epi32(s1, 0xB1);
+        d0 = _mm_shuffle_epi8(_mm_blend_epi16(t, s1, 0xF0), bswap);
+        d1 = _mm_shuffle_epi8(_mm_alignr_epi8(s1, t, 8), bswap);
         if (b + 1 < nblocks)
-            lens[(b + 1) & 1] = kvcm_enc_finish(&e, kind, n);
-        keys_out[b] = kvcm_chain_digest(kind, st, parent);
+            len = kvcm_chain_parent_vec(kind, bufs[(b + 1) & 1], kvcm_enc_finish(&e, kind, n), d0, d1);
+        if (dl == 32) {
+            _mm_storeu_si128((__m128i *)parent, d0);
+            _mm_storeu_si128((__m128i *)(parent + 16), d1);
+        } else {
+            _mm_storel_epi64((__m128i *)parent, _mm_srli_si128(d1, 8));
+        }
+        keys_out[b] = (uint64_t)__builtin_bswap64((uint64_t)_mm_extract_epi64(d1, 1));
         if (digests_out != NULL)
             memcpy(digests_out + b * dl, parent, dl);
     }
