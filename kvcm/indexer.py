@@ -128,10 +128,15 @@ class Indexer:
     def score_tokens(self, model, token_ids, pods=None, cache_salt=None):
         """Scores by token ids with the in-memory index; needs no tokenizer. The native
         /v1/score result."""
+        keys = self.keys(model, token_ids, cache_salt)
+        return self._result(model, token_ids, keys, self.match_keys(model, keys, pods))
+
+    def match_keys(self, model, keys, pods=None):
+        """{pod: (score, blocks, tiers)} from the in-memory index, counted as a scoring request:
+        what score_tokens answers from, for callers that word their own answer."""
         if self.shared is not None:
             raise RuntimeError("the index is shared: use score_tokens_async")
-        keys = self.keys(model, token_ids, cache_salt)
-        return self._result(model, token_ids, keys, self.scorer.score_detailed(self.index, model, keys, pods))
+        return self._counted(self.scorer.score_detailed(self.index, model, keys, pods))
 
     async def score_tokens_async(self, model, token_ids, pods=None, cache_salt=None):
         """score_tokens for either index. With a shared one: IndexUnavailable while the store
@@ -151,30 +156,32 @@ class Indexer:
         except IndexUnavailable as exc:
             if not self.shared.fail_open:
                 raise
-            result = self._result(model, token_ids, keys, {})
+            result = self._result(model, token_ids, keys, self._counted({}))
             result["unavailable"] = str(exc)
             return result
-        return self._result(model, token_ids, keys, detailed)
+        return self._result(model, token_ids, keys, self._counted(detailed))
 
     def score_keys(self, model, keys, pods=None):
         """score_tokens for keys already computed (kvcm keys, as keys() gives them)."""
-        if self.shared is not None:
-            raise RuntimeError("the index is shared: use score_keys_async")
-        return self._result(model, (), keys, self.scorer.score_detailed(self.index, model, keys, pods))
+        return self._result(model, (), keys, self.match_keys(model, keys, pods))
 
     async def score_keys_async(self, model, keys, pods=None):
         """score_keys for either index (IndexUnavailable while a shared store cannot answer)."""
         if self.shared is None:
             return self.score_keys(model, keys, pods)
         _, detailed = await self.shared.lookup(model, keys, pods, self.scorer.weights, self.scorer.default_weight)
-        return self._result(model, (), keys, detailed)
+        return self._result(model, (), keys, self._counted(detailed))
 
-    def _result(self, model, token_ids, keys, detailed):
-        block_size = self.config.block_size
+    def _counted(self, detailed):
+        """detailed, counted as one scoring request (warm when any pod matched)."""
         counts = self.score_counts
         counts["requests"] += 1
         if detailed:
             counts["warm"] += 1
+        return detailed
+
+    def _result(self, model, token_ids, keys, detailed):
+        block_size = self.config.block_size
         return {
             "model": model,
             "scores": {pod: score for pod, (score, _, _) in detailed.items()},
