@@ -589,6 +589,94 @@ def bench_score_handler(repeats):
     report("score_handler", rows, loadavg=os.getloadavg())
 
 
+PROMPT_TOKENIZER = "qwen2.5-instruct"   # a fixture tokenizer with a chat template
+
+
+def _fixture_tokenizer_dir():
+    root = os.environ.get("KVCM_SHARED") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                        "..", "shared")
+    return os.path.join(root, "fixtures", "tokenizers", PROMPT_TOKENIZER)
+
+
+def _conversation(backend, ntok, rng):
+    """Chat messages (a system prompt, then user / assistant turns of ~500 tokens) whose
+    rendering is about ntok tokens; the words are the vocabulary's, so encoding is real work."""
+    words = [w for w in sorted(backend.get_vocab()) if w.isascii() and w.isalpha() and len(w) > 2]
+    def text(n):
+        return " ".join(rng.choice(words) for _ in range(n))
+    messages = [{"role": "system", "content": text(100)}]
+    while len(backend.encode(" ".join(m["content"] for m in messages)).ids) < ntok:
+        messages.append({"role": "user" if len(messages) % 2 else "assistant", "content": text(300)})
+    return messages
+
+
+def bench_prompt_path(repeats):
+    """Scoring by prompt and by chat messages against `tokenizers`' own encode time, in
+    process (Api.score on a Request, awaited): the prompt is a conversation's text, the chat
+    the same conversation as messages. For chat, `handler, next turn` is the multi-turn case:
+    the conversation without its last message was scored just before (the segment cache has
+    its pieces, kvcm/segment_cache.py); `handler, cold` clears the cache before each call."""
+    import asyncio
+
+    import orjson
+
+    from kvcm.api import Api
+    from kvcm.config import load_config
+    from kvcm.http import Request
+    from kvcm.indexer import Indexer
+    from kvcm.metrics import Metrics
+    indexer = Indexer(load_config(["--zmq-bind", "", "--tokenizer", "m=" + _fixture_tokenizer_dir()]))
+    api = Api(indexer, Metrics(indexer))
+    tok = indexer.tokenizers.get("m")
+    backend, cache = tok.backend, tok.segment_cache
+    loop = asyncio.new_event_loop()
+
+    def handle(body):
+        request = Request("POST", "/v1/score", headers={"content-type": "application/json"}, body=body)
+        response = loop.run_until_complete(api.score(request))
+        assert response.status == 200, response.body[:200]
+
+    def clear():
+        cache._pieces.clear()
+        cache._tokens = 0
+
+    def best_us(fn, before=None, calls=3):
+        """min over rounds of one call's time (before() runs untimed first): the machine is shared."""
+        times = []
+        for _ in range(repeats * calls):
+            if before is not None:
+                before()
+            t0 = pc()
+            fn()
+            times.append(pc() - t0)
+        return min(times) / 1e3
+
+    rows = []
+    for ntok in (1024, 4096, 32768):
+        messages = _conversation(backend, ntok, random.Random(ntok))
+        text = tok.render_chat(messages)
+        n = len(backend.encode(text, add_special_tokens=False).ids)
+        prompt_body = orjson.dumps({"model": "m", "prompt": text})
+        chat_body = orjson.dumps({"model": "m", "messages": messages})
+        earlier = orjson.dumps({"model": "m", "messages": messages[:-1]})
+        handle(prompt_body)
+        handle(chat_body)
+        lib = best_us(lambda: backend.encode(text).ids)
+        rows.append(row("%d tokens: tokenizers encode" % n, lib, "µs"))
+        rows.append(row("%d tokens: tokenizers encode_batch_fast" % n,
+                        best_us(lambda: backend.encode_batch_fast([text])[0].ids), "µs"))
+        prompt = best_us(lambda: handle(prompt_body))
+        rows.append(row("%d tokens: prompt, handler" % n, prompt, "µs", note="%.2f x encode" % (prompt / lib)))
+        rows.append(row("%d tokens: chat, render" % n, best_us(lambda: tok.render_chat(messages)), "µs"))
+        cold = best_us(lambda: handle(chat_body), before=clear)
+        rows.append(row("%d tokens: chat, handler, cold" % n, cold, "µs", note="%.2f x encode" % (cold / lib)))
+        warm = best_us(lambda: handle(chat_body), before=lambda: (clear(), handle(earlier)))
+        rows.append(row("%d tokens: chat, handler, next turn" % n, warm, "µs",
+                        note="%.2f x encode, %d messages" % (warm / lib, len(messages))))
+    loop.close()
+    report("prompt_path", rows, tokenizer=PROMPT_TOKENIZER, loadavg=os.getloadavg())
+
+
 def encode_events(events):
     import msgpack
     return msgpack.packb([1.7e9, events, 0])
@@ -611,7 +699,7 @@ def source_version():
 
 BENCHMARKS = {"hash4096": bench_hash4096, "sha256": bench_sha256, "lookup": bench_lookup,
               "store": bench_store, "memory": bench_memory, "ingest_apply": bench_ingest_apply,
-              "score_handler": bench_score_handler}
+              "score_handler": bench_score_handler, "prompt_path": bench_prompt_path}
 SLOW = {"memory"}
 
 
