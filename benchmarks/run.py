@@ -551,8 +551,8 @@ def bench_score_handler(repeats):
     from kvcm.metrics import Metrics
     indexer = Indexer(load_config(["--zmq-bind", ""]))
     hasher = _core.BlockHasher("sha256", block_size=BLOCK)
-    tokens = random_tokens(random.Random(11), 4096)
-    keys = list(hasher.keys(tokens))
+    tokens = random_tokens(random.Random(11), 32768)
+    keys = list(hasher.keys(tokens))[:256]
     background = ingest_batches(100, SCORE_BACKGROUND_CHAINS)[0]
     for i in range(SCORE_PODS):
         ctx = _core.StreamContext(pod_name(i), NS)
@@ -565,18 +565,21 @@ def bench_score_handler(repeats):
     handler = Api(indexer, Metrics(indexer)).score
     metrics = Metrics(indexer)
     rows = []
-    for n in (1024, 4096):
+    for n in (1024, 4096, 32768):
         ids = tokens[:n]
         body = orjson.dumps({"model": NS, "token_ids": ids})
         parsed = orjson.loads(body)
+        fast_ids = _core.json_token_ids(body)[0]
         query = indexer.keys(NS, ids)
         result = indexer.score_tokens(NS, ids)
         assert len(result["scores"]) == SCORE_PODS, result
         request = Request("POST", "/v1/score", headers={"content-type": "application/json"}, body=body)
         steps = (
             ("orjson.loads(body)", lambda: orjson.loads(body)),
+            ("json_token_ids(body): the fast path's ids", lambda: _core.json_token_ids(body)),
             ("api._token_ids (validation)", lambda: _token_ids(parsed)),
             ("keys (hash %d blocks)" % (n // BLOCK), lambda: indexer.keys(NS, ids)),
+            ("keys from array('Q')", lambda: indexer.keys(NS, fast_ids)),
             ("scorer.score_detailed", lambda: indexer.scorer.score_detailed(indexer.index, NS, query, None)),
             ("score_tokens (keys + score + result dict)", lambda: indexer.score_tokens(NS, ids)),
             ("json_response(result)", lambda: json_response(200, result)),
