@@ -393,6 +393,15 @@ cdef class EventSink:
         if ns.base is None and base:
             ns.base = base
 
+    def restore_fed(self, StreamContext ctx, names):
+        """Tells a stream restored from a snapshot which namespaces it fed, least recently
+        first (its BlockRemoved events resolve through them); unknown names are skipped."""
+        cdef _Namespace ns
+        for name in names:
+            ns = self._namespaces.get(name)
+            if ns is not None:
+                ctx.feed(ns)
+
     def clear_pod(self, pod):
         """An engine restarted: its cache is gone in every namespace."""
         if self._journal is not None:

@@ -20,6 +20,7 @@ cdef extern from "index.h":
         uint32_t pods_cap
         uint64_t nblocks, nentries, max_blocks, evictions
         kvi_match *matches
+        int dumping
     int kvi_init(kvi_index *ix, uint64_t max_blocks)
     void kvi_release(kvi_index *ix)
     int kvi_ensure_pods(kvi_index *ix, uint32_t npods)
@@ -33,8 +34,16 @@ cdef extern from "index.h":
                        const uint8_t *filter, uint32_t filter_bits, const double *weights)
 
 cdef extern from "engine_map.h":
+    ctypedef struct kve_entry:
+        uint64_t tag, key
+    ctypedef struct kve_table:
+        kve_entry *e
+        uint64_t size, count
     ctypedef struct kve_map:
-        pass
+        kve_table young, old
+        uint64_t layout
+        uint32_t *epochs
+        uint32_t nepochs
     int kve_init(kve_map *m, uint64_t capacity)
     void kve_release(kve_map *m)
     int kve_set(kve_map *m, uint32_t ns, uint64_t ehash, const uint64_t *keys, size_t k)
@@ -61,6 +70,7 @@ cdef class _Names:
     cdef list free
     cdef uint32_t limit
     cdef str kind
+    cdef uint64_t releases  # ids released so far: a dump in progress must see none
 
     def __init__(self, str kind, uint32_t limit):
         self.ids = {}
@@ -97,6 +107,7 @@ cdef class _Names:
 
     cdef void release(self, name) except *:
         cdef uint32_t n = self.ids.pop(name)
+        self.releases += 1
         self.names[n] = None
         self.free.append(n)
 
@@ -203,6 +214,17 @@ cdef class Index:
 
     def __len__(self):
         return self.ix.nblocks
+
+    def dump(self):
+        """An IndexDump: the index's entries in LRU order (oldest first), then its engine
+        map, in chunks of bounded size, taken between changes (see IndexDump)."""
+        return IndexDump(self)
+
+    def load(self, dict tables, chunks):
+        """Fills this empty index from a dump: the tables of IndexDump.tables() and its
+        chunks in order. ValueError for anything malformed, and then the index is empty
+        again: a load is whole or nothing."""
+        _load_index(self, tables, chunks)
 
     def store(self, str ns, pod, str tier, keys):
         """Adds (pod, tier) to every block of keys; returns how many entries were new."""

@@ -6,6 +6,7 @@ Nothing here is used by the service.
 
 import hashlib
 import pickle
+import struct
 from array import array
 from collections import OrderedDict
 
@@ -16,6 +17,9 @@ DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8}
 MAX_TIERS = 16
 MAX_NAMESPACES = 0xFFFF
 MAX_KEYS_PER_ENGINE_HASH = 64
+DUMP_BLOCKS = 1
+_DUMP_ENGINE_MAP = (2, 3, 4)
+_BLOCK_HEAD = struct.Struct("<QHH")   # key, namespace id, holder count; then u32 pod << 4 | tier
 
 
 def _u64s(values, what):
@@ -324,6 +328,76 @@ class Index:
 
     def resolve(self, ns, engine_hashes):
         return [self._engine.get(ns, e) for e in _u64s(engine_hashes, "engine_hashes")]
+
+    def dump(self):
+        """Same chunk format for blocks as the core (ids numbered here in order of first
+        use), all at once; the engine map goes in the tables as plain values."""
+        return _ReferenceDump(self)
+
+    def load(self, tables, chunks):
+        if self._blocks or self._namespaces:
+            raise ValueError("a dump loads into an empty index only")
+        namespaces, pods, tiers = (tables.get(t) for t in ("namespaces", "pods", "tiers"))
+        if not all(isinstance(names, list) for names in (namespaces, pods, tiers)):
+            raise ValueError("malformed dump: the name tables are not lists")
+        try:
+            for kind, data in chunks:
+                if kind in _DUMP_ENGINE_MAP:   # the core's raw engine map: its own to read
+                    continue
+                if kind != DUMP_BLOCKS:
+                    raise ValueError("unknown chunk kind %r" % (kind,))
+                at = 0
+                while at < len(data):
+                    key, ns, n = _BLOCK_HEAD.unpack_from(data, at)
+                    at += _BLOCK_HEAD.size
+                    for (pod_tier,) in struct.iter_unpack("<I", data[at:at + 4 * n]):
+                        self.store(namespaces[ns], pods[pod_tier >> 4], tiers[pod_tier & 15], [key])
+                    at += 4 * n
+            for gen, entries in (("old", tables.get("reference_engine_map_old", [])),
+                                 ("young", tables.get("reference_engine_map_young", []))):
+                for ns, epoch, ehash, keys in entries:
+                    self._intern_namespace(ns)
+                    getattr(self._engine, gen)[(ns, epoch, ehash)] = tuple(keys)
+            self._engine.epochs = dict(tables.get("reference_engine_map_epochs", {}))
+        except (struct.error, IndexError, TypeError, ValueError) as exc:
+            self.__init__(self.capacity, self._max_namespaces)
+            raise ValueError("malformed dump: %s" % exc) from None
+
+
+class _ReferenceDump:
+    def __init__(self, index):
+        self._index = index
+        self._names = {"namespaces": {}, "pods": {}, "tiers": {}}
+        self._records = list(index._blocks.items())   # oldest first
+        self._done = False
+
+    def _id(self, table, name):
+        return self._names[table].setdefault(name, len(self._names[table]))
+
+    def next(self, max_items=65536):
+        if not self._records:
+            return None
+        out = bytearray()
+        for (ns, key), holders in self._records[:max_items]:
+            ordered = sorted(holders)
+            out += _BLOCK_HEAD.pack(key, self._id("namespaces", ns), len(ordered))
+            for pod, tier in ordered:
+                out += struct.pack("<I", self._id("pods", pod) << 4 | self._id("tiers", tier))
+        del self._records[:max_items]
+        return DUMP_BLOCKS, bytes(out)
+
+    def close(self):
+        self._records = []
+
+    def tables(self):
+        engine = self._index._engine
+        return {
+            **{table: list(names) for table, names in self._names.items()},
+            "reference_engine_map_young": [[*entry, list(keys)] for entry, keys in engine.young.items()],
+            "reference_engine_map_old": [[*entry, list(keys)] for entry, keys in engine.old.items()],
+            "reference_engine_map_epochs": dict(engine.epochs),
+            "blocks": len(self._index._blocks),
+        }
 
 
 class _ReferenceEngineMap:

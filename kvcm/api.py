@@ -11,14 +11,15 @@ import ipaddress
 import logging
 
 from kvcm import chat, tokenize
+from kvcm._core import DumpAborted
+from kvcm.backend import IndexUnavailable, then
 from kvcm.bodies import TOKEN_ID_TYPES, json_object
 from kvcm.dynamo import DynamoApi
 from kvcm.endpoints import check_registered_endpoint
-from kvcm.http import BadRequest, HttpError, Response, Router, json_response
+from kvcm.http import BadRequest, HttpError, Response, Router, StreamingResponse, json_response
 from kvcm.indexer import Busy, TemplatesUnavailable
 from kvcm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvcm.ratelog import RateLimitedLog
-from kvcm.shared_index import IndexUnavailable
 from kvcm.status import Status
 
 log = logging.getLogger("kvcm.api")
@@ -101,6 +102,10 @@ def _unavailable(error, type="index_unavailable"):
     return HttpError(503, str(error), type=type, headers=(("Retry-After", "1"),))
 
 
+def _ok(body):
+    return json_response(200, body)
+
+
 
 
 def _one_input(body, names):
@@ -131,6 +136,7 @@ class Api:
         r.add("GET", "/v1/pods", self.pods)
         r.add("DELETE", "/v1/pods/{pod}", self.delete_pod)
         r.add("GET", "/v1/engines", self.engines)
+        r.add("GET", "/v1/snapshot", self.snapshot)
         r.add("POST", "/v1/engines", self.add_engine)
         r.add("DELETE", "/v1/engines/{name}", self.remove_engine)
         self.dynamo = DynamoApi(indexer, self._admin, self._connect_engine, fast_ids)
@@ -152,19 +158,12 @@ class Api:
         salt = _field(body, "cache_salt", str, "a string")
         source = _one_input(body, ("token_ids", "prompt", "messages"))
         if source == "token_ids":
-            if self.indexer.remote:
-                return self._score_ids(model, _token_ids(body), pods, salt)
             try:
-                return json_response(200, self.indexer.score_tokens(model, _token_ids(body), pods, salt))
+                found = self.indexer.lookup_tokens(model, _token_ids(body), pods, salt)
             except (TypeError, ValueError) as e:
                 raise _bad_token_ids(e) from None
+            return then(found, _ok, _unavailable)
         return self._score_text(body, model, pods, salt)
-
-    async def _score_ids(self, model, ids, pods, salt):
-        try:
-            return json_response(200, await self._scores(model, ids, pods, salt))
-        except (TypeError, ValueError) as e:
-            raise _bad_token_ids(e) from None
 
     async def _score_text(self, body, model, pods, salt):
         ids, _ = await self._tokenize(body, model)
@@ -257,26 +256,13 @@ class Api:
     # -- pods and engines ------------------------------------------------------------------
 
     def pods(self, request):
-        if self.indexer.remote:
-            return self._pods_remote()
-        return json_response(200, {"pods": self.indexer.pods()})
-
-    async def _pods_remote(self):
-        return json_response(200, await self.indexer.pods_async())
+        return then(self.indexer.pod_listing(), _ok)
 
     def delete_pod(self, request):
         self._admin(request)
         pod = request.params["pod"]
-        if self.indexer.remote:
-            return self._delete_pod_remote(pod)
-        return json_response(200, {"pod": pod, "removed": self.indexer.clear_pod(pod)})
-
-    async def _delete_pod_remote(self, pod):
-        try:
-            removed = await self.indexer.clear_pod_async(pod)
-        except IndexUnavailable as e:
-            raise _unavailable(e) from None
-        return json_response(200, {"pod": pod, "removed": removed})
+        return then(self.indexer.forget_pod(pod), lambda removed: _ok({"pod": pod, "removed": removed}),
+                    _unavailable)
 
     def engines(self, request):
         return json_response(200, {"engines": [_engine_json(e) for e in self.indexer.ingest.engines]})
@@ -315,6 +301,18 @@ class Api:
             raise HttpError(404, "no engine named %r" % name) from None
         self.dynamo.forget(name)
         return json_response(200, {"engine": name, "removed": True})
+
+    async def snapshot(self, request):
+        """The in-memory index as a snapshot (kvcm/snapshot.py), for --bootstrap-from."""
+        self._admin(request)
+        if self.indexer.state is None:
+            raise HttpError(409, "the index is shared: its store keeps the state, there is no snapshot")
+        chunks = self.indexer.state.stream()
+        try:
+            first = await chunks.__anext__()
+        except DumpAborted as e:
+            raise HttpError(503, str(e), headers=(("Retry-After", "1"),)) from None
+        return StreamingResponse(200, _then(first, chunks))
 
     def _admin(self, request):
         """Mutating endpoints: the bearer token when one is configured, else loopback only."""
@@ -371,10 +369,16 @@ def _is_loopback(peer):
 
 
 _STATIC_ENDPOINTS = frozenset(("/v1/score", "/score_completions", "/score_chat_completions", "/v1/tokenize",
-                               "/v1/hash", "/v1/pods", "/v1/engines", "/health", "/ready", "/metrics",
-                               "/v1/status", "/", "/status",
+                               "/v1/hash", "/v1/pods", "/v1/engines", "/v1/snapshot", "/health", "/ready",
+                               "/metrics", "/v1/status", "/", "/status",
                                "/register", "/unregister", "/workers", "/query", "/query_by_hash"))
 _PARAM_ENDPOINTS = (("/v1/pods/", "/v1/pods/{pod}"), ("/v1/engines/", "/v1/engines/{name}"))
+
+
+async def _then(first, rest):
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 def _endpoint_label(path):

@@ -512,6 +512,13 @@ OPTIONS = (
            "scorer weight of each tier; tiers not listed weigh 1.0", _INDEX, _TierWeights()),
     Option("default_model", None, "MODEL", "the model of a scoring or tokenizing request that names none; "
            "unset = requests must name one", _INDEX, _Text(), llmd_env="MODEL_NAME"),
+    Option("state_dir", None, "DIR", "keep the in-memory index across restarts: snapshots go here (on SIGTERM "
+           "and every --snapshot-interval) and are loaded on start, then each stream catches up by replay; "
+           "not with --index redis:// (the store keeps the state)", _INDEX, _Path()),
+    Option("snapshot_interval", "60", "SECONDS", "time between snapshots to --state-dir", _INDEX,
+           _Seconds()),
+    Option("bootstrap_from", None, "URL", "start from a running kvcm's index: its base URL (GET /v1/snapshot, "
+           "with --admin-token when set); used when --state-dir holds no snapshot", _INDEX, _Text()),
     Option("redis_timeout", "1", "SECONDS", "shared index (--index redis://...): limit on every call to the "
            "store", _SHARED, _Seconds(5.0)),
     Option("redis_ttl", "0", "SECONDS", "shared index: expire block and engine-hash keys this long after "
@@ -577,6 +584,9 @@ class Config:
     tier_weights: Mapping[str, float] = dataclasses.field(
         default_factory=lambda: {"gpu": 1.0, "cpu": 0.8}, hash=False)
     default_model: Optional[str] = None
+    state_dir: Optional[str] = None
+    snapshot_interval: float = 60.0
+    bootstrap_from: Optional[str] = None
     redis_timeout: float = 1.0
     redis_ttl: int = 0
     redis_backlog: int = 100_000

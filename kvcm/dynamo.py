@@ -21,9 +21,9 @@ the run's blocks the device tier holds.
 import dataclasses
 from urllib.parse import parse_qsl
 
+from kvcm.backend import then
 from kvcm.bodies import TOKEN_ID_TYPES, json_object
 from kvcm.http import BadRequest, HttpError, json_response
-from kvcm.shared_index import IndexUnavailable
 
 DEFAULT_GROUP = "default"
 DEVICE_TIER = "gpu"
@@ -67,10 +67,6 @@ def _uint(body, name, required=False, default=None, limit=U64_MAX):
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
         raise BadRequest("field %r must be an integer from 0 to %d" % (name, limit))
     return value
-
-
-def _bad_token_ids(error):
-    return BadRequest("field 'token_ids' must be a list of non-negative integers below 2**64 (%s)" % error)
 
 
 def _text(body, name, required=False, default=None):
@@ -201,13 +197,10 @@ class DynamoApi:
         salt = _text(body, "cache_salt")
         namespace = lora if lora is not None else model
         try:
-            if self.indexer.remote:
-                return self._answer_async(self.indexer.score_tokens_async(namespace, ids, members.engines, salt),
-                                          members)
-            keys = self.indexer.keys(namespace, ids, salt)
+            return self._answer(self.indexer.lookup_tokens(namespace, ids, members.engines, salt), members)
         except (TypeError, ValueError) as e:
-            raise _bad_token_ids(e) from None
-        return self._local_answer(namespace, keys, members)
+            raise BadRequest("field 'token_ids' must be a list of non-negative integers below 2**64 (%s)"
+                             % e) from None
 
     def query_by_hash(self, request):
         body = json_object(request)
@@ -219,34 +212,23 @@ class DynamoApi:
             raise BadRequest("field 'block_hashes' must be a list of kvcm keys (integers from 0 to 2**64-1)")
         model, members = self._group(body)
         namespace = _text(body, "lora_name", default=model)
-        if self.indexer.remote:
-            return self._answer_async(self.indexer.score_keys_async(namespace, keys, members.engines), members)
-        return self._local_answer(namespace, keys, members)
+        return self._answer(self.indexer.lookup_keys(namespace, keys, members.engines), members)
 
-    async def _answer_async(self, result, members):
-        try:
-            result = await result
-        except IndexUnavailable as e:
-            raise HttpError(503, str(e), type="index_unavailable", headers=(("Retry-After", "1"),)) from None
-        except (TypeError, ValueError) as e:
-            raise _bad_token_ids(e) from None
-        return self._answer(((pod, m["blocks"], m["tiers"]) for pod, m in result["matched"].items()), members)
+    def _answer(self, found, members):
+        """The Dynamo-shaped answer to a lookup's result, now or later."""
+        return then(found, lambda result: self._shape(result, members), _unavailable)
 
-    def _local_answer(self, namespace, keys, members):
-        detailed = self.indexer.match_keys(namespace, keys, members.engines)
-        return self._answer(((pod, blocks, tiers) for pod, (_, blocks, tiers) in detailed.items()), members)
-
-    def _answer(self, matched, members):
-        """Dynamo's answer from (pod, blocks, tiers) of the pods that matched."""
+    def _shape(self, result, members):
         block_size = self.indexer.config.block_size
         ranks = members.ranks
         scores, instances = {}, {}
-        for pod, blocks, tiers in matched:
+        for pod, m in result["matched"].items():
             names = ranks.get(pod)
+            blocks = m["blocks"]
             if names is None or not blocks:
                 continue
-            longest = blocks * block_size
-            gpu = min(blocks, tiers.get(DEVICE_TIER, 0)) * block_size
+            longest = m["tokens"]
+            gpu = min(blocks, m["tiers"].get(DEVICE_TIER, 0)) * block_size
             instance, rank = names
             if gpu:
                 scores.setdefault(instance, {})[rank] = gpu
@@ -259,6 +241,10 @@ class DynamoApi:
             entry["gpu"] = max(entry["gpu"], gpu)
             entry["longest_matched"] = entry["cpu"] = entry["disk"] = max(entry["longest_matched"], longest)
         return json_response(200, {"scores": scores, "frequencies": [], "instances": instances})
+
+
+def _unavailable(error):
+    return HttpError(503, str(error), type="index_unavailable", headers=(("Retry-After", "1"),))
 
 
 __all__ = ["DynamoApi", "engine_name"]

@@ -41,6 +41,8 @@ typedef struct {
     uint64_t max_size; /* slots that hold gen_cap entries at 4/5 load */
     uint32_t *epochs;  /* per namespace, bumped by a clear */
     uint32_t nepochs;
+    uint64_t layout;   /* bumped whenever an entry moves or a table is replaced: a dump in
+                        * slices starts over when it changed between two slices */
 } kve_map;
 
 static inline uint64_t kve_salt(const kve_map *m, uint32_t ns) {
@@ -87,6 +89,7 @@ static int kve_init(kve_map *m, uint64_t capacity) {
     m->max_size = m->gen_cap + m->gen_cap / 4 + 1;
     m->epochs = NULL;
     m->nepochs = 0;
+    m->layout = 0;
     m->old.e = NULL;
     m->old.used = NULL;
     m->old.size = m->old.count = 0;
@@ -122,7 +125,7 @@ static void kve_copy_live(kve_table *n, const kve_table *t) {
 }
 
 /* Makes room for one more entry: doubles the young table at 3/4 load, up to max_size. */
-static int kve_table_reserve(const kve_map *m, kve_table *t) {
+static int kve_table_reserve(kve_map *m, kve_table *t) {
     if ((t->count + 1) * 4 <= t->size * 3 || t->size >= m->max_size) return 0;
     uint64_t size = t->size * 2 < m->max_size ? t->size * 2 : m->max_size;
     kve_table n;
@@ -130,6 +133,7 @@ static int kve_table_reserve(const kve_map *m, kve_table *t) {
     kve_copy_live(&n, t);
     kve_table_free(t);
     *t = n;
+    m->layout++;
     return 0;
 }
 
@@ -169,14 +173,14 @@ static int kve_rotate_if_full(kve_map *m) {
     kve_table_free(&m->old);
     m->old = m->young;
     m->young = fresh;
+    m->layout++;
     return 0;
 }
 
 /* Maps ehash to keys[0..k) (replacing what it mapped to before). */
 static int kve_set(kve_map *m, uint32_t ns, uint64_t ehash, const uint64_t *keys, size_t k) {
     uint64_t tag = ehash ^ kve_salt(m, ns);
-    kve_table_delete(&m->young, tag);
-    kve_table_delete(&m->old, tag);
+    if (kve_table_delete(&m->young, tag) + kve_table_delete(&m->old, tag)) m->layout++;
     if (kve_rotate_if_full(m)) return -1;
     for (size_t i = 0; i < k; i++) {
         if (kve_table_reserve(m, &m->young)) return -1;
@@ -228,6 +232,65 @@ static int kve_clear_namespace(kve_map *m, uint32_t ns) {
         m->nepochs = n;
     }
     m->epochs[ns]++;
+    return 0;
+}
+
+/* ---- dump and load ------------------------------------------------------------------- */
+
+/* A table is dumped as its raw (tag, key) entries in probe order from just after an empty
+ * slot (as kve_copy_live copies), so that the keys of one engine hash keep their order when
+ * they are put back. The namespace salts go with them (the epochs), and namespace ids are
+ * restored as they were. */
+static inline uint64_t kve_dump_start(const kve_table *t) {
+    uint64_t start = 0;
+    if (!t->e) return 0;
+    while (kve_is_used(t, start)) start++;
+    return start;
+}
+
+/* Copies up to max entries of t from position *pos (1..size) on into out; returns how many
+ * and advances *pos. Done when *pos > t->size. */
+static size_t kve_dump_slice(const kve_table *t, uint64_t start, uint64_t *pos, kve_entry *out, size_t max) {
+    size_t n = 0;
+    while (n < max && *pos <= t->size) {
+        uint64_t i = (start + *pos) % t->size;
+        if (kve_is_used(t, i)) out[n++] = t->e[i];
+        (*pos)++;
+    }
+    return n;
+}
+
+/* Puts dumped entries back into the young (which == 0) or old table, as far as the map's
+ * capacity allows; returns how many were put. */
+static int64_t kve_load_slice(kve_map *m, int which, const kve_entry *in, size_t n) {
+    kve_table *t = which ? &m->old : &m->young;
+    size_t i;
+    if (!t->e && kve_table_init(t, kve_initial_size(m))) return -1;
+    for (i = 0; i < n; i++) {
+        if (t->count >= m->gen_cap) break;
+        if (kve_table_reserve(m, t)) return -1;
+        if (t->count + 1 >= t->size) break;
+        kve_put_raw(t, in[i].tag, in[i].key);
+    }
+    return (int64_t)i;
+}
+
+/* Empties both tables (a dump that started over). */
+static int kve_reset(kve_map *m) {
+    kve_table_free(&m->young);
+    kve_table_free(&m->old);
+    m->layout++;
+    return kve_table_init(&m->young, kve_initial_size(m));
+}
+
+/* Sets the namespace epochs (their salts) as a dump recorded them. */
+static int kve_set_epochs(kve_map *m, const uint32_t *epochs, uint32_t n) {
+    uint32_t *e = n ? (uint32_t *)malloc(sizeof(uint32_t) * n) : NULL;
+    if (n && !e) return -1;
+    if (n) memcpy(e, epochs, sizeof(uint32_t) * n);
+    free(m->epochs);
+    m->epochs = e;
+    m->nepochs = n;
     return 0;
 }
 

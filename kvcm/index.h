@@ -86,6 +86,13 @@ typedef struct {
     kvi_match *matches;
     uint32_t matches_cap;
     uint32_t *active;
+    /* An incremental dump walks the LRU list from the tail (oldest) in bounded slices; the
+     * index changes between slices, so the block it resumes at is kept valid here: when
+     * that block leaves its place (touched or deleted), the cursor moves to the next newer
+     * one. A touched block reappears at the head and is dumped again there; loading keeps
+     * the later copy's place. */
+    uint32_t dump_cursor;
+    int dumping;
 } kvi_index;
 
 static inline uint64_t kvi_mix(uint32_t ns, uint64_t key) {
@@ -116,6 +123,7 @@ static int kvi_init(kvi_index *ix, uint64_t max_blocks) {
     ix->max_blocks = max_blocks;
     ix->free_block = ix->free_holder = KVI_NIL;
     ix->lru_head = ix->lru_tail = KVI_NIL;
+    ix->dump_cursor = KVI_NIL;
     ix->slot_mask = 1023;
     ix->slots = (uint32_t *)malloc(sizeof(uint32_t) * (ix->slot_mask + 1));
     ix->ns_blocks = (uint32_t *)calloc(KVI_MAX_NS + 1, sizeof(uint32_t));
@@ -215,6 +223,7 @@ static void kvi_slot_delete(kvi_index *ix, uint32_t b) {
 
 static inline void kvi_lru_unlink(kvi_index *ix, uint32_t b) {
     kvi_block *x = &ix->blocks[b];
+    if (b == ix->dump_cursor) ix->dump_cursor = x->lru_prev;
     if (x->lru_prev != KVI_NIL) ix->blocks[x->lru_prev].lru_next = x->lru_next;
     else ix->lru_head = x->lru_next;
     if (x->lru_next != KVI_NIL) ix->blocks[x->lru_next].lru_prev = x->lru_prev;
@@ -487,6 +496,116 @@ static uint64_t kvi_clear_namespace(kvi_index *ix, uint32_t ns) {
         left--;
     }
     return removed;
+}
+
+/* ---- dump and load ------------------------------------------------------------------- */
+
+/* A dumped block: key u64, namespace u16, holder count u16, then that many u32 pod_tier
+ * values, oldest holder first; little-endian, as the host (the snapshot header says so). */
+#define KVI_DUMP_HEAD 12u
+#define KVI_DUMP_MAX_HOLDERS 0xFFFFu
+
+static void kvi_dump_begin(kvi_index *ix) {
+    ix->dumping = 1;
+    ix->dump_cursor = ix->lru_tail;
+}
+
+static void kvi_dump_end(kvi_index *ix) {
+    ix->dumping = 0;
+    ix->dump_cursor = KVI_NIL;
+}
+
+static inline int kvi_dump_done(const kvi_index *ix) { return !ix->dumping || ix->dump_cursor == KVI_NIL; }
+
+static inline uint32_t kvi_holder_count(const kvi_index *ix, uint32_t b) {
+    uint32_t n = 0;
+    for (uint32_t h = ix->blocks[b].holders; h != KVI_NIL && n < KVI_DUMP_MAX_HOLDERS; h = ix->holders[h].block_next) n++;
+    return n;
+}
+
+/* Writes whole block records from the cursor toward the head, at most max_blocks of them and
+ * as many as fit in cap bytes. Returns the bytes written; *need gets the size of the next
+ * record when not even one fits (0 otherwise). */
+static size_t kvi_dump_slice(kvi_index *ix, uint8_t *out, size_t cap, uint32_t max_blocks, size_t *need) {
+    size_t used = 0;
+    *need = 0;
+    while (max_blocks-- && ix->dumping && ix->dump_cursor != KVI_NIL) {
+        uint32_t b = ix->dump_cursor;
+        const kvi_block *x = &ix->blocks[b];
+        uint32_t n = kvi_holder_count(ix, b);
+        size_t size = KVI_DUMP_HEAD + 4u * n;
+        if (used + size > cap) {
+            if (!used) *need = size;
+            break;
+        }
+        uint8_t *p = out + used;
+        uint16_t ns = x->ns, nh = (uint16_t)n;
+        memcpy(p, &x->key, 8);
+        memcpy(p + 8, &ns, 2);
+        memcpy(p + 10, &nh, 2);
+        /* the holder list is newest first: write it backwards */
+        uint32_t i = n, h = x->holders;
+        while (i) {
+            memcpy(p + KVI_DUMP_HEAD + 4u * --i, &ix->holders[h].pod_tier, 4);
+            h = ix->holders[h].block_next;
+        }
+        used += size;
+        ix->dump_cursor = x->lru_prev;
+    }
+    return used;
+}
+
+/* Grows the tables ahead of a load of about `blocks` blocks and `entries` entries, so that a
+ * load does not rehash or move its slabs on the way. */
+static int kvi_reserve(kvi_index *ix, uint64_t blocks, uint64_t entries) {
+    if (blocks > ix->max_blocks) blocks = ix->max_blocks;
+    if (blocks > KVI_MAX_ITEMS) blocks = KVI_MAX_ITEMS;
+    if (entries > KVI_MAX_ITEMS) entries = KVI_MAX_ITEMS;
+    uint64_t size = ix->slot_mask + 1;
+    while ((blocks + 1) * 4 > size * 3) size *= 2;
+    if (size != ix->slot_mask + 1) {
+        uint32_t *ns = (uint32_t *)malloc(sizeof(uint32_t) * size);
+        if (!ns) return -1;
+        memset(ns, 0xFF, sizeof(uint32_t) * size);
+        for (uint64_t i = 0; i <= ix->slot_mask; i++)
+            if (ix->slots[i] != KVI_NIL) kvi_slot_put(ns, size - 1, ix->blocks, ix->slots[i]);
+        free(ix->slots);
+        ix->slots = ns;
+        ix->slot_mask = size - 1;
+    }
+    if (kvi_grow((void **)&ix->blocks, &ix->blocks_cap, sizeof(kvi_block), (uint32_t)blocks)) return -1;
+    if (kvi_grow((void **)&ix->holders, &ix->holders_cap, sizeof(kvi_holder), (uint32_t)entries)) return -1;
+    return 0;
+}
+
+/* Stores dumped block records; pod and tier ids of the dump are translated through pod_map
+ * and tier_map (a value of KVI_NIL there: an id the dump never named). Returns the entries
+ * stored, -1 for a malformed record (what was stored before it stays) or -2 when memory ran
+ * out. */
+static int64_t kvi_load_slice(kvi_index *ix, const uint8_t *data, size_t len, const uint32_t *pod_map,
+                              uint32_t npods, const uint32_t *tier_map, uint32_t ntiers) {
+    size_t at = 0;
+    int64_t stored = 0;
+    while (at < len) {
+        uint64_t key;
+        uint16_t ns, n;
+        if (len - at < KVI_DUMP_HEAD) return -1;
+        memcpy(&key, data + at, 8);
+        memcpy(&ns, data + at + 8, 2);
+        memcpy(&n, data + at + 10, 2);
+        at += KVI_DUMP_HEAD;
+        if (ns > KVI_MAX_NS || len - at < 4u * n) return -1;
+        for (uint32_t i = 0; i < n; i++, at += 4) {
+            uint32_t pt;
+            memcpy(&pt, data + at, 4);
+            uint32_t pod = kvi_pod_of(pt), tier = kvi_tier_of(pt);
+            if (pod >= npods || tier >= ntiers || pod_map[pod] == KVI_NIL || tier_map[tier] == KVI_NIL) return -1;
+            int64_t added = kvi_store(ix, ns, pod_map[pod], tier_map[tier], &key, 1);
+            if (added < 0) return -2;
+            stored += added;
+        }
+    }
+    return stored;
 }
 
 /* Reserves room for `n` matches in the lookup scratch. */

@@ -8,9 +8,12 @@ The HTTP service is a thin layer over this; a Python router can embed it instead
     best = max(result["scores"], key=result["scores"].get, default=None)
     await indexer.close()
 
-With `--index redis://…` the index lives in a Redis-protocol store shared with other replicas
-(kvcm/shared_index.py): scoring then needs a round trip, so use the coroutines
-(score_tokens_async, pods_async, clear_pod_async), which work with either index.
+The index lives in a backend (kvcm/backend.py): this process's memory, or with
+`--index redis://…` a Redis-protocol store shared with other replicas, where scoring needs a
+round trip. The coroutines (score_tokens_async, score_keys_async, pods_async,
+clear_pod_async) work with either; the synchronous methods need a backend that answers at
+once (the in-memory one). kvcm's own HTTP API uses the operations that answer either way
+(lookup_tokens, lookup_keys, pod_listing, forget_pod) with kvcm.backend.then().
 """
 
 import asyncio
@@ -18,10 +21,12 @@ import logging
 
 from kvcm import chat
 from kvcm._core import EventSink, Index, Scorer
+from kvcm.backend import IndexUnavailable, settled, then
+from kvcm.backends import open_backend
 from kvcm.config import Config, load_config
 from kvcm.inflight import Busy, InflightLimit
 from kvcm.ingest import Ingest
-from kvcm.shared_index import IndexUnavailable, SharedIndex
+from kvcm.state import StateKeeper
 from kvcm.template_pool import TemplatePool, TemplatesUnavailable
 from kvcm.tokenize import TokenizerRegistry
 
@@ -51,22 +56,21 @@ class Indexer:
         # With a shared index the local Index keeps only names and the engine-hash map (a
         # cache that resolves later events without a round trip); entries go to the store.
         self.index = Index(cfg.max_blocks)
-        self.shared = None if cfg.index == "memory" else SharedIndex(
-            cfg.index, timeout=cfg.redis_timeout, ttl=cfg.redis_ttl, backlog_events=cfg.redis_backlog,
-            fail_open=cfg.redis_fail_open)
+        self.backend = open_backend(cfg, self.index)
         self.sink = EventSink(self.index, cfg.block_size, cfg.hash_algo, cfg.hash_seed, cfg.hash_mode,
-                              journal=None if self.shared is None else self.shared.journal,
-                              tiers=cfg.tier_weights)
+                              journal=self.backend.journal, tiers=cfg.tier_weights)
         self.scorer = Scorer(cfg.tier_weights)
         self.ingest = Ingest(self.sink, binds=cfg.zmq_bind, topic_prefix=cfg.zmq_topic_prefix,
                              engines=cfg.engines, replay_endpoints=cfg.replay_endpoint,
-                             on_applied=None if self.shared is None else self.shared.batch_done,
-                             clears_on_restart=self.shared is None,
-                             prefetch=None if self.shared is None else self.shared.prefetch,
-                             position=None if self.shared is None else self.shared.position,
-                             max_message=cfg.zmq_max_message, allow=cfg.zmq_allow)
-        if self.shared is not None:
-            self.shared.on_switch = self.ingest.resync_namespace
+                             max_message=cfg.zmq_max_message, allow=cfg.zmq_allow, **self.backend.ingest_hooks())
+        self.backend.attach(self.ingest)
+        if not self.backend.snapshots and (cfg.state_dir or cfg.bootstrap_from):
+            raise ValueError("--state-dir and --bootstrap-from keep the in-memory index; with --index %s://... "
+                             "the store keeps the state, so leave them out" % cfg.index.split("://")[0])
+        # in memory, a snapshot can always be streamed (GET /v1/snapshot); written to disk and
+        # loaded with --state-dir, or loaded from a peer with --bootstrap-from
+        self.state = StateKeeper(self, cfg.state_dir, cfg.snapshot_interval, cfg.bootstrap_from,
+                                 cfg.admin_token) if self.backend.snapshots else None
         self.tokenizers = tokenizers if tokenizers is not None else TokenizerRegistry(
             cfg.tokenizer, cfg.tokenizers_dir)
         self.template_limits = chat.Limits(cfg.template_timeout, cfg.template_output_limit)
@@ -80,44 +84,44 @@ class Indexer:
         self.score_counts = {"requests": 0, "warm": 0}
 
     @property
-    def remote(self):
-        """True when the index is a shared store (scoring is then a coroutine)."""
-        return self.shared is not None
-
-    @property
     def unavailable(self):
         """Why the index cannot answer now, or None."""
-        return None if self.shared is None else self.shared.status
+        return self.backend.unavailable
 
     async def start(self):
         """Loads the configured tokenizers (a broken one is logged: its requests fail, others
         work), connects the shared index, if any (kvcm starts even when the store is down),
-        then starts the ZMQ ingest on the running loop (OSError when a socket cannot bind)."""
+        loads a snapshot (--state-dir, --bootstrap-from), then starts the ZMQ ingest on the
+        running loop (OSError when a socket cannot bind), whose restored streams resume."""
         # Parsing a tokenizer holds the GIL (a quarter of a second for a real one), which
         # would stall the loop at a model's first request even from a worker thread: the
         # models named by --tokenizer load now, before kvcm serves; those of
         # --tokenizers-dir, which may be many, on first use.
         await asyncio.get_running_loop().run_in_executor(None, self.tokenizers.load_all, True)
-        if self.shared is not None:
-            await self.shared.start(self.sink)
+        await self.backend.start(self.sink)
+        if self.state is not None:
+            await self.state.restore()
         try:
             await self.ingest.start()
             if self.templates is not None:
                 await self.templates.start()
         except BaseException:
             await self.ingest.stop()
-            if self.shared is not None:
-                await self.shared.close()
+            await self.backend.close()
             raise
+        if self.state is not None:
+            self.state.start_periodic()
         self.started = True
 
     async def close(self):
-        self.started = False
+        """Stops; with --state-dir, after a last snapshot."""
+        started, self.started = self.started, False
+        if self.state is not None and started:
+            await self.state.close()
         await self.ingest.stop()
         if self.templates is not None:
             await self.templates.close()
-        if self.shared is not None:
-            await self.shared.close()
+        await self.backend.close()
 
     # ---- keys and scores --------------------------------------------------------------
 
@@ -125,64 +129,47 @@ class Indexer:
         """The kvcm keys of a token list for model, as the write path stores them."""
         return self.sink.keys_for(model, token_ids, cache_salt)
 
-    def score_tokens(self, model, token_ids, pods=None, cache_salt=None):
-        """Scores by token ids with the in-memory index; needs no tokenizer. The native
-        /v1/score result."""
+    def lookup_tokens(self, model, token_ids, pods=None, cache_salt=None):
+        """The native /v1/score result for token ids (no tokenizer needed), now or later (a
+        value, or an awaitable with a backend that needs a round trip: kvcm.backend.then).
+        IndexUnavailable while a shared store cannot answer, unless --redis-fail-open (then
+        empty scores and an `unavailable` note)."""
         keys = self.keys(model, token_ids, cache_salt)
-        return self._result(model, token_ids, keys, self.match_keys(model, keys, pods))
+        return then(self.backend.score(model, keys, lambda: self.keys(model, token_ids, cache_salt), pods,
+                                       self.scorer),
+                    lambda found: self._result(model, token_ids, *found))
 
-    def match_keys(self, model, keys, pods=None):
-        """{pod: (score, blocks, tiers)} from the in-memory index, counted as a scoring request:
-        what score_tokens answers from, for callers that word their own answer."""
-        if self.shared is not None:
-            raise RuntimeError("the index is shared: use score_tokens_async")
-        return self._counted(self.scorer.score_detailed(self.index, model, keys, pods))
+    def lookup_keys(self, model, keys, pods=None):
+        """lookup_tokens for keys already computed (kvcm keys, as keys() gives them)."""
+        return then(self.backend.score_keys(model, keys, pods, self.scorer),
+                    lambda detailed: self._result(model, (), keys, detailed))
+
+    def score_tokens(self, model, token_ids, pods=None, cache_salt=None):
+        """lookup_tokens' result at once; needs a backend that answers at once."""
+        self._need_answers_at_once("score_tokens_async")
+        return self.lookup_tokens(model, token_ids, pods, cache_salt)
 
     async def score_tokens_async(self, model, token_ids, pods=None, cache_salt=None):
-        """score_tokens for either index. With a shared one: IndexUnavailable while the store
-        cannot answer, unless --redis-fail-open (then empty scores and an `unavailable` note)."""
-        if self.shared is None:
-            return self.score_tokens(model, token_ids, pods, cache_salt)
-        keys = self.keys(model, token_ids, cache_salt)
-        weights, default = self.scorer.weights, self.scorer.default_weight
-        try:
-            contract, detailed = await self.shared.lookup(model, keys, pods, weights, default)
-            if contract[0] and self.shared.adopt(model, *contract):
-                # another replica switched the model's contract: key the request its way
-                fresh = self.keys(model, token_ids, cache_salt)
-                if list(fresh) != list(keys):
-                    keys = fresh
-                    contract, detailed = await self.shared.lookup(model, keys, pods, weights, default)
-        except IndexUnavailable as exc:
-            if not self.shared.fail_open:
-                raise
-            result = self._result(model, token_ids, keys, self._counted({}))
-            result["unavailable"] = str(exc)
-            return result
-        return self._result(model, token_ids, keys, self._counted(detailed))
+        return await settled(self.lookup_tokens(model, token_ids, pods, cache_salt))
 
     def score_keys(self, model, keys, pods=None):
-        """score_tokens for keys already computed (kvcm keys, as keys() gives them)."""
-        return self._result(model, (), keys, self.match_keys(model, keys, pods))
+        self._need_answers_at_once("score_keys_async")
+        return self.lookup_keys(model, keys, pods)
 
     async def score_keys_async(self, model, keys, pods=None):
-        """score_keys for either index (IndexUnavailable while a shared store cannot answer)."""
-        if self.shared is None:
-            return self.score_keys(model, keys, pods)
-        _, detailed = await self.shared.lookup(model, keys, pods, self.scorer.weights, self.scorer.default_weight)
-        return self._result(model, (), keys, self._counted(detailed))
+        return await settled(self.lookup_keys(model, keys, pods))
 
-    def _counted(self, detailed):
-        """detailed, counted as one scoring request (warm when any pod matched)."""
+    def _need_answers_at_once(self, instead):
+        if not self.backend.answers_at_once:
+            raise RuntimeError("the index is shared: use %s" % instead)
+
+    def _result(self, model, token_ids, keys, detailed, note=None):
+        block_size = self.config.block_size
         counts = self.score_counts
         counts["requests"] += 1
         if detailed:
             counts["warm"] += 1
-        return detailed
-
-    def _result(self, model, token_ids, keys, detailed):
-        block_size = self.config.block_size
-        return {
+        out = {
             "model": model,
             "scores": {pod: score for pod, (score, _, _) in detailed.items()},
             "blocks": len(keys),
@@ -190,6 +177,9 @@ class Indexer:
             "matched": {pod: {"blocks": blocks, "tokens": blocks * block_size, "tiers": tiers}
                         for pod, (_, blocks, tiers) in detailed.items()},
         }
+        if note is not None:
+            out["unavailable"] = note
+        return out
 
     async def tokenize(self, model, *, prompt=None, messages=None, add_special_tokens=True,
                        **chat_options):
@@ -257,48 +247,46 @@ class Indexer:
 
     # ---- pods -------------------------------------------------------------------------
 
+    def pod_listing(self):
+        """{"pods": one entry per stream (pod, model, data-parallel rank)}, now or later;
+        `blocks` counts the pod's entries per tier over every namespace it fed (null while a
+        shared store cannot answer). A shared index adds "remote": the pods only other
+        replicas ingest, [{"pod", "blocks"}]."""
+        streams = list(self.ingest.streams())
+
+        def listing(found):
+            counts, others = found
+            out = {"pods": [dict(stream, blocks=None if counts is None else counts.get(stream["pod"], {}))
+                            for stream in streams]}
+            if others is not None:
+                out["remote"] = others
+            return out
+        return then(self.backend.pod_counts([s["pod"] for s in streams]), listing)
+
+    def forget_pod(self, pod):
+        """Forgets everything the pod holds, and its streams (the next batch of each is a
+        new baseline): how many entries were removed, now or later (IndexUnavailable while a
+        shared store is down; its streams are forgotten once the store has cleared it)."""
+        def forget_streams(removed):
+            self.ingest.forget_pod(pod)
+            return removed
+        return then(self.backend.clear_pod(pod), forget_streams)
+
     def pods(self):
-        """One entry per stream (pod, model, data-parallel rank); `blocks` counts the pod's
-        entries per tier over every namespace it fed. In-memory index only."""
-        if self.shared is not None:
-            raise RuntimeError("the index is shared: use pods_async")
-        return self._pods(self.index.pod_blocks)
+        """pod_listing()["pods"] at once; needs a backend that answers at once."""
+        self._need_answers_at_once("pods_async")
+        return self.pod_listing()["pods"]
 
     async def pods_async(self):
-        """{"pods": pods()} for either index. A shared one adds "remote": the pods only other
-        replicas ingest, [{"pod", "blocks"}]; `blocks` is null while the store cannot answer."""
-        if self.shared is None:
-            return {"pods": self.pods()}
-        counts = await self.shared.pod_blocks()
-        streams = self._pods(lambda pod: None if counts is None else counts.get(pod, {}))
-        local = {entry["pod"] for entry in streams}
-        remote = [{"pod": pod, "blocks": tiers} for pod, tiers in sorted((counts or {}).items())
-                  if pod not in local]
-        return {"pods": streams, "remote": remote}
-
-    def _pods(self, blocks_of):
-        out = []
-        for stream in self.ingest.streams():
-            entry = dict(stream)
-            entry["blocks"] = blocks_of(stream["pod"])
-            out.append(entry)
-        return out
+        return await settled(self.pod_listing())
 
     def clear_pod(self, pod):
-        """Forgets everything the pod holds, and its streams (the next batch of each is a
-        new baseline); returns how many entries were removed. In-memory index only."""
-        if self.shared is not None:
-            raise RuntimeError("the index is shared: use clear_pod_async")
-        self.ingest.forget_pod(pod)
-        return self.index.clear_pod(pod)
+        """forget_pod() at once; needs a backend that answers at once."""
+        self._need_answers_at_once("clear_pod_async")
+        return self.forget_pod(pod)
 
     async def clear_pod_async(self, pod):
-        """clear_pod() for either index (IndexUnavailable while a shared store is down)."""
-        if self.shared is None:
-            return self.clear_pod(pod)
-        removed = await self.shared.clear_pod(pod)
-        self.ingest.forget_pod(pod)
-        return removed
+        return await settled(self.forget_pod(pod))
 
 
 def _text_size(messages):

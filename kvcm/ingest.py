@@ -12,6 +12,9 @@ applying them is the core's EventSink.
   duplicate; a jump is a gap, filled by a replay when the stream has a replay endpoint
   (live batches are held meanwhile and applied in order afterwards) and otherwise counted,
   leaving the stream degraded; the live feed going backwards is an engine restart.
+- A stream restored from a snapshot (kvcm/state.py) resumes by a replay from its last
+  applied batch, which must come back first and unchanged (the same engine process, a buffer
+  that still reaches back); otherwise its pod is cleared. /v1/pods shows the outcome.
 - The stream table is bounded: when it is full, the least recently active stream is
   forgotten (if it comes back, its next batch is a new baseline), and its pod cleared when
   that was the pod's last stream. Clearing a pod forgets its streams.
@@ -30,6 +33,7 @@ import collections
 import dataclasses
 import logging
 import time
+import zlib
 from typing import Optional
 
 import zmq
@@ -45,6 +49,7 @@ log = logging.getLogger("kvcm.ingest")
 ENGINE_SYNTAX = "NAME=ENDPOINT[,replay=EP][,model=M]"
 U64_MAX = (1 << 64) - 1
 DEFAULT_MAX_MESSAGE = 64 << 20
+KEPT_PAYLOAD = 64 << 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +128,7 @@ def _replay_reply(frames):
 
 class _Stream:
     __slots__ = ("pod", "model", "dp_rank", "ctx", "last_seq", "live_seq", "last_time", "degraded", "restarted",
-                 "held", "replay_task", "replay_started", "applying",
+                 "last_payload", "resume_digest", "held", "replay_task", "replay_started", "applying",
                  "batches", "gaps", "missed", "replays", "restarts", "duplicates", "drops")
 
     def __init__(self, pod, model, dp_rank):
@@ -134,6 +139,9 @@ class _Stream:
         self.last_time = time.monotonic()
         self.degraded = False     # a gap went unfilled; only a restart makes the picture exact again
         self.restarted = False    # the engine restarted and a shared index has not been told yet
+        self.last_payload = None  # the batch of last_seq (or its digest, _kept): the digest tells
+                                  # this engine process from a later one reusing its seqs
+        self.resume_digest = None # restored from a snapshot: the digest the replay must show first
         self.held = []            # (seq, payload) that arrived live while a replay was in flight
         self.replay_task = None   # the stream's task: a replay, a prefetch or a sliced batch
         self.replay_started = None
@@ -202,7 +210,12 @@ class Ingest:
             "gaps": 0, "missed_batches": 0, "replays": 0, "replay_failures": 0,
             "replayed_batches": 0, "held_dropped": 0, "restarts": 0, "streams_evicted": 0,
             "engines_refused": 0, "publishers_refused": 0,
+            "streams_restored": 0, "streams_resumed": 0, "streams_cleared": 0,
         }
+        # (pod, model, dp_rank) -> how a stream restored from a snapshot came back: "restored"
+        # while it catches up, then "resumed" or "cleared"; kept for the life of the process
+        # (at most one per stream of the snapshot, which max_streams bounds)
+        self._recovery = {}
         self._engines = {}
         for spec in engines:
             self._register(spec)
@@ -243,6 +256,9 @@ class Ingest:
         except BaseException:
             await self.stop()
             raise
+        for stream in list(self._streams.values()):
+            if stream.resume_digest is not None:
+                self._catch_up(stream, self._resume(stream, self._replay_endpoint(stream)))
 
     async def stop(self):
         """Cancels replays and closes every socket. Idempotent."""
@@ -441,15 +457,18 @@ class Ingest:
         previous, stream.live_seq = stream.live_seq, seq
         if previous is None:
             # First sighting: the baseline, unless a shared index has the stream further back
-            # (another replica ingested it): then what lies between is a gap like any other.
+            # (another replica ingested it): then what lies between is a gap like any other;
+            # or unless a snapshot restored the stream: then it goes on from its position.
             known = self._position(stream) if self._position is not None else None
             if known is not None and known + 1 < seq:
                 stream.last_seq = known
                 self._advance(stream, seq, payload, may_replay=True)
                 return
-            stream.last_seq = seq
-            self._apply(stream, seq, payload)
-        elif seq < previous:
+            if stream.last_seq is None:
+                stream.last_seq, stream.last_payload = seq, _kept(payload)
+                self._apply(stream, seq, payload)
+                return
+        if previous is not None and seq < previous:
             # One publisher's live feed is ordered, so going backwards means a new process.
             # (Compared with the live feed, not last_seq: after a replay the live feed may
             # still be delivering batches the replay already applied.)
@@ -470,7 +489,7 @@ class Ingest:
                 self._hold(stream, seq, payload)
                 return None
             self._lost(stream, missing)
-        stream.last_seq = seq
+        stream.last_seq, stream.last_payload = seq, _kept(payload)
         return self._apply(stream, seq, payload)
 
     def _apply(self, stream, seq, payload, resync=False):
@@ -757,6 +776,91 @@ class Ingest:
             except asyncio.TimeoutError:
                 return None
 
+    # -- snapshots (kvcm/state.py) -----------------------------------------------------------
+
+    def positions(self):
+        """Where each stream stands, for a snapshot taken now: the last applied seq, a digest
+        of that batch (which tells this engine process from a later one that reuses its seq
+        numbers), the namespaces the stream fed, least recently first."""
+        return [{"pod": s.pod, "model": s.model, "dp_rank": s.dp_rank, "seq": s.last_seq,
+                 "digest": _digest(s.last_payload) if s.resume_digest is None else s.resume_digest, "fed": list(s.ctx.fed), "degraded": s.degraded}
+                for s in self._streams.values() if s.last_seq is not None and s.last_seq >= 0]
+
+    def restore_streams(self, positions):
+        """Takes on the streams of a snapshot whose index was just loaded, before start():
+        each resumes once started by a replay from its position. A stream that cannot be
+        resumed, without a replay endpoint, has its pod cleared now: its entries may be
+        missing afterwards, never stale. Returns how many streams were restored."""
+        restored = 0
+        for position in positions:
+            try:
+                key = (str(position["pod"]), position["model"], int(position["dp_rank"]))
+                seq, digest = int(position["seq"]), int(position["digest"])
+                fed = [name for name in position.get("fed", ()) if isinstance(name, str)]
+            except (KeyError, TypeError, ValueError):
+                continue
+            if key in self._streams or not 0 <= seq <= U64_MAX or len(self._streams) >= self._max_streams:
+                continue
+            stream = self._stream(*key)
+            stream.last_seq, stream.resume_digest = seq, digest
+            stream.degraded = bool(position.get("degraded"))
+            self._sink.restore_fed(stream.ctx, fed)
+            self._recovery[key] = "restored"
+            self.counters["streams_restored"] += 1
+            restored += 1
+            if self._replay_endpoint(stream) is None:
+                self._clear_restored(stream, "it has no replay endpoint")
+        return restored
+
+    async def _resume(self, stream, endpoint):
+        """Replays a restored stream from its position, which must be the first batch the
+        replay returns and carry the digest recorded with it (the same engine process, whose
+        buffer still reaches back), then everything after it; otherwise clears its pod."""
+        start, digest = stream.last_seq, stream.resume_digest
+        stream.resume_digest = None
+        batches, complete = await self._fetch(endpoint, start)
+        if not complete or not batches or batches[0][0] != start or _digest(batches[0][1]) != digest:
+            why = ("its replay did not complete" if not complete else
+                   "its replay no longer reaches back to seq %d" % start if not batches or batches[0][0] != start
+                   else "its engine restarted (seq %d is another batch now)" % start)
+            stream.replay_task = None
+            self._clear_restored(stream, why)
+            return
+        self.counters["replays"] += 1
+        stream.replays += 1
+        for n, (seq, payload) in enumerate(batches, 1):
+            self.counters["replayed_batches"] += 1
+            if seq == start:   # it may have been applied in part when the snapshot was taken
+                stream.last_payload = _kept(payload)
+                cursor = self._apply_now(stream, seq, payload, resync=False)
+            elif seq > stream.last_seq:
+                cursor = self._advance(stream, seq, payload, may_replay=False)
+            else:
+                self._duplicate(stream)
+                continue
+            if cursor is not None:
+                await self._finish(stream, seq, cursor, False)
+            elif n % self._budget == 0:
+                await asyncio.sleep(0)
+        self._recovery[(stream.pod, stream.model, stream.dp_rank)] = "resumed"
+        self.counters["streams_resumed"] += 1
+        log.info("ingest: %s resumed from seq %d (%d batches replayed)", _name(stream), start, len(batches) - 1)
+        stream.replay_task = None
+        self._release_held(stream, may_replay=True)
+
+    def _clear_restored(self, stream, why):
+        """A restored stream cannot be trusted: its pod is cleared and every stream of the pod
+        forgotten (their next batches are new baselines)."""
+        self._log.warning("resume", "ingest: %s cannot be resumed from its snapshot (%s): clearing pod %s",
+                          _name(stream), why, stream.pod)
+        self._sink.clear_pod(stream.pod)
+        for key, other in list(self._streams.items()):
+            if other.pod == stream.pod:
+                if self._recovery.get(key) is not None and self._recovery[key] != "cleared":
+                    self._recovery[key] = "cleared"
+                    self.counters["streams_cleared"] += 1
+                self._forget(key)
+
     # -- observability ---------------------------------------------------------------------
 
     def tables(self):
@@ -774,6 +878,7 @@ class Ingest:
             "gaps": s.gaps, "missed_batches": s.missed, "replays": s.replays,
             "restarts": s.restarts, "duplicates": s.duplicates, "batches": s.batches,
             "drops": s.drops, "held": len(s.held), "state": s.state,
+            "recovery": self._recovery.get((s.pod, s.model, s.dp_rank)),
         } for s in self._streams.values()]
 
 
@@ -781,6 +886,18 @@ def _detach_task(stream):
     if stream.replay_task is not None:   # detached first: its end must not touch the stream
         task, stream.replay_task, stream.applying = stream.replay_task, None, False
         task.cancel()
+
+
+def _kept(payload):
+    """What a stream keeps of its last batch for the digest: a small payload itself (no
+    work per batch), a large one's digest at once (no large buffer held per stream)."""
+    return payload if len(payload) <= KEPT_PAYLOAD else zlib.crc32(payload)
+
+
+def _digest(kept):
+    if kept is None:
+        return 0
+    return kept if isinstance(kept, int) else zlib.crc32(kept)
 
 
 def _seq_of(item):

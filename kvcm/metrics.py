@@ -50,8 +50,8 @@ class Metrics:
         self.start_time = time.time()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_IndexerCollector(indexer, self.start_time))
-        if indexer.shared is not None:
-            self.registry.register(indexer.shared.rtt)
+        for collector in indexer.backend.collectors():
+            self.registry.register(collector)
         self.requests = Histogram(
             "kvcm_http_request_duration_seconds", "HTTP requests by endpoint and status",
             ("endpoint", "method", "status"), buckets=_REQUEST_BUCKETS, registry=self.registry)
@@ -139,20 +139,19 @@ class _IndexerCollector:
         yield from self._sink()
         yield from self._transport()
         yield from self._tokenizing()
-        if self.indexer.shared is None:
-            yield from self._index()
-        else:
-            yield from self._shared(self.indexer.shared)
+        yield from self.indexer.backend.metric_families()
+        if self.indexer.state is not None:
+            yield from self._snapshots(self.indexer.state)
 
     def _scoring(self):
         counts = self.indexer.score_counts
         for name, (metric, text) in _SCORE_COUNTERS.items():
-            yield _counter(metric, text, counts[name])
+            yield counter(metric, text, counts[name])
 
     def _sink(self):
         counters = self.indexer.sink.counters
         for name, (metric, text, _) in _SINK_COUNTERS.items():
-            yield _counter(metric, text, counters.get(name, 0))
+            yield counter(metric, text, counters.get(name, 0))
         events = CounterMetricFamily("kvcm_ingest_events_total", "KV events applied, by type", labels=("type",))
         for name, label in _EVENT_TYPES.items():
             events.add_metric((label,), counters.get(name, 0))
@@ -176,7 +175,7 @@ class _IndexerCollector:
         for name, value in counters.items():
             if isinstance(value, dict):
                 continue
-            yield _counter("kvcm_ingest_%s_total" % name, "ZMQ ingest: %s" % name.replace("_", " "), value)
+            yield counter("kvcm_ingest_%s_total" % name, "ZMQ ingest: %s" % name.replace("_", " "), value)
         drops = CounterMetricFamily("kvcm_ingest_message_drops_total",
                                     "ZMQ messages dropped before decoding, by reason", labels=("reason",))
         for reason, value in counters.get("drops_by_reason", {}).items():
@@ -204,9 +203,9 @@ class _IndexerCollector:
         yield GaugeMetricFamily("kvcm_tokenize_inflight_chars",
                                 "Characters of prompt being tokenized now (--tokenize-max-inflight-chars)",
                                 value=inflight.chars)
-        yield _counter("kvcm_tokenize_refused_total", "Tokenizing requests refused with 503: too much in flight",
+        yield counter("kvcm_tokenize_refused_total", "Tokenizing requests refused with 503: too much in flight",
                        inflight.refused)
-        yield _counter("kvcm_heap_trims_total", "Times freed heap memory was returned to the OS after large work",
+        yield counter("kvcm_heap_trims_total", "Times freed heap memory was returned to the OS after large work",
                        inflight.trims)
         pool = self.indexer.templates
         if pool is None:
@@ -216,56 +215,24 @@ class _IndexerCollector:
         for name, text in (("renders", "Request chat templates rendered by the workers"),
                            ("killed", "Template workers killed (a render ran past its time, or the worker died)"),
                            ("start_failures", "Template workers that failed to start")):
-            yield _counter("kvcm_template_worker_%s_total" % name, text, pool.counters[name])
+            yield counter("kvcm_template_worker_%s_total" % name, text, pool.counters[name])
 
-    def _index(self):
-        stats = self.indexer.index.stats()
-        yield GaugeMetricFamily("kvcm_index_blocks", "Distinct blocks in the index", value=stats["blocks"])
-        yield GaugeMetricFamily("kvcm_index_capacity_blocks", "Index capacity in distinct blocks (--max-blocks)",
-                                value=stats["capacity"])
-        yield _counter("kvcm_index_evictions_total", "Blocks evicted by the LRU at capacity", stats["evictions"])
-        yield GaugeMetricFamily("kvcm_index_engine_map_entries", "Engine hash -> kvcm key entries (decoupled mode)",
-                                value=stats["engine_map_entries"])
-        yield GaugeMetricFamily("kvcm_index_pods", "Pods holding at least one block", value=len(stats["pods"]))
-        entries = GaugeMetricFamily("kvcm_index_entries", "(block, pod) entries by tier", labels=("tier",))
-        by_tier = {}
-        for tiers in stats["pods"].values():
-            for tier, n in tiers.items():
-                by_tier[tier] = by_tier.get(tier, 0) + n
-        for tier, n in sorted(by_tier.items()):
-            entries.add_metric((tier,), n)
-        yield entries
-        # one series per pod and tier: pods are bounded by the ingest's stream limit
-        per_pod = GaugeMetricFamily("kvcm_pod_blocks", "Blocks each pod holds, by tier", labels=("pod", "tier"))
-        for pod, tiers in sorted(stats["pods"].items()):
-            for tier, n in sorted(tiers.items()):
-                per_pod.add_metric((pod, tier), n)
-        yield per_pod
+    def _snapshots(self, state):
+        for name, value in state.counters.items():
+            yield counter("kvcm_%s_total" % name, "Index snapshots: %s" % name.replace("_", " "), value)
+        last = state.last
+        figures = (("kvcm_snapshot_duration_seconds", "Time the last snapshot written took", last["duration_s"]),
+                   ("kvcm_snapshot_size_bytes", "Size of the last snapshot written", last["size_bytes"]),
+                   ("kvcm_snapshot_age_seconds", "Time since the last good snapshot was written",
+                    None if last["good_at"] is None else max(0.0, time.time() - last["good_at"])),
+                   ("kvcm_restore_duration_seconds", "Time loading the snapshot took at start",
+                    last["restore_duration_s"]),
+                   ("kvcm_restore_entries", "Entries loaded from the snapshot at start", last["entries_restored"]))
+        for metric, text, value in figures:
+            if value is not None:
+                yield GaugeMetricFamily(metric, text, value=value)
 
 
-    def _shared(self, shared):
-        # the store's own figures are the server's (INFO, /v1/pods); these are this replica's
-        yield GaugeMetricFamily("kvcm_redis_up", "1 while the shared index store answers", value=int(shared.up))
-        yield GaugeMetricFamily("kvcm_redis_backlog_events", "Events waiting to be written to the store",
-                                value=shared.backlog_events)
-        errors = CounterMetricFamily("kvcm_redis_errors", "Failed calls to the store, by kind", labels=("kind",))
-        for kind, n in shared.errors.items():
-            errors.add_metric((kind,), n)
-        yield errors
-        for name, text in (("records_written", "Event batches written to the store"),
-                           ("records_duplicate", "Event batches the store had already applied (skipped)"),
-                           ("restarts_detected", "Engine restarts the store detected (pod cleared)"),
-                           ("records_refused", "Event batches the store refused (e.g. out of memory)"),
-                           ("backlog_dropped_events", "Events dropped because the backlog was full"),
-                           ("entries_added", "(block, pod, tier) entries the store added"),
-                           ("entries_removed", "(block, pod, tier) entries the store removed or cleared"),
-                           ("engine_hashes_fetched", "Engine hashes learnt from the store (streams taken over)"),
-                           ("writes_refused_full", "Write round trips the store refused for lack of memory (retried)")):
-            yield _counter("kvcm_redis_%s_total" % name, text, shared.counters[name])
-        yield GaugeMetricFamily("kvcm_index_engine_map_entries", "Engine hash -> kvcm key entries cached locally",
-                                value=self.indexer.index.stats()["engine_map_entries"])
-
-
-def _counter(name, text, value):
+def counter(name, text, value):
     # prometheus_client appends _total itself
     return CounterMetricFamily(name[:-6] if name.endswith("_total") else name, text, value=value)

@@ -18,7 +18,10 @@ import collections
 import logging
 
 from prometheus_client import Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from kvcm.backend import Backend, IndexUnavailable, tier_totals
+from kvcm.metrics import counter
 from kvcm.redis_store import RedisStore, StoreError
 
 log = logging.getLogger("kvcm.shared_index")
@@ -39,10 +42,6 @@ MAX_BACKLOG_KEYS = 8_000_000   # bounds the backlog's memory whatever the events
 
 _RTT_BUCKETS = (100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0)
 ERROR_KINDS = ("timeout", "connection", "response", "busy", "error")
-
-
-class IndexUnavailable(Exception):
-    """The shared index cannot answer now (the store is down or a call failed)."""
 
 
 class Journal:
@@ -127,10 +126,10 @@ class _Record:
         self.flag, self.ops, self.events, self.size = flag, ops, events, size
 
 
-class SharedIndex:
-    """The shared index behind an Indexer: backlog, writer, health, lookups."""
+class SharedIndex(Backend):
+    """The shared index backend: backlog, writer, health, lookups."""
 
-    remote = True
+    answers_at_once = False
 
     def __init__(self, url, *, timeout=1.0, ttl=0, backlog_events=100_000, fail_open=False):
         self.url = url
@@ -197,12 +196,25 @@ class SharedIndex:
                         len(self._backlog), self._backlog_events, problem or "out of time")
         await self.store.close()
 
+    def ingest_hooks(self):
+        # every applied batch becomes a record for the store; a restarted engine's pod is
+        # cleared there (by the record), not in the local index, which holds no entries
+        return {"on_applied": self.batch_done, "clears_on_restart": False, "prefetch": self.prefetch,
+                "position": self.position}
+
+    def attach(self, ingest):
+        self.on_switch = ingest.resync_namespace
+
     # -- health ------------------------------------------------------------------------------
 
     @property
     def status(self):
         """Why scoring is unavailable, or None when the store is up."""
         return None if self.up else self._down_reason
+
+    @property
+    def unavailable(self):
+        return self.status
 
     def _observe(self, call, seconds):
         child = self._rtt_children.get(call)
@@ -476,6 +488,76 @@ class SharedIndex:
         except StoreError as exc:
             self._failed(exc)
             return None
+
+    # -- the backend interface (kvcm/backend.py) ------------------------------------------------
+
+    async def score(self, model, keys, rekey, pods, scorer):
+        weights, default = scorer.weights, scorer.default_weight
+        try:
+            contract, detailed = await self.lookup(model, keys, pods, weights, default)
+            if contract[0] and self.adopt(model, *contract):
+                # another replica switched the model's contract: key the request its way
+                fresh = rekey()
+                if list(fresh) != list(keys):
+                    keys = fresh
+                    contract, detailed = await self.lookup(model, keys, pods, weights, default)
+        except IndexUnavailable as exc:
+            if not self.fail_open:
+                raise
+            return keys, {}, str(exc)
+        return keys, detailed, None
+
+    async def score_keys(self, model, keys, pods, scorer):
+        _, detailed = await self.lookup(model, keys, pods, scorer.weights, scorer.default_weight)
+        return detailed
+
+    async def pod_counts(self, pods):
+        counts = await self.pod_blocks()
+        local = set(pods)
+        others = [{"pod": pod, "blocks": tiers} for pod, tiers in sorted((counts or {}).items())
+                  if pod not in local]
+        return counts, others
+
+    def describe(self, listing):
+        # the store's own counts, per pod: those of the streams here and those other replicas feed
+        per_pod = {s["pod"]: s["blocks"] for s in listing["pods"] if s["blocks"] is not None}
+        per_pod.update((p["pod"], p["blocks"]) for p in listing.get("remote", ()) if p["blocks"] is not None)
+        return {"backend": self.store.url_shown, "up": self.up, "unavailable": self.status,
+                "backlog_events": self.backlog_events, "capacity": None,
+                "entries_by_tier": tier_totals(per_pod.values()), "pods": len(per_pod),
+                "engine_map_entries": self._engine_map_entries()}
+
+    def _engine_map_entries(self):
+        return self._sink.index.stats()["engine_map_entries"] if self._sink is not None else 0
+
+    def metric_families(self):
+        # the store's own figures are the server's (INFO, /v1/pods); these are this replica's
+        yield GaugeMetricFamily("kvcm_redis_up", "1 while the shared index store answers", value=int(self.up))
+        yield GaugeMetricFamily("kvcm_redis_backlog_events", "Events waiting to be written to the store",
+                                value=self.backlog_events)
+        errors = CounterMetricFamily("kvcm_redis_errors", "Failed calls to the store, by kind", labels=("kind",))
+        for kind, n in self.errors.items():
+            errors.add_metric((kind,), n)
+        yield errors
+        for name, text in _COUNTER_HELP:
+            yield counter("kvcm_redis_%s_total" % name, text, self.counters[name])
+        yield GaugeMetricFamily("kvcm_index_engine_map_entries", "Engine hash -> kvcm key entries cached locally",
+                                value=self._engine_map_entries())
+
+    def collectors(self):
+        return (self.rtt,)
+
+
+_COUNTER_HELP = (
+    ("records_written", "Event batches written to the store"),
+    ("records_duplicate", "Event batches the store had already applied (skipped)"),
+    ("restarts_detected", "Engine restarts the store detected (pod cleared)"),
+    ("records_refused", "Event batches the store refused (e.g. out of memory)"),
+    ("backlog_dropped_events", "Events dropped because the backlog was full"),
+    ("entries_added", "(block, pod, tier) entries the store added"),
+    ("entries_removed", "(block, pod, tier) entries the store removed or cleared"),
+    ("engine_hashes_fetched", "Engine hashes learnt from the store (streams taken over)"),
+    ("writes_refused_full", "Write round trips the store refused for lack of memory (retried)"))
 
 
 def _csv(numbers):

@@ -84,7 +84,7 @@ class Status:
             "ready": reason is None,
             "ready_reason": "ready" if reason is None else reason,
             "config": self._config(),
-            "index": self._index(listing),
+            "index": self.indexer.backend.describe(listing),
             "streams": streams,
             "namespaces": [dict(name=name, **info) for name, info in sorted(namespaces.items())],
             "scoring": self._scoring(),
@@ -108,23 +108,6 @@ class Status:
         entry["hash_mode"] = info["mode"] if info else self.indexer.sink.mode_of(entry["model"])
         entry["diagnosis"] = info["diagnosis"] if info else None
         return entry
-
-    def _index(self, listing):
-        indexer = self.indexer
-        if not indexer.remote:
-            stats = indexer.index.stats()
-            return {"backend": "memory", "blocks": stats["blocks"], "capacity": stats["capacity"],
-                    "entries": stats["entries"], "entries_by_tier": _tier_totals(stats["pods"].values()),
-                    "evictions": stats["evictions"], "pods": len(stats["pods"]),
-                    "engine_map_entries": stats["engine_map_entries"]}
-        shared = indexer.shared
-        # the store's own counts, per pod: those of the streams here and those other replicas feed
-        per_pod = {s["pod"]: s["blocks"] for s in listing["pods"] if s["blocks"] is not None}
-        per_pod.update((p["pod"], p["blocks"]) for p in listing.get("remote", ()) if p["blocks"] is not None)
-        return {"backend": redact_url(indexer.config.index), "up": shared.up, "unavailable": shared.status,
-                "backlog_events": shared.backlog_events, "capacity": None,
-                "entries_by_tier": _tier_totals(per_pod.values()), "pods": len(per_pod),
-                "engine_map_entries": indexer.index.stats()["engine_map_entries"]}
 
     def _scoring(self):
         counts = self.indexer.score_counts
@@ -166,14 +149,6 @@ class Status:
         sink = self.indexer.sink.counters
         return {"events": {name[5:]: n for name, n in sorted(sink.items()) if name.startswith("drop_") and n},
                 "messages": dict(sorted(self.indexer.ingest.counters["drops_by_reason"].items()))}
-
-
-def _tier_totals(per_pod):
-    totals = {}
-    for tiers in per_pod:
-        for tier, n in tiers.items():
-            totals[tier] = totals.get(tier, 0) + n
-    return dict(sorted(totals.items()))
 
 
 def _ratio(part, whole):

@@ -17,7 +17,8 @@ from kvcm.config import load_config
 from kvcm.indexer import Indexer
 from kvcm.publisher import all_blocks_cleared, block_stored, encode_batch
 from kvcm.redis_store import RedisStore
-from kvcm.shared_index import IndexUnavailable, Journal, SharedIndex
+from kvcm.backend import IndexUnavailable
+from kvcm.shared_index import Journal, SharedIndex
 
 UNIT = ({}, 1.0)   # weights for lookup_prefix: every tier weighs 1
 
@@ -344,14 +345,14 @@ async def test_the_indexer_scores_through_the_store_and_reports_an_outage(redis_
     indexer = Indexer(load_config(["--index", redis_server.url, "--zmq-bind", "none"], environ={}))
     await indexer.start()
     try:
-        assert indexer.remote and indexer.unavailable is None
+        assert not indexer.backend.answers_at_once and indexer.unavailable is None
         with pytest.raises(RuntimeError, match="score_tokens_async"):
             indexer.score_tokens(QWEN, [1] * 16)
         ids = tokens(4, 3)
         stream = _Stream("pa", QWEN)
         indexer.sink.apply(stream.ctx, encode_batch([stored(ids)]))
-        indexer.shared.batch_done(stream, 0)
-        while indexer.shared.backlog_events:
+        indexer.backend.batch_done(stream, 0)
+        while indexer.backend.backlog_events:
             await asyncio.sleep(0.005)
         result = await indexer.score_tokens_async(QWEN, ids)
         assert result["scores"] == {"pa": 3.0} and result["matched"]["pa"]["tokens"] == 48

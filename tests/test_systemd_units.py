@@ -106,6 +106,7 @@ def test_the_service_has_the_settings_the_binary_relies_on():
     for key, value in REQUIRED.items():
         assert settings.get(key, [None])[-1] == value, "%s=%s expected, got %s" % (key, value, settings.get(key))
     assert settings["ExecStart"] == [INSTALLED_BINARY + " serve"]
+    assert "KVCM_STATE_DIR=%S/kvcm" in settings["Environment"]   # snapshots in StateDirectory=
     assert "WatchdogSec" in settings and "LimitNOFILE" in settings
     assert settings["SystemCallFilter"][0] == "@system-service"
     assert "sched_setscheduler" in " ".join(settings["SystemCallFilter"][1:])
@@ -227,12 +228,15 @@ def sandbox_env(tmp_path):
         pytest.skip("libseccomp is not installed (Debian package libseccomp2, a dependency of systemd)")
     tool("systemd-analyze")
     env = bare_env(tmp_path)
-    # As systemd does for DynamicUser=: the cache directory (TMPDIR=%C/kvcm) belongs to the
-    # service's UID; HOME is /. (Not under tmp_path: pytest's directories are private.)
+    # As systemd does for DynamicUser=: the cache directory (TMPDIR=%C/kvcm) and the state
+    # directory (KVCM_STATE_DIR=%S/kvcm) belong to the service's UID; HOME is /. (Not under tmp_path: pytest's directories are private.)
     cache = tempfile.mkdtemp(prefix="kvcm-cache-", dir="/tmp")
-    os.chown(cache, SANDBOX_UID, SANDBOX_UID)
-    yield dict(env, HOME="/", TMPDIR=cache, CACHE_DIRECTORY=cache)
+    state = tempfile.mkdtemp(prefix="kvcm-state-", dir="/tmp")
+    for directory in (cache, state):
+        os.chown(directory, SANDBOX_UID, SANDBOX_UID)
+    yield dict(env, HOME="/", TMPDIR=cache, CACHE_DIRECTORY=cache, STATE_DIRECTORY=state, KVCM_STATE_DIR=state)
     shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(state, ignore_errors=True)
 
 
 def test_the_binary_works_inside_the_units_sandbox(sandbox_env, tmp_path, shared):
@@ -277,6 +281,20 @@ def test_the_binary_works_inside_the_units_sandbox(sandbox_env, tmp_path, shared
         assert server.proc.wait(WAIT) == 0, server.stderr()
         assert leftovers(sandbox_env) == []
         assert "Operation not permitted" not in server.stderr(), server.stderr()
+        # StateDirectory=: SIGTERM wrote a snapshot (fsync, rename, the directory's fsync under
+        # the filter) and the next start loads it
+        assert os.path.getsize(os.path.join(sandbox_env["STATE_DIRECTORY"], "index.snapshot")) > 0
+        again = Server(binary, sandbox_env, prefix=prefix, notify_mode=0o666, tokenizer=tokenizer)
+        try:
+            again.wait_for("READY=1")
+            # the captures' streams come back; without replay endpoints they are cleared
+            assert re.search(r"restored \d+ entries and [1-9]\d* streams", again.stderr()), again.stderr()
+            assert "cannot be resumed from its snapshot (it has no replay endpoint)" in again.stderr()
+            again.proc.send_signal(signal.SIGTERM)
+            assert again.proc.wait(WAIT) == 0, again.stderr()
+            assert "Operation not permitted" not in again.stderr(), again.stderr()
+        finally:
+            again.close()
     finally:
         server.close()
         shutil.rmtree(installed, ignore_errors=True)
