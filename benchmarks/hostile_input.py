@@ -38,17 +38,11 @@ import orjson  # noqa: E402
 
 from kvcm.bench.load import Connection, request_bytes  # noqa: E402
 from kvcm.bench.targets import Process, free_port  # noqa: E402
-from run import pc, report, row  # noqa: E402
+from run import NS as QWEN, QWEN_DIR, loadavg, pc, report, row  # noqa: E402
 
-QWEN = "Qwen/Qwen3-0.6B"
-QWEN_DIR = os.path.join(os.path.dirname(ROOT), "shared", "fixtures", "tokenizers", "qwen2.5-instruct")
 ROUNDS, BLOCK = 20, 50          # per run: 20 rounds x 50 requests of each case, on each server
 # Runs `kvcm` from a given tree with this Python (the baseline may predate any option).
 LAUNCHER = "import sys; sys.path.insert(0, sys.argv.pop(1)); from kvcm.cli import main; sys.exit(main(sys.argv[1:]))"
-
-
-def loadavg():
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 class Server:

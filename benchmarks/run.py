@@ -33,10 +33,17 @@ from kvcm import _core, _reference  # noqa: E402
 
 pc = time.perf_counter_ns
 NS = "Qwen/Qwen3-0.6B"
+# the fixture tokenizer that the service benchmarks give kvcm serve for NS
+QWEN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "shared", "fixtures", "tokenizers", "qwen2.5-instruct")
 VOCAB = 151_936  # Qwen3's vocabulary: realistic token ids need 17-18 bits
 BLOCK = 16
 
 # ---- timing and reporting ------------------------------------------------------------------
+
+
+def loadavg():
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def pass_ns(fn, arg_sets):

@@ -50,10 +50,8 @@ from kvcm.bench.load import Connection, HttpError, open_loop, request_bytes  # n
 from kvcm.bench.targets import NativeApi, TargetSpec, start_kvcm, tree_rss_bytes  # noqa: E402
 from kvcm.bench.workload import random_tokens  # noqa: E402
 from kvcm.publisher import Publisher, block_removed, block_stored, encode_batch  # noqa: E402
-from run import report, row  # noqa: E402
+from run import NS as QWEN, QWEN_DIR, loadavg, report, row  # noqa: E402
 
-QWEN = "Qwen/Qwen3-0.6B"
-QWEN_DIR = os.path.join(os.path.dirname(ROOT), "shared", "fixtures", "tokenizers", "qwen2.5-instruct")
 BS = 16
 PROMPT_BLOCKS = 64               # one churned prompt: 1,024 tokens, 4 events of 16 blocks
 RESIDENT = 16                    # resident prompts per engine
@@ -61,10 +59,6 @@ CYCLE = 1024                     # churned prompts per engine, stored in turn
 WINDOW = 512                     # of which this many are held at any time
 CHUNK_S = 60.0                   # one row of the per-minute table
 SAMPLE_S = 5.0
-
-
-def loadavg():
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def mib(b):
