@@ -236,7 +236,7 @@ def bench_hash4096(repeats):
             rows.append(row("%s, %s kernel: list / floor" % (algo, name), ratio["list"], "x", budget=("<=", 1.5)))
         ref_us = median_per_call_ns(ref.keys, [(tokens,)] * 3, 1) / 1e3
         rows.append(row("%s, _reference" % algo, ref_us, "µs"))
-    report("hash4096", rows, kernel=_core.sha256_backend(), loadavg=os.getloadavg())
+    report("hash4096", rows, kernel=_core.sha256_backend(), loadavg=loadavg())
 
 
 # ---- 2. raw SHA-256 ------------------------------------------------------------------------
@@ -599,15 +599,6 @@ def bench_score_handler(repeats):
     report("score_handler", rows, loadavg=os.getloadavg())
 
 
-PROMPT_TOKENIZER = "qwen2.5-instruct"   # a fixture tokenizer with a chat template
-
-
-def _fixture_tokenizer_dir():
-    root = os.environ.get("KVCM_SHARED") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                        "..", "shared")
-    return os.path.join(root, "fixtures", "tokenizers", PROMPT_TOKENIZER)
-
-
 def _conversation(backend, ntok, rng):
     """Chat messages (a system prompt, then user / assistant turns of ~500 tokens) whose
     rendering is about ntok tokens; the words are the vocabulary's, so encoding is real work."""
@@ -635,7 +626,7 @@ def bench_prompt_path(repeats):
     from kvcm.http import Request
     from kvcm.indexer import Indexer
     from kvcm.metrics import Metrics
-    indexer = Indexer(load_config(["--zmq-bind", "", "--tokenizer", "m=" + _fixture_tokenizer_dir()]))
+    indexer = Indexer(load_config(["--zmq-bind", "", "--tokenizer", "m=" + QWEN_DIR]))
     api = Api(indexer, Metrics(indexer))
     tok = indexer.tokenizers.get("m")
     backend, cache = tok.backend, tok.segment_cache
@@ -684,7 +675,7 @@ def bench_prompt_path(repeats):
         rows.append(row("%d tokens: chat, handler, next turn" % n, warm, "µs",
                         note="%.2f x encode, %d messages" % (warm / lib, len(messages))))
     loop.close()
-    report("prompt_path", rows, tokenizer=PROMPT_TOKENIZER, loadavg=os.getloadavg())
+    report("prompt_path", rows, tokenizer=os.path.basename(QWEN_DIR), loadavg=loadavg())
 
 
 def encode_events(events):
