@@ -167,41 +167,76 @@ def vllm_style_keys(tokens, root):
     return keys
 
 
+def side_by_side_ns(fns, repeats, calls):
+    """{name: ns per call} for each fn of `fns` ({name: (fn, args)}): in each of `repeats`
+    rounds every fn runs `calls` times in turn, so they share the machine's load; medians
+    over the rounds, and for each fn the median of its per-round ratio to the first fn."""
+    per = {name: [] for name in fns}
+    for name, (fn, args) in fns.items():
+        fn(*args)  # warm-up
+    for _ in range(repeats):
+        for name, (fn, args) in fns.items():
+            per[name].append(pass_ns(fn, [args] * calls) / calls)
+    first = next(iter(fns))
+    ratios = {name: statistics.median(a / b for a, b in zip(per[name], per[first])) for name in fns}
+    return {name: statistics.median(v) for name, v in per.items()}, ratios
+
+
+def chain_compressions(algo, tokens, root):
+    """SHA-256 compressions the chain of `tokens` needs: each block's message plus its
+    padding (>= 9 bytes), in 64-byte blocks."""
+    if algo == "sha256":
+        encode = lambda parent, block: _reference.pickle5_encode((parent, block, None))  # noqa: E731
+    elif algo == "sha256_cbor":
+        encode = lambda parent, block: _reference.cbor_encode([parent, list(block), None])  # noqa: E731
+    else:
+        encode = lambda parent, block: _reference.cbor_encode([int.from_bytes(parent, "big"), list(block), None])  # noqa: E731
+    digests = _reference.BlockHasher(algo, block_size=BLOCK).digests(tokens)
+    parents = [root] + digests[:-1]
+    return sum((len(encode(parent, tuple(tokens[i * BLOCK:(i + 1) * BLOCK]))) + 9 + 63) // 64
+               for i, parent in enumerate(parents))
+
+
 def bench_hash4096(repeats):
-    """4096 random token ids (uniform over a 152k vocabulary), block 16: 256 chained blocks."""
+    """4096 random token ids (uniform over a 152k vocabulary), block 16: 256 chained blocks.
+
+    The floor is one SHA-256 call over exactly as many compressions as the chain needs
+    (hashlib for SHA-NI, kvcm's own kernel for the portable one), timed side by side with
+    the hasher; vLLM's loop is its Python hashing. Inputs: a list of ints (what orjson and
+    tokenizers give) and buffers (array('I'), array('Q'))."""
     rng = random.Random(4096)
     tokens = [rng.randrange(VOCAB) for _ in range(4096)]
-    per_comp = ns_per_compression(repeats)
+    inputs = {"list": tokens, "array('I')": array("I", tokens), "array('Q')": array("Q", tokens)}
     rows = []
-    for algo in ("sha256", "sha256_cbor"):
+    for algo in ("sha256", "sha256_cbor", "kvcm"):
         core, ref = _core.BlockHasher(algo, block_size=BLOCK), _reference.BlockHasher(algo, block_size=BLOCK)
         assert list(core.keys(tokens)) == list(ref.keys(tokens))
-        us = {}
-        for kind, toks in (("list", tokens), ("array('I')", array("I", tokens))):
-            us[kind] = median_per_call_ns(core.keys, [(toks,)] * 200, repeats) / 1e3
-            rows.append(row("%s, %s" % (algo, kind), us[kind], "µs", budget=("<=", 40)))
-        with sha256_kernel("portable") as name:
-            rows.append(row("%s, list, %s kernel" % (algo, name),
-                            median_per_call_ns(core.keys, [(tokens,)] * 50, repeats) / 1e3, "µs"))
-        ref_us = median_per_call_ns(ref.keys, [(tokens,)] * 5, repeats) / 1e3
-        rows.append(row("%s, _reference" % algo, ref_us, "µs"))
-        rows.append(row("%s, _reference / core(list)" % algo, ref_us / us["list"], "x"))
+        compressions = chain_compressions(algo, tokens, core.root)
+        message = os.urandom(compressions * 64 - 9)  # padded, exactly `compressions` blocks
+        fns = {"floor": (lambda m: hashlib.sha256(m).digest(), (message,))}
+        for kind, toks in inputs.items():
+            fns[kind] = (core.keys, (toks,))
         if algo == "sha256":
             assert vllm_style_keys(tokens, core.root) == list(core.keys(tokens))
-            vllm_us = median_per_call_ns(vllm_style_keys, [(tokens, core.root)] * 5, repeats) / 1e3
-            rows.append(row("sha256, vLLM's loop (hashlib+pickle)", vllm_us, "µs"))
-            rows.append(row("sha256, vLLM's loop / core(list)", vllm_us / us["list"], "x", budget=(">=", 10)))
-        # Where the time goes: SHA compressions at the measured kernel speed, the rest.
-        encode = _reference.pickle5_encode if algo == "sha256" else _reference.cbor_encode
-        parent = core.root
-        compressions = sum((len(encode((parent, tuple(tokens[i:i + BLOCK]), None))) + 9 + 63) // 64
-                           for i in range(0, len(tokens), BLOCK))
-        floor = compressions * per_comp / 1e3
-        rows.append(row("%s, SHA floor" % algo, floor, "µs",
-                        note="%d compressions x %.1f ns" % (compressions, per_comp)))
-        rows.append(row("%s, rest (array('I') - floor)" % algo, us["array('I')"] - floor, "µs"))
-        rows.append(row("%s, list conversion (list - array('I'))" % algo, us["list"] - us["array('I')"], "µs"))
-    report("hash4096", rows, kernel=_core.sha256_backend())
+            fns["vllm"] = (vllm_style_keys, (tokens, core.root))
+        ns, ratio = side_by_side_ns(fns, repeats, 50)
+        rows.append(row("%s, SHA floor (hashlib, %d compressions)" % (algo, compressions), ns["floor"] / 1e3, "µs"))
+        for kind in inputs:
+            rows.append(row("%s, %s" % (algo, kind), ns[kind] / 1e3, "µs"))
+            rows.append(row("%s, %s / floor" % (algo, kind), ratio[kind], "x", budget=("<=", 1.5)))
+        if algo == "sha256":
+            rows.append(row("sha256, vLLM's loop (hashlib+pickle)", ns["vllm"] / 1e3, "µs"))
+            for kind in inputs:
+                rows.append(row("sha256, vLLM's loop / %s" % kind, ratio["vllm"] / ratio[kind], "x", budget=(">=", 10)))
+        with sha256_kernel("portable") as name:
+            ns, ratio = side_by_side_ns({"floor": (_core.sha256, (message,)), "list": (core.keys, (tokens,))},
+                                        repeats, 20)
+            rows.append(row("%s, %s kernel: floor" % (algo, name), ns["floor"] / 1e3, "µs"))
+            rows.append(row("%s, %s kernel: list" % (algo, name), ns["list"] / 1e3, "µs"))
+            rows.append(row("%s, %s kernel: list / floor" % (algo, name), ratio["list"], "x", budget=("<=", 1.5)))
+        ref_us = median_per_call_ns(ref.keys, [(tokens,)] * 3, 1) / 1e3
+        rows.append(row("%s, _reference" % algo, ref_us, "µs"))
+    report("hash4096", rows, kernel=_core.sha256_backend(), loadavg=loadavg())
 
 
 # ---- 2. raw SHA-256 ------------------------------------------------------------------------
@@ -526,8 +561,8 @@ def bench_score_handler(repeats):
     from kvcm.metrics import Metrics
     indexer = Indexer(load_config(["--zmq-bind", ""]))
     hasher = _core.BlockHasher("sha256", block_size=BLOCK)
-    tokens = random_tokens(random.Random(11), 4096)
-    keys = list(hasher.keys(tokens))
+    tokens = random_tokens(random.Random(11), 32768)
+    keys = list(hasher.keys(tokens))[:256]
     background = ingest_batches(100, SCORE_BACKGROUND_CHAINS)[0]
     for i in range(SCORE_PODS):
         ctx = _core.StreamContext(pod_name(i), NS)
@@ -540,18 +575,21 @@ def bench_score_handler(repeats):
     handler = Api(indexer, Metrics(indexer)).score
     metrics = Metrics(indexer)
     rows = []
-    for n in (1024, 4096):
+    for n in (1024, 4096, 32768):
         ids = tokens[:n]
         body = orjson.dumps({"model": NS, "token_ids": ids})
         parsed = orjson.loads(body)
+        fast_ids = _core.json_token_ids(body)[0]
         query = indexer.keys(NS, ids)
         result = indexer.score_tokens(NS, ids)
         assert len(result["scores"]) == SCORE_PODS, result
         request = Request("POST", "/v1/score", headers={"content-type": "application/json"}, body=body)
         steps = (
             ("orjson.loads(body)", lambda: orjson.loads(body)),
+            ("json_token_ids(body): the fast path's ids", lambda: _core.json_token_ids(body)),
             ("api._token_ids (validation)", lambda: _token_ids(parsed)),
             ("keys (hash %d blocks)" % (n // BLOCK), lambda: indexer.keys(NS, ids)),
+            ("keys from array('Q')", lambda: indexer.keys(NS, fast_ids)),
             ("scorer.score_detailed", lambda: indexer.scorer.score_detailed(indexer.index, NS, query, None)),
             ("score_tokens (keys + score + result dict)", lambda: indexer.score_tokens(NS, ids)),
             ("json_response(result)", lambda: json_response(200, result)),
@@ -562,6 +600,85 @@ def bench_score_handler(repeats):
             p50, p99 = latency_ns(fn, [()], 200, repeats)
             rows.append(row("%d tokens: %s" % (n, name), p50 / 1e3, "µs", p99=p99 / 1e3))
     report("score_handler", rows, loadavg=os.getloadavg())
+
+
+def _conversation(backend, ntok, rng):
+    """Chat messages (a system prompt, then user / assistant turns of ~500 tokens) whose
+    rendering is about ntok tokens; the words are the vocabulary's, so encoding is real work."""
+    words = [w for w in sorted(backend.get_vocab()) if w.isascii() and w.isalpha() and len(w) > 2]
+    def text(n):
+        return " ".join(rng.choice(words) for _ in range(n))
+    messages = [{"role": "system", "content": text(100)}]
+    while len(backend.encode(" ".join(m["content"] for m in messages)).ids) < ntok:
+        messages.append({"role": "user" if len(messages) % 2 else "assistant", "content": text(300)})
+    return messages
+
+
+def bench_prompt_path(repeats):
+    """Scoring by prompt and by chat messages against `tokenizers`' own encode time, in
+    process (Api.score on a Request, awaited): the prompt is a conversation's text, the chat
+    the same conversation as messages. For chat, `handler, next turn` is the multi-turn case:
+    the conversation without its last message was scored just before (the segment cache has
+    its pieces, kvcm/segment_cache.py); `handler, cold` clears the cache before each call."""
+    import asyncio
+
+    import orjson
+
+    from kvcm.api import Api
+    from kvcm.config import load_config
+    from kvcm.http import Request
+    from kvcm.indexer import Indexer
+    from kvcm.metrics import Metrics
+    indexer = Indexer(load_config(["--zmq-bind", "", "--tokenizer", "m=" + QWEN_DIR]))
+    api = Api(indexer, Metrics(indexer))
+    tok = indexer.tokenizers.get("m")
+    backend, cache = tok.backend, tok.segment_cache
+    loop = asyncio.new_event_loop()
+
+    def handle(body):
+        request = Request("POST", "/v1/score", headers={"content-type": "application/json"}, body=body)
+        response = loop.run_until_complete(api.score(request))
+        assert response.status == 200, response.body[:200]
+
+    def clear():
+        cache._pieces.clear()
+        cache._tokens = 0
+
+    def best_us(fn, before=None, calls=3):
+        """min over rounds of one call's time (before() runs untimed first): the machine is shared."""
+        times = []
+        for _ in range(repeats * calls):
+            if before is not None:
+                before()
+            t0 = pc()
+            fn()
+            times.append(pc() - t0)
+        return min(times) / 1e3
+
+    rows = []
+    for ntok in (1024, 4096, 32768):
+        messages = _conversation(backend, ntok, random.Random(ntok))
+        text = tok.render_chat(messages)
+        n = len(backend.encode(text, add_special_tokens=False).ids)
+        prompt_body = orjson.dumps({"model": "m", "prompt": text})
+        chat_body = orjson.dumps({"model": "m", "messages": messages})
+        earlier = orjson.dumps({"model": "m", "messages": messages[:-1]})
+        handle(prompt_body)
+        handle(chat_body)
+        lib = best_us(lambda: backend.encode(text).ids)
+        rows.append(row("%d tokens: tokenizers encode" % n, lib, "µs"))
+        rows.append(row("%d tokens: tokenizers encode_batch_fast" % n,
+                        best_us(lambda: backend.encode_batch_fast([text])[0].ids), "µs"))
+        prompt = best_us(lambda: handle(prompt_body))
+        rows.append(row("%d tokens: prompt, handler" % n, prompt, "µs", note="%.2f x encode" % (prompt / lib)))
+        rows.append(row("%d tokens: chat, render" % n, best_us(lambda: tok.render_chat(messages)), "µs"))
+        cold = best_us(lambda: handle(chat_body), before=clear)
+        rows.append(row("%d tokens: chat, handler, cold" % n, cold, "µs", note="%.2f x encode" % (cold / lib)))
+        warm = best_us(lambda: handle(chat_body), before=lambda: (clear(), handle(earlier)))
+        rows.append(row("%d tokens: chat, handler, next turn" % n, warm, "µs",
+                        note="%.2f x encode, %d messages" % (warm / lib, len(messages))))
+    loop.close()
+    report("prompt_path", rows, tokenizer=os.path.basename(QWEN_DIR), loadavg=loadavg())
 
 
 def encode_events(events):
@@ -586,7 +703,7 @@ def source_version():
 
 BENCHMARKS = {"hash4096": bench_hash4096, "sha256": bench_sha256, "lookup": bench_lookup,
               "store": bench_store, "memory": bench_memory, "ingest_apply": bench_ingest_apply,
-              "score_handler": bench_score_handler}
+              "score_handler": bench_score_handler, "prompt_path": bench_prompt_path}
 SLOW = {"memory"}
 
 

@@ -566,7 +566,7 @@ cdef class EventSink:
         if not f.any or ctx.model is None:
             return
         model = self._namespaces.get(ctx.model)
-        if model is None or model.mode != MODE_PARITY or model.parity.block_size > FAST_MAX_BLOCK_TOKENS:
+        if model is None or model.mode != MODE_PARITY or model.parity.block_size > KVCM_CHAIN_MAX_TOKENS:
             return
         self._fast_hasher = model.parity
         f.ns = model.id
@@ -661,7 +661,8 @@ cdef class EventSink:
             if scratch_reserve(&self._keys, nv):
                 return False
             memcpy(parent, self._fast_hasher._root, self._fast_hasher._digest_len)
-            if self._fast_hasher._chain_nogil(b.tokens.data + ev.tok_off, nv, parent, self._keys.data, NULL) \
+            if kvcm_chain(self._fast_hasher._chain_kind(), b.tokens.data + ev.tok_off, nv,
+                          self._fast_hasher.block_size, parent, self._keys.data, NULL) \
                     or memcmp(self._keys.data, hashes, nv * sizeof(uint64_t)):
                 return False   # a mismatch: the general path reports and handles it
             self._c[<int>C_PARITY_VERIFIED] += 1

@@ -27,7 +27,18 @@ UNSET_SEED = "vllm-none-hash"  # vLLM >= 0.29's seed when PYTHONHASHSEED is unse
 
 cdef enum:
     NOGIL_MIN_BLOCKS = 8        # shorter chains are not worth dropping the GIL for
-    FAST_MAX_BLOCK_TOKENS = 4096  # larger blocks take the generic path (frame splits)
+
+# Blocks without extra keys, of up to KVCM_CHAIN_MAX_TOKENS ids, are hashed by block_chain.h;
+# the rest (extra keys, larger blocks, whose pickle may split frames) by the encoders here.
+cdef extern from "block_chain.h":
+    enum:
+        KVCM_CHAIN_MAX_TOKENS
+        KVCM_CHAIN_PICKLE
+        KVCM_CHAIN_CBOR
+        KVCM_CHAIN_CBOR_64
+        KVCM_CHAIN_FNV_64
+    int kvcm_chain(int kind, const uint64_t *tok, size_t nblocks, size_t n, unsigned char *parent,
+                   uint64_t *keys_out, unsigned char *digests_out) nogil
 
 
 cdef inline uint64_t digest_u64(const unsigned char *d, Py_ssize_t n) noexcept nogil:
@@ -169,48 +180,14 @@ cdef class BlockHasher:
         memcpy(parent, d + 32 - self._digest_len, self._digest_len)
         return digest_u64(d, 32)
 
-    cdef int _chain_nogil(self, const uint64_t *tok, Py_ssize_t nblocks, unsigned char *parent,
-                          uint64_t *keys_out, unsigned char *digests_out) noexcept nogil:
-        """The chain for blocks without extra keys, entirely in C. `parent` holds the
-        starting parent digest and is updated in place. Returns -1 when memory ran out."""
-        cdef WBuf b
-        cdef Pickler p
-        cdef Py_ssize_t i, n = self.block_size, dl = self._digest_len
-        cdef int rc = 0
-        wb_init(&b)
-        for i in range(nblocks):
-            if self._algo == ALGO_PICKLE:
-                pk_begin(&p, &b)
-                pk_boundary(&p)
-                if pk_save_bytes(&p, parent, dl) or pk_save_uint_tuple(&p, tok + i * n, n):
-                    rc = -1
-                    break
-                if pk_room(&p, 4):
-                    rc = -1
-                    break
-                wb_put1(&b, 0x4E)  # None
-                wb_put1(&b, 0x87)  # TUPLE3
-                pk_memoize(&p)
-                pk_end(&p)
-            else:
-                b.len = 0
-                if wb_reserve(&b, 10):
-                    rc = -1
-                    break
-                wb_put1(&b, 0x83)
-                if self._algo == ALGO_CBOR:
-                    cbor_put_bytes(&b, parent, dl)
-                else:
-                    cbor_head(&b, 0, digest_u64(parent, 8))
-                if cbor_put_uints(&b, tok + i * n, n) or wb_reserve(&b, 1):
-                    rc = -1
-                    break
-                wb_put1(&b, 0xF6)
-            keys_out[i] = self._digest(&b, parent)
-            if digests_out != NULL:
-                memcpy(digests_out + i * dl, parent, dl)
-        wb_free(&b)
-        return rc
+    cdef inline int _chain_kind(self) noexcept nogil:
+        if self._algo == ALGO_PICKLE:
+            return KVCM_CHAIN_PICKLE
+        if self._algo == ALGO_CBOR:
+            return KVCM_CHAIN_CBOR
+        if self._algo >= ALGO_LLMD:
+            return KVCM_CHAIN_FNV_64
+        return KVCM_CHAIN_CBOR_64
 
     cdef int chain(self, const uint64_t *tok, Py_ssize_t nblocks, object extra_keys,
                    unsigned char *parent, uint64_t *keys_out, unsigned char *digests_out) except -1:
@@ -223,12 +200,12 @@ cdef class BlockHasher:
         cdef int rc
         if extra_keys is not None and not isinstance(extra_keys, (list, tuple)):
             raise TypeError("extra_keys must be a list with one entry per block (None or a tuple)")
-        if (extra_keys is None or all(e is None for e in extra_keys[:nblocks])) and self.block_size <= FAST_MAX_BLOCK_TOKENS:
+        if (extra_keys is None or all(e is None for e in extra_keys[:nblocks])) and self.block_size <= KVCM_CHAIN_MAX_TOKENS:
             if nblocks >= NOGIL_MIN_BLOCKS:
                 with nogil:
-                    rc = self._chain_nogil(tok, nblocks, parent, keys_out, digests_out)
+                    rc = kvcm_chain(self._chain_kind(), tok, nblocks, self.block_size, parent, keys_out, digests_out)
             else:
-                rc = self._chain_nogil(tok, nblocks, parent, keys_out, digests_out)
+                rc = kvcm_chain(self._chain_kind(), tok, nblocks, self.block_size, parent, keys_out, digests_out)
             if rc:
                 raise MemoryError()
             return 0
@@ -257,7 +234,7 @@ cdef class BlockHasher:
             self.root_into(par)
         else:
             self._set_parent(parent, par)
-        load_u64s(tokens, &tok, "tokens", False)
+        load_u64s(tokens, &tok, "tokens")
         try:
             nblocks = tok.n // self.block_size
             keys = new_u64_array(nblocks)

@@ -8,6 +8,7 @@ cdef extern from "json_ids.h":
     size_t kj_find_token_ids(const char *p, size_t n) nogil
     Py_ssize_t kj_u64_array(const char *p, size_t n, size_t *at, uint64_t *out) nogil
     int kj_rest(const char *p, size_t n, size_t i) nogil
+    size_t kj_commas(const char *p, size_t n) nogil
 
 # Bodies at least this long are scanned without the GIL: other threads (tokenizer encodes)
 # run meanwhile; shorter ones are done before releasing it would pay.
@@ -34,7 +35,7 @@ def json_token_ids(body):
         if start == 0:
             return None
         # room for the most values the rest of the body could hold; shrunk once parsed
-        ids = new_u64_array(<Py_ssize_t>((n - start + 1) // 2))
+        ids = new_u64_array(<Py_ssize_t>kj_commas(p + start, n - start) + 1)
         out = <uint64_t *>ids.data.as_voidptr
         end = start
         if view.len >= _NOGIL_BODY:

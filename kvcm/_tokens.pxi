@@ -2,38 +2,60 @@
 # buffer of integers (numpy); the core works on one C array of uint64.
 
 from cpython.buffer cimport PyObject_CheckBuffer, PyObject_GetBuffer, PyBuffer_Release, PyBUF_FORMAT, PyBUF_STRIDES
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.object cimport PyObject
+from cpython.sequence cimport PySequence_Fast_ITEMS
 from cpython.array cimport array, clone, resize
 
 cdef array _u64_template = array("Q")
 
 cdef extern from "pyint.h":
     int kvcm_uint64(object o, uint64_t *out)
+    Py_ssize_t kvcm_fast_uints(PyObject **items, Py_ssize_t n, uint64_t *out)
 
 
 cdef struct U64s:
     uint64_t *data
     Py_ssize_t n
-    bint borrowed  # data points into the caller's array('Q'): not ours to free
+    bint borrowed  # data points into the caller's buffer, held through `view`: not ours to free
+    Py_buffer view
 
 
 cdef inline void u64s_free(U64s *a) noexcept:
-    if not a.borrowed:
+    if a.borrowed:
+        PyBuffer_Release(&a.view)
+    else:
         free(a.data)
     a.data = NULL
     a.n = 0
     a.borrowed = False
 
 
+cdef inline bint _is_u64_format(const char *fmt) noexcept:
+    """Unsigned 64-bit items in native order: array('Q'), numpy uint64."""
+    if fmt[0] == b"@" or fmt[0] == b"=" or fmt[0] == b"<":
+        fmt += 1
+    return (fmt[0] == b"Q" or fmt[0] == b"L" or fmt[0] == b"N") and fmt[1] == 0
+
+
 cdef int _load_buffer(object obj, U64s *out, str what) except -1:
+    """A 1-D buffer of integers. Contiguous unsigned 64-bit ones are read in place: holding
+    the buffer keeps its memory (an array cannot be resized while exported), so the hasher
+    may read it without the GIL."""
     cdef Py_buffer view
     cdef Py_ssize_t i, n, stride
     cdef bytes fmt
     cdef bint signed
     cdef int64_t sv
     cdef const char *item
+    cdef const char *base
     PyObject_GetBuffer(obj, &view, PyBUF_FORMAT | PyBUF_STRIDES)
+    if (view.ndim == 1 and view.itemsize == 8 and view.format != NULL and _is_u64_format(view.format)
+            and (view.strides == NULL or view.strides[0] == 8)):
+        out.data = <uint64_t *>view.buf
+        out.n = view.shape[0]
+        out.borrowed = True
+        out.view = view
+        return 0
     try:
         if view.ndim != 1:
             raise ValueError("%s: expected a 1-D buffer of integers" % what)
@@ -49,12 +71,28 @@ cdef int _load_buffer(object obj, U64s *out, str what) except -1:
         if out.data == NULL:
             raise MemoryError()
         out.n = n
-        for i in range(n):
-            item = <const char *>view.buf + i * stride
-            # separate branches: a conditional expression would give both sides one type
-            if view.itemsize == 8:
-                sv = (<const int64_t *>item)[0]
-            elif signed:
+        base = <const char *>view.buf
+        # one loop per item type, so the type is not tested per item
+        if view.itemsize == 8:
+            for i in range(n):
+                out.data[i] = (<const uint64_t *>(base + i * stride))[0]
+            if signed:
+                for i in range(n):
+                    if <int64_t>out.data[i] < 0:
+                        raise ValueError("%s: value %d at position %d is outside [0, 2**64)" % (what, <int64_t>out.data[i], i))
+        elif view.itemsize == 4 and not signed:
+            for i in range(n):
+                out.data[i] = (<const uint32_t *>(base + i * stride))[0]
+        elif view.itemsize == 2 and not signed:
+            for i in range(n):
+                out.data[i] = (<const unsigned short *>(base + i * stride))[0]
+        elif not signed:
+            for i in range(n):
+                out.data[i] = (<const unsigned char *>(base + i * stride))[0]
+        else:
+            for i in range(n):
+                item = base + i * stride
+                # separate branches: a conditional expression would give both sides one type
                 if view.itemsize == 4:
                     sv = (<const int *>item)[0]
                 elif view.itemsize == 2:
@@ -63,15 +101,7 @@ cdef int _load_buffer(object obj, U64s *out, str what) except -1:
                     sv = (<const signed char *>item)[0]
                 if sv < 0:
                     raise ValueError("%s: value %d at position %d is outside [0, 2**64)" % (what, sv, i))
-            elif view.itemsize == 4:
-                sv = (<const uint32_t *>item)[0]
-            elif view.itemsize == 2:
-                sv = (<const unsigned short *>item)[0]
-            else:
-                sv = (<const unsigned char *>item)[0]
-            if signed and view.itemsize == 8 and sv < 0:
-                raise ValueError("%s: value %d at position %d is outside [0, 2**64)" % (what, sv, i))
-            out.data[i] = <uint64_t>sv
+                out.data[i] = <uint64_t>sv
     except BaseException:
         u64s_free(out)
         raise
@@ -80,22 +110,15 @@ cdef int _load_buffer(object obj, U64s *out, str what) except -1:
     return 0
 
 
-cdef int load_u64s(object obj, U64s *out, str what, bint may_borrow=True) except -1:
-    """Fills out with the integers of obj (caller frees). Raises ValueError for values outside
-    [0, 2**64) and TypeError for non-integers. may_borrow: an array('Q') may be read in place;
-    callers that drop the GIL while using the data pass False (another thread could resize
-    the array)."""
-    cdef Py_ssize_t i, n
-    cdef object item
+cdef int load_u64s(object obj, U64s *out, str what) except -1:
+    """Fills out with the integers of obj (caller frees with u64s_free, also after an error).
+    Raises ValueError for values outside [0, 2**64) and TypeError for non-integers. The data
+    stays valid without the GIL until freed."""
+    cdef Py_ssize_t i, n, done
+    cdef PyObject **items
     out.data = NULL
     out.n = 0
     out.borrowed = False
-    if may_borrow and type(obj) is array and (<array>obj).ob_descr.typecode in (b"Q", b"L") and (<array>obj).ob_descr.itemsize == 8:
-        # the hasher's own output type: read it in place (the caller holds it meanwhile)
-        out.data = <uint64_t *>(<array>obj).data.as_voidptr
-        out.n = len(<array>obj)
-        out.borrowed = True
-        return 0
     if type(obj) is not list and type(obj) is not tuple:
         if PyObject_CheckBuffer(obj) and not isinstance(obj, (bytes, bytearray, str)):
             return _load_buffer(obj, out, what)
@@ -105,17 +128,12 @@ cdef int load_u64s(object obj, U64s *out, str what, bint may_borrow=True) except
     if out.data == NULL:
         raise MemoryError()
     out.n = n
+    items = PySequence_Fast_ITEMS(obj)
+    done = kvcm_fast_uints(items, n, out.data)
     try:
-        if type(obj) is list:
-            for i in range(n):
-                item = <object>PyList_GET_ITEM(obj, i)
-                if not kvcm_uint64(item, &out.data[i]):
-                    out.data[i] = _as_u64(item, what, i)
-        else:
-            for i in range(n):
-                item = <object>PyTuple_GET_ITEM(obj, i)
-                if not kvcm_uint64(item, &out.data[i]):
-                    out.data[i] = _as_u64(item, what, i)
+        for i in range(done, n):
+            if not kvcm_uint64(<object>items[i], &out.data[i]):
+                out.data[i] = _as_u64(<object>items[i], what, i)
     except BaseException:
         u64s_free(out)
         raise

@@ -139,7 +139,8 @@ class Api:
         r.add("GET", "/v1/snapshot", self.snapshot)
         r.add("POST", "/v1/engines", self.add_engine)
         r.add("DELETE", "/v1/engines/{name}", self.remove_engine)
-        DynamoApi(indexer, self._admin, self._connect_engine, fast_ids).routes(r)
+        self.dynamo = DynamoApi(indexer, self._admin, self._connect_engine, fast_ids)
+        self.dynamo.routes(r)
         r.add("GET", "/health", self.health)
         r.add("GET", "/ready", self.readiness)
         r.add("GET", "/metrics", self.metrics_text)
@@ -298,6 +299,7 @@ class Api:
             self.indexer.ingest.remove_engine(name)
         except KeyError:
             raise HttpError(404, "no engine named %r" % name) from None
+        self.dynamo.forget(name)
         return json_response(200, {"engine": name, "removed": True})
 
     async def snapshot(self, request):

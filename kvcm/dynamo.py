@@ -44,6 +44,16 @@ class Worker:
         return engine_name(self.instance_id, self.dp_rank)
 
 
+class Group:
+    """The workers of one (model, routing group) as queries need them: the engines to score
+    and each engine's instance and rank as answer keys. Built once per change of the
+    registrations, not per query."""
+
+    def __init__(self, workers):
+        self.ranks = {w.engine: (str(w.instance_id), str(w.dp_rank)) for w in workers}
+        self.engines = list(self.ranks)
+
+
 def engine_name(instance_id, dp_rank):
     return "%d:%d" % (instance_id, dp_rank)
 
@@ -79,6 +89,7 @@ class DynamoApi:
         self.admin = admin
         self.add_engine = add_engine    # coroutine (name, endpoint, replay, model): checks and connects
         self.workers = {}               # engine name -> Worker
+        self._groups = {}               # (model, group) -> Group, until the workers change
 
     def routes(self, router):
         router.add("POST", "/register", self.register)
@@ -91,8 +102,13 @@ class DynamoApi:
         """The registrations whose engines are still there (DELETE /v1/engines may remove one)."""
         engines = {spec.name for spec in self.indexer.ingest.engines}
         for name in [n for n in self.workers if n not in engines]:
-            del self.workers[name]
+            self.forget(name)
         return self.workers.values()
+
+    def forget(self, engine):
+        """Drops the registration fed by `engine` (unregistered, or its engine removed)."""
+        if self.workers.pop(engine, None) is not None:
+            self._groups.clear()
 
     # -- registration ----------------------------------------------------------------------
 
@@ -120,6 +136,7 @@ class DynamoApi:
     async def _register(self, worker, replay):
         await self.add_engine(worker.engine, worker.endpoint, replay, worker.model)
         self.workers[worker.engine] = worker
+        self._groups.clear()
         return json_response(201, {"status": "ok"})
 
     def unregister(self, request):
@@ -134,7 +151,7 @@ class DynamoApi:
         if not gone:
             raise HttpError(404, "instance %d not found" % instance)
         for w in gone:
-            del self.workers[w.engine]
+            self.forget(w.engine)
             self.indexer.ingest.remove_engine(w.engine)
         return json_response(200, {"status": "ok"})
 
@@ -156,12 +173,16 @@ class DynamoApi:
     # -- queries ---------------------------------------------------------------------------
 
     def _group(self, body):
-        """(model, the engines of its routing group); 404 when no instance serves them."""
+        """(model, the Group of its routing group); 404 when no instance serves them."""
         model = _text(body, "model_name", required=True)
         group = _text(body, "routing_group", default=DEFAULT_GROUP)
-        members = {w.engine: w for w in self._current() if w.model == model and w.group == group}
-        if not members:
-            raise HttpError(404, "no indexer for model=%s routing_group=%s" % (model, group))
+        members = self._groups.get((model, group))
+        if members is None:
+            workers = [w for w in self._current() if w.model == model and w.group == group]
+            if not workers:
+                raise HttpError(404, "no indexer for model=%s routing_group=%s" % (model, group))
+            # bounded: a key is a (model, group) some registered worker has
+            members = self._groups[(model, group)] = Group(workers)
         return model, members
 
     def query(self, request):
@@ -176,7 +197,7 @@ class DynamoApi:
         salt = _text(body, "cache_salt")
         namespace = lora if lora is not None else model
         try:
-            return self._answer(self.indexer.lookup_tokens(namespace, ids, list(members), salt), members)
+            return self._answer(self.indexer.lookup_tokens(namespace, ids, members.engines, salt), members)
         except (TypeError, ValueError) as e:
             raise BadRequest("field 'token_ids' must be a list of non-negative integers below 2**64 (%s)"
                              % e) from None
@@ -191,7 +212,7 @@ class DynamoApi:
             raise BadRequest("field 'block_hashes' must be a list of kvcm keys (integers from 0 to 2**64-1)")
         model, members = self._group(body)
         namespace = _text(body, "lora_name", default=model)
-        return self._answer(self.indexer.lookup_keys(namespace, keys, list(members)), members)
+        return self._answer(self.indexer.lookup_keys(namespace, keys, members.engines), members)
 
     def _answer(self, found, members):
         """The Dynamo-shaped answer to a lookup's result, now or later."""
@@ -199,17 +220,23 @@ class DynamoApi:
 
     def _shape(self, result, members):
         block_size = self.indexer.config.block_size
+        ranks = members.ranks
         scores, instances = {}, {}
         for pod, m in result["matched"].items():
-            w = members.get(pod)
-            if w is None or not m["blocks"]:
+            names = ranks.get(pod)
+            blocks = m["blocks"]
+            if names is None or not blocks:
                 continue
             longest = m["tokens"]
-            gpu = min(m["blocks"], m["tiers"].get(DEVICE_TIER, 0)) * block_size
-            instance, rank = str(w.instance_id), str(w.dp_rank)
+            gpu = min(blocks, m["tiers"].get(DEVICE_TIER, 0)) * block_size
+            instance, rank = names
             if gpu:
                 scores.setdefault(instance, {})[rank] = gpu
-            entry = instances.setdefault(instance, {"longest_matched": 0, "gpu": 0, "dp": {}, "cpu": 0, "disk": 0})
+            entry = instances.get(instance)
+            if entry is None:   # the common case: one rank per instance
+                instances[instance] = {"longest_matched": longest, "gpu": gpu, "dp": {rank: gpu},
+                                       "cpu": longest, "disk": longest}
+                continue
             entry["dp"][rank] = gpu
             entry["gpu"] = max(entry["gpu"], gpu)
             entry["longest_matched"] = entry["cpu"] = entry["disk"] = max(entry["longest_matched"], longest)

@@ -191,13 +191,117 @@ static inline int kj_digits8(const char *p, uint64_t *v)
 }
 #endif
 
-/* Parses the array at p[*at] (a '[') into out, which has room for (n - *at + 1) / 2 values
-   (every value takes a digit and a separator), and leaves *at after it; the number of
+#if defined(KJ_SWAR) && defined(__SSE2__)
+#define KJ_SSE2 1
+#include <emmintrin.h>
+
+/* Bit k set where p[k] == c, for the 64 bytes at p. */
+static inline uint64_t kj_mask64(const char *p, char c)
+{
+    const __m128i cv = _mm_set1_epi8(c);
+    uint64_t m = 0;
+    int k;
+    for (k = 0; k < 4; k++)
+        m |= (uint64_t)(uint16_t)_mm_movemask_epi8(
+                 _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(p + 16 * k)), cv)) << (16 * k);
+    return m;
+}
+
+/* Bit k set where p[k] is a digit, for the 64 bytes at p. */
+static inline uint64_t kj_digits64(const char *p)
+{
+    const __m128i below = _mm_set1_epi8('0' - 1), above = _mm_set1_epi8('9' + 1);
+    uint64_t m = 0;
+    int k;
+    for (k = 0; k < 4; k++) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(p + 16 * k));
+        __m128i digit = _mm_and_si128(_mm_cmpgt_epi8(v, below), _mm_cmplt_epi8(v, above));
+        m |= (uint64_t)(uint16_t)_mm_movemask_epi8(digit) << (16 * k);
+    }
+    return m;
+}
+
+/* The value of the len (1..8) digits at p (8 bytes readable). */
+static inline uint64_t kj_value8(const char *p, int len)
+{
+    uint64_t word;
+    memcpy(&word, p, 8);
+    word = (word - 0x3030303030303030ULL) << (8 * (8 - len));
+    word = (word * 10 + (word >> 8)) & 0x00FF00FF00FF00FFULL;
+    word = (word * 100 + (word >> 16)) & 0x0000FFFF0000FFFFULL;
+    return (word * 10000 + (word >> 32)) & 0xFFFFFFFFULL;
+}
+
+/* Compact runs of ids ("12,345,6789,...", what JSON encoders write), 64 bytes at a time from
+   p[*at] (an id's first byte): where the commas are is known for the whole window at once,
+   so the ids are read independently of each other instead of each waiting for the previous
+   one's length. Returns how many ids it wrote to out (-1: not JSON), with *at at the first
+   id it left (a window holding anything but digits and commas, or the array's end, is left
+   to the caller). */
+static ptrdiff_t kj_u64_runs(const char *p, size_t n, size_t *at, uint64_t *out)
+{
+    size_t i = *at;
+    ptrdiff_t count = 0;
+    while (i + 64 + 8 <= n) {
+        uint64_t commas = kj_mask64(p + i, ','), start = 0;
+        if ((commas | kj_digits64(p + i)) != ~0ULL || commas == 0)
+            break;
+        while (commas) {
+            uint64_t c = (uint64_t)__builtin_ctzll(commas);
+            int len = (int)(c - start);
+            commas &= commas - 1;
+            if (len == 0 || (p[i + start] == '0' && len > 1))
+                return -1;                    /* no digit, or a leading zero: not JSON */
+            if (len <= 8) {
+                out[count] = kj_value8(p + i + start, len);
+            } else {
+                size_t j = i + start;
+                if (!kj_u64_slow(p, n, &j, &out[count]) || j != i + c)
+                    return -1;
+            }
+            count++;
+            start = c + 1;
+        }
+        i += start;
+    }
+    *at = i;
+    return count;
+}
+#endif
+
+/* The commas in p[0:n): an array starting there holds at most one value more (a value is
+   followed by a comma or by the array's end), so its buffer is sized by this instead of by
+   the body's length, which would be about three times too large for token ids. */
+static size_t kj_commas(const char *p, size_t n)
+{
+    size_t i = 0, count = 0;
+#ifdef KJ_SSE2
+    const __m128i comma = _mm_set1_epi8(','), zero = _mm_setzero_si128();
+    while (i + 16 <= n) {
+        /* up to 255 blocks of 16 bytes counted per byte lane, then summed */
+        __m128i lanes = zero;
+        int k;
+        for (k = 0; k < 255 && i + 16 <= n; k++, i += 16)
+            lanes = _mm_sub_epi8(lanes, _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(p + i)), comma));
+        lanes = _mm_sad_epu8(lanes, zero);
+        count += (size_t)_mm_cvtsi128_si32(lanes) + (size_t)_mm_cvtsi128_si32(_mm_srli_si128(lanes, 8));
+    }
+#endif
+    for (; i < n; i++)
+        count += p[i] == ',';
+    return count;
+}
+
+/* Parses the array at p[*at] (a '[') into out, which has room for kj_commas(p + *at, n - *at)
+   + 1 values, and leaves *at after it; the number of
    values, or -1 unless every item is a plain decimal integer from 0 to 2**64 - 1. */
 static ptrdiff_t kj_u64_array(const char *p, size_t n, size_t *at, uint64_t *out)
 {
     size_t i = kj_space(p, *at + 1, n);
     ptrdiff_t count = 0;
+#ifdef KJ_SSE2
+    size_t runs_from = i;                     /* where compact runs are looked for next */
+#endif
     if (i < n && p[i] == ']') {
         *at = i + 1;
         return 0;
@@ -205,6 +309,16 @@ static ptrdiff_t kj_u64_array(const char *p, size_t n, size_t *at, uint64_t *out
     for (;;) {
 #ifdef KJ_SWAR
         int len;
+#ifdef KJ_SSE2
+        if (i >= runs_from) {
+            ptrdiff_t got = kj_u64_runs(p, n, &i, out + count);
+            if (got < 0)
+                return -1;
+            count += got;
+            if (got == 0)
+                runs_from = i + 64;           /* spaced out or short: one id at a time */
+        }
+#endif
         if (i + 8 <= n && (len = kj_digits8(p + i, &out[count])) < 8) {
             if (len == 0 || (p[i] == '0' && len > 1))
                 return -1;                    /* no digit, or a leading zero: not JSON */

@@ -55,4 +55,15 @@ static inline int kvcm_uint64(PyObject *o, uint64_t *out) {
     return 1;
 }
 
+/* Reads items[0..n) into out while each is an int kvcm_fast_uint reads; returns how many it
+ * read (n when all), so the caller words the error or converts the rest the slow way. One C
+ * loop without reference counting: the caller holds the list or tuple. */
+static inline Py_ssize_t kvcm_fast_uints(PyObject *const *items, Py_ssize_t n, uint64_t *out) {
+    Py_ssize_t i;
+    for (i = 0; i < n; i++)
+        if (!kvcm_fast_uint(items[i], &out[i]))
+            break;
+    return i;
+}
+
 #endif

@@ -211,102 +211,125 @@ static void kvcm_sha256_compress_portable(uint32_t state[8],
         (m0) = _mm_sha256msg2_epu32((m0), (m3));                              \
     } while (0)
 
+/* sha256rnds2 wants the state as two vectors {A,B,E,F} and {C,D,G,H} (high dword to low),
+ * because each round reads a,b,e,f and the instruction pair alternates the two halves.
+ * Converted once per run of blocks, not per block.  (Vectors are written high..low.) */
+#define KVCM_SHANI_STATE_IN(state)                                            \
+    do {                                                                      \
+        t = _mm_loadu_si128((const __m128i *)&(state)[0]);  /* D C B A */     \
+        s1 = _mm_loadu_si128((const __m128i *)&(state)[4]); /* H G F E */     \
+        t = _mm_shuffle_epi32(t, 0xB1);                     /* C D A B */     \
+        s1 = _mm_shuffle_epi32(s1, 0x1B);                   /* E F G H */     \
+        s0 = _mm_alignr_epi8(t, s1, 8);                     /* A B E F */     \
+        s1 = _mm_blend_epi16(s1, t, 0xF0);                  /* C D G H */     \
+    } while (0)
+
+/* Back to H0..H7 order. */
+#define KVCM_SHANI_STATE_OUT(state)                                           \
+    do {                                                                      \
+        t = _mm_shuffle_epi32(s0, 0x1B);                    /* F E B A */     \
+        s1 = _mm_shuffle_epi32(s1, 0xB1);                   /* D C H G */     \
+        s0 = _mm_blend_epi16(t, s1, 0xF0);                  /* D C B A */     \
+        s1 = _mm_alignr_epi8(s1, t, 8);                     /* H G F E */     \
+        _mm_storeu_si128((__m128i *)&(state)[0], s0);                         \
+        _mm_storeu_si128((__m128i *)&(state)[4], s1);                         \
+    } while (0)
+
+/* One 64-byte block into s0/s1 (needs bswap, t, save0, save1, m0..m3 declared).  HOOK runs
+ * between groups of four rounds: the rounds form one long dependency chain that leaves the
+ * other execution ports idle, so independent work placed there (block_chain.h encodes the
+ * next block's message) costs almost nothing. */
+#define KVCM_SHANI_BLOCK(blk, HOOK)                                           \
+    do {                                                                      \
+        save0 = s0;                                                           \
+        save1 = s1;                                                           \
+        m0 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)((blk) + 0)), bswap);  \
+        m1 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)((blk) + 16)), bswap); \
+        m2 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)((blk) + 32)), bswap); \
+        m3 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)((blk) + 48)), bswap); \
+        /* Rounds 0-15 use the raw message; meanwhile start the schedule. */  \
+        KVCM_SHANI_RNDS4(m0, 0);                                              \
+        HOOK;                                                                 \
+        KVCM_SHANI_RNDS4(m1, 4);                                              \
+        m0 = _mm_sha256msg1_epu32(m0, m1);                                    \
+        HOOK;                                                                 \
+        KVCM_SHANI_RNDS4(m2, 8);                                              \
+        m1 = _mm_sha256msg1_epu32(m1, m2);                                    \
+        HOOK;                                                                 \
+        KVCM_SHANI_RNDS4(m3, 12);                                             \
+        KVCM_SHANI_NEXT(m0, m2, m3);            /* W16..19 */                 \
+        m2 = _mm_sha256msg1_epu32(m2, m3);                                    \
+        HOOK;                                                                 \
+        /* Rounds 16-51: four vectors rotate; each step consumes the newest,  \
+         * finishes the next one and starts msg1 for the one after. */        \
+        KVCM_SHANI_RNDS4(m0, 16);                                             \
+        KVCM_SHANI_NEXT(m1, m3, m0);            /* W20..23 */                 \
+        m3 = _mm_sha256msg1_epu32(m3, m0);                                    \
+        HOOK;                                                                 \
+        KVCM_SHANI_RNDS4(m1, 20);                                             \
+        KVCM_SHANI_NEXT(m2, m0, m1);            /* W24..27 */                 \
+        m0 = _mm_sha256msg1_epu32(m0, m1);                                    \
+        HOOK;                                                                 \
+        KVCM_SHANI_RNDS4(m2, 24);                                             \
+        KVCM_SHANI_NEXT(m3, m1, m2);            /* W28..31 */                 \
+        m1 = _mm_sha256msg1_epu32(m1, m2);                                    \
+        HOOK;                                                                 \
+        KVCM_SHANI_RNDS4(m3, 28);                                             \
+        KVCM_SHANI_NEXT(m0, m2, m3);            /* W32..35 */                 \
+        m2 = _mm_sha256msg1_epu32(m2, m3);                                    \
+        HOOK;                                                                 \
+        KVCM_SHANI_RNDS4(m0, 32);                                             \
+        KVCM_SHANI_NEXT(m1, m3, m0);            /* W36..39 */                 \
+        m3 = _mm_sha256msg1_epu32(m3, m0);                                    \
+        HOOK;                                                                 \
+        KVCM_SHANI_RNDS4(m1, 36);                                             \
+        KVCM_SHANI_NEXT(m2, m0, m1);            /* W40..43 */                 \
+        m0 = _mm_sha256msg1_epu32(m0, m1);                                    \
+        HOOK;                                                                 \
+        KVCM_SHANI_RNDS4(m2, 40);                                             \
+        KVCM_SHANI_NEXT(m3, m1, m2);            /* W44..47 */                 \
+        m1 = _mm_sha256msg1_epu32(m1, m2);                                    \
+        HOOK;                                                                 \
+        KVCM_SHANI_RNDS4(m3, 44);                                             \
+        KVCM_SHANI_NEXT(m0, m2, m3);            /* W48..51 */                 \
+        m2 = _mm_sha256msg1_epu32(m2, m3);                                    \
+        HOOK;                                                                 \
+        KVCM_SHANI_RNDS4(m0, 48);                                             \
+        KVCM_SHANI_NEXT(m1, m3, m0);            /* W52..55 */                 \
+        m3 = _mm_sha256msg1_epu32(m3, m0);                                    \
+        HOOK;                                                                 \
+        KVCM_SHANI_RNDS4(m1, 52);                                             \
+        KVCM_SHANI_NEXT(m2, m0, m1);            /* W56..59 */                 \
+        HOOK;                                                                 \
+        KVCM_SHANI_RNDS4(m2, 56);                                             \
+        KVCM_SHANI_NEXT(m3, m1, m2);            /* W60..63 */                 \
+        HOOK;                                                                 \
+        KVCM_SHANI_RNDS4(m3, 60);                                             \
+        s0 = _mm_add_epi32(s0, save0);                                        \
+        s1 = _mm_add_epi32(s1, save1);                                        \
+    } while (0)
+
+/* pshufb mask: big-endian message words -> little-endian dwords. */
+#define KVCM_SHANI_BSWAP_MASK _mm_set_epi64x(0x0c0d0e0f08090a0bLL, 0x0405060700010203LL)
+
 KVCM_SHANI_TARGET
 static void kvcm_sha256_compress_shani(uint32_t state[8],
                                        const unsigned char *blocks,
                                        size_t nblocks) {
-    /* pshufb mask: big-endian message words -> little-endian dwords. */
-    const __m128i bswap =
-        _mm_set_epi64x(0x0c0d0e0f08090a0bLL, 0x0405060700010203LL);
+    const __m128i bswap = KVCM_SHANI_BSWAP_MASK;
     __m128i s0, s1, t, save0, save1, m0, m1, m2, m3;
 
     if (nblocks == 0)
         return;
-
-    /* sha256rnds2 wants the state as two vectors {A,B,E,F} and {C,D,G,H}
-     * (high dword to low), because each round reads a,b,e,f and the
-     * instruction pair alternates the two halves.  Convert once per call,
-     * not per block.  (Vectors are written high..low below.) */
-    t = _mm_loadu_si128((const __m128i *)&state[0]);  /* D C B A */
-    s1 = _mm_loadu_si128((const __m128i *)&state[4]); /* H G F E */
-    t = _mm_shuffle_epi32(t, 0xB1);                   /* C D A B */
-    s1 = _mm_shuffle_epi32(s1, 0x1B);                 /* E F G H */
-    s0 = _mm_alignr_epi8(t, s1, 8);                   /* A B E F */
-    s1 = _mm_blend_epi16(s1, t, 0xF0);                /* C D G H */
-
+    KVCM_SHANI_STATE_IN(state);
     do {
-        save0 = s0;
-        save1 = s1;
-
-        m0 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(blocks + 0)), bswap);
-        m1 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(blocks + 16)), bswap);
-        m2 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(blocks + 32)), bswap);
-        m3 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(blocks + 48)), bswap);
-
-        /* Rounds 0-15 use the raw message; meanwhile start the schedule. */
-        KVCM_SHANI_RNDS4(m0, 0);
-        KVCM_SHANI_RNDS4(m1, 4);
-        m0 = _mm_sha256msg1_epu32(m0, m1);
-        KVCM_SHANI_RNDS4(m2, 8);
-        m1 = _mm_sha256msg1_epu32(m1, m2);
-        KVCM_SHANI_RNDS4(m3, 12);
-        KVCM_SHANI_NEXT(m0, m2, m3);            /* W16..19 */
-        m2 = _mm_sha256msg1_epu32(m2, m3);
-
-        /* Rounds 16-51: four vectors rotate; each step consumes the newest,
-         * finishes the next one and starts msg1 for the one after. */
-        KVCM_SHANI_RNDS4(m0, 16);
-        KVCM_SHANI_NEXT(m1, m3, m0);            /* W20..23 */
-        m3 = _mm_sha256msg1_epu32(m3, m0);
-        KVCM_SHANI_RNDS4(m1, 20);
-        KVCM_SHANI_NEXT(m2, m0, m1);            /* W24..27 */
-        m0 = _mm_sha256msg1_epu32(m0, m1);
-        KVCM_SHANI_RNDS4(m2, 24);
-        KVCM_SHANI_NEXT(m3, m1, m2);            /* W28..31 */
-        m1 = _mm_sha256msg1_epu32(m1, m2);
-        KVCM_SHANI_RNDS4(m3, 28);
-        KVCM_SHANI_NEXT(m0, m2, m3);            /* W32..35 */
-        m2 = _mm_sha256msg1_epu32(m2, m3);
-
-        KVCM_SHANI_RNDS4(m0, 32);
-        KVCM_SHANI_NEXT(m1, m3, m0);            /* W36..39 */
-        m3 = _mm_sha256msg1_epu32(m3, m0);
-        KVCM_SHANI_RNDS4(m1, 36);
-        KVCM_SHANI_NEXT(m2, m0, m1);            /* W40..43 */
-        m0 = _mm_sha256msg1_epu32(m0, m1);
-        KVCM_SHANI_RNDS4(m2, 40);
-        KVCM_SHANI_NEXT(m3, m1, m2);            /* W44..47 */
-        m1 = _mm_sha256msg1_epu32(m1, m2);
-        KVCM_SHANI_RNDS4(m3, 44);
-        KVCM_SHANI_NEXT(m0, m2, m3);            /* W48..51 */
-        m2 = _mm_sha256msg1_epu32(m2, m3);
-
-        KVCM_SHANI_RNDS4(m0, 48);
-        KVCM_SHANI_NEXT(m1, m3, m0);            /* W52..55 */
-        m3 = _mm_sha256msg1_epu32(m3, m0);
-        KVCM_SHANI_RNDS4(m1, 52);
-        KVCM_SHANI_NEXT(m2, m0, m1);            /* W56..59 */
-        KVCM_SHANI_RNDS4(m2, 56);
-        KVCM_SHANI_NEXT(m3, m1, m2);            /* W60..63 */
-        KVCM_SHANI_RNDS4(m3, 60);
-
-        s0 = _mm_add_epi32(s0, save0);
-        s1 = _mm_add_epi32(s1, save1);
+        KVCM_SHANI_BLOCK(blocks, (void)0);
         blocks += 64;
     } while (--nblocks);
-
-    /* Back to H0..H7 order. */
-    t = _mm_shuffle_epi32(s0, 0x1B);                  /* F E B A */
-    s1 = _mm_shuffle_epi32(s1, 0xB1);                 /* D C H G */
-    s0 = _mm_blend_epi16(t, s1, 0xF0);                /* D C B A */
-    s1 = _mm_alignr_epi8(s1, t, 8);                   /* H G F E */
-    _mm_storeu_si128((__m128i *)&state[0], s0);
-    _mm_storeu_si128((__m128i *)&state[4], s1);
+    KVCM_SHANI_STATE_OUT(state);
 }
 
-#undef KVCM_SHANI_NEXT
-#undef KVCM_SHANI_RNDS4
-#undef KVCM_SHANI_TARGET
+/* KVCM_SHANI_* stay defined: block_chain.h builds its fused kernel from them. */
 
 static int kvcm_sha256_cpu_has_shani(void) {
     unsigned int eax, ebx, ecx, edx;

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from . import chat as _chat
+from .segment_cache import SegmentCache
 
 __all__ = [
     "Tokenizer",
@@ -254,6 +255,7 @@ class Tokenizer:
         # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, ~15% faster
         # on long prompts; the ids are the same (tests compare both and transformers).
         self._encode_fast = getattr(backend, "encode_batch_fast", None)
+        self.segment_cache = SegmentCache.for_backend(backend, self._encode_pieces)
         self._load_templates(config, model)
 
     # -- construction -------------------------------------------------------------------
@@ -495,20 +497,33 @@ class Tokenizer:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``, as ``AutoTokenizer(...)(text, add_special_tokens=…)["input_ids"]``."""
+        """Token ids of ``text``, as ``AutoTokenizer(...)(text, add_special_tokens=…)["input_ids"]``.
+        Without special tokens added (chat prompts), pieces between special tokens that
+        earlier texts had are not encoded again (kvcm/segment_cache.py)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
+        if not add_special_tokens and self.segment_cache is not None:
+            return self.segment_cache.encode(text)
+        return self._encode_plain(text, add_special_tokens)
+
+    def _encode_plain(self, text: str, add_special_tokens: bool) -> list[int]:
         if self._encode_fast is not None:
             return self._encode_fast([text], add_special_tokens=add_special_tokens)[0].ids
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def _encode_pieces(self, texts: list[str]) -> list[list[int]]:
+        return self._ids_batch(texts, False)
+
+    def _ids_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        encode = self._encode_fast or self._backend.encode_batch
+        return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """``encode`` for several texts at once (parallel inside ``tokenizers``)."""
         texts = list(texts)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be strings")
-        encode = self._encode_fast or self._backend.encode_batch
-        return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
+        return self._ids_batch(texts, add_special_tokens)
 
     # -- chat ---------------------------------------------------------------------------
 

@@ -18,6 +18,29 @@ def impl(request):
     return _core if request.param == "core" else _reference
 
 
+SHA256_KERNELS = ["sha-ni", "portable"]
+
+
+@pytest.fixture(params=SHA256_KERNELS)
+def kernel(request):
+    """Selects one SHA-256 kernel of the core for the test (skips sha-ni on a CPU without it),
+    then restores the default one."""
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            if request.param == "portable":
+                mp.setenv("KVCM_SHA256", "portable")
+            else:
+                mp.delenv("KVCM_SHA256", raising=False)
+            name = _core._select_sha256_kernel()
+            if request.param == "sha-ni" and name != "sha-ni":
+                pytest.skip("this CPU has no SHA-NI")
+            assert name == request.param
+            assert _core.sha256_backend() == request.param
+            yield name
+    finally:
+        _core._select_sha256_kernel()  # the environment as it was before the test
+
+
 @pytest.fixture(scope="session")
 def shared():
     """../shared (vectors, fixtures); tests that need it skip when the tree was copied alone."""

@@ -156,3 +156,21 @@ def test_register_and_unregister_change_what_queries_see(both, workload):
     # its index entries stayed (an engine removed keeps them, DESIGN.md): it matches at once
     answer = kvcm.call("POST", "/query", {"token_ids": q.tokens, "model_name": MODEL})[1]
     assert answer["scores"][str(instance)] == {"0": q.expected[owner]}
+
+
+def test_an_engine_removed_through_v1_engines_leaves_the_queries(both, workload):
+    """/query answers from the members of a routing group built once per change of the
+    registrations: removing a worker's engine with DELETE /v1/engines is such a change."""
+    kvcm, _ = both
+    q = workload.queries(256, 1)[0]
+    owner = next(iter(q.expected))
+    instance = owner + 1                          # bench registers engine i as instance i + 1
+    assert str(instance) in kvcm.call("POST", "/query", {"token_ids": q.tokens, "model_name": MODEL})[1]["scores"]
+    endpoint = next(w["endpoints"]["0"] for w in kvcm.call("GET", "/workers")[1] if w["instance_id"] == instance)
+    assert kvcm.call("DELETE", "/v1/engines/%d:0" % instance)[0] == 200
+    assert str(instance) not in kvcm.call("POST", "/query", {"token_ids": q.tokens, "model_name": MODEL})[1]["scores"]
+    assert instance not in [w["instance_id"] for w in kvcm.call("GET", "/workers")[1]]
+    again = {"instance_id": instance, "endpoint": endpoint, "model_name": MODEL, "block_size": BLOCK}
+    assert kvcm.call("POST", "/register", again) == (201, {"status": "ok"})
+    assert kvcm.call("POST", "/query", {"token_ids": q.tokens, "model_name": MODEL})[1]["scores"][str(instance)] \
+        == {"0": q.expected[owner]}

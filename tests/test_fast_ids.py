@@ -146,6 +146,10 @@ def test_fast_and_general_paths_answer_alike(apis, raw):
 @settings(max_examples=1500, deadline=None)
 @given(body())
 def test_the_core_reads_what_orjson_reads(raw):
+    reads_what_orjson_reads(raw)
+
+
+def reads_what_orjson_reads(raw):
     split = json_token_ids(raw)
     try:
         parsed = orjson.loads(raw)
@@ -165,18 +169,50 @@ def test_the_core_reads_what_orjson_reads(raw):
     assert rest_parsed == dict(parsed, token_ids=[])
 
 
+@st.composite
+def compact_body(draw):
+    """Long arrays without spaces, as JSON encoders write them: the core reads these 64 bytes
+    at a time (the commas of a window at once); now and then an item that is not a plain id,
+    a space or the array's end falls inside a window."""
+    plain = st.integers(0, 200_000).map(str) | st.integers(0, 2 ** 64 - 1).map(str)
+    items = draw(st.lists(st.one_of(*[plain] * 12, _id_literal()), min_size=1, max_size=300))
+    tail = draw(st.sampled_from(["", ', "cache_salt": "s"', ' , "x": [1,2]']))
+    return ('{"model":"%s","model_name":"%s","token_ids":[%s]%s}' % (MODEL, MODEL, ",".join(items), tail)).encode()
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(compact_body())
+def test_compact_arrays_read_as_orjson_reads_them_and_answer_alike(apis, raw):
+    reads_what_orjson_reads(raw)
+    same(apis, raw)
+
+
+@pytest.mark.parametrize("item", ["01", "00", "0", "12345678", "123456789", "18446744073709551615",
+                                  "18446744073709551616", "99999999999999999999", "", "-1", " 5", "1.5", "5]"])
+def test_every_item_at_every_place_of_a_compact_window(apis, item):
+    """One item among 100 plain ids, at each place across the first windows of 64 bytes."""
+    for k in range(0, 40):
+        items = ["123"] * 100
+        items[k] = item
+        raw = ('{"model":"%s","token_ids":[%s]}' % (MODEL, ",".join(items))).encode()
+        reads_what_orjson_reads(raw)
+        if k % 8 == 0:
+            same(apis, raw)
+
+
 def test_valid_bodies_of_every_length_take_the_fast_path(apis):
     rng = random.Random(7)
     taken = 0
     for n in (0, 1, 15, 16, 17, 48, 1000, 5000):
         for ids in ([rng.randrange(2 ** 64) for _ in range(n)], HELD[0][:n], HELD[1][:n] + [0] * n):
-            for indent in (None, 2):
-                raw = json.dumps({"model": MODEL, "model_name": MODEL, "token_ids": ids}, indent=indent).encode()
+            for indent, separators in ((None, None), (2, None), (None, (",", ":"))):
+                raw = json.dumps({"model": MODEL, "model_name": MODEL, "token_ids": ids}, indent=indent,
+                                 separators=separators).encode()
                 assert json_token_ids(raw) is not None
                 taken += 1
                 result = same(apis, raw)
                 assert result[:2] == ("ok", 200)
-    assert taken == 48
+    assert taken == 72
     # the held prefixes score as the general path scores them, over HTTP bodies as sent
     scored = outcome(apis[0], "/v1/score", orjson.dumps({"model": MODEL, "token_ids": HELD[1]}))
     assert scored[2]["scores"] == {"pod-1": 3.0}

@@ -216,6 +216,51 @@ def test_core_matches_hand_recomputation_on_random_input(algo, seed, block_size,
     _check(_core, algo, seed, block_size, tokens, extra)
 
 
+# ---- both SHA-256 kernels, every id width ---------------------------------------------------
+# Blocks without extra keys are encoded straight into the SHA-256 input (kvcm/block_chain.h),
+# with SHA-NI the next block between the current block's rounds: every id encoding (CBOR's
+# 1/2/3/5/9 bytes, pickle's BININT1/BININT2/BININT/LONG1), message lengths around the
+# padding limits and both kernels, against hashlib + pickle + cbor2.
+
+_WIDTHS = [(0, 23), (24, 255), (256, 65535), (65536, 2 ** 31 - 1), (2 ** 31, 2 ** 32 - 1),
+           (2 ** 32, 2 ** 63 - 1), (2 ** 63, 2 ** 64 - 1)]
+_mixed_tokens = st.lists(st.sampled_from(_WIDTHS).flatmap(lambda w: st.integers(*w)), max_size=300)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(algo=st.sampled_from(ALGOS), block_size=st.integers(1, 80), tokens=_mixed_tokens,
+       buffer=st.booleans())
+def test_chain_matches_hand_recomputation_with_either_kernel(kernel, algo, block_size, tokens, buffer):
+    root, digests, keys = manual(algo, "0", block_size, tokens)
+    hasher = _core.BlockHasher(algo, "0", block_size)
+    assert list(hasher.keys(array("Q", tokens) if buffer else tokens)) == keys
+    assert hasher.digests(tokens) == digests
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4, 16, 64, 65, 4096])
+@pytest.mark.parametrize("algo", ALGOS)
+def test_long_chain_matches_hand_recomputation_with_either_kernel(kernel, algo, block_size):
+    """Many blocks in a row (the next one is written while this one is hashed), ids of every
+    width, block sizes on both sides of the on-stack buffers."""
+    n = max(40 * block_size, 4096) + 5
+    tokens = [(i * 2654435761 * (1 + (i % 7) * 2 ** (4 * (i % 17)))) % 2 ** 64 for i in range(n)]
+    _, digests, keys = manual(algo, "0", block_size, tokens)
+    hasher = _core.BlockHasher(algo, "0", block_size)
+    assert list(hasher.keys(tokens)) == keys
+    assert hasher.digests(tokens) == digests
+
+
+@pytest.mark.parametrize("parent", [0, 1, 23, 24, 255, 256, 65535, 65536, 2 ** 32 - 1, 2 ** 32,
+                                    2 ** 64 - 1])
+@pytest.mark.parametrize("algo", ["sha256_cbor_64bit", "kvcm", "llmd_fnv64a"])
+def test_short_parent_key_heads_match_the_reference_with_either_kernel(kernel, algo, parent):
+    """A uint64 parent below 2**32 has a CBOR head shorter than the usual 9 bytes (one block
+    in 2**32 meets one): the message moves down."""
+    tokens = [(i * 40503) % 151000 for i in range(16 * 12)]
+    expected = list(_reference.BlockHasher(algo, "0", 16).keys(tokens, parent=parent))
+    assert list(_core.BlockHasher(algo, "0", 16).keys(tokens, parent=parent)) == expected
+
+
 # ---- chaining and block boundaries ---------------------------------------------------------
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -317,6 +362,21 @@ def test_array_Q_tokens_above_2_63_are_unsigned(impl):
     tokens = [2 ** 64 - 1, 2 ** 63, 2 ** 63 - 1, 1]
     hasher = impl.BlockHasher("sha256_cbor", "0", 4)
     assert list(hasher.keys(array("Q", tokens))) == manual("sha256_cbor", "0", 4, tokens)[2]
+
+
+@pytest.mark.parametrize("typecode", ["Q", "q", "L"])
+def test_token_array_is_released_after_hashing(typecode):
+    """64-bit arrays are read in place while exported (so they cannot be resized meanwhile,
+    even with the GIL dropped); afterwards the array is the caller's again."""
+    tokens = array(typecode, range(16 * 20))
+    hasher = _core.BlockHasher("sha256", "0", 16)
+    assert list(hasher.keys(tokens)) == list(_reference.BlockHasher("sha256", "0", 16).keys(list(tokens)))
+    tokens.append(1)  # BufferError if the export were still held
+    index = _core.Index()
+    index.store("m", "pod", "gpu", array(typecode, [1, 2, 3]))
+    keys = array(typecode, [1, 2, 3])
+    assert index.lookup_prefix("m", keys)
+    keys.append(4)
 
 
 @pytest.mark.parametrize("make", [bytes, bytearray, lambda t: memoryview(bytes(t))],

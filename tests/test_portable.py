@@ -225,7 +225,8 @@ def test_compiled_parts_of_the_bundle_target_the_x86_64_baseline(tmp_path):
 
 def test_nothing_compiled_for_the_bundle_uses_newer_instructions_outside_the_sha_ni_kernel(tmp_path):
     """Disassembled, CPython and the core use only x86-64 baseline instructions, except the
-    core's SHA-NI kernel, which runs only after CPUID reports SHA (kvcm/sha256.h)."""
+    core's SHA-NI kernels (the compression and the block chain built on it), which run only
+    after CPUID reports SHA (kvcm/sha256.h, kvcm/block_chain.h)."""
     files = bundle_files(tmp_path, compiled_here)
     found = {}
     for name, path in files.items():
@@ -233,7 +234,7 @@ def test_nothing_compiled_for_the_bundle_uses_newer_instructions_outside_the_sha
             found.setdefault(name, set()).add((function, mnemonic))
     core = [n for n in found if n.startswith("kvcm/_core")]
     assert len(core) == 1, "the SHA-NI kernel is found (the scan works): %s" % sorted(found)
-    assert {f for f, _ in found.pop(core[0])} == {"kvcm_sha256_compress_shani"}
+    assert {f for f, _ in found.pop(core[0])} == {"kvcm_sha256_compress_shani", "kvcm_chain_shani"}
     assert not found, found
 
 

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import SHA256_KERNELS
 from kvcm import _core, _reference
 
 # Around the 64-byte block and the 56-byte padding limit (one vs two tail blocks).
 EDGE_LENGTHS = [0, 1, 55, 56, 63, 64, 65, 119, 120, 127, 128]
-KERNELS = ["sha-ni", "portable"]
 
 _SETTINGS = settings(max_examples=200, deadline=None,
                      suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -24,23 +24,6 @@ def _pattern(n, salt=0):
     return bytes((i * 131 + salt * 7 + (i >> 8)) & 0xFF for i in range(n))
 
 
-@pytest.fixture(params=KERNELS)
-def kernel(request):
-    """Selects one SHA-256 kernel of the core for the test, then restores the default one."""
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            if request.param == "portable":
-                mp.setenv("KVCM_SHA256", "portable")
-            else:
-                mp.delenv("KVCM_SHA256", raising=False)
-            name = _core._select_sha256_kernel()
-            if request.param == "sha-ni" and name != "sha-ni":
-                pytest.skip("this CPU has no SHA-NI")
-            assert name == request.param
-            assert _core.sha256_backend() == request.param
-            yield name
-    finally:
-        _core._select_sha256_kernel()  # the environment as it was before the test
 
 
 @pytest.mark.parametrize("n", EDGE_LENGTHS)
@@ -115,7 +98,7 @@ def test_env_var_forces_portable_kernel_at_import(value):
 
 def test_default_kernel_at_import_is_the_one_select_picks(monkeypatch):
     default = _backend_in_subprocess(None)
-    assert default in KERNELS
+    assert default in SHA256_KERNELS
     monkeypatch.delenv("KVCM_SHA256", raising=False)
     try:
         assert _core._select_sha256_kernel() == default
