@@ -10,7 +10,7 @@ class MemoryBackend(Backend):
     snapshots = True
 
     def __init__(self, index):
-        self.index = index
+        self.index = self.local_index = index
 
     def score(self, model, keys, rekey, pods, scorer):
         return keys, scorer.score_detailed(self.index, model, keys, pods), None
