@@ -169,6 +169,9 @@ class Api:
 
     def _lane_fields(self, body):
         """The scoring lane's first half of score(): raises unless the body scores token ids."""
+        if len(body) == 2 and type(body.get("model")) is str:    # what schedulers send: nothing else to read
+            model = body["model"]
+            return model, None, None, model
         model, pods, salt, source = self._score_fields(body)
         if source != "token_ids":
             raise BadRequest("not a token-id body")

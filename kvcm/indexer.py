@@ -172,16 +172,13 @@ class Indexer:
         block_size = self.config.block_size
         counts = self.score_counts
         counts["requests"] += 1
+        scores, matched = {}, {}
         if detailed:
             counts["warm"] += 1
-        out = {
-            "model": model,
-            "scores": {pod: score for pod, (score, _, _) in detailed.items()},
-            "blocks": len(keys),
-            "tokens": len(token_ids),
-            "matched": {pod: {"blocks": blocks, "tokens": blocks * block_size, "tiers": tiers}
-                        for pod, (_, blocks, tiers) in detailed.items()},
-        }
+            for pod, (score, blocks, tiers) in detailed.items():
+                scores[pod] = score
+                matched[pod] = {"blocks": blocks, "tokens": blocks * block_size, "tiers": tiers}
+        out = {"model": model, "scores": scores, "blocks": len(keys), "tokens": len(token_ids), "matched": matched}
         if note is not None:
             out["unavailable"] = note
         return out
