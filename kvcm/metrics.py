@@ -62,6 +62,10 @@ class Metrics:
             "kvcm_template_renders_stopped", "Chat template renders stopped at a limit (time, output, memory)",
             ("limit",), registry=self.registry)
 
+    def watch_lane(self, lane):
+        """Exports how many requests the scoring lane (kvcm/_score_lane.pxi) answered."""
+        self.registry.register(_LaneCollector(lane))
+
     def observe_request(self, endpoint, method, status, seconds):
         self.requests.observe(endpoint, method, status, seconds)
 
@@ -80,6 +84,16 @@ class Metrics:
                 for bound, count in histogram.snapshot()[0]:
                     out[bound] = out.get(bound, 0) + count
         return out
+
+
+class _LaneCollector:
+    def __init__(self, lane):
+        self.lane = lane
+
+    def collect(self):
+        yield counter("kvcm_http_lane_requests_total",
+                      "Token-id scoring requests the core's lane answered (the rest took the general path)",
+                      self.lane.served)
 
 
 class _RequestLatencies:
