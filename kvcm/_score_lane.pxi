@@ -94,7 +94,7 @@ cdef class ScoreLane:
         cdef Py_buffer view
         cdef kl_hit hit
         cdef timespec t0
-        cdef object split, body, plan, keys, detailed, answer
+        cdef object split, body, keys, detailed, answer
         cdef bytes out
         cdef char length[24]
         cdef int length_len
