@@ -88,44 +88,72 @@ cdef class ScoreLane:
 
     def serve(self, data, transport, bytes common not None):
         """When data (bytes-like) is exactly one whole request the lane takes: answers it,
-        writes `HTTP/1.1 200`, `common` (the Date and Server lines), the JSON answer to
+        writes `HTTP/1.1 200`, `common` (the Date and Server lines) and the JSON answer to
         transport, and returns the path's number from 1 (self.seconds tells how long it
         took). Otherwise returns 0, having done nothing."""
         cdef Py_buffer view
         cdef kl_hit hit
         cdef timespec t0
+        cdef object out = None
+        hit.route, hit.body, hit.end = 0, 0, 0
+        clock_gettime(CLOCK_MONOTONIC, &t0)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if (kl_request(<const char *>view.buf, <size_t>view.len, 0, self._ptrs, self._lens,
+                           <int>len(self._paths), self._max_header, self._max_body, &hit)
+                    and hit.end == <size_t>view.len):
+                out = self._answer(hit.route, <const char *>view.buf + hit.body, hit.end - hit.body, common)
+        finally:
+            PyBuffer_Release(&view)
+        if out is None:
+            return 0
+        transport.write(out)
+        self.seconds = _seconds_since(&t0)
+        return hit.route + 1
+
+    def serve_body(self, int route, body, bytes common not None):
+        """The whole response (bytes, as serve() writes it) to a keep-alive HTTP/1.1 POST to
+        path number `route` whose head the general parser read and found plain, with this
+        body (bytes-like; a request that came in several reads); None when the lane does
+        not take the body, having done nothing."""
+        cdef Py_buffer view
+        cdef timespec t0
+        if not 1 <= route <= len(self._paths):
+            raise ValueError("no lane path number %d" % route)
+        clock_gettime(CLOCK_MONOTONIC, &t0)
+        PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
+        try:
+            out = self._answer(route - 1, <const char *>view.buf, <size_t>view.len, common)
+        finally:
+            PyBuffer_Release(&view)
+        if out is not None:
+            self.seconds = _seconds_since(&t0)
+        return out
+
+    cdef object _answer(self, int route, const char *p, size_t n, bytes common):
+        """The response to the body p[0:n] of a request to path `route` (from 0), or None."""
         cdef object split, body, keys, detailed, answer
         cdef bytes out
         cdef char length[24]
         cdef int length_len
         cdef char *w
-        hit.route, hit.body, hit.end = 0, 0, 0
-        clock_gettime(CLOCK_MONOTONIC, &t0)
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        try:
-            if (not kl_request(<const char *>view.buf, <size_t>view.len, 0, self._ptrs, self._lens,
-                               <int>len(self._paths), self._max_header, self._max_body, &hit)
-                    or hit.end != <size_t>view.len):
-                return 0
-            split = _split_token_ids(<const char *>view.buf + hit.body, hit.end - hit.body)
-        finally:
-            PyBuffer_Release(&view)
+        split = _split_token_ids(p, n)
         if split is None:
-            return 0
+            return None
         ids, rest = split
         try:
             body = _json_loads(rest)
         except orjson.JSONDecodeError:
-            return 0
+            return None
         if type(body) is not dict:
-            return 0
+            return None
         body["token_ids"] = ids
-        prepare, finish = self._halves[hit.route]
+        prepare, finish = self._halves[route]
         try:
             namespace, pods, salt, context = prepare(body)
             keys = self._sink.keys_for(namespace, ids, salt)
         except Exception:
-            return 0
+            return None
         ilock_acquire_gil(&self._index._lock)
         try:
             detailed = self._scorer._score_detailed(self._index, namespace, keys, pods)
@@ -141,7 +169,5 @@ cdef class ScoreLane:
             w += PyBytes_GET_SIZE(piece)
         memcpy(w, length, length_len)
         memcpy(w + length_len, PyBytes_AS_STRING(answer), PyBytes_GET_SIZE(answer))
-        transport.write(out)
-        self.seconds = _seconds_since(&t0)
         self.served += 1
-        return hit.route + 1
+        return out

@@ -734,6 +734,23 @@ class _Connection(asyncio.Protocol):
             server._report_lane(route, self._lane.seconds, self._peer)
         return True
 
+    def _lane_body(self, request):
+        """True when the scoring lane answered a request the parser above read (one that came
+        in several reads, or behind another in one): a plain keep-alive HTTP/1.1 POST to a
+        lane path whose body the general handler would read."""
+        server = self._server
+        route = server._lane_routes.get(self._raw_path)
+        if (route is None or request.query or request.http_version != "1.1" or not self._keep_alive
+                or server.closing or self._peer_eof or not request.json_type_ok()):
+            return False
+        out = self._lane.serve_body(route, request.body, _common_lines())
+        if out is None:
+            return False
+        self._write(out, False)
+        if server._timed:
+            server._report_lane(route, self._lane.seconds, self._peer)
+        return True
+
     def _check_partial_head(self, buf, pos):
         """Fails early on a head that can never become valid, instead of waiting for it."""
         size = len(buf) - pos
@@ -904,6 +921,8 @@ class _Connection(asyncio.Protocol):
     # ---- dispatch and output
 
     def _dispatch(self, request):
+        if self._lane is not None and request.method == "POST" and self._lane_body(request):
+            return
         server = self._server
         keep_alive = self._keep_alive and not server.closing and not self._peer_eof
         if not keep_alive:
@@ -1204,6 +1223,7 @@ class HttpServer:
         if lane is not None:
             lane.limit(max_header, max_body)
             self._lane_requests = [None] + [Request("POST", path) for path in lane.paths]
+            self._lane_routes = {path: route for route, path in enumerate(lane.paths, 1)}
         self.closing = False
         self._loop = None
         self._servers = []

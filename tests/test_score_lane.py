@@ -118,23 +118,24 @@ def _head(lines, line=b"POST /v1/score HTTP/1.1", body=_OK):
     return line + b"\r\n" + lines + b"\r\n" + body
 
 
+_ONE = plain(b"/v1/score", b'{"model": "%s", "token_ids": [1]}' % MODEL.encode())
+
+
 @pytest.mark.parametrize("raw", [
-    # not the lane's: another method, path, version, target form
+    # not the lane's: another method, path, version
     _head(b"Host: a\r\n" + _LEN, line) for line in (
         b"PUT /v1/score HTTP/1.1", b"POST /v1/score?x=1 HTTP/1.1", b"POST /v1/%73core HTTP/1.1",
-        b"POST /v1/score HTTP/1.0", b"POST http://a/v1/score HTTP/1.1")] + [
+        b"POST /v1/score HTTP/1.0")] + [
     # heads that change the reading, or that the general parser refuses
     _head(lines) for lines in (
         _LEN, b"Host: a\r\nHost: b\r\n" + _LEN, b"Host: a, b\r\n" + _LEN,
-        b"Host: a\r\nConnection: close\r\n" + _LEN, b"Host: a\r\nExpect: 100-continue\r\n" + _LEN,
-        b"Host: a\r\n" + _LEN + _LEN, b"Host: a\r\nContent-Length: +%d\r\n" % len(_OK),
-        b"Host: a\r\nContent-Type: text/plain\r\n" + _LEN, b"Host: a\r\nContent-Type: application/xml\r\n" + _LEN,
-        b"Host: a\r\nX: \x01\r\n" + _LEN, b"Host: a\r\nX: \xe9\r\n" + _LEN, b"Host: a\r\n X: folded\r\n" + _LEN,
+        b"Host: a\r\nConnection: close\r\n" + _LEN, b"Host: a\r\nContent-Length: +%d\r\n" % len(_OK),
+        b"Host: a\r\nContent-Type: application/xml\r\n" + _LEN,
+        b"Host: a\r\nX: \x01\r\n" + _LEN, b"Host: a\r\n X: folded\r\n" + _LEN,
         b"Host: a\n" + _LEN, b"Host : a\r\n" + _LEN, b"Host: a\r\nContent-Length: 99999999999\r\n",
         b"Host: a\r\nX: " + b"y" * 20000 + b"\r\n" + _LEN)] + [
     _head(b"Host: a\r\nContent-Length: 0\r\n", body=b""),
-    _head(b"Host: a\r\nTransfer-Encoding: chunked\r\n", body=b"%x\r\n%s\r\n0\r\n\r\n" % (len(_OK), _OK)),
-    # the lane's, but bodies it leaves to the general path
+    # the lane's paths, but bodies it leaves to the general path
     plain(b"/v1/score", b'{"model": "%s", "prompt": "hi", "token_ids": [1]}' % MODEL.encode()),
     plain(b"/v1/score", b'{"model": 3, "token_ids": [1]}'),
     plain(b"/v1/score", b'{"token_ids": [1]}'),
@@ -143,13 +144,47 @@ def _head(lines, line=b"POST /v1/score HTTP/1.1", body=_OK):
     plain(b"/query", b'{"model_name": "nobody", "token_ids": [1]}'),
     plain(b"/query", b'{"token_ids": [1]}'),
     plain(b"/query", b'{"model_name": "%s", "token_ids": [1], "lora_name": ""}' % MODEL.encode()),
-    # two requests in one read, and a body longer than its Content-Length says
-    plain(b"/v1/score", b'{"model": "%s", "token_ids": [1]}' % MODEL.encode()) * 2,
-    plain(b"/v1/score", b'{"model": "%s", "token_ids": [1]}' % MODEL.encode()) + b"GET /health HTTP/1.1\r\n\r\n",
 ])
 def test_what_the_lane_leaves_is_answered_by_the_general_path(servers, raw):
     got, taken = answer_alike(servers, raw)
     assert taken == 0
+
+
+@pytest.mark.parametrize("raw, taken", [
+    # heads the general parser reads (the lane's own reader leaves them), bodies the lane takes
+    (_head(b"Host: a\r\n" + _LEN, b"POST http://a/v1/score HTTP/1.1"), 1),
+    (_head(b"Host: a\r\nContent-Type: text/plain\r\n" + _LEN), 1),
+    (_head(b"Host: a\r\nX: \xe9\r\n" + _LEN), 1),
+    (_head(b"Host: a\r\n" + _LEN + _LEN), 1),
+    (_head(b"Host: a\r\nExpect: 100-continue\r\n" + _LEN), 1),
+    (_head(b"Host: a\r\nTransfer-Encoding: chunked\r\n", body=b"%x\r\n%s\r\n0\r\n\r\n" % (len(_OK), _OK)), 1),
+    # requests behind one another in one read
+    (_ONE * 2, 2),
+    (_ONE + b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n" + _ONE, 2),
+])
+def test_requests_the_general_parser_reads_have_their_bodies_answered_by_the_lane(servers, raw, taken):
+    assert answer_alike(servers, raw)[1] == taken
+
+
+def test_a_request_whose_body_comes_in_a_later_read_takes_the_lane(servers):
+    """What HTTP clients do with bodies of a few kB: the head in one write, the body in another."""
+    raw = plain(b"/v1/score", orjson.dumps({"model": MODEL, "token_ids": HELD[1] * 100}))
+    cut = raw.index(b"\r\n\r\n") + 4
+
+    async def split():
+        reader, writer = await asyncio.open_connection("127.0.0.1", servers.with_lane.port)
+        writer.write(raw[:cut])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(raw[cut:])
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        body = await asyncio.wait_for(reader.readexactly(int(re.search(rb"Content-Length: (\d+)", head).group(1))), 10)
+        writer.close()
+        return orjson.loads(body)
+
+    served = servers.lane.served
+    assert servers.run(split())["scores"] == {"pod-1": 3.0}
+    assert servers.lane.served == served + 1
 
 
 @pytest.mark.parametrize("headers", [
