@@ -59,6 +59,10 @@ class Backend:
     answers_at_once = True
     journal = None          # the kvcm._core Journal EventSink records applied effects into, if wanted
     snapshots = False       # whether the index lives in this process, so that kvcm.state keeps it
+    # whether the ingest may run on a thread of its own (kvcm/ingest_thread.py): the backend
+    # takes applied batches from any thread and needs no event loop for them; else the ingest
+    # runs on the event loop, with the backend's client
+    ingest_thread = False
 
     def ingest_hooks(self):
         """Keyword arguments for kvcm.ingest.Ingest: how streams hand batches to the backend."""
