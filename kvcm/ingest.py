@@ -362,6 +362,9 @@ class Ingest:
 
     async def stop(self):
         """Cancels replays and closes every socket. Idempotent."""
+        if self._lane is not None and self._ctx is not None:
+            log.info("ingest: the native lane applied %d of %d batches", self._lane.batches,
+                     self.counters["batches"])
         tasks = list(self._replays)
         for task in tasks:
             task.cancel()
