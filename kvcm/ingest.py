@@ -22,7 +22,13 @@ applying them is the core's EventSink.
 Sockets are raw pyzmq sockets read through loop.add_reader on ZMQ_FD. That FD is
 edge-triggered, so a reader drains until EAGAIN, but at most `batch_budget` messages and
 `turn_seconds` per loop turn before it yields with call_soon, so a busy publisher cannot
-starve HTTP scoring. A batch larger than `slice_bytes` is applied a slice of events per loop
+starve HTTP scoring. With an in-memory index the reader is the core's native lane
+(kvcm/_lane.pxi): it receives through libzmq's C API and applies the batches that continue
+an open stream in order itself, without the GIL (a turn of at least LANE_TURN_SECONDS then);
+each other message goes through _receive as before, in order. A stream is open to the lane
+after a message _receive handled left it in order with nothing pending (_admit); _Stream's
+properties take back what the lane applied and close the stream before anything else
+changes it. A batch larger than `slice_bytes` is applied a slice of events per loop
 turn, its stream's later batches held meanwhile, as during a replay. libzmq drops the
 connection of a peer that sends a message larger than `max_message`, and admits only peers
 in the `allow` networks when they are given (kvcm/zap.py).
