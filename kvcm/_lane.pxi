@@ -381,8 +381,10 @@ cdef class Lane:
 
     cdef int _recv(self, LaneSource source) noexcept nogil:
         """Receives one message's parts (at most three; more stay for _frames):
-        LANE_BUDGET for three, LANE_SLOW for another shape, LANE_EMPTY, LANE_ERROR."""
+        LANE_BUDGET for three, LANE_SLOW for another shape, LANE_EMPTY, LANE_ERROR. The
+        parts of the message before are closed first."""
         cdef int n = 0
+        self._release()
         while True:
             _zmq.msg_init(&self.parts[n])
             if _zmq.msg_recv(&self.parts[n], source.sock, KVZ_DONTWAIT) < 0:
