@@ -21,39 +21,41 @@ def json_token_ids(body):
     `[]` (for the general parser, which reads the other fields). None when the body is
     anything else: then the general path parses it and words any error."""
     cdef Py_buffer view
-    cdef size_t start, end, n
-    cdef Py_ssize_t count = -1
-    cdef array ids
-    cdef const char *p
-    cdef uint64_t *out
-    cdef bytes rest
     PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
     try:
-        p = <const char *>view.buf
-        n = <size_t>view.len
-        start = kj_find_token_ids(p, n)
-        if start == 0:
-            return None
-        # room for the most values the rest of the body could hold; shrunk once parsed
-        ids = new_u64_array(<Py_ssize_t>kj_commas(p + start, n - start) + 1)
-        out = <uint64_t *>ids.data.as_voidptr
-        end = start
-        if view.len >= _NOGIL_BODY:
-            with nogil:
-                count = kj_u64_array(p, n, &end, out)
-                if count >= 0 and not kj_rest(p, n, end):
-                    count = -1
-        else:
+        return _split_token_ids(<const char *>view.buf, <size_t>view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef object _split_token_ids(const char *p, size_t n):
+    """json_token_ids for the body p[0:n]."""
+    cdef size_t start, end
+    cdef Py_ssize_t count = -1
+    cdef array ids
+    cdef uint64_t *out
+    cdef bytes rest
+    start = kj_find_token_ids(p, n)
+    if start == 0:
+        return None
+    # room for the most values the rest of the body could hold; shrunk once parsed
+    ids = new_u64_array(<Py_ssize_t>kj_commas(p + start, n - start) + 1)
+    out = <uint64_t *>ids.data.as_voidptr
+    end = start
+    if n >= <size_t>_NOGIL_BODY:
+        with nogil:
             count = kj_u64_array(p, n, &end, out)
             if count >= 0 and not kj_rest(p, n, end):
                 count = -1
-        if count < 0:
-            return None
-        resize(ids, count)
-        rest = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(n - (end - start) + 2))
-        memcpy(PyBytes_AS_STRING(rest), p, start)
-        memcpy(PyBytes_AS_STRING(rest) + start, b"[]", 2)
-        memcpy(PyBytes_AS_STRING(rest) + start + 2, p + end, n - end)
-        return ids, rest
-    finally:
-        PyBuffer_Release(&view)
+    else:
+        count = kj_u64_array(p, n, &end, out)
+        if count >= 0 and not kj_rest(p, n, end):
+            count = -1
+    if count < 0:
+        return None
+    resize(ids, count)
+    rest = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(n - (end - start) + 2))
+    memcpy(PyBytes_AS_STRING(rest), p, start)
+    memcpy(PyBytes_AS_STRING(rest) + start, b"[]", 2)
+    memcpy(PyBytes_AS_STRING(rest) + start + 2, p + end, n - end)
+    return ids, rest

@@ -5,15 +5,8 @@
 # which also decides which streams the lane may take (LaneSource.admit) and takes them back
 # (FastStream.open = False) whenever it changes their state.
 
-from libc.time cimport time_t
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
-
-cdef extern from "<time.h>" nogil:
-    struct timespec:
-        time_t tv_sec
-        long tv_nsec
-    int clock_gettime(int clk, timespec *ts)
-    int CLOCK_MONOTONIC
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cdef extern from "zmq_lane.h" nogil:
     ctypedef struct kvz_msg:

@@ -11,7 +11,7 @@ import ipaddress
 import logging
 
 from kvcm import chat, tokenize
-from kvcm._core import DumpAborted
+from kvcm._core import DumpAborted, ScoreLane
 from kvcm.backend import IndexUnavailable, then
 from kvcm.bodies import TOKEN_ID_TYPES, json_object
 from kvcm.dynamo import DynamoApi
@@ -153,10 +153,7 @@ class Api:
 
     def score(self, request):
         body = json_object(request, self.fast_ids)
-        model = _model(body, self.default_model)
-        pods = _pods(body)
-        salt = _field(body, "cache_salt", str, "a string")
-        source = _one_input(body, ("token_ids", "prompt", "messages"))
+        model, pods, salt, source = self._score_fields(body)
         if source == "token_ids":
             try:
                 found = self.indexer.lookup_tokens(model, _token_ids(body), pods, salt)
@@ -164,6 +161,32 @@ class Api:
                 raise _bad_token_ids(e) from None
             return then(found, _ok, _unavailable)
         return self._score_text(body, model, pods, salt)
+
+    def _score_fields(self, body):
+        """(model, pods, cache salt, which of token_ids, prompt, messages) of a /v1/score body."""
+        return (_model(body, self.default_model), _pods(body), _field(body, "cache_salt", str, "a string"),
+                _one_input(body, ("token_ids", "prompt", "messages")))
+
+    def _lane_fields(self, body):
+        """The scoring lane's first half of score(): raises unless the body scores token ids."""
+        if len(body) == 2 and type(body.get("model")) is str:    # what schedulers send: nothing else to read
+            model = body["model"]
+            return model, None, None, model
+        model, pods, salt, source = self._score_fields(body)
+        if source != "token_ids":
+            raise BadRequest("not a token-id body")
+        return model, pods, salt, model
+
+    def lane(self):
+        """The scoring lane for /v1/score and Dynamo's /query (kvcm/_score_lane.pxi), or None
+        when the index does not score in this process or token ids are parsed the general way."""
+        index = self.indexer.backend.local_index
+        if index is None or not self.fast_ids:
+            return None
+        lane = ScoreLane(self.indexer.sink, index, self.indexer.scorer)
+        lane.add("/v1/score", self._lane_fields, self.indexer.score_result)
+        self.dynamo.lane_route(lane)
+        return lane
 
     async def _score_text(self, body, model, pods, salt):
         ids, _ = await self._tokenize(body, model)

@@ -187,6 +187,16 @@ class DynamoApi:
 
     def query(self, request):
         body = json_object(request, self.fast_ids)
+        namespace, engines, salt, (_, members) = self._query_fields(body)
+        try:
+            return self._answer(self.indexer.lookup_tokens(namespace, body["token_ids"], engines, salt), members)
+        except (TypeError, ValueError) as e:
+            raise BadRequest("field 'token_ids' must be a list of non-negative integers below 2**64 (%s)"
+                             % e) from None
+
+    def _query_fields(self, body):
+        """(namespace to hash and look up in, engines to score, cache salt, (namespace, Group))
+        of a /query body; the scoring lane's first half of query() too."""
         ids = body.get("token_ids")
         if ids is None:
             raise BadRequest("field 'token_ids' is required")
@@ -196,11 +206,15 @@ class DynamoApi:
         lora = _text(body, "lora_name")
         salt = _text(body, "cache_salt")
         namespace = lora if lora is not None else model
-        try:
-            return self._answer(self.indexer.lookup_tokens(namespace, ids, members.engines, salt), members)
-        except (TypeError, ValueError) as e:
-            raise BadRequest("field 'token_ids' must be a list of non-negative integers below 2**64 (%s)"
-                             % e) from None
+        return namespace, members.engines, salt, (namespace, members)
+
+    def _lane_answer(self, context, ids, keys, detailed):
+        namespace, members = context
+        return self._shape(self.indexer.score_result(namespace, ids, keys, detailed), members)
+
+    def lane_route(self, lane):
+        """Serves /query on the scoring lane (kvcm/_score_lane.pxi) as query() does."""
+        lane.add("/query", self._query_fields, self._lane_answer)
 
     def query_by_hash(self, request):
         body = json_object(request)
@@ -216,7 +230,7 @@ class DynamoApi:
 
     def _answer(self, found, members):
         """The Dynamo-shaped answer to a lookup's result, now or later."""
-        return then(found, lambda result: self._shape(result, members), _unavailable)
+        return then(found, lambda result: json_response(200, self._shape(result, members)), _unavailable)
 
     def _shape(self, result, members):
         block_size = self.indexer.config.block_size
@@ -240,7 +254,7 @@ class DynamoApi:
             entry["dp"][rank] = gpu
             entry["gpu"] = max(entry["gpu"], gpu)
             entry["longest_matched"] = entry["cpu"] = entry["disk"] = max(entry["longest_matched"], longest)
-        return json_response(200, {"scores": scores, "frequencies": [], "instances": instances})
+        return {"scores": scores, "frequencies": [], "instances": instances}
 
 
 def _unavailable(error):

@@ -540,12 +540,13 @@ class _Connection(asyncio.Protocol):
                  "_state", "_queue", "_request", "_raw_path", "_keep_alive", "_need", "_body",
                  "_chunk_left", "_head_started", "_fresh", "_body_deadline", "_write_paused",
                  "_reading_paused", "_peer_eof", "_lingering", "_closed", "_discarded", "_deadline",
-                 "_timer", "_timer_at", "_stream")
+                 "_timer", "_timer_at", "_stream", "_lane")
 
     def __init__(self, server):
         self._server = server
         self._loop = server._loop
         self._match = server.router.match
+        self._lane = server.lane
         self._transport = None
         self._peer = None
         self._admitted = False
@@ -603,7 +604,7 @@ class _Connection(asyncio.Protocol):
             if buf:
                 buf += data
                 self._process(buf)
-            else:
+            elif not (self._lane is not None and self._take_lane(data)):
                 self._process(data)
         except Exception:
             rate_log.error("connection-failed", "HTTP connection from %s failed; dropping it", self._peer,
@@ -717,6 +718,21 @@ class _Connection(asyncio.Protocol):
         elif pos < size:
             self._buf += memoryview(buf)[pos:]
         self._settle()
+
+    def _take_lane(self, data):
+        """True when the scoring lane answered data, one whole request (HttpServer.lane)."""
+        server = self._server
+        if self._state is not _HEAD or self._queue or self._write_paused or server.closing:
+            return False
+        route = self._lane.serve(data, self._transport, _common_lines())
+        if not route:
+            return False
+        self._fresh = self._head_started = False
+        self._keep_alive = True        # the lane takes only keep-alive HTTP/1.1 requests
+        self._set_deadline(self._loop.time() + server.idle_timeout)
+        if server._timed:
+            server._report_lane(route, self._lane.seconds, self._peer)
+        return True
 
     def _check_partial_head(self, buf, pos):
         """Fails early on a head that can never become valid, instead of waiting for it."""
@@ -1154,13 +1170,16 @@ class HttpServer:
 
     on_response(request, status, seconds) is called once per answer (request is None for
     input that never became a request, e.g. garbage or a refused connection; seconds is 0.0
-    for answers the protocol layer gave). access_log, a logging.Logger, gets one INFO line
-    per answer.
+    for answers the protocol layer gave; for answers of the lane, a Request with only its
+    method, path and peer). access_log, a logging.Logger, gets one INFO line per answer.
+
+    lane, a kvcm._core.ScoreLane, answers the plain requests of its paths before any of the
+    parsing below (a read that is one whole such request); everything else comes here.
     """
 
     def __init__(self, router, *, max_body=MAX_BODY, header_timeout=10.0, body_timeout=30.0,
                  idle_timeout=120.0, max_connections=1000, access_log=None, on_response=None,
-                 max_header=MAX_HEADER, drain_timeout=5.0, drain_bytes=None, ssl=None):
+                 max_header=MAX_HEADER, drain_timeout=5.0, drain_bytes=None, ssl=None, lane=None):
         for name, value in (("max_body", max_body), ("header_timeout", header_timeout),
                             ("body_timeout", body_timeout), ("idle_timeout", idle_timeout),
                             ("max_connections", max_connections), ("max_header", max_header),
@@ -1181,6 +1200,10 @@ class HttpServer:
         self._access_log = access_log
         self._on_response = on_response
         self._timed = access_log is not None or on_response is not None
+        self.lane = lane
+        if lane is not None:
+            lane.limit(max_header, max_body)
+            self._lane_requests = [None] + [Request("POST", path) for path in lane.paths]
         self.closing = False
         self._loop = None
         self._servers = []
@@ -1289,8 +1312,16 @@ class HttpServer:
         if not self._connections and self._all_closed is not None:
             self._all_closed.set()
 
+    def _report_lane(self, route, seconds, peer):
+        request = self._lane_requests[route]
+        if self._access_log is not None:
+            request = Request(request.method, request.path, peer=peer)
+        self._record(request, 200, seconds)
+
     def _report(self, request, status, start):
-        seconds = time.perf_counter() - start if start else 0.0
+        self._record(request, status, time.perf_counter() - start if start else 0.0)
+
+    def _record(self, request, status, seconds):
         if self._on_response is not None:
             try:
                 self._on_response(request, status, seconds)

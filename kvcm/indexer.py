@@ -141,12 +141,12 @@ class Indexer:
         keys = self.keys(model, token_ids, cache_salt)
         return then(self.backend.score(model, keys, lambda: self.keys(model, token_ids, cache_salt), pods,
                                        self.scorer),
-                    lambda found: self._result(model, token_ids, *found))
+                    lambda found: self.score_result(model, token_ids, *found))
 
     def lookup_keys(self, model, keys, pods=None):
         """lookup_tokens for keys already computed (kvcm keys, as keys() gives them)."""
         return then(self.backend.score_keys(model, keys, pods, self.scorer),
-                    lambda detailed: self._result(model, (), keys, detailed))
+                    lambda detailed: self.score_result(model, (), keys, detailed))
 
     def score_tokens(self, model, token_ids, pods=None, cache_salt=None):
         """lookup_tokens' result at once; needs a backend that answers at once."""
@@ -167,20 +167,18 @@ class Indexer:
         if not self.backend.answers_at_once:
             raise RuntimeError("the index is shared: use %s" % instead)
 
-    def _result(self, model, token_ids, keys, detailed, note=None):
+    def score_result(self, model, token_ids, keys, detailed, note=None):
+        """The /v1/score answer for a lookup's {pod: (score, blocks, {tier: blocks})}; counts it."""
         block_size = self.config.block_size
         counts = self.score_counts
         counts["requests"] += 1
+        scores, matched = {}, {}
         if detailed:
             counts["warm"] += 1
-        out = {
-            "model": model,
-            "scores": {pod: score for pod, (score, _, _) in detailed.items()},
-            "blocks": len(keys),
-            "tokens": len(token_ids),
-            "matched": {pod: {"blocks": blocks, "tokens": blocks * block_size, "tiers": tiers}
-                        for pod, (_, blocks, tiers) in detailed.items()},
-        }
+            for pod, (score, blocks, tiers) in detailed.items():
+                scores[pod] = score
+                matched[pod] = {"blocks": blocks, "tokens": blocks * block_size, "tiers": tiers}
+        out = {"model": model, "scores": scores, "blocks": len(keys), "tokens": len(token_ids), "matched": matched}
         if note is not None:
             out["unavailable"] = note
         return out

@@ -11,7 +11,7 @@ class MemoryBackend(Backend):
     ingest_thread = True    # the index's lock keeps the ingest thread's applies and lookups apart
 
     def __init__(self, index):
-        self.index = index
+        self.index = self.local_index = index
 
     def score(self, model, keys, rekey, pods, scorer):
         return keys, scorer.score_detailed(self.index, model, keys, pods), None

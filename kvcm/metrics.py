@@ -8,9 +8,10 @@ requests and tokenizer calls are observed as they happen, into histograms.
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
-from kvcm._core import MAX_PODS, MAX_TIERS
+from kvcm._core import MAX_PODS, MAX_TIERS, LatencyHistogram
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -52,25 +53,21 @@ class Metrics:
         self.registry.register(_IndexerCollector(indexer, self.start_time))
         for collector in indexer.backend.collectors():
             self.registry.register(collector)
-        self.requests = Histogram(
-            "kvcm_http_request_duration_seconds", "HTTP requests by endpoint and status",
-            ("endpoint", "method", "status"), buckets=_REQUEST_BUCKETS, registry=self.registry)
+        self.requests = _RequestLatencies()
+        self.registry.register(self.requests)
         self.tokenize = Histogram(
             "kvcm_tokenize_duration_seconds", "Prompt tokenization and chat rendering",
             ("model",), buckets=_TOKENIZE_BUCKETS, registry=self.registry)
         self.templates_stopped = Counter(
             "kvcm_template_renders_stopped", "Chat template renders stopped at a limit (time, output, memory)",
             ("limit",), registry=self.registry)
-        self._children = {}  # labelled children cached: labels() costs more than observe()
+
+    def watch_lane(self, lane):
+        """Exports how many requests the scoring lane (kvcm/_score_lane.pxi) answered."""
+        self.registry.register(_LaneCollector(lane))
 
     def observe_request(self, endpoint, method, status, seconds):
-        key = (endpoint, method, status)
-        child = self._children.get(key)
-        if child is None:
-            if len(self._children) >= 1024:  # endpoints are route patterns: few; stay bounded
-                return
-            child = self._children[key] = self.requests.labels(endpoint, method, str(status))
-        child.observe(seconds)
+        self.requests.observe(endpoint, method, status, seconds)
 
     def timed_tokenize(self, model):
         return _Timer(self.tokenize.labels(model))
@@ -82,14 +79,47 @@ class Metrics:
         """{upper bound: cumulative count} of the successful requests to endpoints, summed
         over methods (the request histogram's buckets, +inf included)."""
         out = {}
-        for family in self.requests.collect():
-            for sample in family.samples:
-                labels = sample.labels
-                if (sample.name.endswith("_bucket") and labels["endpoint"] in endpoints
-                        and labels["status"].startswith("2")):
-                    bound = float(labels["le"])
-                    out[bound] = out.get(bound, 0) + sample.value
+        for (endpoint, _, status), histogram in list(self.requests.by_labels.items()):
+            if endpoint in endpoints and 200 <= status < 300:
+                for bound, count in histogram.snapshot()[0]:
+                    out[bound] = out.get(bound, 0) + count
         return out
+
+
+class _LaneCollector:
+    def __init__(self, lane):
+        self.lane = lane
+
+    def collect(self):
+        yield counter("kvcm_http_lane_requests_total",
+                      "Token-id scoring requests the core's lane answered (the rest took the general path)",
+                      self.lane.served)
+
+
+class _RequestLatencies:
+    """kvcm_http_request_duration_seconds: a core LatencyHistogram per (endpoint, method,
+    status), observed on every answer (a locked Python histogram would cost more than a
+    lane answer's own work), collected as one Prometheus histogram family."""
+
+    def __init__(self):
+        self.by_labels = {}
+
+    def observe(self, endpoint, method, status, seconds):
+        histogram = self.by_labels.get((endpoint, method, status))
+        if histogram is None:
+            if len(self.by_labels) >= 1024:   # endpoints are route patterns: few; stay bounded
+                return
+            histogram = self.by_labels[(endpoint, method, status)] = LatencyHistogram(_REQUEST_BUCKETS)
+        histogram.observe(seconds)
+
+    def collect(self):
+        family = HistogramMetricFamily("kvcm_http_request_duration_seconds", "HTTP requests by endpoint and status",
+                                       labels=("endpoint", "method", "status"))
+        for (endpoint, method, status), histogram in list(self.by_labels.items()):
+            buckets, total = histogram.snapshot()
+            family.add_metric([endpoint, method, str(status)],
+                              [(floatToGoString(bound), count) for bound, count in buckets], total)
+        yield family
 
 
 def quantile(q, buckets):

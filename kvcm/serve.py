@@ -103,7 +103,9 @@ class Service:
         self.http = HttpServer(self.api.router, max_body=config.max_body,
                                header_timeout=config.header_timeout, body_timeout=config.body_timeout,
                                idle_timeout=config.idle_timeout, max_connections=config.max_connections,
-                               on_response=request_timer(self.metrics), ssl=_tls(config))
+                               on_response=request_timer(self.metrics), ssl=_tls(config), lane=self.api.lane())
+        if self.http.lane is not None:
+            self.metrics.watch_lane(self.http.lane)
         self._stop = None
         self._failure = None
         if hasattr(self.indexer.ingest, "on_fatal"):   # the ingest runs on a thread of its own

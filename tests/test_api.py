@@ -625,6 +625,7 @@ def test_metrics_count_ingest_index_and_requests(client, engine):
     assert sample(after, "kvcm_index_blocks") >= 4
     assert delta("kvcm_http_request_duration_seconds_count", endpoint="/v1/score", method="POST", status="200") >= 3
     assert delta("kvcm_http_request_duration_seconds_count", endpoint="/v1/score", method="POST", status="400") >= 1
+    assert delta("kvcm_http_lane_requests_total") >= 3     # the token-id requests took the core's lane
     assert delta("kvcm_tokenize_duration_seconds_count", model=QWEN) >= 1
     assert sample(after, "kvcm_hash_parity_mismatch_total") == 0
     assert sample(after, "kvcm_hash_parity_verified_total") >= 1

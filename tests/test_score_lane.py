@@ -1,0 +1,237 @@
+"""The scoring lane (kvcm/_score_lane.pxi, kvcm/http_lane.h) against the general path.
+
+Two real HTTP servers over TCP share one Api and one Indexer: one hands every read to the
+lane first, the other parses everything the general way. Every generated request (heads
+plain and unusual, bodies plain and invalid, the lane's paths and others) must get the same
+answer, byte for byte but for the Date line, from both; plain requests must take the lane."""
+
+import asyncio
+import re
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from kvcm.api import Api, request_timer
+from kvcm.config import load_config
+from kvcm.http import HttpServer, Request
+from kvcm.indexer import Indexer
+from kvcm.metrics import Metrics
+
+from id_bodies import MODEL, body
+
+BLOCK = 16
+HELD = [list(range(i, i + 3 * BLOCK)) for i in (0, 1000)]   # two pods' prompts
+
+
+class Servers:
+    """The two servers, on a loop of their own thread."""
+
+    def __init__(self, idle_timeout=120.0):
+        self.loop = asyncio.new_event_loop()
+        self.indexer = Indexer(load_config(["--block-size", str(BLOCK), "--zmq-bind", ""], environ={}))
+        for n, ids in enumerate(HELD):
+            self.indexer.index.store(MODEL, "pod-%d" % n, "gpu", self.indexer.keys(MODEL, ids))
+        self.metrics = Metrics(self.indexer)
+        self.api = Api(self.indexer, self.metrics)
+        self.lane = self.api.lane()
+        hook = request_timer(self.metrics)
+        # a first head may take a minute: only the idle timeout closes a connection in these tests
+        timeouts = {"idle_timeout": idle_timeout, "header_timeout": 60.0}
+        self.with_lane = HttpServer(self.api.router, lane=self.lane, on_response=hook, **timeouts)
+        self.general = HttpServer(self.api.router, on_response=hook, **timeouts)
+        self.run(self._start())
+
+    async def _start(self):
+        for server in (self.with_lane, self.general):
+            await server.start("127.0.0.1", 0)
+        handler, _ = self.api.router.match("POST", "/register")     # one Dynamo worker serving MODEL
+        register = {"instance_id": 1, "endpoint": "tcp://127.0.0.1:9", "model_name": MODEL, "block_size": BLOCK}
+        response = await handler(Request("POST", "/register", body=orjson.dumps(register), peer=("127.0.0.1", 1)))
+        assert response.status == 201
+
+    def run(self, coroutine):
+        return self.loop.run_until_complete(coroutine)
+
+    def exchange(self, server, raw):
+        """Sends raw on a fresh connection; the answers until the server closes or goes quiet."""
+        return self.run(_exchange(server.port, raw))
+
+    def close(self):
+        for server in (self.with_lane, self.general):
+            self.run(server.close(1.0))
+        self.run(self.indexer.close())
+        self.loop.close()
+
+
+async def _exchange(port, raw, quiet=0.15):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    data = b""
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(1 << 16), quiet)
+            if not chunk:
+                break
+            data += chunk
+    except asyncio.TimeoutError:
+        pass
+    writer.close()
+    return re.sub(rb"\r\nDate: [^\r]*\r\n", b"\r\nDate: -\r\n", data)
+
+
+@pytest.fixture(scope="module")
+def servers():
+    s = Servers()
+    yield s
+    s.close()
+
+
+def answer_alike(servers, raw):
+    before = servers.lane.served
+    got = servers.exchange(servers.with_lane, raw)
+    taken = servers.lane.served - before
+    want = servers.exchange(servers.general, raw)
+    assert got == want, raw[:300]
+    return got, taken
+
+
+def plain(path, payload, headers=b"Host: kvcm\r\nContent-Type: application/json\r\n"):
+    return b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%s" % (path, headers, len(payload), payload)
+
+
+def test_plain_requests_take_the_lane_and_answer_as_the_general_path(servers):
+    for path, field in ((b"/v1/score", "model"), (b"/query", "model_name")):
+        for ids in HELD + [HELD[0][:20] + [7] * 40, []]:
+            got, taken = answer_alike(servers, plain(path, orjson.dumps({field: MODEL, "token_ids": ids})))
+            assert taken == 1 and got.startswith(b"HTTP/1.1 200 OK\r\n")
+    got, _ = answer_alike(servers, plain(b"/v1/score", orjson.dumps({"model": MODEL, "token_ids": HELD[1]})))
+    assert orjson.loads(got.split(b"\r\n\r\n", 1)[1])["scores"] == {"pod-1": 3.0}
+
+
+# a body the lane takes: only the head of the requests below can send them the general way
+_OK = b'{"model":"%s","token_ids":[1,2]}' % MODEL.encode()
+_LEN = b"Content-Length: %d\r\n" % len(_OK)
+
+
+def _head(lines, line=b"POST /v1/score HTTP/1.1", body=_OK):
+    return line + b"\r\n" + lines + b"\r\n" + body
+
+
+@pytest.mark.parametrize("raw", [
+    # not the lane's: another method, path, version, target form
+    _head(b"Host: a\r\n" + _LEN, line) for line in (
+        b"PUT /v1/score HTTP/1.1", b"POST /v1/score?x=1 HTTP/1.1", b"POST /v1/%73core HTTP/1.1",
+        b"POST /v1/score HTTP/1.0", b"POST http://a/v1/score HTTP/1.1")] + [
+    # heads that change the reading, or that the general parser refuses
+    _head(lines) for lines in (
+        _LEN, b"Host: a\r\nHost: b\r\n" + _LEN, b"Host: a, b\r\n" + _LEN,
+        b"Host: a\r\nConnection: close\r\n" + _LEN, b"Host: a\r\nExpect: 100-continue\r\n" + _LEN,
+        b"Host: a\r\n" + _LEN + _LEN, b"Host: a\r\nContent-Length: +%d\r\n" % len(_OK),
+        b"Host: a\r\nContent-Type: text/plain\r\n" + _LEN, b"Host: a\r\nContent-Type: application/xml\r\n" + _LEN,
+        b"Host: a\r\nX: \x01\r\n" + _LEN, b"Host: a\r\nX: \xe9\r\n" + _LEN, b"Host: a\r\n X: folded\r\n" + _LEN,
+        b"Host: a\n" + _LEN, b"Host : a\r\n" + _LEN, b"Host: a\r\nContent-Length: 99999999999\r\n",
+        b"Host: a\r\nX: " + b"y" * 20000 + b"\r\n" + _LEN)] + [
+    _head(b"Host: a\r\nContent-Length: 0\r\n", body=b""),
+    _head(b"Host: a\r\nTransfer-Encoding: chunked\r\n", body=b"%x\r\n%s\r\n0\r\n\r\n" % (len(_OK), _OK)),
+    # the lane's, but bodies it leaves to the general path
+    plain(b"/v1/score", b'{"model": "%s", "prompt": "hi", "token_ids": [1]}' % MODEL.encode()),
+    plain(b"/v1/score", b'{"model": 3, "token_ids": [1]}'),
+    plain(b"/v1/score", b'{"token_ids": [1]}'),
+    plain(b"/v1/score", b'{"model": "%s", "token_ids": [-1]}' % MODEL.encode()),
+    plain(b"/v1/score", b'[1, 2]'),
+    plain(b"/query", b'{"model_name": "nobody", "token_ids": [1]}'),
+    plain(b"/query", b'{"token_ids": [1]}'),
+    plain(b"/query", b'{"model_name": "%s", "token_ids": [1], "lora_name": ""}' % MODEL.encode()),
+    # two requests in one read, and a body longer than its Content-Length says
+    plain(b"/v1/score", b'{"model": "%s", "token_ids": [1]}' % MODEL.encode()) * 2,
+    plain(b"/v1/score", b'{"model": "%s", "token_ids": [1]}' % MODEL.encode()) + b"GET /health HTTP/1.1\r\n\r\n",
+])
+def test_what_the_lane_leaves_is_answered_by_the_general_path(servers, raw):
+    got, taken = answer_alike(servers, raw)
+    assert taken == 0
+
+
+@pytest.mark.parametrize("headers", [
+    b"Host: kvcm\r\n",
+    b"host: kvcm\r\ncontent-type: Application/JSON\r\n",
+    b"HOST:kvcm\r\nCONNECTION: Keep-Alive\r\nUser-Agent: router/1.0\r\nAccept: */*\r\n",
+    b"Host: \r\nX-Request-Id: 4f1c\t \r\nContent-Type:  application/json  \r\n",
+])
+def test_plain_heads_written_differently_take_the_lane(servers, headers):
+    _, taken = answer_alike(servers, plain(b"/v1/score", b'{"model":"%s","token_ids":[0,1,2]}' % MODEL.encode(),
+                                           headers))
+    assert taken == 1
+
+
+_HEADS = st.lists(st.sampled_from([
+    b"Host: kvcm\r\n", b"host: a\r\n", b"Host: a, b\r\n", b"Content-Type: application/json\r\n",
+    b"content-type: text/plain\r\n", b"Content-Type: application/json; charset=utf-8\r\n",
+    b"Content-Type: image/png\r\n", b"Connection: keep-alive\r\n", b"Connection: close\r\n",
+    b"Connection: upgrade\r\n", b"User-Agent: x\r\n", b"X: \x7f\r\n", b"X:\r\n", b": v\r\n", b"X-Y z: 1\r\n",
+    b"Expect: 100-continue\r\n", b"Expect: nothing\r\n"]), max_size=5)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from([b"/v1/score", b"/query", b"/v1/hash", b"/v1/scorex"]), heads=_HEADS, payload=body(),
+       length_delta=st.sampled_from([0, 0, 0, 0, -1, 1]))
+def test_generated_requests_answer_alike(servers, path, heads, payload, length_delta):
+    length = max(0, len(payload) + length_delta)
+    raw = b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%s" % (path, b"".join(heads), length, payload)
+    answer_alike(servers, raw)
+
+
+def test_a_request_split_over_reads_and_pipelined_ones_are_answered_in_order(servers):
+    one = plain(b"/v1/score", orjson.dumps({"model": MODEL, "token_ids": HELD[0]}))
+    two = plain(b"/v1/score", orjson.dumps({"model": MODEL, "token_ids": HELD[1]}))
+
+    async def talk():
+        reader, writer = await asyncio.open_connection("127.0.0.1", servers.with_lane.port)
+        writer.write(one[:40])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(one[40:] + two + one)
+        answers = []
+        data = b""
+        while len(answers) < 3:
+            data += await asyncio.wait_for(reader.read(1 << 16), 10)
+            while b"\r\n\r\n" in data:
+                head, rest = data.split(b"\r\n\r\n", 1)
+                length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+                if len(rest) < length:
+                    break
+                answers.append(orjson.loads(rest[:length])["scores"])
+                data = rest[length:]
+        writer.close()
+        return answers
+
+    assert servers.run(talk()) == [{"pod-0": 3.0}, {"pod-1": 3.0}, {"pod-0": 3.0}]
+
+
+def test_lane_answers_are_timed_into_the_request_histogram(servers):
+    def count():
+        return servers.metrics.latency_buckets(("/v1/score",))[float("inf")] if servers.metrics.latency_buckets(
+            ("/v1/score",)) else 0
+    before, taken = count(), servers.lane.served
+    for _ in range(5):
+        servers.exchange(servers.with_lane, plain(b"/v1/score", b'{"model":"%s","token_ids":[1]}' % MODEL.encode()))
+    assert servers.lane.served - taken == 5
+    assert count() - before == 5
+
+
+def test_a_connection_idle_after_a_lane_answer_closes_after_the_idle_timeout():
+    s = Servers(idle_timeout=0.3)
+    try:
+        async def idle():
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.with_lane.port)
+            writer.write(plain(b"/v1/score", b'{"model":"%s","token_ids":[1]}' % MODEL.encode()))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            await asyncio.wait_for(reader.readexactly(int(re.search(rb"Content-Length: (\d+)", head).group(1))), 10)
+            assert await asyncio.wait_for(reader.read(1), 10) == b""   # closed by the server, not the deadline
+            writer.close()
+        served = s.lane.served
+        s.run(idle())
+        assert s.lane.served == served + 1
+    finally:
+        s.close()
