@@ -135,9 +135,27 @@ def _replay_reply(frames):
     return None
 
 
+class _Shared:
+    """A field of _Stream the native lane may change or must not see change: read after what
+    the lane applied was taken on, written after the stream was taken back from the lane."""
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, stream, owner=None):
+        if stream is None:
+            return self
+        stream._synced()
+        return getattr(stream, self.slot)
+
+    def __set__(self, stream, value):
+        stream._taken_back()
+        setattr(stream, self.slot, value)
+
+
 class _Stream:
     __slots__ = ("pod", "model", "dp_rank", "_ctx", "_last_seq", "_live_seq", "_last_time", "degraded", "restarted",
-                 "_last_payload", "_resume_digest", "held", "_task", "replay_started", "applying",
+                 "_last_payload", "_resume_digest", "held", "_replay_task", "replay_started", "applying",
                  "_batches", "gaps", "missed", "replays", "restarts", "duplicates", "drops", "fast")
 
     def __init__(self, pod, model, dp_rank):
@@ -156,7 +174,7 @@ class _Stream:
                                   # this engine process from a later one reusing its seqs
         self._resume_digest = None  # restored from a snapshot: the digest the replay must show first
         self.held = []            # (seq, payload) that arrived live while a replay was in flight
-        self._task = None         # the stream's task: a replay, a prefetch or a sliced batch
+        self._replay_task = None  # the stream's task: a replay, a prefetch or a sliced batch
         self.replay_started = None
         self.applying = False     # the task applies a large batch a slice at a time
         self._batches = self.gaps = self.missed = self.replays = 0
@@ -175,62 +193,12 @@ class _Stream:
         self._synced()
         self.fast.open = False
 
-    @property
-    def last_seq(self):
-        self._synced()
-        return self._last_seq
-
-    @last_seq.setter
-    def last_seq(self, value):
-        self._taken_back()
-        self._last_seq = value
-
-    @property
-    def live_seq(self):
-        self._synced()
-        return self._live_seq
-
-    @live_seq.setter
-    def live_seq(self, value):
-        self._taken_back()
-        self._live_seq = value
-
-    @property
-    def last_payload(self):
-        self._synced()
-        return self._last_payload
-
-    @last_payload.setter
-    def last_payload(self, value):
-        self._taken_back()
-        self._last_payload = value
-
-    @property
-    def ctx(self):
-        return self._ctx
-
-    @ctx.setter
-    def ctx(self, value):
-        self._taken_back()
-        self._ctx = value
-
-    @property
-    def replay_task(self):
-        return self._task
-
-    @replay_task.setter
-    def replay_task(self, value):
-        self._taken_back()
-        self._task = value
-
-    @property
-    def resume_digest(self):
-        return self._resume_digest
-
-    @resume_digest.setter
-    def resume_digest(self, value):
-        self._taken_back()
-        self._resume_digest = value
+    last_seq = _Shared()
+    live_seq = _Shared()
+    last_payload = _Shared()
+    ctx = _Shared()
+    replay_task = _Shared()
+    resume_digest = _Shared()
 
     @property
     def batches(self):
