@@ -337,7 +337,7 @@ class Ingest:
     async def stop(self):
         """Cancels replays and closes every socket. Idempotent."""
         if self._lane is not None and self._ctx is not None:
-            log.info("ingest: the native lane applied %d of %d batches", self._lane.batches,
+            log.debug("ingest: the native lane applied %d of %d batches", self._lane.batches,
                      self.counters["batches"])
         tasks = list(self._replays)
         for task in tasks:
