@@ -45,6 +45,7 @@ def core_extension():
         include_dirs=["kvcm"],
         depends=[os.path.join("kvcm", f) for f in os.listdir("kvcm") if f.endswith((".h", ".pxi", ".pxd"))],
         define_macros=macros,
+        libraries=["dl"],   # dlopen/dlsym (kvcm/zmq_lane.h); part of libc from glibc 2.34
         extra_compile_args=extra_compile_args,
     )
     return core, directives

@@ -12,7 +12,7 @@ import os
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
-from libc.stdlib cimport malloc, realloc, free
+from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcmp, memcpy, memmove, memset
 from cpython.buffer cimport PyBUF_SIMPLE
 
@@ -29,5 +29,6 @@ include "_dump.pxi"
 include "_msgpack.pxi"
 include "_decode.pxi"
 include "_events.pxi"
+include "_lane.pxi"
 include "_score_lane.pxi"
 include "_histogram.pxi"

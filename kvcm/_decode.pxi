@@ -325,23 +325,63 @@ cdef class Batch:
     def check(self):
         """(ts, dp_rank, number of events); DecodeError when an event cannot be delimited or
         the dp_rank is not a small non-negative int. Steps over the events past the window."""
-        cdef MpReader r
         cdef uint64_t rank = 0
+        cdef MpError err = MP_OK
+        cdef Py_ssize_t bad = 0
+        cdef int rc = self._check(&rank, &err, &bad)
+        if rc == 1:
+            raise DecodeError(MP_ERROR_NAMES[<int>err], "event %d is malformed" % bad)
+        if rc == 2:
+            raise DecodeError("wrong_type", "data_parallel_rank is not a small non-negative int")
+        return self.ts, rank, self.nevents
+
+    cdef int _check(self, uint64_t *rank, MpError *err, Py_ssize_t *bad) noexcept nogil:
+        """check() without the GIL: 0 and the dp_rank, 1 (err, bad: the event) when an event
+        cannot be delimited, 2 when the dp_rank is not a small non-negative int."""
+        cdef MpReader r
         cdef bint neg
         cdef Py_ssize_t i
+        rank[0] = 0
+        if self.trunc_at >= 0:
+            err[0], bad[0] = self.trunc_err, self.trunc_at
+            return 1
         mp_init(&r, self.buf(), self.pos, self.view.len)
-        if self.trunc_at < 0:
-            i = self.first + self.n
-            while i < self.nevents:
-                if mp_skip(&r, 1):
-                    raise DecodeError(MP_ERROR_NAMES[<int>r.err], "event %d is malformed" % i)
-                i += 1
-        else:
-            raise DecodeError(MP_ERROR_NAMES[<int>self.trunc_err], "event %d is malformed" % self.trunc_at)
+        i = self.first + self.n
+        while i < self.nevents:
+            if mp_skip(&r, 1):
+                err[0], bad[0] = r.err, i
+                return 1
+            i += 1
         if self.nfields >= 3 and not mp_next_is_nil(&r):
-            if mp_read_int(&r, &rank, &neg) or neg or rank > 0xFFFF:
-                raise DecodeError("wrong_type", "data_parallel_rank is not a small non-negative int")
-        return self.ts, rank, self.nevents
+            if mp_read_int(&r, rank, &neg) or neg or rank[0] > 0xFFFF:
+                return 2
+        return 0
+
+    cdef int bind_raw(self, const unsigned char *buf, Py_ssize_t n, uint64_t *rank) noexcept nogil:
+        """Reads another payload, one that is no Python object (a libzmq message the native
+        lane received): its header, its first window, check(). 0 and the dp_rank; -1 when it
+        is not a well-formed batch (the Python path then reads it again and counts why).
+        Only for a Batch made of EMPTY_BATCH, whose buffer view is a bytes object's and so
+        releases nothing but that object."""
+        cdef MpReader r
+        cdef MpError err
+        cdef Py_ssize_t bad
+        self.view.buf = <void *>buf
+        self.view.len = n
+        self.first = self.n = self.nh = self.nt = 0
+        self.trunc_at = -1
+        mp_init(&r, buf, 0, n)
+        if mp_read_array(&r, &self.nfields) or self.nfields < 2 or mp_read_float(&r, &self.ts) \
+                or mp_read_array(&r, &self.nevents):
+            self.nevents = 0
+            return -1
+        self.events_pos = self.pos = r.pos
+        self._decode_window()
+        return -1 if self._check(rank, &err, &bad) else 0
+
+
+# what a Batch that bind_raw() reads other payloads with is made of: [0.0, []]
+EMPTY_BATCH = b"\x92\xcb" + bytes(8) + b"\x90"
 
 
 cdef int read_field(MpReader *r, Event *ev, Field f, U64Scratch *hashes, Py_ssize_t *nh,

@@ -214,6 +214,11 @@ cdef struct FastPath:
     bint stores    # the stream's model namespace is in parity mode: BlockStored of it
     bint removes   # and no decoupled namespace the stream fed could resolve a hash: BlockRemoved
     uint32_t ns    # that namespace's id
+    # its parity chain, which runs from block 0 are verified against
+    const unsigned char *root
+    Py_ssize_t digest_len
+    Py_ssize_t hash_block
+    int chain_kind
     # out: the run stored into or removed from it
     bint stored
     bint removed
@@ -264,7 +269,7 @@ cdef class EventSink:
     cdef U64Scratch _keys
     cdef Medium _media[MAX_FAST_MEDIA]   # media resolved to a tier, for _fast_tier
     cdef int _nmedia
-    cdef BlockHasher _fast_hasher        # the parity chain of the model _fast_setup read
+    cdef uint64_t _fast_gen   # bumped whenever what _fast_setup reads may have changed
     cdef bint _fast_path                 # False: every event takes the general path (tests compare)
     cdef object _journal    # None: effects go to the Index
     cdef list _changed      # namespaces whose contract changed since take_changed_namespaces()
@@ -336,6 +341,7 @@ cdef class EventSink:
         a learnt extra-key style (both one-way) and a LoRA's base model. Local entries are
         not cleared: the replica that switched cleared the shared index."""
         cdef _Namespace ns = self._namespace(name, lora, False)
+        self._fast_gen += 1
         if mode == "decoupled":
             ns.mode = MODE_DECOUPLED
         if ns.style == STYLE_UNKNOWN and style in ("tagged", "untagged"):
@@ -347,6 +353,7 @@ cdef class EventSink:
         """Tells a stream restored from a snapshot which namespaces it fed, least recently
         first (its BlockRemoved events resolve through them); unknown names are skipped."""
         cdef _Namespace ns
+        self._fast_gen += 1
         for name in names:
             ns = self._namespaces.get(name)
             if ns is not None:
@@ -367,6 +374,7 @@ cdef class EventSink:
         cdef _Namespace ns = self._namespaces.get(name)
         if ns is not None:
             return ns
+        self._fast_gen += 1
         if self._index._ns.full():
             self._evict_namespaces()
         ns = _Namespace.__new__(_Namespace)
@@ -398,7 +406,7 @@ cdef class EventSink:
         cdef _Namespace ns = self._namespaces.get(name)
         return None if ns is None else ns.base
 
-    cdef inline void _touch(self, _Namespace ns) noexcept:
+    cdef inline void _touch(self, _Namespace ns) noexcept nogil:
         self._uses += 1
         ns.active = self._uses
 
@@ -568,7 +576,10 @@ cdef class EventSink:
         model = self._namespaces.get(ctx.model)
         if model is None or model.mode != MODE_PARITY or model.parity.block_size > KVCM_CHAIN_MAX_TOKENS:
             return
-        self._fast_hasher = model.parity
+        f.root = model.parity._root
+        f.digest_len = model.parity._digest_len
+        f.hash_block = model.parity.block_size
+        f.chain_kind = model.parity._chain_kind()
         f.ns = model.id
         f.stores = True
         f.removes = True   # unless a decoupled namespace the stream fed could resolve a hash
@@ -660,9 +671,9 @@ cdef class EventSink:
             nv = min(n, <Py_ssize_t>VERIFY_BLOCKS)
             if scratch_reserve(&self._keys, nv):
                 return False
-            memcpy(parent, self._fast_hasher._root, self._fast_hasher._digest_len)
-            if kvcm_chain(self._fast_hasher._chain_kind(), b.tokens.data + ev.tok_off, nv,
-                          self._fast_hasher.block_size, parent, self._keys.data, NULL) \
+            memcpy(parent, f.root, f.digest_len)
+            if kvcm_chain(f.chain_kind, b.tokens.data + ev.tok_off, nv,
+                          f.hash_block, parent, self._keys.data, NULL) \
                     or memcmp(self._keys.data, hashes, nv * sizeof(uint64_t)):
                 return False   # a mismatch: the general path reports and handles it
             self._c[<int>C_PARITY_VERIFIED] += 1
@@ -681,6 +692,7 @@ cdef class EventSink:
 
     cdef void _apply_event(self, StreamContext ctx, Batch b, Event *ev) except *:
         cdef const unsigned char *buf = b.buf()
+        self._fast_gen += 1   # the general path may change what _fast_setup reads
         if ev.err != MP_OK:
             self._count_reader_error(ev.err)
             return
@@ -1075,6 +1087,7 @@ cdef class EventSink:
     cdef void _switch(self, StreamContext ctx, _Namespace ns, str message) except *:
         """One-way switch of a namespace to decoupled mode. Entries stored under parity keys
         cannot be re-keyed, so the namespace is cleared on all pods and replays requested."""
+        self._fast_gen += 1
         ns.mode = MODE_DECOUPLED
         self._index.clear_namespace(ns.name)
         if self._journal is not None:

@@ -61,6 +61,10 @@ class Backend:
     snapshots = False       # whether the index lives in this process, so that kvcm.state keeps it
     local_index = None      # the kvcm._core Index that scores at once in this process, if any
                             # (the scoring lane of kvcm/http.py walks it directly)
+    # whether the ingest may run on a thread of its own (kvcm/ingest_thread.py): the backend
+    # takes applied batches from any thread and needs no event loop for them; else the ingest
+    # runs on the event loop, with the backend's client
+    ingest_thread = False
 
     def ingest_hooks(self):
         """Keyword arguments for kvcm.ingest.Ingest: how streams hand batches to the backend."""

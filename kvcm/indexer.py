@@ -61,9 +61,9 @@ class Indexer:
         self.sink = EventSink(self.index, cfg.block_size, cfg.hash_algo, cfg.hash_seed, cfg.hash_mode,
                               journal=self.backend.journal, tiers=cfg.tier_weights)
         self.scorer = Scorer(cfg.tier_weights)
-        # Without a journal (in memory) the ingest runs on a thread of its own, the second
-        # core; a journal and its store client live on the event loop, and so does its ingest.
-        ingest = IngestThread if self.backend.journal is None else Ingest
+        # The in-memory index lets the ingest run on a thread of its own, the second core; a
+        # shared store's journal and client live on the event loop, and so does its ingest.
+        ingest = IngestThread if self.backend.ingest_thread else Ingest
         self.ingest = ingest(self.sink, binds=cfg.zmq_bind, topic_prefix=cfg.zmq_topic_prefix,
                              engines=cfg.engines, replay_endpoints=cfg.replay_endpoint,
                              max_message=cfg.zmq_max_message, allow=cfg.zmq_allow, **self.backend.ingest_hooks())

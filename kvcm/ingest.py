@@ -22,7 +22,13 @@ applying them is the core's EventSink.
 Sockets are raw pyzmq sockets read through loop.add_reader on ZMQ_FD. That FD is
 edge-triggered, so a reader drains until EAGAIN, but at most `batch_budget` messages and
 `turn_seconds` per loop turn before it yields with call_soon, so a busy publisher cannot
-starve HTTP scoring. A batch larger than `slice_bytes` is applied a slice of events per loop
+starve HTTP scoring. With an in-memory index the reader is the core's native lane
+(kvcm/_lane.pxi): it receives through libzmq's C API and applies the batches that continue
+an open stream in order itself, without the GIL (a turn of at least LANE_TURN_SECONDS then);
+each other message goes through _receive as before, in order. A stream is open to the lane
+after a message _receive handled left it in order with nothing pending (_admit); _Stream's
+properties take back what the lane applied and close the stream before anything else
+changes it. A batch larger than `slice_bytes` is applied a slice of events per loop
 turn, its stream's later batches held meanwhile, as during a replay. libzmq drops the
 connection of a peer that sends a message larger than `max_message`, and admits only peers
 in the `allow` networks when they are given (kvcm/zap.py).
@@ -38,7 +44,7 @@ from typing import Optional
 
 import zmq
 
-from kvcm._core import DecodeError, StreamContext
+from kvcm._core import DecodeError, EventSink, FastStream, Lane, LaneSource, StreamContext, native_lane
 from kvcm.endpoints import check_endpoint
 from kvcm.ratelog import RateLimitedLog
 from kvcm.wire import END_SEQ, dp_endpoint
@@ -50,6 +56,9 @@ ENGINE_SYNTAX = "NAME=ENDPOINT[,replay=EP][,model=M]"
 U64_MAX = (1 << 64) - 1
 DEFAULT_MAX_MESSAGE = 64 << 20
 KEPT_PAYLOAD = 64 << 10
+# The shortest loop turn of the native lane: it holds no GIL for the batches it applies, so
+# its turn may be longer than turn_seconds (which bounds how long the Python path holds it).
+LANE_TURN_SECONDS = 0.002
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,28 +135,86 @@ def _replay_reply(frames):
     return None
 
 
+class _Shared:
+    """A field of _Stream the native lane may change or must not see change: read after what
+    the lane applied was taken on, written after the stream was taken back from the lane."""
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, stream, owner=None):
+        if stream is None:
+            return self
+        stream._synced()
+        return getattr(stream, self.slot)
+
+    def __set__(self, stream, value):
+        stream._taken_back()
+        setattr(stream, self.slot, value)
+
+
 class _Stream:
-    __slots__ = ("pod", "model", "dp_rank", "ctx", "last_seq", "live_seq", "last_time", "degraded", "restarted",
-                 "last_payload", "resume_digest", "held", "replay_task", "replay_started", "applying",
-                 "batches", "gaps", "missed", "replays", "restarts", "duplicates", "drops")
+    __slots__ = ("pod", "model", "dp_rank", "_ctx", "_last_seq", "_live_seq", "_last_time", "degraded", "restarted",
+                 "_last_payload", "_resume_digest", "held", "_replay_task", "replay_started", "applying",
+                 "_batches", "gaps", "missed", "replays", "restarts", "duplicates", "drops", "fast")
 
     def __init__(self, pod, model, dp_rank):
         self.pod, self.model, self.dp_rank = pod, model, dp_rank
-        self.ctx = StreamContext(pod, model)
-        self.last_seq = None      # highest seq applied (or skipped as lost)
-        self.live_seq = None      # last seq seen on the live feed; it lags last_seq after a replay
-        self.last_time = time.monotonic()
+        # the native lane's side of the stream: while it is open, the lane applies the
+        # stream's next batches and keeps seq, payload, batch count and time (read below);
+        # every change made here closes it first
+        self.fast = FastStream(self)
+        self._ctx = StreamContext(pod, model)
+        self._last_seq = None     # highest seq applied (or skipped as lost)
+        self._live_seq = None     # last seq seen on the live feed; it lags last_seq after a replay
+        self._last_time = time.monotonic()
         self.degraded = False     # a gap went unfilled; only a restart makes the picture exact again
         self.restarted = False    # the engine restarted and a shared index has not been told yet
-        self.last_payload = None  # the batch of last_seq (or its digest, _kept): the digest tells
+        self._last_payload = None # the batch of last_seq (or its digest, _kept): the digest tells
                                   # this engine process from a later one reusing its seqs
-        self.resume_digest = None # restored from a snapshot: the digest the replay must show first
+        self._resume_digest = None  # restored from a snapshot: the digest the replay must show first
         self.held = []            # (seq, payload) that arrived live while a replay was in flight
-        self.replay_task = None   # the stream's task: a replay, a prefetch or a sliced batch
+        self._replay_task = None  # the stream's task: a replay, a prefetch or a sliced batch
         self.replay_started = None
         self.applying = False     # the task applies a large batch a slice at a time
-        self.batches = self.gaps = self.missed = self.replays = 0
+        self._batches = self.gaps = self.missed = self.replays = 0
         self.restarts = self.duplicates = self.drops = 0
+
+    def _synced(self):
+        """Takes on what the native lane applied (it keeps payloads of at most KEPT_PAYLOAD,
+        which _kept keeps whole)."""
+        fast = self.fast
+        if fast.moved:
+            fast.moved = False
+            self._last_seq = self._live_seq = fast.seq
+            self._last_payload = fast.payload()
+
+    def _taken_back(self):
+        self._synced()
+        self.fast.open = False
+
+    last_seq = _Shared()
+    live_seq = _Shared()
+    last_payload = _Shared()
+    ctx = _Shared()
+    replay_task = _Shared()
+    resume_digest = _Shared()
+
+    @property
+    def batches(self):
+        return self._batches + self.fast.batches
+
+    @batches.setter
+    def batches(self, value):
+        self._batches = value - self.fast.batches
+
+    @property
+    def last_time(self):
+        return max(self._last_time, self.fast.last_time)
+
+    @last_time.setter
+    def last_time(self, value):
+        self._last_time = value
 
     @property
     def state(self):
@@ -157,11 +224,13 @@ class _Stream:
 
 
 class _Source:
-    """One SUB socket and its reader; engine is None for the bind-mode socket."""
-    __slots__ = ("sock", "fd", "engine", "handle")
+    """One SUB socket and its reader; engine is None for the bind-mode socket; lane is its
+    kvcm._core LaneSource when the native lane reads it."""
+    __slots__ = ("sock", "fd", "engine", "handle", "lane")
 
-    def __init__(self, sock, engine):
+    def __init__(self, sock, engine, lane):
         self.sock, self.fd, self.engine, self.handle = sock, sock.FD, engine, None
+        self.lane = LaneSource(sock) if lane else None
 
 
 class Ingest:
@@ -175,7 +244,7 @@ class Ingest:
                  max_held=8192, max_streams=4096, max_engines=1024, max_replays=16,
                  max_replay_batches=10_000, rcvhwm=10_000, on_applied=None, clears_on_restart=True,
                  prefetch=None, position=None, max_message=DEFAULT_MAX_MESSAGE, allow=(),
-                 slice_bytes=64 << 10):
+                 slice_bytes=64 << 10, native=True):
         self._sink = sink
         # A shared index takes each applied batch's effects (on_applied(stream, seq, resync))
         # and detects engine restarts itself, atomically with the restarted stream's first
@@ -205,7 +274,12 @@ class Ingest:
         self._max_message = max_message
         self._slice_bytes = slice_bytes
         self._filter = SourceFilter(allow, self._refused) if allow else None
-        self.counters = {
+        # The native lane (kvcm/_lane.pxi) takes the common batches of the in-memory index;
+        # a shared index (prefetch, on_applied) sees every batch here.
+        self._lane = (Lane(sink, min(slice_bytes, KEPT_PAYLOAD))
+                      if native and isinstance(sink, EventSink) and prefetch is None and on_applied is None
+                      and native_lane() else None)
+        self._counts = {
             "messages": 0, "batches": 0, "drops_by_reason": {}, "duplicates": 0,
             "gaps": 0, "missed_batches": 0, "replays": 0, "replay_failures": 0,
             "replayed_batches": 0, "held_dropped": 0, "restarts": 0, "streams_evicted": 0,
@@ -262,6 +336,9 @@ class Ingest:
 
     async def stop(self):
         """Cancels replays and closes every socket. Idempotent."""
+        if self._lane is not None and self._ctx is not None:
+            log.debug("ingest: the native lane applied %d of %d batches", self._lane.batches,
+                     self.counters["batches"])
         tasks = list(self._replays)
         for task in tasks:
             task.cancel()
@@ -311,7 +388,7 @@ class Ingest:
         if spec.name in self._engines:
             raise ValueError("engine %r is already registered" % spec.name)
         if len(self._engines) >= self._max_engines:
-            self.counters["engines_refused"] += 1
+            self._counts["engines_refused"] += 1
             raise ValueError("too many engines (at most %d)" % self._max_engines)
         self._engines[spec.name] = spec
 
@@ -344,7 +421,7 @@ class Ingest:
         return sock
 
     def _listen(self, key, sock, engine):
-        source = self._sources[key] = _Source(sock, engine)
+        source = self._sources[key] = _Source(sock, engine, self._lane is not None)
         self._loop.add_reader(source.fd, self._on_readable, source)
         # Messages may already be queued, and their edge gone.
         source.handle = self._loop.call_soon(self._drain, source)
@@ -361,6 +438,8 @@ class Ingest:
 
     def _drain(self, source):
         source.handle = None
+        if source.lane is not None:
+            return self._drain_lane(source)
         recv = source.sock.recv_multipart
         # bounded by count and by time: a turn of big batches must not delay scoring requests
         deadline = time.perf_counter() + self._turn_seconds
@@ -371,19 +450,61 @@ class Ingest:
                 frames = recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            try:
-                self._receive(source.engine, frames)
-            except Exception as exc:
-                self._drop("error")
-                self._log.error("error", "ingest: unexpected error on a message", exc_info=exc)
+            self._received(source, frames)
         # Budget spent with messages possibly left: the FD edge may be consumed already, so
         # come back next loop turn rather than wait for a new edge.
         source.handle = self._loop.call_soon(self._drain, source)
 
+    def _drain_lane(self, source):
+        """_drain through the native lane: it applies the common batches itself and hands
+        back, in order, each message for the Python logic (_receive) and each batch it began
+        whose rest needs the general path (_lane_rest)."""
+        left = self._budget
+        deadline = time.perf_counter() + max(self._turn_seconds, LANE_TURN_SECONDS)
+        while left > 0:
+            taken, item = self._lane.drain(source.lane, left, max(0.0, deadline - time.perf_counter()))
+            left -= taken
+            if item is None:
+                return
+            if item is False:
+                break
+            if isinstance(item, list):
+                self._received(source, item)
+            else:
+                self._lane_rest(*item)
+        source.handle = self._loop.call_soon(self._drain, source)
+
+    def _received(self, source, frames):
+        try:
+            self._receive(source.engine, frames, source)
+        except Exception as exc:
+            self._drop("error")
+            self._log.error("error", "ingest: unexpected error on a message", exc_info=exc)
+
+    def _lane_rest(self, stream, seq, cursor):
+        """The rest of a batch the lane applied in part, as _apply_now would go on (the
+        lane counted the batch and took its seq)."""
+        try:
+            cursor.apply()
+        except Exception as exc:
+            self._failed(stream, exc)
+            self._applied(stream, seq, False, False)
+            return
+        self._applied(stream, seq, False, True)
+
+    def _admit(self, source, topic, dp_rank, stream):
+        """Opens the stream to the native lane for this topic and dp_rank when its next batch
+        in order is a common case: known position, no task, nothing held."""
+        seq = stream.last_seq
+        if (stream.replay_task is None and stream.resume_digest is None and seq is not None and 0 <= seq < U64_MAX
+                and seq == stream.live_seq and not stream.held and not stream.ctx.needs_replay
+                and self._lane.open(stream.fast, stream.ctx, seq)):
+            source.lane.admit(topic, dp_rank, stream.fast)
+
     # -- live messages ---------------------------------------------------------------------
 
-    def _receive(self, engine, frames):
-        self.counters["messages"] += 1
+    def _receive(self, engine, frames, source=None):
+        self._counts["messages"] += 1
         if len(frames) != 3:
             return self._drop("frames")
         topic, seq8, payload = frames
@@ -405,7 +526,11 @@ class Ingest:
             _, dp_rank, _ = batch.check()
         except DecodeError as exc:
             return self._drop(exc.reason)
-        self._on_live(self._stream(pod, model, dp_rank or 0), int.from_bytes(seq8, "big"), batch)
+        stream_key = (pod, model, dp_rank or 0)
+        stream = self._stream(*stream_key)
+        self._on_live(stream, int.from_bytes(seq8, "big"), batch)
+        if source is not None and source.lane is not None and self._streams.get(stream_key) is stream:
+            self._admit(source, topic, dp_rank or 0, stream)
 
     def _stream(self, pod, model, dp_rank):
         """The stream, made the most recently active one; a new one when unknown, for which
@@ -414,21 +539,31 @@ class Ingest:
         stream = self._streams.get(key)
         if stream is not None:
             self._streams.move_to_end(key)
-            return stream
-        if len(self._streams) >= self._max_streams:
-            self._evict_stream()
-        stream = self._streams[key] = _Stream(pod, model, dp_rank)
-        self._pod_streams[pod] += 1
+        else:
+            if len(self._streams) >= self._max_streams:
+                self._evict_stream()
+            stream = self._streams[key] = _Stream(pod, model, dp_rank)
+            self._pod_streams[pod] += 1
+        if self._lane is not None:
+            stream.fast.stamp = self._lane.tick()
         return stream
+
+    def _recency(self):
+        """The streams, least recently active first. The native lane stamps the streams it
+        applies batches for instead of reordering the table: then the stamps tell."""
+        if self._lane is None:
+            return list(self._streams.values())
+        return sorted(self._streams.values(), key=_stamp)
 
     def _evict_stream(self):
         """Forgets the least recently active stream, preferring one not busy catching up.
         Without a stream its pod's entries could not be proven current any more (a restart
         would go unseen): when it was the pod's last stream, the pod is cleared. A shared
         index is left alone: other replicas may be ingesting the pod."""
-        key = next((k for k, s in self._streams.items() if s.replay_task is None), None)
-        stream = self._forget(key if key is not None else next(iter(self._streams)))
-        self.counters["streams_evicted"] += 1
+        order = self._recency()
+        stream = next((s for s in order if s.replay_task is None), order[0])
+        stream = self._forget((stream.pod, stream.model, stream.dp_rank))
+        self._counts["streams_evicted"] += 1
         cleared = self._clears_on_restart and stream.pod not in self._pod_streams
         if cleared:
             self._sink.clear_pod(stream.pod)
@@ -453,6 +588,7 @@ class Ingest:
 
     def _forget(self, key):
         stream = self._streams.pop(key)
+        stream.fast.open = False
         self._pod_streams[stream.pod] -= 1
         if not self._pod_streams[stream.pod]:
             del self._pod_streams[stream.pod]
@@ -541,7 +677,7 @@ class Ingest:
     def _apply_now(self, stream, seq, payload, resync):
         """Applies a batch whole, or its first slice when it is larger than slice_bytes:
         returns None when the batch is done with (applied or dropped), else its cursor."""
-        self.counters["batches"] += 1
+        self._counts["batches"] += 1
         stream.batches += 1
         try:
             cursor = self._sink.cursor(stream.ctx, payload)
@@ -589,19 +725,19 @@ class Ingest:
         switched = set(self._sink.take_switched())
         self._start_replay(stream, 0)
         if switched:
-            for other in self._streams.values():
+            for other in self._recency():
                 if other is not stream and not switched.isdisjoint(other.ctx.fed):
                     self._start_replay(other, 0)
 
     def resync_namespace(self, namespace):
         """Another kvcm sharing the index switched `namespace` to decoupled mode, clearing it on
         every pod: the streams that fed it replay what their engines still hold."""
-        for stream in self._streams.values():
+        for stream in self._recency():
             if namespace in stream.ctx.fed:
                 self._start_replay(stream, 0)
 
     def _restart(self, stream, seq, payload):
-        self.counters["restarts"] += 1
+        self._counts["restarts"] += 1
         stream.restarts += 1
         self._log.warning("restart", "ingest: %s restarted (seq %d after %d): clearing the pod",
                           _name(stream), seq, stream.last_seq)
@@ -623,16 +759,16 @@ class Ingest:
             stream.held.append((seq, _payload(payload)))
         else:
             # The seq is then missing after the replay: a gap like any other.
-            self.counters["held_dropped"] += 1
+            self._counts["held_dropped"] += 1
 
     def _duplicate(self, stream):
-        self.counters["duplicates"] += 1
+        self._counts["duplicates"] += 1
         stream.duplicates += 1
 
     def _lost(self, stream, missing):
         # sequence numbers are any u64: counts of what they skip stay within one
-        self.counters["gaps"] += 1
-        self.counters["missed_batches"] = min(self.counters["missed_batches"] + missing, U64_MAX)
+        self._counts["gaps"] += 1
+        self._counts["missed_batches"] = min(self._counts["missed_batches"] + missing, U64_MAX)
         stream.gaps += 1
         stream.missed = min(stream.missed + missing, U64_MAX)
         if not stream.degraded:
@@ -641,12 +777,12 @@ class Ingest:
         stream.degraded = True
 
     def _drop(self, reason):
-        drops = self.counters["drops_by_reason"]
+        drops = self._counts["drops_by_reason"]
         drops[reason] = drops.get(reason, 0) + 1
         self._log.warning("drop:" + reason, "ingest: dropped a message (%s)", reason)
 
     def _refused(self):
-        self.counters["publishers_refused"] += 1
+        self._counts["publishers_refused"] += 1
 
     # -- replay ----------------------------------------------------------------------------
 
@@ -698,17 +834,17 @@ class Ingest:
         resync = start <= stream.last_seq   # re-applies batches already applied
         batches, complete = await self._fetch(endpoint, start)
         if complete:
-            self.counters["replays"] += 1
+            self._counts["replays"] += 1
             stream.replays += 1
         else:
-            self.counters["replay_failures"] += 1
+            self._counts["replay_failures"] += 1
             self._log.warning("replay", "ingest: replay of %s from seq %d via %s did not complete",
                               _name(stream), start, endpoint)
         # An incomplete resync would re-apply a prefix of old history over newer state:
         # leave it. An incomplete gap fill is a prefix of what is missing: apply it.
         if complete or not resync:
             for n, (seq, payload) in enumerate(batches, 1):
-                self.counters["replayed_batches"] += 1
+                self._counts["replayed_batches"] += 1
                 cursor, again = None, seq <= stream.last_seq
                 if not again:
                     cursor = self._advance(stream, seq, payload, may_replay=False)
@@ -797,7 +933,7 @@ class Ingest:
         numbers), the namespaces the stream fed, least recently first."""
         return [{"pod": s.pod, "model": s.model, "dp_rank": s.dp_rank, "seq": s.last_seq,
                  "digest": _digest(s.last_payload) if s.resume_digest is None else s.resume_digest, "fed": list(s.ctx.fed), "degraded": s.degraded}
-                for s in self._streams.values() if s.last_seq is not None and s.last_seq >= 0]
+                for s in self._recency() if s.last_seq is not None and s.last_seq >= 0]
 
     def cut(self, start):
         """(start(), positions()) in one turn of the ingest's loop: a snapshot's dump starts
@@ -824,7 +960,7 @@ class Ingest:
             stream.degraded = bool(position.get("degraded"))
             self._sink.restore_fed(stream.ctx, fed)
             self._recovery[key] = "restored"
-            self.counters["streams_restored"] += 1
+            self._counts["streams_restored"] += 1
             restored += 1
             if self._replay_endpoint(stream) is None:
                 self._clear_restored(stream, "it has no replay endpoint")
@@ -844,10 +980,10 @@ class Ingest:
             stream.replay_task = None
             self._clear_restored(stream, why)
             return
-        self.counters["replays"] += 1
+        self._counts["replays"] += 1
         stream.replays += 1
         for n, (seq, payload) in enumerate(batches, 1):
-            self.counters["replayed_batches"] += 1
+            self._counts["replayed_batches"] += 1
             if seq == start:   # it may have been applied in part when the snapshot was taken
                 stream.last_payload = _kept(payload)
                 cursor = self._apply_now(stream, seq, payload, resync=False)
@@ -861,7 +997,7 @@ class Ingest:
             elif n % self._budget == 0:
                 await asyncio.sleep(0)
         self._recovery[(stream.pod, stream.model, stream.dp_rank)] = "resumed"
-        self.counters["streams_resumed"] += 1
+        self._counts["streams_resumed"] += 1
         log.info("ingest: %s resumed from seq %d (%d batches replayed)", _name(stream), start, len(batches) - 1)
         stream.replay_task = None
         self._release_held(stream, may_replay=True)
@@ -876,7 +1012,7 @@ class Ingest:
             if other.pod == stream.pod:
                 if self._recovery.get(key) is not None and self._recovery[key] != "cleared":
                     self._recovery[key] = "cleared"
-                    self.counters["streams_cleared"] += 1
+                    self._counts["streams_cleared"] += 1
                 self._forget(key)
 
     # -- observability ---------------------------------------------------------------------
@@ -897,7 +1033,16 @@ class Ingest:
             "restarts": s.restarts, "duplicates": s.duplicates, "batches": s.batches,
             "drops": s.drops, "held": len(s.held), "state": s.state,
             "recovery": self._recovery.get((s.pod, s.model, s.dp_rank)),
-        } for s in self._streams.values()]
+        } for s in self._recency()]
+
+    @property
+    def counters(self):
+        """The counters, those of the native lane summed in (a copy)."""
+        counts = {name: dict(value) if isinstance(value, dict) else value for name, value in self._counts.items()}
+        if self._lane is not None:
+            counts["messages"] += self._lane.messages
+            counts["batches"] += self._lane.batches
+        return counts
 
 
 def _detach_task(stream):
@@ -922,6 +1067,10 @@ def _digest(kept):
     if kept is None:
         return 0
     return kept if isinstance(kept, int) else zlib.crc32(kept)
+
+
+def _stamp(stream):
+    return stream.fast.stamp
 
 
 def _seq_of(item):

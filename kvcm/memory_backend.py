@@ -8,6 +8,7 @@ from kvcm.metrics import counter
 
 class MemoryBackend(Backend):
     snapshots = True
+    ingest_thread = True    # the index's lock keeps the ingest thread's applies and lookups apart
 
     def __init__(self, index):
         self.index = self.local_index = index

@@ -15,6 +15,8 @@ from kvcm import _core
 from kvcm.backend import IndexUnavailable, settled, then
 from kvcm.config import load_config
 from kvcm.indexer import Indexer
+from kvcm.ingest import Ingest
+from kvcm.ingest_thread import IngestThread
 from kvcm.metrics import Metrics
 from kvcm.publisher import encode_batch
 
@@ -134,6 +136,14 @@ async def test_the_synchronous_methods_need_a_backend_that_answers_at_once(index
                     call()
     finally:
         await indexer.close()
+
+
+def test_the_ingest_runs_on_a_thread_where_the_backend_allows_it(indexer):
+    """A backend says whether the ingest may leave the event loop (ingest_thread); the
+    indexer follows it, asking nothing else of the backend."""
+    assert indexer.backend.ingest_thread == (indexer.backend.journal is None)   # memory: yes; a store's client: no
+    assert isinstance(indexer.ingest, IngestThread) == indexer.backend.ingest_thread
+    assert isinstance(indexer.ingest, IngestThread) or isinstance(indexer.ingest, Ingest)
 
 
 def test_then_chains_values_at_once_and_awaitables_later():

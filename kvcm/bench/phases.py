@@ -150,14 +150,16 @@ def floor(ctx, count, concurrency):
 
 def score_while_ingesting(ctx, qs, streams, rate, seconds, concurrency):
     """Query latency idle, then while the engines publish `streams` at `rate` blocks/s
-    (sized to last the window); then how long after the last send the target needed to
+    (sized to last the window), both measured by a client process of its own; then how long after the last send the target needed to
     make the streams' closing marker visible (its backlog)."""
     api, address = ctx.target.api, ctx.target.address
     requests = [api.query(q) for q in qs]
-    idle = load.closed_loop(address, requests, 10 ** 9, concurrency, seconds)
+    # the client runs in a process of its own: the pacer is a thread of this one, and its
+    # GIL would otherwise delay the client's reading of answers by up to a switch interval
+    idle = load.closed_loop_apart(address, requests, 10 ** 9, concurrency, seconds)
     pacer = Background(ctx.engines.send_paced, streams, rate)
     time.sleep(RAMP_S)
-    loaded = load.closed_loop(address, requests, 10 ** 9, concurrency, seconds)
+    loaded = load.closed_loop_apart(address, requests, 10 ** 9, concurrency, seconds)
     blocks, sent_seconds = pacer.result(timeout=INGEST_TIMEOUT_S)
     t_sent = time.perf_counter()
     swi = ctx.workload.swi_marker
