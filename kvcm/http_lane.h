@@ -1,4 +1,4 @@
-/* The request heads of the scoring lane (kvcm/_http_lane.pxi, kvcm/http.py).
+/* The request heads of the scoring lane (kvcm/_score_lane.pxi, kvcm/http.py).
 
    Schedulers send the same plain request on every call: `POST /v1/score HTTP/1.1`, a Host,
    a Content-Length, perhaps a JSON Content-Type, a body. Reading such a head here costs a

@@ -23,7 +23,7 @@ Sockets are raw pyzmq sockets read through loop.add_reader on ZMQ_FD. That FD is
 edge-triggered, so a reader drains until EAGAIN, but at most `batch_budget` messages and
 `turn_seconds` per loop turn before it yields with call_soon, so a busy publisher cannot
 starve HTTP scoring. With an in-memory index the reader is the core's native lane
-(kvcm/_lane.pxi): it receives through libzmq's C API and applies the batches that continue
+(kvcm/_ingest_lane.pxi): it receives through libzmq's C API and applies the batches that continue
 an open stream in order itself, without the GIL (a turn of at least LANE_TURN_SECONDS then);
 each other message goes through _receive as before, in order. A stream is open to the lane
 after a message _receive handled left it in order with nothing pending (_admit); _Stream's
@@ -274,7 +274,7 @@ class Ingest:
         self._max_message = max_message
         self._slice_bytes = slice_bytes
         self._filter = SourceFilter(allow, self._refused) if allow else None
-        # The native lane (kvcm/_lane.pxi) takes the common batches of the in-memory index;
+        # The native lane (kvcm/_ingest_lane.pxi) takes the common batches of the in-memory index;
         # a shared index (prefetch, on_applied) sees every batch here.
         self._lane = (Lane(sink, min(slice_bytes, KEPT_PAYLOAD))
                       if native and isinstance(sink, EventSink) and prefetch is None and on_applied is None

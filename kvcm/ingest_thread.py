@@ -6,7 +6,7 @@ second core while the main loop serves HTTP. Sequence tracking, replays, restart
 and every counter are Ingest's own. The thread holds the GIL only for Python work (stream
 logic, the rare messages and events the core hands to Python): waiting for messages, and
 receiving, checking, decoding and applying the common batches (Ingest's native lane,
-kvcm/_lane.pxi) release it, and the index lock (kvcm/_index.pxi) keeps
+kvcm/_ingest_lane.pxi) release it, and the index lock (kvcm/_index.pxi) keeps
 lookups and applies apart an event or a bounded run at a time. What a lookup sees: every
 event applied whole or not at all, and a stream's events in order, so a chain stored across
 events is seen as a prefix of itself, never with a hole.

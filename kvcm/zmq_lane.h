@@ -1,4 +1,4 @@
-/* The few libzmq calls the ingest's native lane (kvcm/_lane.pxi) makes: receiving the parts
+/* The few libzmq calls the ingest's native lane (kvcm/_ingest_lane.pxi) makes: receiving the parts
  * of a message without the GIL. kvcm does not link libzmq itself: it uses the libzmq pyzmq
  * already loaded (its wheel bundles one), found among the loaded objects and resolved with
  * dlsym, so both drive the same sockets with the same library, frozen binary included. */

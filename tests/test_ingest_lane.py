@@ -1,4 +1,4 @@
-"""The ingest's native lane (kvcm/_lane.pxi): the common batches received, checked and
+"""The ingest's native lane (kvcm/_ingest_lane.pxi): the common batches received, checked and
 applied in C, everything else handed back to Ingest's Python logic. The lane and the Python
 path must leave the same index, stream table and counters on the same messages, gaps,
 duplicates, restarts and malformed ones mixed in; and `kvcm serve` must stop cleanly while
