@@ -1193,7 +1193,8 @@ class HttpServer:
     method, path and peer). access_log, a logging.Logger, gets one INFO line per answer.
 
     lane, a kvcm._core.ScoreLane, answers the plain requests of its paths before any of the
-    parsing below (a read that is one whole such request); everything else comes here.
+    parsing below (a read that is one whole such request), and the bodies of keep-alive
+    HTTP/1.1 POSTs to them that the parsing below read (split over reads, or pipelined).
     """
 
     def __init__(self, router, *, max_body=MAX_BODY, header_timeout=10.0, body_timeout=30.0,
