@@ -196,8 +196,8 @@ cdef class EventSink
 
 cdef enum:
     MAX_FAST_MEDIA = 8
-    # Events a run applies per hold of the index lock (without the GIL): a few hundred
-    # microseconds at most, the longest a lookup waits for ingest.
+    # Events a run applies without the GIL before the stream's Python state is touched again
+    # (each event takes the index lock for its own change of the index only).
     FAST_RUN_EVENTS = 32
     MAX_MEDIUM_NAME = 16
 
@@ -526,13 +526,11 @@ cdef class EventSink:
                 break
             done = 0
             if f.any:
-                # without the GIL (the scoring thread goes on), holding the index lock for a
-                # bounded run: a lookup waits for at most FAST_RUN_EVENTS events
+                # without the GIL (the scoring thread goes on), a bounded run of events,
+                # each taking the index lock for its change of the index alone
                 with nogil:
-                    ilock_acquire(&self._index._lock)
                     done = self._fast_run(b, cursor.next, min(cursor.left, <Py_ssize_t>FAST_RUN_EVENTS),
                                           stop, &f, &end)
-                    ilock_release(&self._index._lock)
             if done:
                 self._fast_done(cursor.ctx, &f)
             else:
@@ -642,7 +640,9 @@ cdef class EventSink:
             return True
         if ev.tag == TAG_CLEARED:
             self._c[<int>C_EVENTS_CLEARED] += 1
+            ilock_acquire(&self._index._lock)
             kvi_clear_pod(f.index, f.pod, <int>self._gpu_tier, KVI_NIL)
+            ilock_release(&self._index._lock)
             return True
         if ev.tag == TAG_UNKNOWN:
             self._c[<int>C_EVENTS_UNKNOWN_TAG] += 1
@@ -657,7 +657,9 @@ cdef class EventSink:
             if not f.removes:
                 return False
             self._c[<int>C_EVENTS_REMOVED] += 1
+            ilock_acquire(&self._index._lock)
             self._c[<int>C_BLOCKS_REMOVED] += kvi_remove(f.index, f.ns, f.pod, tier, hashes, n)
+            ilock_release(&self._index._lock)
             f.removed = True
             return True
         if not f.stores:
@@ -680,7 +682,9 @@ cdef class EventSink:
         self._c[<int>C_EVENTS_STORED] += 1
         if n == 0:
             return True
+        ilock_acquire(&self._index._lock)
         added = kvi_store(f.index, f.ns, f.pod, tier, hashes, n)
+        ilock_release(&self._index._lock)
         if added < 0:
             self._c[<int>C_DROP_OUT_OF_MEMORY] += 1
             return True

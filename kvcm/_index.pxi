@@ -13,16 +13,45 @@ cdef extern from "pythread.h" nogil:
     int NOWAIT_LOCK
 
 
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+cdef extern from *:
+    """
+    static inline void kvcm_cpu_relax(void) {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+    #elif defined(__aarch64__)
+        __asm__ __volatile__("yield");
+    #endif
+    }
+    """
+    void kvcm_cpu_relax() noexcept nogil
+
+
 # The index is shared by the thread that scores (the event loop's) and the ingest thread,
-# which applies runs of events without the GIL (EventSink._fast_run). Everything that reads
-# or writes the C structures holds this lock: the public methods here, and the sink for each
-# event or bounded run of events it applies. It is recursive (a method may call another),
-# and a thread holding the GIL never waits for it without releasing the GIL first, so the
-# two locks cannot deadlock.
+# which applies events without the GIL (EventSink._fast_event). Everything that reads or
+# writes the C structures holds this lock: the public methods here, and the sink for each
+# event's change of the index (its decoding and hash checks happen outside). It is recursive
+# (a method may call another), and a thread holding the GIL never waits for it without
+# releasing the GIL first, so the two locks cannot deadlock.
+#
+# A waiter tries the lock for up to ILOCK_SPIN_NS before it sleeps: the holder is most often
+# one event's store on the other core, done within a microsecond or two, while a sleeping
+# waiter is woken by the other core through an interrupt, which costs tens of microseconds on
+# a virtual machine. With one CPU to run on, the holder cannot finish while the waiter spins,
+# so the spin is off (ilock_configure_spin).
 cdef struct IndexLock:
     PyThread_type_lock lock
     unsigned long owner
     int depth
+
+cdef double ILOCK_SPIN_NS = 20_000
+
+
+def ilock_configure_spin(double ns):
+    """How long a waiter for an index lock tries it before sleeping (0: it sleeps at once)."""
+    global ILOCK_SPIN_NS
+    ILOCK_SPIN_NS = max(0.0, ns)
 
 
 cdef inline bint ilock_reenter(IndexLock *l) noexcept nogil:
@@ -32,11 +61,32 @@ cdef inline bint ilock_reenter(IndexLock *l) noexcept nogil:
     return False
 
 
+cdef bint ilock_spin(IndexLock *l) noexcept nogil:
+    """Tries the lock until it is taken (True) or ILOCK_SPIN_NS have passed (False)."""
+    cdef timespec ts
+    cdef double start, now
+    cdef int i
+    if ILOCK_SPIN_NS <= 0:
+        return False
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    start = ts.tv_sec * 1e9 + ts.tv_nsec
+    while True:
+        for i in range(16):
+            kvcm_cpu_relax()
+        if PyThread_acquire_lock(l.lock, NOWAIT_LOCK):
+            return True
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        now = ts.tv_sec * 1e9 + ts.tv_nsec
+        if now - start > ILOCK_SPIN_NS:
+            return False
+
+
 cdef inline void ilock_acquire(IndexLock *l) noexcept nogil:
     """Without the GIL."""
     if ilock_reenter(l):
         return
-    PyThread_acquire_lock(l.lock, WAIT_LOCK)
+    if not PyThread_acquire_lock(l.lock, NOWAIT_LOCK) and not ilock_spin(l):
+        PyThread_acquire_lock(l.lock, WAIT_LOCK)
     l.owner = PyThread_get_thread_ident()
     l.depth = 1
 
@@ -47,7 +97,8 @@ cdef inline void ilock_acquire_gil(IndexLock *l) noexcept:
         return
     if not PyThread_acquire_lock(l.lock, NOWAIT_LOCK):
         with nogil:
-            PyThread_acquire_lock(l.lock, WAIT_LOCK)
+            if not ilock_spin(l):
+                PyThread_acquire_lock(l.lock, WAIT_LOCK)
     l.owner = PyThread_get_thread_ident()
     l.depth = 1
 

@@ -6,7 +6,6 @@
 # (FastStream.open = False) whenever it changes their state.
 
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cdef extern from "zmq_lane.h" nogil:
     ctypedef struct kvz_msg:
@@ -424,9 +423,7 @@ cdef class Lane:
             if b.event(i) == NULL:
                 sink._count_reader_error(b.trunc_err)
                 break
-            ilock_acquire(&sink._index._lock)
             done = sink._fast_run(b, i, min(left, <Py_ssize_t>FAST_RUN_EVENTS), -1, &s.f, &end)
-            ilock_release(&sink._index._lock)
             if s.f.stored or s.f.removed:   # EventSink._fast_done
                 sink._uses += 1
                 s.active[0] = sink._uses
