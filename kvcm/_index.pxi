@@ -39,19 +39,24 @@ cdef extern from *:
 # one event's store on the other core, done within a microsecond or two, while a sleeping
 # waiter is woken by the other core through an interrupt, which costs tens of microseconds on
 # a virtual machine. With one CPU to run on, the holder cannot finish while the waiter spins,
-# so the spin is off (ilock_configure_spin).
+# so the spin is off there (ilock_configure_spin).
 cdef struct IndexLock:
     PyThread_type_lock lock
     unsigned long owner
     int depth
 
-cdef double ILOCK_SPIN_NS = 20_000
+ILOCK_SPIN_DEFAULT_NS = 20_000
+cdef double ILOCK_SPIN_NS = ILOCK_SPIN_DEFAULT_NS
 
 
-def ilock_configure_spin(double ns):
-    """How long a waiter for an index lock tries it before sleeping (0: it sleeps at once)."""
+def ilock_configure_spin(cpus):
+    """Sets the spin for threads that run on `cpus` (a set of CPU numbers) between them:
+    on one CPU, waiters sleep at once."""
     global ILOCK_SPIN_NS
-    ILOCK_SPIN_NS = max(0.0, ns)
+    ILOCK_SPIN_NS = ILOCK_SPIN_DEFAULT_NS if len(cpus) > 1 else 0
+
+
+ilock_configure_spin(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1))
 
 
 cdef inline bint ilock_reenter(IndexLock *l) noexcept nogil:

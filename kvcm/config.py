@@ -47,6 +47,7 @@ from typing import Mapping, Optional, Sequence, Union
 from kvcm._core import ENGINE_ALGORITHMS, KNOWN_TIERS, MAX_TIERS
 from kvcm.endpoints import check_endpoint
 from kvcm.ingest import DEFAULT_MAX_MESSAGE, EngineSpec, parse_engine, read_engines_file
+from kvcm.placement import parse_cpus
 from kvcm.urls import redact_url
 from kvcm.zap import parse_network
 
@@ -125,6 +126,18 @@ class _HashSeed(_Kind):
 
     def from_toml(self, value):
         return str(value)
+
+
+class _Cpus(_Kind):
+    """A CPU list such as 0-3,8 (TOML: that string, or one CPU's number)."""
+    toml_types = (str, int)
+    expected = "a CPU list (string) or a CPU number"
+
+    def from_text(self, text):
+        return parse_cpus(text)
+
+    def from_toml(self, value):
+        return parse_cpus(str(value))
 
 
 class _Choice(_Kind):
@@ -454,6 +467,8 @@ OPTIONS = (
     Option("idle_timeout", "120", "SECONDS", "time a keep-alive connection may stay idle", _HTTP, _Seconds()),
     Option("max_connections", "1000", "N", "concurrent HTTP connections; more are answered 503", _HTTP,
            _Integer(1, 1_000_000)),
+    Option("http_cpus", None, "CPUS", "CPUs the event loop (HTTP, scoring) and the workers it starts run on, "
+           "e.g. 0 or 0-1 (Linux); give the ingest others with --ingest-cpus; unset = any", _HTTP, _Cpus()),
     Option("admin_token", None, "TOKEN",
            "bearer token for the admin endpoints; unset = loopback clients only (prefer the environment "
            "variable: flags show in ps)", _HTTP, _Text(secret=True)),
@@ -473,6 +488,8 @@ OPTIONS = (
     Option("zmq_max_message", "64MiB", "SIZE",
            "largest ZMQ message accepted; libzmq drops the connection of a publisher that sends a larger one",
            _INGEST, _Size()),
+    Option("ingest_cpus", None, "CPUS", "CPUs the ingest thread and libzmq's I/O thread run on, e.g. 1 or "
+           "2-3 (Linux; in-memory index); unset = any", _INGEST, _Cpus()),
     Option("zmq_allow", None, "CIDR",
            "accept ZMQ publishers (and connect-mode engines) only from this network, e.g. 10.0.0.0/8; "
            "repeatable; unset = from any address", _INGEST, _Repeated(_Network())),
@@ -558,6 +575,7 @@ class Config:
     body_timeout: float = 30.0
     idle_timeout: float = 120.0
     max_connections: int = 1000
+    http_cpus: Optional[tuple] = None
     admin_token: Optional[str] = None
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
@@ -567,6 +585,7 @@ class Config:
     engines_file: Optional[str] = None
     replay_endpoint: Mapping[str, str] = dataclasses.field(default_factory=dict, hash=False)
     zmq_max_message: int = DEFAULT_MAX_MESSAGE
+    ingest_cpus: Optional[tuple] = None
     zmq_allow: tuple = ()
     hash_algo: str = "sha256"
     hash_seed: Optional[str] = None         # None = unset; "" is a real seed

@@ -63,8 +63,13 @@ class Indexer:
         self.scorer = Scorer(cfg.tier_weights)
         # The in-memory index lets the ingest run on a thread of its own, the second core; a
         # shared store's journal and client live on the event loop, and so does its ingest.
+        if cfg.ingest_cpus is not None and not self.backend.ingest_thread:
+            raise ValueError("--ingest-cpus places the in-memory index's ingest thread; with --index %s://... "
+                             "the ingest runs on the event loop (--http-cpus), so leave it out"
+                             % cfg.index.split("://")[0])
+        placement = {"cpus": cfg.ingest_cpus} if self.backend.ingest_thread else {}
         ingest = IngestThread if self.backend.ingest_thread else Ingest
-        self.ingest = ingest(self.sink, binds=cfg.zmq_bind, topic_prefix=cfg.zmq_topic_prefix,
+        self.ingest = ingest(self.sink, **placement, binds=cfg.zmq_bind, topic_prefix=cfg.zmq_topic_prefix,
                              engines=cfg.engines, replay_endpoints=cfg.replay_endpoint,
                              max_message=cfg.zmq_max_message, allow=cfg.zmq_allow, **self.backend.ingest_hooks())
         self.backend.attach(self.ingest)

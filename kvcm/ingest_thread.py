@@ -7,7 +7,7 @@ and every counter are Ingest's own. The thread holds the GIL only for Python wor
 logic, the rare messages and events the core hands to Python): waiting for messages, and
 receiving, checking, decoding and applying the common batches (Ingest's native lane,
 kvcm/_ingest_lane.pxi) release it, and the index lock (kvcm/_index.pxi) keeps
-lookups and applies apart an event or a bounded run at a time. What a lookup sees: every
+lookups and applies apart an event at a time. What a lookup sees: every
 event applied whole or not at all, and a stream's events in order, so a chain stored across
 events is seen as a prefix of itself, never with a hole.
 
@@ -28,6 +28,7 @@ import logging
 import threading
 
 from kvcm.ingest import Ingest
+from kvcm.placement import name_this_thread, pin_this_thread
 
 log = logging.getLogger("kvcm.ingest")
 
@@ -41,8 +42,9 @@ class IngestUnavailable(RuntimeError):
 class IngestThread:
     """Ingest's interface, with the Ingest running on a thread of its own."""
 
-    def __init__(self, sink, **options):
+    def __init__(self, sink, cpus=None, **options):
         self._ingest = Ingest(sink, **options)
+        self._cpus = cpus        # where the thread runs (--ingest-cpus); None: anywhere
         self._loop = None
         self._thread = None
         self._main = None
@@ -67,6 +69,14 @@ class IngestThread:
             raise
 
     def _run(self, started):
+        # before the loop and libzmq's I/O thread exist, so that they inherit the CPUs
+        name_this_thread("kvcm-ingest")
+        if self._cpus is not None:
+            try:
+                pin_this_thread(self._cpus, "--ingest-cpus")
+            except ValueError as exc:
+                started.set_exception(exc)
+                return
         loop = self._loop = _new_loop()
         asyncio.set_event_loop(loop)
         try:

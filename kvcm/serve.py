@@ -16,11 +16,13 @@ import sys
 import time
 
 from kvcm import systemd
+from kvcm._core import ilock_configure_spin
 from kvcm.api import Api, request_timer
 from kvcm.config import ConfigError, load_config
 from kvcm.http import HttpServer
 from kvcm.indexer import Indexer, TemplatesUnavailable
 from kvcm.metrics import Metrics
+from kvcm.placement import available_cpus, pin_this_thread
 from kvcm.ratelog import RateLimitedLog
 
 log = logging.getLogger("kvcm.serve")
@@ -118,6 +120,13 @@ class Service:
         self.stop()
 
     async def start(self):
+        if self.config.http_cpus is not None:
+            # first: the ingest thread and the workers started from here inherit these CPUs
+            # (the ingest thread then moves to --ingest-cpus, if given)
+            pin_this_thread(self.config.http_cpus, "--http-cpus")
+        # a waiter for the index lock spins only where its holder may run on another CPU
+        http = set(self.config.http_cpus or available_cpus() or ())
+        ilock_configure_spin(http | set(self.config.ingest_cpus or http))
         await self.indexer.start()
         inherited = systemd.listen_fds()
         if inherited:
@@ -194,6 +203,9 @@ def main(args):
     except OSError as e:
         # a port in use or an address kvcm cannot bind: a setting to change, like a bad value
         sys.stderr.write("kvcm serve: error: cannot listen: %s\n" % e)
+        return 2
+    except ValueError as e:   # CPUs the system would not let kvcm run on
+        sys.stderr.write("kvcm serve: error: %s\n" % e)
         return 2
     except (TemplatesUnavailable, IngestFailed) as e:
         sys.stderr.write("kvcm serve: error: %s\n" % e)

@@ -135,6 +135,9 @@ SAMPLES = {
     "redis_fail_open": (("true", True), ("no", False), (["--redis-fail-open"], True)),
     "log_level": (('"debug"', "debug"), ("WARNING", "warning"), (["--log-level", "error"], "error")),
     "log_format": (('"json"', "json"), ("text", "text"), (["--log-format", "json"], "json")),
+    # CPU lists must name CPUs this process may use: these need CPUs 0 and 1 (CI has 2)
+    "http_cpus": (("0", (0,)), ("1", (1,)), (["--http-cpus", "0-1"], (0, 1))),
+    "ingest_cpus": (('"1"', (1,)), ("0", (0,)), (["--ingest-cpus", "1,0"], (0, 1))),
     "default_model": (('"m1"', "m1"), ("m2", "m2"), (["--default-model", "Qwen/Qwen3-0.6B"], "Qwen/Qwen3-0.6B")),
 }
 

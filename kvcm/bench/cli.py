@@ -8,6 +8,8 @@ when a bench runs, so the other sub-commands start as fast as before.
 import os
 import sys
 
+from kvcm.bench.placement import PLACEMENTS, Placement, PlacementError
+
 TARGETS = ("kvcm", "dynamo", "llmd")
 
 
@@ -115,6 +117,10 @@ def add_index_arguments(p):
                    help="publish -> visible probes per run; 0: off (default: %(default)s)")
     g.add_argument("--ingest-rate", type=_non_negative(float), default=200_000.0,
                    help="blocks/s published while scoring in the last phase; 0: off (default: %(default)s)")
+    g.add_argument("--placement", choices=PLACEMENTS, default="none",
+                   help="split: score while ingesting with the client and kvcm's event loop on the first half of "
+                        "the CPUs, the engines and kvcm's ingest thread on the rest (kvcm serve --http-cpus, "
+                        "--ingest-cpus); none: where the system puts them (default: %(default)s)")
     g.add_argument("--swi-seconds", type=_positive(float), default=2.0,
                    help="each window (idle, then ingesting) of that phase (default: %(default)s)")
     _output_options(p)
@@ -145,7 +151,7 @@ def add_bench_arguments(parser):
     add_routing_arguments(p)
 
 
-def _targets(args, usage_error):
+def _targets(args, placement, usage_error):
     from kvcm.bench import targets as t
 
     names = [n.strip() for n in args.target.split(",") if n.strip()]
@@ -160,7 +166,8 @@ def _targets(args, usage_error):
     for name in names:
         if name == "kvcm":
             api = t.APIS[args.kvcm_api](args.model, args.block_size)
-            start = None if args.url else (lambda spec: t.start_kvcm(spec, args.serve_arg))
+            serve_args = args.serve_arg + (placement.serve_args() if placement is not None else [])
+            start = None if args.url else (lambda spec: t.start_kvcm(spec, serve_args))
             specs.append(t.TargetSpec("kvcm", api, url=args.url, zmq=args.zmq, start=start))
         elif name == "dynamo":
             api = t.DynamoApi(args.model, args.block_size)
@@ -184,7 +191,11 @@ def run_index(args, usage_error):
     from kvcm.bench import index, report, summary, workload
     from kvcm.bench.progress import Progress
 
-    specs = _targets(args, usage_error)
+    try:
+        placement = Placement.named(args.placement)
+    except PlacementError as exc:
+        raise usage_error(str(exc)) from None
+    specs = _targets(args, placement, usage_error)
     try:
         spec = workload.Spec(engines=args.engines, blocks=args.blocks,
                              prompt_tokens=tuple(workload.parse_lengths(args.prompt_tokens)),
@@ -213,7 +224,7 @@ def run_index(args, usage_error):
         else None, repeats=args.repeats, queries=args.queries, concurrency=args.concurrency, warmup=args.warmup,
         open_rate=args.open_rate, open_seconds=args.open_seconds, probes=args.probes,
         ingest_rate=args.ingest_rate or 200_000.0, swi_seconds=args.swi_seconds,
-        skip=() if args.ingest_rate else ("swi",), query_tokens=query_tokens, argv=args.argv)
+        skip=() if args.ingest_rate else ("swi",), query_tokens=query_tokens, placement=placement, argv=args.argv)
     result = index.run(settings, lambda steps: Progress(steps, args.quiet))
     _finish(args, result, summary.index_text, report.index_report)
     return 0

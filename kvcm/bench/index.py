@@ -44,6 +44,7 @@ class Settings:
     swi_tokens: int = 0                 # 0: the middle prompt length
     skip: tuple = ()
     query_tokens: list = None           # None: the workload's prompt lengths
+    placement: object = None            # kvcm.bench.placement.Placement, or None: the system's
     argv: list = dataclasses.field(default_factory=list)
 
 
@@ -129,7 +130,8 @@ def run_target(spec, w, queries, swi_streams, settings, progress):
             if n and queries.get(n):
                 progress.step("%s: scoring while ingesting" % label)
                 out["swi"] = phases.score_while_ingesting(ctx, queries[n], swi_streams, settings.ingest_rate,
-                                                          settings.swi_seconds, settings.concurrency)
+                                                          settings.swi_seconds, settings.concurrency,
+                                                          settings.placement)
                 out["swi"]["length"] = n
         return out
     finally:
@@ -293,7 +295,8 @@ def summarize(settings, info, started, runs):
                     "loadavg_start": started["loadavg"], "loadavg_end": loadavg()},
         "workload": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(spec).items()},
                      **info, "repeats": settings.repeats, "queries_per_length": settings.queries,
-                     "concurrency": settings.concurrency, "open_rate": settings.open_rate},
+                     "concurrency": settings.concurrency, "open_rate": settings.open_rate,
+                     "placement": settings.placement.to_json() if settings.placement is not None else None},
         "targets": targets,
         "ratios": ratios(targets) if len(targets) > 1 else {},
         "_plots": {label: plots_of(rs) for label, rs in runs.items()},

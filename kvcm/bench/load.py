@@ -15,6 +15,7 @@ Timestamps come from time.perf_counter_ns (monotonic).
 """
 
 import multiprocessing
+import os
 import selectors
 import socket
 import time
@@ -217,13 +218,14 @@ def closed_loop(address, requests, count, concurrency=1, seconds=None):
     return _drive(address, requests, count, concurrency, lambda i: None, until)
 
 
-def closed_loop_apart(address, requests, count, concurrency=1, seconds=None):
+def closed_loop_apart(address, requests, count, concurrency=1, seconds=None, cpus=None):
     """closed_loop() in a forked process of its own, for while this process does other work
     (a generator thread): the client's latencies then never include waiting for this
-    process's GIL. The child touches no ZMQ socket and leaves by os._exit."""
+    process's GIL. The child runs on `cpus` if given, touches no ZMQ socket and leaves by
+    os._exit."""
     parent, child = _FORK.Pipe(duplex=False)
-    proc = _FORK.Process(target=_closed_loop_child, args=(child, address, requests, count, concurrency, seconds),
-                         daemon=True)
+    proc = _FORK.Process(target=_closed_loop_child,
+                         args=(child, address, requests, count, concurrency, seconds, cpus), daemon=True)
     proc.start()
     child.close()
     try:
@@ -240,8 +242,10 @@ def closed_loop_apart(address, requests, count, concurrency=1, seconds=None):
     return array("q", value)
 
 
-def _closed_loop_child(conn, address, requests, count, concurrency, seconds):
+def _closed_loop_child(conn, address, requests, count, concurrency, seconds, cpus):
     try:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
         conn.send((True, closed_loop(address, requests, count, concurrency, seconds).tobytes()))
     except Exception as exc:   # handed to the parent
         conn.send((False, "%s: %s" % (type(exc).__name__, exc)))

@@ -8,6 +8,7 @@ Clocks: time.perf_counter_ns (monotonic) for everything timed; the bench process
 time (os.times) where the generator's cost is shown.
 """
 
+import contextlib
 import os
 import random
 import time
@@ -148,19 +149,23 @@ def floor(ctx, count, concurrency):
     return Latency(load.closed_loop(ctx.target.address, [api.health()], count, concurrency))
 
 
-def score_while_ingesting(ctx, qs, streams, rate, seconds, concurrency):
+def score_while_ingesting(ctx, qs, streams, rate, seconds, concurrency, placement=None):
     """Query latency idle, then while the engines publish `streams` at `rate` blocks/s
-    (sized to last the window), both measured by a client process of its own; then how long after the last send the target needed to
-    make the streams' closing marker visible (its backlog)."""
+    (sized to last the window), both measured by a client process of its own; then how
+    long after the last send the target needed to make the streams' closing marker visible
+    (its backlog). With a placement (kvcm.bench.placement), the client runs on its scoring
+    CPUs and the engines publish from its ingest CPUs."""
     api, address = ctx.target.api, ctx.target.address
     requests = [api.query(q) for q in qs]
+    client_cpus = placement.http if placement is not None else None
     # the client runs in a process of its own: the pacer is a thread of this one, and its
     # GIL would otherwise delay the client's reading of answers by up to a switch interval
-    idle = load.closed_loop_apart(address, requests, 10 ** 9, concurrency, seconds)
-    pacer = Background(ctx.engines.send_paced, streams, rate)
-    time.sleep(RAMP_S)
-    loaded = load.closed_loop_apart(address, requests, 10 ** 9, concurrency, seconds)
-    blocks, sent_seconds = pacer.result(timeout=INGEST_TIMEOUT_S)
+    idle = load.closed_loop_apart(address, requests, 10 ** 9, concurrency, seconds, cpus=client_cpus)
+    with placement.engines_side() if placement is not None else contextlib.nullcontext():
+        pacer = Background(ctx.engines.send_paced, streams, rate)
+        time.sleep(RAMP_S)
+        loaded = load.closed_loop_apart(address, requests, 10 ** 9, concurrency, seconds, cpus=client_cpus)
+        blocks, sent_seconds = pacer.result(timeout=INGEST_TIMEOUT_S)
     t_sent = time.perf_counter()
     swi = ctx.workload.swi_marker
     request = api.query(Query(swi.tokens, {}, swi.text))

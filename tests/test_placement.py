@@ -1,0 +1,144 @@
+"""Where kvcm's threads run: `--http-cpus` and `--ingest-cpus` on a real `kvcm serve` (read
+back from /proc), their parsing and errors, and the placement `kvcm bench index --placement
+split` gives its own threads."""
+
+import os
+import threading
+
+import pytest
+
+from kvcm.bench.placement import Placement, PlacementError
+from kvcm.config import ConfigError, load_config
+from kvcm.placement import available_cpus, format_cpus, parse_cpus
+from serving import Serve, run_serve
+
+CPUS = sorted(available_cpus())
+# two different CPUs where the machine has them (CI's has 2); else both sides share one
+HTTP_CPU, INGEST_CPU = CPUS[0], CPUS[-1]
+
+
+def allowed(pid, tid):
+    with open("/proc/%d/task/%d/status" % (pid, tid)) as f:
+        for line in f:
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
+    raise AssertionError("no Cpus_allowed_list for thread %d" % tid)
+
+
+def threads(pid):
+    """{thread name: [tids]} of a process."""
+    out = {}
+    for tid in map(int, os.listdir("/proc/%d/task" % pid)):
+        try:
+            with open("/proc/%d/task/%d/comm" % (pid, tid)) as f:
+                out.setdefault(f.read().strip(), []).append(tid)
+        except FileNotFoundError:   # a thread that just ended
+            pass
+    return out
+
+
+@pytest.mark.parametrize("text, cpus", [("0", (0,)), ("0-1", (0, 1)), (" 1 , 0 ", (0, 1)), ("0,0-1", (0, 1))])
+def test_cpu_lists_parse_in_order_without_repeats(text, cpus):
+    if not set(cpus) <= set(CPUS):
+        pytest.skip("needs CPUs %s" % format_cpus(cpus))
+    assert parse_cpus(text) == cpus
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "expected a CPU list"), ("x", "expected a CPU list"), ("1-", "expected a CPU list"),
+    ("-1", "expected a CPU list"), ("1-0", "a range must go up"), ("0,,", None),
+])
+def test_bad_cpu_lists_are_refused_with_the_reason(text, message):
+    if message is None:      # empty items are ignored: "0,," is CPU 0
+        assert parse_cpus(text) == (0,)
+        return
+    with pytest.raises(ValueError, match=message):
+        parse_cpus(text)
+
+
+def test_cpus_kvcm_may_not_use_are_named():
+    missing = max(CPUS) + 1000
+    with pytest.raises(ValueError, match=r"CPU %d not available to kvcm, which may run on %s"
+                       % (missing, format_cpus(CPUS))):
+        parse_cpus("%d" % missing)
+
+
+@pytest.mark.parametrize("cpus, text", [((0,), "0"), ((0, 1, 2, 3, 8), "0-3,8"), ((1, 3, 4), "1,3-4")])
+def test_cpu_lists_format_as_ranges(cpus, text):
+    assert format_cpus(cpus) == text
+
+
+def test_the_options_come_from_flags_environment_and_toml(tmp_path):
+    toml = tmp_path / "kvcm.toml"
+    toml.write_text("http_cpus = %d\ningest_cpus = \"%d\"\n" % (HTTP_CPU, INGEST_CPU))
+    config = load_config(["--config", str(toml)], environ={})
+    assert (config.http_cpus, config.ingest_cpus) == ((HTTP_CPU,), (INGEST_CPU,))
+    config = load_config([], environ={"KVCM_INGEST_CPUS": str(HTTP_CPU)})
+    assert (config.http_cpus, config.ingest_cpus) == (None, (HTTP_CPU,))
+    with pytest.raises(ConfigError, match="--http-cpus: .*not available"):
+        load_config(["--http-cpus", str(max(CPUS) + 1000)], environ={})
+
+
+def test_serve_runs_the_loop_and_the_ingest_on_their_cpus():
+    server = Serve.standard("--http-cpus", str(HTTP_CPU), "--ingest-cpus", str(INGEST_CPU))
+    try:
+        server.wait_ready()
+        pid = server.proc.pid
+        names = threads(pid)
+        assert allowed(pid, pid) == str(HTTP_CPU)                      # the event loop
+        assert [allowed(pid, t) for t in names["kvcm-ingest"]] == [str(INGEST_CPU)]
+        # libzmq's I/O thread, started from the ingest thread, follows it
+        assert [allowed(pid, t) for t in names["ZMQbg/IO/0"]] == [str(INGEST_CPU)]
+        assert server.client.ok("GET", "/health")
+        assert server.stop() == 0
+    finally:
+        server.close()
+
+
+def test_serve_without_placement_leaves_every_thread_where_the_system_puts_it():
+    server = Serve.standard()
+    try:
+        server.wait_ready()
+        pid = server.proc.pid
+        names = threads(pid)
+        everywhere = format_cpus(CPUS)
+        assert allowed(pid, pid) == everywhere
+        assert [allowed(pid, t) for t in names["kvcm-ingest"]] == [everywhere]
+        assert server.stop() == 0
+    finally:
+        server.close()
+
+
+def test_serve_refuses_cpus_it_may_not_use_and_ingest_cpus_with_a_shared_index():
+    status, _, err = run_serve("--http-cpus", str(max(CPUS) + 1000))
+    assert status == 2 and "--http-cpus: CPU %d not available to kvcm" % (max(CPUS) + 1000) in err, err
+    status, _, err = run_serve("--ingest-cpus", str(CPUS[0]), "--index", "redis://127.0.0.1:1")
+    assert status == 2 and "--ingest-cpus places the in-memory index's ingest thread" in err, err
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="a split needs 2 CPUs")
+def test_bench_split_gives_the_engines_the_ingest_cpus_for_a_while():
+    placement = Placement.named("split")
+    half = len(CPUS) // 2
+    assert (placement.http, placement.ingest) == (tuple(CPUS[:half]), tuple(CPUS[half:]))
+    assert placement.serve_args() == ["--http-cpus", format_cpus(CPUS[:half]),
+                                      "--ingest-cpus", format_cpus(CPUS[half:])]
+    before = os.sched_getaffinity(0)
+    seen = {}
+
+    def started_inside():
+        seen["thread"] = os.sched_getaffinity(0)
+    with placement.engines_side():
+        seen["main"] = os.sched_getaffinity(0)
+        thread = threading.Thread(target=started_inside)
+        thread.start()
+        thread.join()
+    assert seen == {"main": set(CPUS[half:]), "thread": set(CPUS[half:])}
+    assert os.sched_getaffinity(0) == before
+
+
+def test_bench_placements():
+    assert Placement.named("none") is None
+    if len(CPUS) < 2:
+        with pytest.raises(PlacementError, match="at least 2 CPUs"):
+            Placement.named("split")
