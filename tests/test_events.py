@@ -1157,13 +1157,16 @@ def test_pods_that_hold_nothing_and_feed_no_stream_are_forgotten():
     assert ix.lookup_prefix(MODEL, vllm_keys(OTHER)) == {"keeper": (2, {"gpu": 2})}
 
 
-def test_a_run_from_block_0_is_verified_on_its_first_32_blocks():
-    # the seed and a salt enter at block 0: the first blocks tell the engines' configuration,
-    # and a run of 65,536 blocks costs no more to check than one of 32
+def test_a_run_from_block_0_is_verified_on_its_first_2_blocks():
+    # the algorithm, the seed and a salt show in block 0's hash, the chaining in block 1's:
+    # a run of 65,536 blocks costs no more to check than one of 2
     tokens = list(range(100 * BS))
     keys = vllm_keys(tokens)
     rig = Rig()
-    rig.apply(block_stored(keys[:32] + [k ^ 1 for k in keys[32:]], None, tokens))
+    rig.apply(block_stored(keys[:2] + [k ^ 1 for k in keys[2:]], None, tokens))
     assert (rig.count("parity_verified"), rig.count("parity_mismatch")) == (1, 0)
+    rig.apply(block_stored(keys[:1] + [keys[1] ^ 1] + keys[2:], None, tokens))
+    assert rig.count("parity_mismatch") == 1 and rig.warnings
+    rig = Rig()
     rig.apply(block_stored([keys[0] ^ 1] + keys[1:], None, tokens))
     assert rig.count("parity_mismatch") == 1 and rig.warnings
