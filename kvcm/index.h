@@ -16,7 +16,7 @@
  * Recency is an exact LRU list: a lookup touches at most the blocks it walked, which are
  * already in cache, so keeping it exact costs little and makes eviction predictable.
  *
- * Single-threaded by contract: the Cython wrapper calls it with the GIL held.
+ * One thread at a time: the Cython wrapper (kvcm/_index.pxi) calls it holding the index lock.
  */
 #ifndef KVCM_INDEX_H
 #define KVCM_INDEX_H
@@ -71,6 +71,11 @@ typedef struct {
 typedef struct {
     uint32_t *slots;
     uint64_t slot_mask;
+    /* The doubled table while it is being filled (see kvi_grow_step), else NULL: its first
+     * next_cleared slots are initialized, and every block at a position of `slots` below
+     * next_at is in it too. */
+    uint32_t *next_slots;
+    uint64_t next_mask, next_cleared, next_at;
     kvi_block *blocks;
     uint32_t blocks_cap, blocks_used, free_block;
     kvi_holder *holders;
@@ -133,7 +138,7 @@ static int kvi_init(kvi_index *ix, uint64_t max_blocks) {
 }
 
 static void kvi_release(kvi_index *ix) {
-    free(ix->slots); free(ix->blocks); free(ix->holders); free(ix->pods);
+    free(ix->slots); free(ix->next_slots); free(ix->blocks); free(ix->holders); free(ix->pods);
     free(ix->scr_gen); free(ix->scr_slot); free(ix->matches); free(ix->active);
     free(ix->ns_blocks);
     memset(ix, 0, sizeof(*ix));
@@ -182,41 +187,114 @@ static inline void kvi_slot_put(uint32_t *slots, uint64_t mask, const kvi_block 
     slots[i] = b;
 }
 
-/* Doubles the table when it passes 3/4 load. */
-static int kvi_maybe_rehash(kvi_index *ix) {
-    uint64_t size = ix->slot_mask + 1;
-    if ((ix->nblocks + 1) * 4 <= size * 3) return 0;
-    uint64_t nsize = size * 2, nmask = nsize - 1;
-    uint32_t *ns = (uint32_t *)malloc(sizeof(uint32_t) * nsize);
-    if (!ns) return -1;
-    memset(ns, 0xFF, sizeof(uint32_t) * nsize);
-    for (uint64_t i = 0; i < size; i++)
-        if (ix->slots[i] != KVI_NIL) kvi_slot_put(ns, nmask, ix->blocks, ix->slots[i]);
-    free(ix->slots);
-    ix->slots = ns;
-    ix->slot_mask = nmask;
-    return 0;
+/* Backward-shift deletion at position i of a table (no tombstones: probe chains stay intact).
+ * With `moved` set (the current table while the next one is filled), a block shifted from a
+ * position at or past next_at to one below it is put into the next table, which the filling
+ * would otherwise never do. */
+static void kvi_slots_delete_at(kvi_index *ix, uint32_t *slots, uint64_t mask, uint64_t i, int moved);
+
+static inline void kvi_next_put(kvi_index *ix, uint32_t b) {
+    /* put b into the next table unless it is there */
+    uint64_t i = kvi_mix(ix->blocks[b].ns, ix->blocks[b].key) & ix->next_mask;
+    for (;;) {
+        uint32_t c = ix->next_slots[i];
+        if (c == b) return;
+        if (c == KVI_NIL) break;
+        i = (i + 1) & ix->next_mask;
+    }
+    ix->next_slots[i] = b;
 }
 
-/* Backward-shift deletion keeps probe chains intact without tombstones. */
-static void kvi_slot_delete(kvi_index *ix, uint32_t b) {
-    uint64_t mask = ix->slot_mask;
-    uint64_t i = kvi_mix(ix->blocks[b].ns, ix->blocks[b].key) & mask;
-    while (ix->slots[i] != b) i = (i + 1) & mask;
+static void kvi_slots_delete_at(kvi_index *ix, uint32_t *slots, uint64_t mask, uint64_t i, int moved) {
     uint64_t j = i;
     for (;;) {
         j = (j + 1) & mask;
-        uint32_t c = ix->slots[j];
+        uint32_t c = slots[j];
         if (c == KVI_NIL) break;
         uint64_t home = kvi_mix(ix->blocks[c].ns, ix->blocks[c].key) & mask;
         /* c may move into the hole at i unless its home lies cyclically in (i, j]. */
         int stays = (i <= j) ? (home > i && home <= j) : (home > i || home <= j);
         if (!stays) {
-            ix->slots[i] = c;
+            slots[i] = c;
+            if (moved && i < ix->next_at && j >= ix->next_at) kvi_next_put(ix, c);
             i = j;
         }
     }
-    ix->slots[i] = KVI_NIL;
+    slots[i] = KVI_NIL;
+}
+
+static void kvi_slot_delete(kvi_index *ix, uint32_t b) {
+    uint64_t i = kvi_mix(ix->blocks[b].ns, ix->blocks[b].key) & ix->slot_mask;
+    while (ix->slots[i] != b) i = (i + 1) & ix->slot_mask;
+    kvi_slots_delete_at(ix, ix->slots, ix->slot_mask, i, ix->next_slots != NULL);
+    if (ix->next_slots && ix->next_at) {
+        i = kvi_mix(ix->blocks[b].ns, ix->blocks[b].key) & ix->next_mask;
+        for (uint32_t c; (c = ix->next_slots[i]) != KVI_NIL; i = (i + 1) & ix->next_mask)
+            if (c == b) {
+                kvi_slots_delete_at(ix, ix->next_slots, ix->next_mask, i, 0);
+                break;
+            }
+    }
+}
+
+/* Puts a new block into the table (and into the next one where the filling has passed). */
+static void kvi_slot_insert(kvi_index *ix, uint32_t b) {
+    uint64_t i = kvi_mix(ix->blocks[b].ns, ix->blocks[b].key) & ix->slot_mask;
+    while (ix->slots[i] != KVI_NIL) i = (i + 1) & ix->slot_mask;
+    ix->slots[i] = b;
+    if (ix->next_slots && i < ix->next_at) kvi_next_put(ix, b);
+}
+
+/* Growing the table. Rehashing it whole would hold the index, and every lookup waiting for
+ * its lock, for as long as moving every block takes (0.3 s at 6 M blocks); instead the
+ * doubled table is cleared, then filled from the current one, a few slots for each new
+ * block. From 5/8 load: clearing 2S slots at 2 * KVI_GROW_STEP and moving S slots at
+ * KVI_GROW_STEP per new block take S / 8 new blocks, so the current table, which every
+ * lookup reads until the next one is complete, never passes 3/4 load. */
+#define KVI_GROW_STEP 16
+
+static void kvi_grow_step(kvi_index *ix, uint64_t slots) {
+    uint64_t nsize = ix->next_mask + 1, size = ix->slot_mask + 1;
+    if (ix->next_cleared < nsize) {
+        uint64_t n = 2 * slots;
+        if (n > nsize - ix->next_cleared) n = nsize - ix->next_cleared;
+        memset(ix->next_slots + ix->next_cleared, 0xFF, sizeof(uint32_t) * n);
+        ix->next_cleared += n;
+        return;
+    }
+    uint64_t end = ix->next_at + slots;
+    if (end > size) end = size;
+    for (uint64_t i = ix->next_at; i < end; i++)
+        if (ix->slots[i] != KVI_NIL) kvi_next_put(ix, ix->slots[i]);
+    ix->next_at = end;
+    if (end == size) {
+        free(ix->slots);
+        ix->slots = ix->next_slots;
+        ix->slot_mask = ix->next_mask;
+        ix->next_slots = NULL;
+        ix->next_mask = ix->next_cleared = ix->next_at = 0;
+    }
+}
+
+/* Before a new block: starts growing the table past 5/8 load, or takes the next step. */
+static int kvi_maybe_rehash(kvi_index *ix) {
+    if (ix->next_slots) {
+        kvi_grow_step(ix, KVI_GROW_STEP);
+        return 0;
+    }
+    uint64_t size = ix->slot_mask + 1;
+    if ((ix->nblocks + 1) * 8 <= size * 5) return 0;
+    ix->next_slots = (uint32_t *)malloc(sizeof(uint32_t) * size * 2);
+    if (!ix->next_slots) return (ix->nblocks + 1) * 4 <= size * 3 ? 0 : -1;   /* retried at the next block */
+    ix->next_mask = size * 2 - 1;
+    ix->next_cleared = ix->next_at = 0;
+    kvi_grow_step(ix, KVI_GROW_STEP);
+    return 0;
+}
+
+/* Completes a growth in progress (before the table is resized whole). */
+static void kvi_grow_finish(kvi_index *ix) {
+    while (ix->next_slots) kvi_grow_step(ix, ix->slot_mask + 1);
 }
 
 /* ---- LRU ----------------------------------------------------------------------------- */
@@ -339,7 +417,7 @@ static uint32_t kvi_alloc_block(kvi_index *ix, uint16_t ns, uint64_t key) {
     x->key = key;
     x->ns = ns;
     x->holders = KVI_NIL;
-    kvi_slot_put(ix->slots, ix->slot_mask, ix->blocks, b);
+    kvi_slot_insert(ix, b);
     kvi_lru_push_front(ix, b);
     ix->nblocks++;
     ix->ns_blocks[ns]++;
@@ -561,8 +639,9 @@ static int kvi_reserve(kvi_index *ix, uint64_t blocks, uint64_t entries) {
     if (blocks > ix->max_blocks) blocks = ix->max_blocks;
     if (blocks > KVI_MAX_ITEMS) blocks = KVI_MAX_ITEMS;
     if (entries > KVI_MAX_ITEMS) entries = KVI_MAX_ITEMS;
+    kvi_grow_finish(ix);
     uint64_t size = ix->slot_mask + 1;
-    while ((blocks + 1) * 4 > size * 3) size *= 2;
+    while ((blocks + 1) * 8 > size * 5) size *= 2;
     if (size != ix->slot_mask + 1) {
         uint32_t *ns = (uint32_t *)malloc(sizeof(uint32_t) * size);
         if (!ns) return -1;

@@ -579,3 +579,42 @@ _op = st.one_of(
 @given(ops=st.lists(_op, max_size=60), max_blocks=st.integers(1, 8))
 def test_core_matches_reference_on_shrinkable_operation_lists(ops, max_blocks):
     run_differential(ops, max_blocks, range(12), dump_every=20)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_every_block_stays_findable_while_the_table_grows_in_steps(seed):
+    # The table doubles in steps (index.h, kvi_grow_step): tens of thousands of blocks pass
+    # through six doublings while a third of the operations remove blocks, some of them from
+    # slots the filling of the next table has passed and some not yet. A model says which
+    # pods hold each key; the index must agree on every key, present or gone.
+    rnd = random.Random(seed)
+    ix = _core.Index(max_blocks=1_000_000)
+    pods = ["p0", "p1", "p2"]
+    held = {}                       # key -> pods holding it
+
+    def check(keys):
+        for key in keys:
+            found = ix.lookup_prefix("m", [key])
+            assert set(found) == held.get(key, set()), (key, found, held.get(key))
+
+    key_space = 120_000
+    for step in range(9_000):
+        pod = rnd.choice(pods)
+        keys = [rnd.randrange(key_space) for _ in range(rnd.randint(1, 16))]
+        if rnd.random() < 0.66:
+            ix.store("m", pod, "gpu", keys)
+            for key in keys:
+                held.setdefault(key, set()).add(pod)
+        else:
+            keys = rnd.sample(sorted(held), min(len(held), len(keys))) if held else keys
+            ix.remove("m", pod, "gpu", keys)
+            for key in keys:
+                held.get(key, set()).discard(pod)
+                if not held.get(key, True):
+                    del held[key]
+        if step % 500 == 0:
+            check(rnd.sample(sorted(held), min(300, len(held))))
+            check(rnd.randrange(key_space, 2 * key_space) for _ in range(100))
+    assert ix.stats()["blocks"] == len(held) > 30_000   # past 20,480: six doublings
+    check(held)
+    check(range(key_space, key_space + 2000))
