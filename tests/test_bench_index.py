@@ -82,6 +82,19 @@ def test_the_summary_table_and_plain_progress_lines():
     assert re.search(r"^  kvcm +ingest [\d,]+ blocks/s", proc.stderr, re.M), proc.stderr    # not a terminal
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--placement split needs 2 CPUs (CI has them)")
+def test_placement_split_places_kvcm_and_says_so():
+    proc = bench(*TINY, "--placement", "split", "--probes", "0", "--open-rate", "0", "--query-tokens", "256")
+    assert re.search(r"^scoring while ingesting, placed: the client and kvcm's event loop on CPU \S+, "
+                     r"the engines and kvcm's ingest on CPU \S+", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^query 256 tokens p99 while ingesting", proc.stdout, re.M), proc.stdout
+    proc = bench(*TINY, "--placement", "split", "--probes", "0", "--open-rate", "0", "--query-tokens", "256",
+                 "--json")
+    result = json.loads(proc.stdout)
+    assert set(result["workload"]["placement"]) == {"scoring_cpus", "ingest_cpus"}
+    assert result["targets"]["kvcm"]["score_while_ingesting"]["loaded_p99_us"]["median"] > 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--target", "nope"], "--target: unknown nope"),
     (["--target", "dynamo"], "needs --dynamo-python"),
@@ -89,6 +102,7 @@ def test_the_summary_table_and_plain_progress_lines():
     (["--target", "llmd", "--url", "http://127.0.0.1:1"], "--tokenizer"),
     (["--prompt-tokens", "12x"], "not TOKENS"),
     (["--engines", "0"], "invalid"),
+    (["--placement", "everywhere"], "invalid choice"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, message):
     proc = bench(*args, check=False)

@@ -83,6 +83,10 @@ def index_text(result):
         w["engines"], fmt(w["blocks"]), fmt(w["held_entries"]), w["repeats"],
         result["machine"]["loadavg_start"], result["machine"]["loadavg_end"]), "", table(header, rows)]
     notes = []
+    if w.get("placement"):
+        notes.append("scoring while ingesting, placed: the client and kvcm's event loop on CPU %s, the engines "
+                     "and kvcm's ingest on CPU %s (targets bench cannot place run where the system puts them)"
+                     % (w["placement"]["scoring_cpus"], w["placement"]["ingest_cpus"]))
     for label, t in result["targets"].items():
         g = t["generator"]
         notes.append("%s: generator sent everything in %s s (%s of a core in this process during ingest); "
