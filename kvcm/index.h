@@ -3,7 +3,10 @@
  * Memory is the design constraint (<= 64 B of RSS per (block, pod) entry at 10 M entries),
  * so nothing here is a Python object and every link is a 32-bit index into a slab:
  *
- *   slots[]    open-addressing table (linear probing) of block indices       ~4-8 B/block
+ *   slots[]    open-addressing table (linear probing) of block indices       ~4-8 B/block;
+ *              the bits an index does not need (max_blocks sets how many) hold a tag
+ *              from the key's hash, so a probe passes other blocks' slots without reading
+ *              their 32 B entries, which would each be a cache miss in a large index
  *   blocks[]   32 B: key, namespace, first holder, LRU prev/next, and a summary of its
  *              holders when they use at most two tiers and pod ids < 32 (a pod bit mask
  *              per tier), which lets a lookup decide a block without walking its holders
@@ -69,8 +72,9 @@ typedef struct {
 } kvi_match;
 
 typedef struct {
-    uint32_t *slots;
+    uint32_t *slots;  /* entries: tag bits | block index (see kvi_entry), or KVI_NIL */
     uint64_t slot_mask;
+    uint32_t index_mask; /* the bits of an entry that hold the block index */
     /* The doubled table while it is being filled (see kvi_grow_step), else NULL: its first
      * next_cleared slots are initialized, and every block at a position of `slots` below
      * next_at is in it too. */
@@ -110,6 +114,16 @@ static inline uint64_t kvi_mix(uint32_t ns, uint64_t key) {
     return x;
 }
 
+/* A slot's entry for block b whose key hashes to h: the hash's high bits above the block
+ * index. A block index never has all its bits set (see kvi_init), so no entry is KVI_NIL. */
+static inline uint32_t kvi_entry(const kvi_index *ix, uint64_t h, uint32_t b) {
+    return ((uint32_t)(h >> 32) & ~ix->index_mask) | b;
+}
+
+static inline uint64_t kvi_hash_of(const kvi_index *ix, uint32_t b) {
+    return kvi_mix(ix->blocks[b].ns, ix->blocks[b].key);
+}
+
 static int kvi_grow(void **arr, uint32_t *cap, size_t item, uint32_t need) {
     if (need <= *cap) return 0;
     uint64_t ncap = *cap ? (uint64_t)*cap * 2 : 1024;
@@ -126,6 +140,12 @@ static int kvi_grow(void **arr, uint32_t *cap, size_t item, uint32_t need) {
 static int kvi_init(kvi_index *ix, uint64_t max_blocks) {
     memset(ix, 0, sizeof(*ix));
     ix->max_blocks = max_blocks;
+    /* block indices stay below max_blocks (and KVI_MAX_ITEMS): the fewest bits that hold
+     * max_blocks itself leave the all-ones index unused */
+    uint64_t blocks = max_blocks < KVI_MAX_ITEMS ? max_blocks : KVI_MAX_ITEMS;
+    uint32_t bits = 1;
+    while (bits < 32 && (1ull << bits) <= blocks) bits++;
+    ix->index_mask = (uint32_t)((1ull << bits) - 1);
     ix->free_block = ix->free_holder = KVI_NIL;
     ix->lru_head = ix->lru_tail = KVI_NIL;
     ix->dump_cursor = KVI_NIL;
@@ -172,19 +192,31 @@ static int kvi_ensure_pods(kvi_index *ix, uint32_t npods) {
 /* ---- hash table ---------------------------------------------------------------------- */
 
 static inline uint32_t kvi_find(const kvi_index *ix, uint32_t ns, uint64_t key) {
-    uint64_t i = kvi_mix(ns, key) & ix->slot_mask;
+    uint64_t h = kvi_mix(ns, key), i = h & ix->slot_mask;
+    uint32_t tag = kvi_entry(ix, h, 0);
     for (;;) {
-        uint32_t b = ix->slots[i];
-        if (b == KVI_NIL) return KVI_NIL;
-        if (ix->blocks[b].key == key && ix->blocks[b].ns == ns) return b;
+        uint32_t e = ix->slots[i];
+        if (e == KVI_NIL) return KVI_NIL;
+        if ((e & ~ix->index_mask) == tag) {
+            uint32_t b = e & ix->index_mask;
+            if (ix->blocks[b].key == key && ix->blocks[b].ns == ns) return b;
+        }
         i = (i + 1) & ix->slot_mask;
     }
 }
 
-static inline void kvi_slot_put(uint32_t *slots, uint64_t mask, const kvi_block *blocks, uint32_t b) {
-    uint64_t i = kvi_mix(blocks[b].ns, blocks[b].key) & mask;
+/* Starts loading the slot a lookup of key will read first; a run of keys is looked up with
+ * the slots of the next KVI_PREFETCH keys on their way. */
+#define KVI_PREFETCH 4
+static inline void kvi_prefetch_slot(const kvi_index *ix, uint32_t ns, uint64_t key) {
+    __builtin_prefetch(&ix->slots[kvi_mix(ns, key) & ix->slot_mask]);
+}
+
+/* Puts entry e, whose block hashes to h, into a table that does not hold it. */
+static inline void kvi_slot_put(uint32_t *slots, uint64_t mask, uint64_t h, uint32_t e) {
+    uint64_t i = h & mask;
     while (slots[i] != KVI_NIL) i = (i + 1) & mask;
-    slots[i] = b;
+    slots[i] = e;
 }
 
 /* Backward-shift deletion at position i of a table (no tombstones: probe chains stay intact).
@@ -193,16 +225,16 @@ static inline void kvi_slot_put(uint32_t *slots, uint64_t mask, const kvi_block 
  * would otherwise never do. */
 static void kvi_slots_delete_at(kvi_index *ix, uint32_t *slots, uint64_t mask, uint64_t i, int moved);
 
-static inline void kvi_next_put(kvi_index *ix, uint32_t b) {
-    /* put b into the next table unless it is there */
-    uint64_t i = kvi_mix(ix->blocks[b].ns, ix->blocks[b].key) & ix->next_mask;
+static inline void kvi_next_put(kvi_index *ix, uint64_t h, uint32_t e) {
+    /* put entry e (hash h) into the next table unless it is there */
+    uint64_t i = h & ix->next_mask;
     for (;;) {
         uint32_t c = ix->next_slots[i];
-        if (c == b) return;
+        if (c == e) return;
         if (c == KVI_NIL) break;
         i = (i + 1) & ix->next_mask;
     }
-    ix->next_slots[i] = b;
+    ix->next_slots[i] = e;
 }
 
 static void kvi_slots_delete_at(kvi_index *ix, uint32_t *slots, uint64_t mask, uint64_t i, int moved) {
@@ -211,12 +243,12 @@ static void kvi_slots_delete_at(kvi_index *ix, uint32_t *slots, uint64_t mask, u
         j = (j + 1) & mask;
         uint32_t c = slots[j];
         if (c == KVI_NIL) break;
-        uint64_t home = kvi_mix(ix->blocks[c].ns, ix->blocks[c].key) & mask;
+        uint64_t h = kvi_hash_of(ix, c & ix->index_mask), home = h & mask;
         /* c may move into the hole at i unless its home lies cyclically in (i, j]. */
         int stays = (i <= j) ? (home > i && home <= j) : (home > i || home <= j);
         if (!stays) {
             slots[i] = c;
-            if (moved && i < ix->next_at && j >= ix->next_at) kvi_next_put(ix, c);
+            if (moved && i < ix->next_at && j >= ix->next_at) kvi_next_put(ix, h, c);
             i = j;
         }
     }
@@ -224,13 +256,14 @@ static void kvi_slots_delete_at(kvi_index *ix, uint32_t *slots, uint64_t mask, u
 }
 
 static void kvi_slot_delete(kvi_index *ix, uint32_t b) {
-    uint64_t i = kvi_mix(ix->blocks[b].ns, ix->blocks[b].key) & ix->slot_mask;
-    while (ix->slots[i] != b) i = (i + 1) & ix->slot_mask;
+    uint64_t h = kvi_hash_of(ix, b), i = h & ix->slot_mask;
+    uint32_t e = kvi_entry(ix, h, b);
+    while (ix->slots[i] != e) i = (i + 1) & ix->slot_mask;
     kvi_slots_delete_at(ix, ix->slots, ix->slot_mask, i, ix->next_slots != NULL);
     if (ix->next_slots && ix->next_at) {
-        i = kvi_mix(ix->blocks[b].ns, ix->blocks[b].key) & ix->next_mask;
+        i = h & ix->next_mask;
         for (uint32_t c; (c = ix->next_slots[i]) != KVI_NIL; i = (i + 1) & ix->next_mask)
-            if (c == b) {
+            if (c == e) {
                 kvi_slots_delete_at(ix, ix->next_slots, ix->next_mask, i, 0);
                 break;
             }
@@ -239,10 +272,11 @@ static void kvi_slot_delete(kvi_index *ix, uint32_t b) {
 
 /* Puts a new block into the table (and into the next one where the filling has passed). */
 static void kvi_slot_insert(kvi_index *ix, uint32_t b) {
-    uint64_t i = kvi_mix(ix->blocks[b].ns, ix->blocks[b].key) & ix->slot_mask;
+    uint64_t h = kvi_hash_of(ix, b), i = h & ix->slot_mask;
+    uint32_t e = kvi_entry(ix, h, b);
     while (ix->slots[i] != KVI_NIL) i = (i + 1) & ix->slot_mask;
-    ix->slots[i] = b;
-    if (ix->next_slots && i < ix->next_at) kvi_next_put(ix, b);
+    ix->slots[i] = e;
+    if (ix->next_slots && i < ix->next_at) kvi_next_put(ix, h, e);
 }
 
 /* Growing the table. Rehashing it whole would hold the index, and every lookup waiting for
@@ -262,10 +296,24 @@ static void kvi_grow_step(kvi_index *ix, uint64_t slots) {
         ix->next_cleared += n;
         return;
     }
-    uint64_t end = ix->next_at + slots;
-    if (end > size) end = size;
-    for (uint64_t i = ix->next_at; i < end; i++)
-        if (ix->slots[i] != KVI_NIL) kvi_next_put(ix, ix->slots[i]);
+    /* A step's blocks and their places in the next table are scattered: each is loaded
+     * ahead (prefetched) before it is used, so the cache misses overlap. */
+    uint64_t h[KVI_GROW_STEP];
+    for (uint64_t at = ix->next_at, end; at < size && at < ix->next_at + slots; at = end) {
+        end = at + KVI_GROW_STEP < size ? at + KVI_GROW_STEP : size;
+        const uint32_t *from = ix->slots + at;
+        uint32_t n = (uint32_t)(end - at);
+        for (uint32_t k = 0; k < n; k++)
+            if (from[k] != KVI_NIL) __builtin_prefetch(&ix->blocks[from[k] & ix->index_mask]);
+        for (uint32_t k = 0; k < n; k++)
+            if (from[k] != KVI_NIL) {
+                h[k] = kvi_hash_of(ix, from[k] & ix->index_mask);
+                __builtin_prefetch(&ix->next_slots[h[k] & ix->next_mask], 1);
+            }
+        for (uint32_t k = 0; k < n; k++)
+            if (from[k] != KVI_NIL) kvi_next_put(ix, h[k], from[k]);
+    }
+    uint64_t end = ix->next_at + slots < size ? ix->next_at + slots : size;
     ix->next_at = end;
     if (end == size) {
         free(ix->slots);
@@ -410,7 +458,8 @@ static uint32_t kvi_alloc_block(kvi_index *ix, uint16_t ns, uint64_t key) {
         b = ix->free_block;
         ix->free_block = ix->blocks[b].lru_next;
     } else {
-        if (kvi_grow((void **)&ix->blocks, &ix->blocks_cap, sizeof(kvi_block), ix->blocks_used + 1)) return KVI_NIL;
+        if (ix->blocks_used >= ix->index_mask ||
+            kvi_grow((void **)&ix->blocks, &ix->blocks_cap, sizeof(kvi_block), ix->blocks_used + 1)) return KVI_NIL;
         b = ix->blocks_used++;
     }
     kvi_block *x = &ix->blocks[b];
@@ -444,7 +493,9 @@ static int64_t kvi_store(kvi_index *ix, uint32_t ns, uint32_t pod, uint32_t tier
     if (pod >= ix->pods_cap || tier >= KVI_MAX_TIERS || ns > KVI_MAX_NS || ix->max_blocks == 0) return -1;
     uint32_t pod_tier = (pod << KVI_TIER_BITS) | tier;
     int64_t added = 0;
+    for (size_t i = 0; i < n && i < KVI_PREFETCH; i++) kvi_prefetch_slot(ix, ns, keys[i]);
     for (size_t i = 0; i < n; i++) {
+        if (i + KVI_PREFETCH < n) kvi_prefetch_slot(ix, ns, keys[i + KVI_PREFETCH]);
         uint32_t b = kvi_find(ix, ns, keys[i]);
         if (b == KVI_NIL) {
             if (ix->nblocks >= ix->max_blocks) kvi_evict_block(ix, ix->lru_tail);
@@ -647,7 +698,8 @@ static int kvi_reserve(kvi_index *ix, uint64_t blocks, uint64_t entries) {
         if (!ns) return -1;
         memset(ns, 0xFF, sizeof(uint32_t) * size);
         for (uint64_t i = 0; i <= ix->slot_mask; i++)
-            if (ix->slots[i] != KVI_NIL) kvi_slot_put(ns, size - 1, ix->blocks, ix->slots[i]);
+            if (ix->slots[i] != KVI_NIL)
+                kvi_slot_put(ns, size - 1, kvi_hash_of(ix, ix->slots[i] & ix->index_mask), ix->slots[i]);
         free(ix->slots);
         ix->slots = ns;
         ix->slot_mask = size - 1;

@@ -581,14 +581,15 @@ def test_core_matches_reference_on_shrinkable_operation_lists(ops, max_blocks):
     run_differential(ops, max_blocks, range(12), dump_every=20)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_every_block_stays_findable_while_the_table_grows_in_steps(seed):
+@pytest.mark.parametrize("seed, max_blocks", [(1, 1_000_000), (2, 65_536), (3, 2**32)])
+def test_every_block_stays_findable_while_the_table_grows_in_steps(seed, max_blocks):
     # The table doubles in steps (index.h, kvi_grow_step): tens of thousands of blocks pass
     # through six doublings while a third of the operations remove blocks, some of them from
     # slots the filling of the next table has passed and some not yet. A model says which
-    # pods hold each key; the index must agree on every key, present or gone.
+    # pods hold each key; the index must agree on every key, present or gone. The capacities
+    # leave a slot's entry 12, 15 and no bits for the tag of its key's hash.
     rnd = random.Random(seed)
-    ix = _core.Index(max_blocks=1_000_000)
+    ix = _core.Index(max_blocks=max_blocks)
     pods = ["p0", "p1", "p2"]
     held = {}                       # key -> pods holding it
 
