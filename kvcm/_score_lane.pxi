@@ -32,7 +32,7 @@ cdef bytes _LANE_STATUS = b"HTTP/1.1 200 OK\r\n"
 cdef bytes _LANE_TYPE = b"Content-Type: application/json\r\nContent-Length: "
 
 
-cdef inline double _seconds_since(const timespec *t0) noexcept:
+cdef inline double _seconds_since(const timespec *t0) noexcept nogil:
     cdef timespec t1
     clock_gettime(CLOCK_MONOTONIC, &t1)
     return <double>(t1.tv_sec - t0.tv_sec) + <double>(t1.tv_nsec - t0.tv_nsec) * 1e-9

@@ -46,6 +46,7 @@ from urllib.parse import unquote
 
 import orjson
 
+from kvcm._core import busy_poll
 from kvcm.ratelog import RateLimitedLog
 
 __all__ = [
@@ -68,6 +69,7 @@ rate_log = RateLimitedLog(log)
 MAX_HEADER = 16 * 1024            # request line + headers
 MAX_BODY = 8 * 1024 * 1024
 MAX_PIPELINE = 64                 # unanswered requests per connection before we stop reading
+MAX_BUSY_POLL = 0.01              # seconds a loop may spin after an answer
 MAX_CHUNK_LINE = 1024             # chunk-size line with its extensions
 WRITE_HIGH, WRITE_LOW = 64 * 1024, 16 * 1024
 
@@ -606,6 +608,7 @@ class _Connection(asyncio.Protocol):
                 self._process(buf)
             elif not (self._lane is not None and self._take_lane(data)):
                 self._process(data)
+            self._await_next()
         except Exception:
             rate_log.error("connection-failed", "HTTP connection from %s failed; dropping it", self._peer,
                            exc_info=True)
@@ -644,6 +647,16 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._server._forget(self)
+
+    def _await_next(self):
+        """With busy polling on, spins until the loop has its next event (or the budget is
+        spent) when this connection has answered everything it received and no handler is
+        running anywhere: the next request then finds the loop's thread awake. An event
+        from any source ends the spin, so it only delays timers, by at most the budget."""
+        server = self._server
+        if (server._poll_fd is not None and not self._queue and not self._buf and self._state is _HEAD
+                and not server._tasks and not server.closing and not self._closed):
+            server.busy_polls[0 if busy_poll(server._poll_fd, server.busy_poll) else 1] += 1
 
     # ---- input
 
@@ -1004,6 +1017,7 @@ class _Connection(asyncio.Protocol):
         else:
             slot[0], slot[1] = self._render(request, response, close), close
         self._flush()
+        self._await_next()
 
     def _flush(self):
         """Writes the finished answers at the head of the queue, in order, up to a stream
@@ -1195,17 +1209,23 @@ class HttpServer:
     lane, a kvcm._core.ScoreLane, answers the plain requests of its paths before any of the
     parsing below (a read that is one whole such request), and the bodies of keep-alive
     HTTP/1.1 POSTs to them that the parsing below read (split over reads, or pipelined).
+
+    busy_poll (seconds, uvloop only): after a connection has answered all it received, the
+    loop's thread spins up to this long for its next event instead of going to sleep.
     """
 
     def __init__(self, router, *, max_body=MAX_BODY, header_timeout=10.0, body_timeout=30.0,
                  idle_timeout=120.0, max_connections=1000, access_log=None, on_response=None,
-                 max_header=MAX_HEADER, drain_timeout=5.0, drain_bytes=None, ssl=None, lane=None):
+                 max_header=MAX_HEADER, drain_timeout=5.0, drain_bytes=None, ssl=None, lane=None,
+                 busy_poll=0.0):
         for name, value in (("max_body", max_body), ("header_timeout", header_timeout),
                             ("body_timeout", body_timeout), ("idle_timeout", idle_timeout),
                             ("max_connections", max_connections), ("max_header", max_header),
                             ("drain_timeout", drain_timeout)):
             if not value > 0:
                 raise ValueError("%s must be positive, got %r" % (name, value))
+        if not 0 <= busy_poll <= MAX_BUSY_POLL:
+            raise ValueError("busy_poll must be between 0 and %g seconds, got %r" % (MAX_BUSY_POLL, busy_poll))
         self.router = router
         self.max_body = max_body
         self.header_timeout = header_timeout
@@ -1225,6 +1245,9 @@ class HttpServer:
             lane.limit(max_header, max_body)
             self._lane_requests = [None] + [Request("POST", path) for path in lane.paths]
             self._lane_routes = {path: route for route, path in enumerate(lane.paths, 1)}
+        self.busy_poll = busy_poll
+        self.busy_polls = [0, 0]      # spins that ended with an event, with the budget spent
+        self._poll_fd = None          # the loop's epoll fd while busy polling
         self.closing = False
         self._loop = None
         self._servers = []
@@ -1254,9 +1277,16 @@ class HttpServer:
     def _factory(self):
         return _Connection(self)
 
+    def _bind_loop(self):
+        self._loop = asyncio.get_running_loop()
+        backend_fd = getattr(self._loop, "_get_backend_id", None)   # uvloop: its epoll fd
+        if self.busy_poll and backend_fd is None:
+            log.warning("busy polling needs uvloop; this loop sleeps between requests")
+        self._poll_fd = backend_fd() if self.busy_poll and backend_fd is not None else None
+
     async def start(self, host="127.0.0.1", port=0):
         """Listens on host:port (port 0 picks a free one, see .port)."""
-        self._loop = asyncio.get_running_loop()
+        self._bind_loop()
         server = await self._loop.create_server(self._factory, host, port, reuse_address=True, backlog=1024,
                                                 **self._tls())
         self._servers.append(server)
@@ -1264,7 +1294,7 @@ class HttpServer:
 
     async def start_on_socket(self, sock):
         """Serves on an already listening socket (systemd socket activation)."""
-        self._loop = asyncio.get_running_loop()
+        self._bind_loop()
         server = await self._loop.create_server(self._factory, sock=sock, backlog=1024, **self._tls())
         self._servers.append(server)
         return self

@@ -66,6 +66,10 @@ class Metrics:
         """Exports how many requests the scoring lane (kvcm/_score_lane.pxi) answered."""
         self.registry.register(_LaneCollector(lane))
 
+    def watch_busy_polls(self, http):
+        """Exports how the event loop's spins after answers ended (HttpServer.busy_polls)."""
+        self.registry.register(_BusyPollCollector(http))
+
     def observe_request(self, endpoint, method, status, seconds):
         self.requests.observe(endpoint, method, status, seconds)
 
@@ -94,6 +98,21 @@ class _LaneCollector:
         yield counter("kvcm_http_lane_requests_total",
                       "Token-id scoring requests the core's lane answered (the rest took the general path)",
                       self.lane.served)
+
+
+class _BusyPollCollector:
+    def __init__(self, http):
+        self.http = http
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "kvcm_http_busy_polls", "Spins of the event loop after an answer (--busy-poll-us), by how they "
+            "ended: an event arrived (the next request found the loop awake) or the budget ran out",
+            labels=("outcome",))
+        caught, expired = self.http.busy_polls
+        family.add_metric(("event",), caught)
+        family.add_metric(("timeout",), expired)
+        yield family
 
 
 class _RequestLatencies:

@@ -105,9 +105,12 @@ class Service:
         self.http = HttpServer(self.api.router, max_body=config.max_body,
                                header_timeout=config.header_timeout, body_timeout=config.body_timeout,
                                idle_timeout=config.idle_timeout, max_connections=config.max_connections,
-                               on_response=request_timer(self.metrics), ssl=_tls(config), lane=self.api.lane())
+                               on_response=request_timer(self.metrics), ssl=_tls(config), lane=self.api.lane(),
+                               busy_poll=config.busy_poll_us / 1e6)
         if self.http.lane is not None:
             self.metrics.watch_lane(self.http.lane)
+        if config.busy_poll_us:
+            self.metrics.watch_busy_polls(self.http)
         self._stop = None
         self._failure = None
         if hasattr(self.indexer.ingest, "on_fatal"):   # the ingest runs on a thread of its own

@@ -137,6 +137,7 @@ SAMPLES = {
     "log_format": (('"json"', "json"), ("text", "text"), (["--log-format", "json"], "json")),
     # CPU lists must name CPUs this process may use: these need CPUs 0 and 1 (CI has 2)
     "http_cpus": (("0", (0,)), ("1", (1,)), (["--http-cpus", "0-1"], (0, 1))),
+    "busy_poll_us": (("50", 50), ("200", 200), (["--busy-poll-us", "1000"], 1000)),
     "ingest_cpus": (('"1"', (1,)), ("0", (0,)), (["--ingest-cpus", "1,0"], (0, 1))),
     "default_model": (('"m1"', "m1"), ("m2", "m2"), (["--default-model", "Qwen/Qwen3-0.6B"], "Qwen/Qwen3-0.6B")),
 }
@@ -335,6 +336,7 @@ BAD_TEXT = [
     ("http_port", "http", "expected an integer"),
     ("http_host", "a b", "whitespace"),
     ("max_connections", "0", "between 1"),
+    ("busy_poll_us", "10001", "between 0 and 10000"),
     ("max_blocks", "0", "between 1"), ("max_blocks", str(2**33), "between 1"),
     ("header_timeout", "0", "above 0"), ("header_timeout", "-1", "above 0"), ("header_timeout", "nan", "above 0"),
     ("header_timeout", "inf", "above 0"), ("idle_timeout", "soon", "number of seconds"),

@@ -309,6 +309,66 @@ def test_keep_alive_many_requests(served):
     assert len(served.connections()) == 1
 
 
+# --------------------------------------------------------------------------------------------
+# Busy polling: after answering, the loop spins for its next event instead of sleeping
+
+
+def test_busy_poll_reports_whether_the_fd_became_readable():
+    a, b = socket.socketpair()
+    ep = select.epoll()
+    try:
+        ep.register(a.fileno(), select.EPOLLIN)
+        assert kvcm.http.busy_poll(ep.fileno(), 0.002) is False     # the budget ran out
+        b.sendall(b"x")
+        assert kvcm.http.busy_poll(ep.fileno(), 5.0) is True        # an event, at once
+        assert kvcm.http.busy_poll(ep.fileno(), 5.0) is True        # still there: nothing consumed
+        assert ep.poll(0) == [(a.fileno(), select.EPOLLIN)]
+    finally:
+        ep.close()
+        a.close()
+        b.close()
+
+
+def test_busy_polling_spins_once_after_each_answer_and_every_connection_is_served(serve):
+    # Sync, async and body-carrying requests on two connections: each answer is followed by
+    # one spin (an async handler's after its task ends, not while it runs), and a request
+    # on the other connection ends the spin with an event.
+    served = serve(busy_poll=0.005)
+    first, second = Client(served), Client(served)
+    answered = 0
+    for i in range(60):
+        client = (first, second)[i % 2]
+        if i % 3 == 2:
+            reply = client.request("POST", "/echo", b"payload %d" % i)
+            assert reply.body == b"payload %d" % i
+        else:
+            reply = client.request("GET", "/sync/%d" % i if i % 3 == 0 else "/async/%d" % i)
+            assert reply.status == 200 and reply.json()["n"] == i
+        answered += 1
+    served.until(lambda: sum(served.server.busy_polls) == answered, "a spin after every answer")
+    event, budget_spent = served.inspect(lambda: list(served.server.busy_polls))
+    assert event > 0
+    # a client that sends nothing more: the spin after its answer runs out (looking at the
+    # server any sooner would be an event that ends it)
+    assert first.request("GET", "/sync/1").status == 200
+    time.sleep(0.5)
+    served.until(lambda: served.server.busy_polls[1] > budget_spent, "a spin that ran out")
+    assert sum(served.inspect(lambda: list(served.server.busy_polls))) == answered + 1
+
+
+def test_without_busy_polling_the_loop_never_spins(served):
+    client = Client(served)
+    for i in range(20):
+        assert client.request("GET", "/async/%d" % i).status == 200
+    assert served.inspect(lambda: (served.server._poll_fd, served.server.busy_polls)) == (None, [0, 0])
+
+
+@pytest.mark.parametrize("seconds", [-0.001, 0.011, float("nan")])
+def test_busy_poll_budget_is_checked(seconds):
+    with pytest.raises(ValueError, match="busy_poll must be between 0 and 0.01 seconds"):
+        HttpServer(Router(), busy_poll=seconds)
+
+
 def pipelined_request(i):
     kind = i % 4
     if kind == 0:    # async; earlier ones sleep longer, so they finish after later ones

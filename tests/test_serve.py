@@ -217,6 +217,17 @@ def test_json_log_format(serve):
     assert server.stop() == 0
 
 
+def test_busy_polling_follows_answers_and_the_metrics_say_how_its_spins_ended(serve, server):
+    busy = serve("--busy-poll-us", "2000")
+    for i in range(20):      # token ids (the core's lane), then prompts (the general path)
+        fields = {"token_ids": list(range(i, i + 64))} if i % 2 else {"prompt": "hello %d" % i}
+        busy.client.score(QWEN, **fields)
+    metrics = busy.client.metrics()
+    spins = [metrics[("kvcm_http_busy_polls_total", (("outcome", outcome),))] for outcome in ("event", "timeout")]
+    assert sum(spins) >= 20, spins
+    assert not any(name == "kvcm_http_busy_polls_total" for name, _ in server.client.metrics())
+
+
 # -- systemd notify and signals ------------------------------------------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
