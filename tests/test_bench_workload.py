@@ -188,12 +188,12 @@ class _StallingServer:
     """HTTP on a real socket that answers every request with 200 and holds its first
     answer for `stall` seconds; records when (perf_counter_ns) the stall began and ended."""
 
-    def __init__(self, stall):
+    def __init__(self, stall, status=200):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
         self.address = self.sock.getsockname()
-        self.stall, self.stalled = stall, None
+        self.stall, self.stalled, self.status = stall, None, status
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -213,7 +213,7 @@ class _StallingServer:
                         time.sleep(self.stall)
                         self.stalled = time.perf_counter_ns() - t0
                         first = False
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    conn.sendall(b"HTTP/1.1 %d X\r\nContent-Length: 2\r\n\r\nok" % self.status)
 
     def close(self):
         self.sock.close()
@@ -238,6 +238,20 @@ def test_closed_loop_charges_a_stall_only_to_the_request_that_met_it():
         server.close()
     assert lat[0] >= server.stalled
     assert sum(1 for v in lat if v >= server.stalled) == 1
+
+
+def test_a_closed_loop_of_one_connection_stops_at_its_deadline_and_fails_on_an_error_status():
+    server = _StallingServer(0.0)
+    try:
+        assert len(load.closed_loop(server.address, [load.request_bytes("GET", "/health")], 10**9, seconds=0.2)) > 0
+    finally:
+        server.close()
+    server = _StallingServer(0.0, status=503)
+    try:
+        with pytest.raises(load.HttpError, match="HTTP 503"):
+            load.closed_loop(server.address, [load.request_bytes("GET", "/health")], 5)
+    finally:
+        server.close()
 
 
 def test_responses_are_framed_by_length_and_by_chunks():

@@ -3,7 +3,9 @@
 - `Connection`: one keep-alive HTTP/1.1 connection; `call()` sends pre-encoded request bytes
   and reads the whole response (Content-Length or chunked) before returning.
 - `closed_loop()`: `concurrency` connections, each sending its next request as soon as the
-  last one is answered. Latency is send -> response.
+  last one is answered. Latency is send -> response. One connection is driven with blocking
+  calls, without a selector: the client's own time is inside every latency, and waiting in
+  recv() costs it the least.
 - `open_loop()`: requests are due on a fixed schedule (`rate` per second) whatever the
   answers do. Latency runs from when a request was due, not from when it could be sent, so
   a stalled server is charged for every request that piled up behind the stall (no
@@ -215,7 +217,24 @@ def closed_loop(address, requests, count, concurrency=1, seconds=None):
     """Latencies (ns) of `count` requests (or as many as `seconds` allow), `concurrency`
     in flight, each sent when a connection is free."""
     until = now_ns() + int(seconds * 1e9) if seconds else None
+    if concurrency == 1:
+        return _one_at_a_time(address, requests, count, until)
     return _drive(address, requests, count, concurrency, lambda i: None, until)
+
+
+def _one_at_a_time(address, requests, count, until_ns):
+    lat = array("q")
+    nreq = len(requests)
+    with Connection(address) as conn:
+        for i in range(count):
+            t = now_ns()
+            if until_ns is not None and t >= until_ns:
+                break
+            status, body = conn.call(requests[i % nreq])
+            if status != 200:
+                raise HttpError("HTTP %d: %r" % (status, body[:200]))
+            lat.append(now_ns() - t)
+    return lat
 
 
 def closed_loop_apart(address, requests, count, concurrency=1, seconds=None, cpus=None):
