@@ -70,6 +70,8 @@ MAX_HEADER = 16 * 1024            # request line + headers
 MAX_BODY = 8 * 1024 * 1024
 MAX_PIPELINE = 64                 # unanswered requests per connection before we stop reading
 MAX_BUSY_POLL = 0.01              # seconds a loop may spin after an answer
+MAX_SPIN_READS = 8                # requests one callback may read from its spins before the
+                                  # loop's other connections and timers get their turn
 MAX_CHUNK_LINE = 1024             # chunk-size line with its extensions
 WRITE_HIGH, WRITE_LOW = 64 * 1024, 16 * 1024
 
@@ -542,7 +544,7 @@ class _Connection(asyncio.Protocol):
                  "_state", "_queue", "_request", "_raw_path", "_keep_alive", "_need", "_body",
                  "_chunk_left", "_head_started", "_fresh", "_body_deadline", "_write_paused",
                  "_reading_paused", "_peer_eof", "_lingering", "_closed", "_discarded", "_deadline",
-                 "_timer", "_timer_at", "_stream", "_lane")
+                 "_timer", "_timer_at", "_stream", "_lane", "_spin_fd")
 
     def __init__(self, server):
         self._server = server
@@ -578,6 +580,7 @@ class _Connection(asyncio.Protocol):
         self._deadline = 0.0
         self._timer = None
         self._timer_at = 0.0
+        self._spin_fd = -1                # the socket a busy poll may read from itself
 
     # ---- asyncio callbacks
 
@@ -587,6 +590,9 @@ class _Connection(asyncio.Protocol):
         self._peer = tuple(peer[:2]) if isinstance(peer, tuple) else None
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         server = self._server
+        if server._poll_fd is not None and server.ssl is None:
+            sock = transport.get_extra_info("socket")     # TLS bytes are the transport's to read
+            self._spin_fd = sock.fileno() if sock is not None else -1
         self._admitted = server._admit(self)
         # the first head is due header_timeout after the connection, even if no byte comes
         self._head_started = True
@@ -602,13 +608,16 @@ class _Connection(asyncio.Protocol):
                 self._abort()
             return
         try:
-            buf = self._buf
-            if buf:
-                buf += data
-                self._process(buf)
-            elif not (self._lane is not None and self._take_lane(data)):
-                self._process(data)
-            self._await_next()
+            reads = MAX_SPIN_READS
+            while data is not None:
+                buf = self._buf
+                if buf:
+                    buf += data
+                    self._process(buf)
+                elif not (self._lane is not None and self._take_lane(data)):
+                    self._process(data)
+                reads -= 1
+                data = self._await_next(reads > 0)
         except Exception:
             rate_log.error("connection-failed", "HTTP connection from %s failed; dropping it", self._peer,
                            exc_info=True)
@@ -648,15 +657,31 @@ class _Connection(asyncio.Protocol):
             self._timer = None
         self._server._forget(self)
 
-    def _await_next(self):
+    def _await_next(self, may_read):
         """With busy polling on, spins until the loop has its next event (or the budget is
         spent) when this connection has answered everything it received and no handler is
         running anywhere: the next request then finds the loop's thread awake. An event
-        from any source ends the spin, so it only delays timers, by at most the budget."""
+        from any source ends the spin, so it only delays timers, by at most the budget (and
+        the MAX_SPIN_READS requests a callback may serve from its spins).
+
+        Returns this connection's next bytes when the spin read them itself (only when
+        may_read, from a plain socket whose answers are all written), else None."""
         server = self._server
-        if (server._poll_fd is not None and not self._queue and not self._buf and self._state is _HEAD
-                and not server._tasks and not server.closing and not self._closed):
-            server.busy_polls[0 if busy_poll(server._poll_fd, server.busy_poll) else 1] += 1
+        if (server._poll_fd is None or self._queue or self._buf or self._state is not _HEAD
+                or server._tasks or server.closing or self._closed):
+            return None
+        conn_fd = self._spin_fd
+        if not may_read or self._reading_paused or self._peer_eof or self._transport.get_write_buffer_size():
+            conn_fd = -1
+        outcome = busy_poll(server._poll_fd, server.busy_poll, conn_fd)
+        if outcome is True:
+            server.busy_polls[0] += 1
+        elif outcome is False:
+            server.busy_polls[1] += 1
+        else:
+            server.busy_polls[2] += 1
+            return outcome
+        return None
 
     # ---- input
 
@@ -1017,7 +1042,9 @@ class _Connection(asyncio.Protocol):
         else:
             slot[0], slot[1] = self._render(request, response, close), close
         self._flush()
-        self._await_next()
+        data = self._await_next(True)
+        if data is not None:
+            self.data_received(data)
 
     def _flush(self):
         """Writes the finished answers at the head of the queue, in order, up to a stream
@@ -1211,7 +1238,8 @@ class HttpServer:
     HTTP/1.1 POSTs to them that the parsing below read (split over reads, or pipelined).
 
     busy_poll (seconds, uvloop only): after a connection has answered all it received, the
-    loop's thread spins up to this long for its next event instead of going to sleep.
+    loop's thread spins up to this long for its next event instead of going to sleep; when
+    that event is the connection's next request (plain TCP), the spin reads it itself.
     """
 
     def __init__(self, router, *, max_body=MAX_BODY, header_timeout=10.0, body_timeout=30.0,
@@ -1246,7 +1274,9 @@ class HttpServer:
             self._lane_requests = [None] + [Request("POST", path) for path in lane.paths]
             self._lane_routes = {path: route for route, path in enumerate(lane.paths, 1)}
         self.busy_poll = busy_poll
-        self.busy_polls = [0, 0]      # spins that ended with an event, with the budget spent
+        # spins that ended with an event for the loop, with the budget spent, with the
+        # connection's next request read by the spin itself
+        self.busy_polls = [0, 0, 0]
         self._poll_fd = None          # the loop's epoll fd while busy polling
         self.closing = False
         self._loop = None

@@ -107,11 +107,10 @@ class _BusyPollCollector:
     def collect(self):
         family = CounterMetricFamily(
             "kvcm_http_busy_polls", "Spins of the event loop after an answer (--busy-poll-us), by how they "
-            "ended: an event arrived (the next request found the loop awake) or the budget ran out",
-            labels=("outcome",))
-        caught, expired = self.http.busy_polls
-        family.add_metric(("event",), caught)
-        family.add_metric(("timeout",), expired)
+            "ended: an event for the loop arrived, the budget ran out, or the connection's next request "
+            "arrived and the spin read it", labels=("outcome",))
+        for outcome, count in zip(("event", "timeout", "read"), self.http.busy_polls):
+            family.add_metric((outcome,), count)
         yield family
 
 

@@ -329,6 +329,34 @@ def test_busy_poll_reports_whether_the_fd_became_readable():
         b.close()
 
 
+def test_busy_poll_reads_the_connection_it_is_given_and_leaves_everything_else_to_the_loop():
+    conn, peer = socket.socketpair()
+    other, other_peer = socket.socketpair()
+    ep = select.epoll()
+    try:
+        for sock in (conn, other):
+            sock.setblocking(False)
+            ep.register(sock.fileno(), select.EPOLLIN)
+        assert kvcm.http.busy_poll(ep.fileno(), 0.002, conn.fileno()) is False
+        peer.sendall(b"next request")
+        assert kvcm.http.busy_poll(ep.fileno(), 5.0, conn.fileno()) == b"next request"
+        assert kvcm.http.busy_poll(ep.fileno(), 0.002, conn.fileno()) is False     # consumed
+        peer.sendall(b"x" * 100_000)        # a read takes at most 64 KiB, as the loop's do
+        taken = kvcm.http.busy_poll(ep.fileno(), 5.0, conn.fileno())
+        assert taken == b"x" * len(taken) and 0 < len(taken) <= 65536
+        assert len(taken) + len(conn.recv(200_000)) == 100_000
+        other_peer.sendall(b"y")            # another socket's event is the loop's
+        assert kvcm.http.busy_poll(ep.fileno(), 5.0, conn.fileno()) is True
+        assert other.recv(10) == b"y"
+        peer.shutdown(socket.SHUT_WR)       # so is the connection's end
+        assert kvcm.http.busy_poll(ep.fileno(), 5.0, conn.fileno()) is True
+        assert conn.recv(10) == b""
+    finally:
+        ep.close()
+        for sock in (conn, peer, other, other_peer):
+            sock.close()
+
+
 def test_busy_polling_spins_once_after_each_answer_and_every_connection_is_served(serve):
     # Sync, async and body-carrying requests on two connections: each answer is followed by
     # one spin (an async handler's after its task ends, not while it runs), and a request
@@ -346,7 +374,7 @@ def test_busy_polling_spins_once_after_each_answer_and_every_connection_is_serve
             assert reply.status == 200 and reply.json()["n"] == i
         answered += 1
     served.until(lambda: sum(served.server.busy_polls) == answered, "a spin after every answer")
-    event, budget_spent = served.inspect(lambda: list(served.server.busy_polls))
+    event, budget_spent, _ = served.inspect(lambda: list(served.server.busy_polls))
     assert event > 0
     # a client that sends nothing more: the spin after its answer runs out (looking at the
     # server any sooner would be an event that ends it)
@@ -356,11 +384,66 @@ def test_busy_polling_spins_once_after_each_answer_and_every_connection_is_serve
     assert sum(served.inspect(lambda: list(served.server.busy_polls))) == answered + 1
 
 
+def one_connections_requests(client):
+    """Sync, async, body and chunked requests one after another, some split over sends and
+    some larger than one read, pipelined ones: the spin that reads each one's successor
+    itself must leave the parser exactly where the loop's reads would."""
+    answered = 0
+    for i in range(120):
+        kind = i % 6
+        if kind == 0:
+            assert client.request("GET", "/sync/%d" % i).json() == {"n": i}
+        elif kind == 1:
+            assert client.request("GET", "/async/%d" % i).json()["n"] == i
+        elif kind == 2:
+            assert client.request("POST", "/echo", b"payload %d" % i).body == b"payload %d" % i
+        elif kind == 3:
+            body = b"%d" % i * 50_000       # more than one read (served with max_body=200_000)
+            assert client.request("POST", "/echo", body).body == body
+        elif kind == 4:
+            whole = request_bytes("POST", "/echo", b"split %d" % i)
+            client.send(whole[:20])
+            time.sleep(0.001)
+            client.send(whole[20:])
+            assert client.reply().body == b"split %d" % i
+        else:
+            client.send(b"".join(pipelined_request(n) for n in range(i, i + 4)))
+            assert [client.reply().status for _ in range(4)] == [200] * 4
+            answered += 3
+        answered += 1
+    return answered
+
+
+def test_busy_polling_reads_a_connections_next_request_itself_a_bounded_number_of_times(serve):
+    served = serve(busy_poll=kvcm.http.MAX_BUSY_POLL, max_body=200_000)
+    client = Client(served)
+    one_connections_requests(client)
+    assert served.inspect(lambda: served.server.busy_polls[2]) > 0
+    # after MAX_SPIN_READS requests from its spins a callback leaves the next to the loop,
+    # whose other connections and timers get their turn first
+    before = served.inspect(lambda: served.server.busy_polls[2])
+    for i in range(90):
+        assert client.request("GET", "/sync/%d" % i).json() == {"n": i}
+    read = served.inspect(lambda: served.server.busy_polls[2]) - before
+    assert read <= 90 * kvcm.http.MAX_SPIN_READS // (kvcm.http.MAX_SPIN_READS + 1)
+
+
+def test_busy_polling_over_tls_leaves_reading_to_the_transport(serve, certificates):
+    from kvcm.serve import tls_context
+    from tls import client_context
+
+    ca, cert, key = certificates
+    served = serve(ssl=tls_context(str(cert), str(key)), busy_poll=kvcm.http.MAX_BUSY_POLL, max_body=200_000)
+    one_connections_requests(Client(served, tls=client_context(ca)))
+    event, _, read = served.inspect(lambda: list(served.server.busy_polls))
+    assert event > 0 and read == 0
+
+
 def test_without_busy_polling_the_loop_never_spins(served):
     client = Client(served)
     for i in range(20):
         assert client.request("GET", "/async/%d" % i).status == 200
-    assert served.inspect(lambda: (served.server._poll_fd, served.server.busy_polls)) == (None, [0, 0])
+    assert served.inspect(lambda: (served.server._poll_fd, served.server.busy_polls)) == (None, [0, 0, 0])
 
 
 @pytest.mark.parametrize("seconds", [-0.001, 0.011, float("nan")])
