@@ -16,7 +16,9 @@ cdef extern from "<sys/socket.h>" nogil:
     enum: MSG_DONTWAIT
 
 cdef enum:
-    SPIN_READ_MAX = 65536        # bytes a spin takes from its connection at once, as uvloop's reads
+    # bytes a spin takes from its connection: a whole scoring request of ~10 k token ids;
+    # the rest of a longer one comes through the loop's own reads
+    SPIN_READ_MAX = 65536
 
 
 def busy_poll(int loop_fd, double seconds, int conn_fd=-1):

@@ -341,7 +341,7 @@ def test_busy_poll_reads_the_connection_it_is_given_and_leaves_everything_else_t
         peer.sendall(b"next request")
         assert kvcm.http.busy_poll(ep.fileno(), 5.0, conn.fileno()) == b"next request"
         assert kvcm.http.busy_poll(ep.fileno(), 0.002, conn.fileno()) is False     # consumed
-        peer.sendall(b"x" * 100_000)        # a read takes at most 64 KiB, as the loop's do
+        peer.sendall(b"x" * 100_000)        # a spin reads at most 64 KiB; the rest stays
         taken = kvcm.http.busy_poll(ep.fileno(), 5.0, conn.fileno())
         assert taken == b"x" * len(taken) and 0 < len(taken) <= 65536
         assert len(taken) + len(conn.recv(200_000)) == 100_000
