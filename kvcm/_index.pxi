@@ -27,6 +27,14 @@ cdef extern from *:
     """
     void kvcm_cpu_relax() noexcept nogil
 
+cdef extern from "cpu_lend.h" nogil:
+    ctypedef struct kvl_loan:
+        pass
+    void kvl_held(kvl_loan *)
+    void kvl_unheld(kvl_loan *)
+    void kvl_return(kvl_loan *)
+    int kvl_lend(kvl_loan *)
+
 
 # The index is shared by the thread that scores (the event loop's) and the ingest thread,
 # which applies events without the GIL (EventSink._fast_event). Everything that reads or
@@ -39,21 +47,25 @@ cdef extern from *:
 # one event's store on the other core, done within a microsecond or two, while a sleeping
 # waiter is woken by the other core through an interrupt, which costs tens of microseconds on
 # a virtual machine. With one CPU to run on, the holder cannot finish while the waiter spins,
-# so the spin is off there (ilock_configure_spin).
+# so the spin is off there (ilock_configure_spin). A waiter whose spin runs out lends its CPU
+# to the holder before it sleeps (cpu_lend.h says why).
 cdef struct IndexLock:
     PyThread_type_lock lock
     unsigned long owner
     int depth
+    kvl_loan loan
 
 ILOCK_SPIN_DEFAULT_NS = 20_000
 cdef double ILOCK_SPIN_NS = ILOCK_SPIN_DEFAULT_NS
+cdef bint ILOCK_LEND = True
 
 
 def ilock_configure_spin(cpus):
-    """Sets the spin for threads that run on `cpus` (a set of CPU numbers) between them:
-    on one CPU, waiters sleep at once."""
-    global ILOCK_SPIN_NS
+    """Sets the spin and the lending for threads that run on `cpus` (a set of CPU numbers)
+    between them: on one CPU, waiters sleep at once and have no other CPU to lend."""
+    global ILOCK_SPIN_NS, ILOCK_LEND
     ILOCK_SPIN_NS = ILOCK_SPIN_DEFAULT_NS if len(cpus) > 1 else 0
+    ILOCK_LEND = len(cpus) > 1
 
 
 ilock_configure_spin(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1))
@@ -91,9 +103,8 @@ cdef inline void ilock_acquire(IndexLock *l) noexcept nogil:
     if ilock_reenter(l):
         return
     if not PyThread_acquire_lock(l.lock, NOWAIT_LOCK) and not ilock_spin(l):
-        PyThread_acquire_lock(l.lock, WAIT_LOCK)
-    l.owner = PyThread_get_thread_ident()
-    l.depth = 1
+        ilock_wait(l)
+    ilock_taken(l)
 
 
 cdef inline void ilock_acquire_gil(IndexLock *l) noexcept:
@@ -103,16 +114,29 @@ cdef inline void ilock_acquire_gil(IndexLock *l) noexcept:
     if not PyThread_acquire_lock(l.lock, NOWAIT_LOCK):
         with nogil:
             if not ilock_spin(l):
-                PyThread_acquire_lock(l.lock, WAIT_LOCK)
+                ilock_wait(l)
+    ilock_taken(l)
+
+
+cdef void ilock_wait(IndexLock *l) noexcept nogil:
+    if ILOCK_LEND:
+        kvl_lend(&l.loan)
+    PyThread_acquire_lock(l.lock, WAIT_LOCK)
+
+
+cdef inline void ilock_taken(IndexLock *l) noexcept nogil:
     l.owner = PyThread_get_thread_ident()
     l.depth = 1
+    kvl_held(&l.loan)
 
 
 cdef inline void ilock_release(IndexLock *l) noexcept nogil:
     l.depth -= 1
     if l.depth == 0:
         l.owner = 0
+        kvl_unheld(&l.loan)
         PyThread_release_lock(l.lock)
+        kvl_return(&l.loan)
 
 
 DEFAULT_MAX_BLOCKS = 10_000_000
@@ -286,6 +310,15 @@ cdef class Index:
 
     def __len__(self):
         return self.ix.nblocks
+
+    def while_locked(self, fn):
+        """fn() with the index lock held: nothing changes or reads the index meanwhile
+        (fn must not wait for another thread that uses it)."""
+        ilock_acquire_gil(&self._lock)
+        try:
+            return fn()
+        finally:
+            ilock_release(&self._lock)
 
     def dump(self):
         """An IndexDump: the index's entries in LRU order (oldest first), then its engine

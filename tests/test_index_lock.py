@@ -1,0 +1,116 @@
+"""The index lock between the scoring and the ingest thread: a waiter whose spin runs out
+lends its CPU to the holder, which goes back to its own CPUs when it releases the lock."""
+
+import os
+import threading
+
+import pytest
+
+from kvcm._core import Index, ilock_configure_spin
+
+
+def _cpus():
+    cpus = sorted(os.sched_getaffinity(0))
+    assert len(cpus) >= 2, "these tests need 2 CPUs, as kvcm's placement does"
+    return cpus
+
+
+def _until(predicate, what, seconds=10.0):
+    done = threading.Event()
+    for _ in range(int(seconds / 0.005)):
+        if predicate():
+            return
+        done.wait(0.005)
+    raise AssertionError("never: " + what)
+
+
+def _state(tid):
+    with open("/proc/self/task/%d/stat" % tid) as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+class _Holder(threading.Thread):
+    """Holds the index lock on `cpu` until release() (blocked meanwhile, as a preempted
+    holder is: not running, and not letting go)."""
+
+    def __init__(self, index, cpu):
+        super().__init__(daemon=True)
+        self.index, self.cpu = index, cpu
+        self.holding, self._release = threading.Event(), threading.Event()
+        self.cpus_after = None
+
+    def run(self):
+        os.sched_setaffinity(0, {self.cpu})
+        self.index.while_locked(lambda: (self.holding.set(), self._release.wait()))
+        self.cpus_after = os.sched_getaffinity(0)
+
+    def release(self):
+        self._release.set()
+        self.join()
+
+
+def _waiter(index, cpu):
+    """A thread on `cpu` that reads the index (it waits for the lock); its result."""
+    out = {}
+
+    def run():
+        os.sched_setaffinity(0, {cpu})
+        out["tid"] = threading.get_native_id()
+        out["stats"] = index.stats()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    _until(lambda: "tid" in out, "the waiter started")
+    return t, out
+
+
+@pytest.fixture
+def both_cpus():
+    cpus = _cpus()
+    ilock_configure_spin(set(cpus))
+    yield cpus
+    ilock_configure_spin(os.sched_getaffinity(0))
+
+
+def test_a_waiter_lends_its_cpu_to_the_holder_which_goes_back_on_release(both_cpus):
+    index = Index(max_blocks=64)
+    index.store("m", "pod-a", "gpu", [1, 2, 3])
+    holder = _Holder(index, both_cpus[1])
+    holder.start()
+    holder.holding.wait()
+    waiter, out = _waiter(index, both_cpus[0])
+    _until(lambda: os.sched_getaffinity(holder.native_id) == {both_cpus[0]},
+           "the holder moved to the waiter's CPU")
+    assert "stats" not in out   # still waiting: the lock is the holder's until it lets go
+    holder.release()
+    waiter.join()
+    assert out["stats"]["blocks"] == 3
+    assert holder.cpus_after == {both_cpus[1]}
+
+
+def test_a_holder_lent_a_cpu_again_and_again_always_goes_back(both_cpus):
+    index = Index(max_blocks=64)
+    for _ in range(3):
+        holder = _Holder(index, both_cpus[1])
+        holder.start()
+        holder.holding.wait()
+        waiter, _ = _waiter(index, both_cpus[0])
+        _until(lambda: os.sched_getaffinity(holder.native_id) == {both_cpus[0]}, "lent")
+        holder.release()
+        waiter.join()
+        assert holder.cpus_after == {both_cpus[1]}
+
+
+def test_with_one_cpu_a_waiter_sleeps_without_lending(both_cpus):
+    ilock_configure_spin({both_cpus[0]})
+    index = Index(max_blocks=64)
+    holder = _Holder(index, both_cpus[1])
+    holder.start()
+    holder.holding.wait()
+    waiter, out = _waiter(index, both_cpus[0])
+    _until(lambda: _state(out["tid"]) == "S", "the waiter sleeps")
+    threading.Event().wait(0.2)   # on the lock by now, not on the GIL (its switch interval is 5 ms)
+    assert _state(out["tid"]) == "S" and "stats" not in out
+    assert os.sched_getaffinity(holder.native_id) == {both_cpus[1]}
+    holder.release()
+    waiter.join()
+    assert holder.cpus_after == {both_cpus[1]}
