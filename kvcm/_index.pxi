@@ -34,6 +34,7 @@ cdef extern from "cpu_lend.h" nogil:
     void kvl_unheld(kvl_loan *)
     void kvl_return(kvl_loan *)
     int kvl_lend(kvl_loan *)
+    unsigned long long kvl_loans(kvl_loan *)
 
 
 # The index is shared by the thread that scores (the event loop's) and the ingest thread,
@@ -310,6 +311,11 @@ cdef class Index:
 
     def __len__(self):
         return self.ix.nblocks
+
+    @property
+    def lock_loans(self):
+        """How many times a waiter for the index lock lent its CPU to the holder."""
+        return kvl_loans(&self._lock.loan)
 
     def while_locked(self, fn):
         """fn() with the index lock held: nothing changes or reads the index meanwhile

@@ -31,6 +31,7 @@ typedef struct {
     int state;         /* KVL_* */
     int borrower;      /* the thread the loan went to */
     cpu_set_t home;    /* the borrower's CPUs before the loan */
+    unsigned long long loans;   /* loans made, for /metrics */
 } kvl_loan;
 
 static __thread int kvl_tid_cached;
@@ -65,6 +66,8 @@ static inline void kvl_return(kvl_loan *L) {
     __atomic_store_n(&L->state, KVL_FREE, __ATOMIC_RELEASE);
 }
 
+static inline unsigned long long kvl_loans(kvl_loan *L) { return __atomic_load_n(&L->loans, __ATOMIC_RELAXED); }
+
 /* A waiter whose spin ran out, just before it sleeps: its CPU to the holder. 1 when lent. */
 static int kvl_lend(kvl_loan *L) {
     cpu_set_t one;
@@ -84,6 +87,7 @@ static int kvl_lend(kvl_loan *L) {
         return 0;
     }
     L->borrower = holder;
+    __atomic_store_n(&L->loans, L->loans + 1, __ATOMIC_RELAXED);
     __atomic_store_n(&L->state, KVL_OUT, __ATOMIC_RELEASE);
     return 1;
 }
@@ -91,6 +95,7 @@ static int kvl_lend(kvl_loan *L) {
 #else
 
 typedef struct { int unused; } kvl_loan;
+static inline unsigned long long kvl_loans(kvl_loan *L) { (void)L; return 0; }
 static inline void kvl_held(kvl_loan *L) { (void)L; }
 static inline void kvl_unheld(kvl_loan *L) { (void)L; }
 static inline void kvl_return(kvl_loan *L) { (void)L; }

@@ -45,6 +45,8 @@ class MemoryBackend(Backend):
         yield GaugeMetricFamily("kvcm_index_capacity_blocks", "Index capacity in distinct blocks (--max-blocks)",
                                 value=stats["capacity"])
         yield counter("kvcm_index_evictions_total", "Blocks evicted by the LRU at capacity", stats["evictions"])
+        yield counter("kvcm_index_lock_loans_total", "Times a thread waiting for the index lock lent its CPU to "
+                      "the holder, which had lost its own mid-change", self.index.lock_loans)
         yield GaugeMetricFamily("kvcm_index_engine_map_entries", "Engine hash -> kvcm key entries (decoupled mode)",
                                 value=stats["engine_map_entries"])
         yield GaugeMetricFamily("kvcm_index_pods", "Pods holding at least one block", value=len(stats["pods"]))

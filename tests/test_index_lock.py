@@ -85,6 +85,7 @@ def test_a_waiter_lends_its_cpu_to_the_holder_which_goes_back_on_release(both_cp
     waiter.join()
     assert out["stats"]["blocks"] == 3
     assert holder.cpus_after == {both_cpus[1]}
+    assert index.lock_loans == 1
 
 
 def test_a_holder_lent_a_cpu_again_and_again_always_goes_back(both_cpus):
@@ -111,6 +112,7 @@ def test_with_one_cpu_a_waiter_sleeps_without_lending(both_cpus):
     threading.Event().wait(0.2)   # on the lock by now, not on the GIL (its switch interval is 5 ms)
     assert _state(out["tid"]) == "S" and "stats" not in out
     assert os.sched_getaffinity(holder.native_id) == {both_cpus[1]}
+    assert index.lock_loans == 0
     holder.release()
     waiter.join()
     assert holder.cpus_after == {both_cpus[1]}
