@@ -91,7 +91,7 @@ class Publisher:
     """
 
     def __init__(self, endpoint="tcp://*:5557", *, topic="", dp_rank=0, replay_endpoint=None,
-                 replay_layout="v26", buffer_steps=10_000, hwm=100_000, replay_thread=True):
+                 replay_layout="v26", buffer_steps=10_000, hwm=100_000, replay_thread=True, context=None):
         if replay_layout not in REPLAY_LAYOUTS:
             raise ValueError("replay_layout must be one of %s, got %r" % (REPLAY_LAYOUTS, replay_layout))
         if buffer_steps < 1:
@@ -106,14 +106,18 @@ class Publisher:
         self._stop = threading.Event()
         self._thread = None
         self._router = None
-        self._ctx = zmq.Context()
+        # a context of its own (one libzmq I/O thread per engine, as separate vLLM processes
+        # have), unless the caller shares one between publishers and closes it itself
+        self._own_ctx = context is None
+        self._ctx = zmq.Context() if context is None else context
+        self._sockets = []
         try:
-            self._pub = self._ctx.socket(zmq.PUB)
+            self._pub = self._socket(zmq.PUB)
             self._pub.sndhwm = hwm
             self.endpoint = self._open(self._pub, dp_endpoint(endpoint, dp_rank))
             self.replay_endpoint = None
             if replay_endpoint is not None:
-                self._router = self._ctx.socket(zmq.ROUTER)
+                self._router = self._socket(zmq.ROUTER)
                 # A replay is up to buffer_steps messages at once; the default HWM (1000)
                 # would make the ROUTER silently drop the tail of a long one.
                 self._router.sndhwm = buffer_steps + 1
@@ -126,6 +130,11 @@ class Publisher:
         except BaseException:
             self.close()
             raise
+
+    def _socket(self, kind):
+        sock = self._ctx.socket(kind)
+        self._sockets.append(sock)
+        return sock
 
     @staticmethod
     def _open(sock, endpoint):
@@ -210,8 +219,12 @@ class Publisher:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if not self._ctx.closed:
-            self._ctx.destroy(linger=0)
+        if self._own_ctx:
+            if not self._ctx.closed:
+                self._ctx.destroy(linger=0)
+            return
+        for sock in self._sockets:
+            sock.close(linger=0)
 
     def __enter__(self):
         return self

@@ -175,3 +175,22 @@ def test_array_layout_has_vllm_020_lengths():
         block_stored([1], kv_cache_spec_kind="full_attention", form="array")
     with pytest.raises(ValueError):
         block_removed([1], form="json")
+
+
+def test_publishers_on_a_shared_context_close_alone_and_leave_it_open(ctx):
+    with ctx.socket(zmq.SUB) as sub:
+        sub.subscribe(b"")
+        sub.bind("tcp://127.0.0.1:*")
+        endpoint = sub.last_endpoint.decode()
+        first = Publisher(endpoint, topic="a", context=ctx, replay_endpoint="tcp://127.0.0.1:*")
+        second = Publisher(endpoint, topic="b", context=ctx)
+        while not sub.poll(10):
+            second.publish([])
+        first.close()
+        assert not ctx.closed
+        while sub.poll(0):
+            sub.recv_multipart()
+        second.publish([])
+        assert _recv(sub)[0] == b"b"     # the other publisher goes on
+        second.close()
+        assert not ctx.closed

@@ -13,6 +13,8 @@ until a query of it names that engine.
 import threading
 import time
 
+import zmq
+
 from kvcm.bench.workload import Query
 from kvcm.publisher import Publisher
 
@@ -24,10 +26,13 @@ class Engines:
         self.workload, self.target = workload, target
         api = target.api
         self.pubs = []
+        # one libzmq I/O thread for all engines: on the target's machine, a thread per
+        # engine would take CPU from the target that real engines, on their own hosts, do not
+        self._ctx = zmq.Context()
         try:
             for i in range(workload.spec.engines):
                 endpoint = target.zmq if api.topology == "bind" else "tcp://127.0.0.1:*"
-                self.pubs.append(Publisher(endpoint, topic=api.topic(i), hwm=1_000_000))
+                self.pubs.append(Publisher(endpoint, topic=api.topic(i), hwm=1_000_000, context=self._ctx))
         except BaseException:
             self.close()
             raise
@@ -91,6 +96,8 @@ class Engines:
         for p in self.pubs:
             p.close()
         self.pubs = []
+        if not self._ctx.closed:
+            self._ctx.destroy(linger=0)
 
 
 class Background(threading.Thread):
