@@ -239,11 +239,22 @@ def sandbox_env(tmp_path):
     shutil.rmtree(state, ignore_errors=True)
 
 
+def _thread_cpus(pid, name):
+    """Cpus_allowed_list of process pid's thread called name."""
+    for tid in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/comm" % (pid, tid)) as f:
+            if f.read().strip() == name:
+                with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
+                    return re.search(r"^Cpus_allowed_list:\s+(\S+)", f.read(), re.M).group(1)
+    raise AssertionError("no thread %r in process %d" % (name, pid))
+
+
 def test_the_binary_works_inside_the_units_sandbox(sandbox_env, tmp_path, shared):
     """SystemCallFilter= (with SystemCallErrorNumber=EPERM), MemoryDenyWriteExecute=,
     RestrictAddressFamilies=, RestrictRealtime=, CapabilityBoundingSet= and another UID,
     enforced by the kernel as systemd 252 sets them up. Without sched_setscheduler libzmq
-    aborts at start; without AF_NETLINK it aborts binding tcp://127.0.0.1:PORT."""
+    aborts at start; without AF_NETLINK it aborts binding tcp://127.0.0.1:PORT; without
+    sched_setaffinity kvcm refuses --http-cpus and --ingest-cpus."""
     # The binary and the tokenizer as an installation has them: readable by any UID, wherever
     # this checkout lives.
     installed = tempfile.mkdtemp(prefix="kvcm-installed-", dir="/tmp")
@@ -284,9 +295,13 @@ def test_the_binary_works_inside_the_units_sandbox(sandbox_env, tmp_path, shared
         # StateDirectory=: SIGTERM wrote a snapshot (fsync, rename, the directory's fsync under
         # the filter) and the next start loads it
         assert os.path.getsize(os.path.join(sandbox_env["STATE_DIRECTORY"], "index.snapshot")) > 0
-        again = Server(binary, sandbox_env, prefix=prefix, notify_mode=0o666, tokenizer=tokenizer)
+        # placed (sched_setaffinity, which the filter allows): the loop and the ingest apart
+        cpus = sorted(os.sched_getaffinity(0))
+        again = Server(binary, sandbox_env, "--http-cpus", str(cpus[0]), "--ingest-cpus", str(cpus[-1]),
+                       prefix=prefix, notify_mode=0o666, tokenizer=tokenizer)
         try:
-            again.wait_for("READY=1")
+            again_pid, _ = again.wait_for("READY=1")
+            assert _thread_cpus(again_pid, "kvcm-ingest") == str(cpus[-1])
             # the captures' streams come back; without replay endpoints they are cleared
             assert re.search(r"restored \d+ entries and [1-9]\d* streams", again.stderr()), again.stderr()
             assert "cannot be resumed from its snapshot (it has no replay endpoint)" in again.stderr()
