@@ -35,6 +35,9 @@ cdef extern from "cpu_lend.h" nogil:
     void kvl_return(kvl_loan *)
     int kvl_lend(kvl_loan *)
     unsigned long long kvl_loans(kvl_loan *)
+    void kvl_init()
+
+kvl_init()
 
 
 # The index is shared by the thread that scores (the event loop's) and the ingest thread,

@@ -20,6 +20,7 @@
 #endif
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -41,6 +42,10 @@ static inline int kvl_tid(void) {
         kvl_tid_cached = (int)syscall(SYS_gettid);
     return kvl_tid_cached;
 }
+
+/* A forked child's thread has a thread id of its own: not its parent thread's cached one. */
+static void kvl_forget_tid(void) { kvl_tid_cached = 0; }
+static inline void kvl_init(void) { pthread_atfork(NULL, NULL, kvl_forget_tid); }
 
 static inline void kvl_held(kvl_loan *L) { __atomic_store_n(&L->holder, kvl_tid(), __ATOMIC_RELAXED); }
 
@@ -95,6 +100,7 @@ static int kvl_lend(kvl_loan *L) {
 #else
 
 typedef struct { int unused; } kvl_loan;
+static inline void kvl_init(void) {}
 static inline unsigned long long kvl_loans(kvl_loan *L) { (void)L; return 0; }
 static inline void kvl_held(kvl_loan *L) { (void)L; }
 static inline void kvl_unheld(kvl_loan *L) { (void)L; }

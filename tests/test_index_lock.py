@@ -116,3 +116,28 @@ def test_with_one_cpu_a_waiter_sleeps_without_lending(both_cpus):
     holder.release()
     waiter.join()
     assert holder.cpus_after == {both_cpus[1]}
+
+
+def test_a_forked_child_lends_to_its_own_threads_not_its_parents(both_cpus):
+    index = Index(max_blocks=64)
+    index.stats()                         # this thread takes the lock before the fork
+    mine = os.sched_getaffinity(0)
+    pid = os.fork()
+    if pid == 0:                          # the child: its main thread holds, a thread waits
+        code = 1
+        try:
+            os.sched_setaffinity(0, {both_cpus[1]})
+
+            def hold():
+                waiter, _ = _waiter(index, both_cpus[0])
+                try:
+                    _until(lambda: os.sched_getaffinity(0) == {both_cpus[0]}, "lent to the child's thread", 5)
+                    return 0
+                except AssertionError:
+                    return 1
+            code = index.while_locked(hold)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.sched_getaffinity(0) == mine     # not moved by the child's waiter
+    assert os.waitstatus_to_exitcode(status) == 0
