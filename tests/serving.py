@@ -66,15 +66,23 @@ class Client(httpclient.Client):
         return until(done, "stream %s/%s/dp%d to reach seq %d" % (pod, model, dp_rank, seq))
 
     def connected(self, pub):
-        """Publishes empty batches with a DP rank of their own until kvcm shows that stream:
-        a PUB drops what it sends before the connection and the subscription exist."""
+        """Publishes empty batches with a DP rank of their own (seq 0, so the first to arrive
+        is applied and the rest are duplicates) until kvcm shows that stream, then one with
+        seq 1, and waits until kvcm applied it: a PUB drops what it sends before the
+        connection and the subscription exist, and a probe still on its way when this returned
+        would come back as a stream after the caller forgot the pod (in a snapshot, a stream
+        that cannot resume, so its pod cleared). Two batches applied per call."""
         rank = next(PROBE_RANKS)
-        probe = (pub.topic.encode(), bytes(8), encode_batch([], dp_rank=rank))
 
-        def seen():
-            pub.send_frames(probe)     # outside the publisher's seq counter and replay buffer
-            return any(s["dp_rank"] == rank for s in self.ok("GET", "/v1/pods")["pods"])
-        until(seen, "kvcm to receive from %s" % pub.endpoint)
+        def probe(seq):     # outside the publisher's seq counter and replay buffer
+            pub.send_frames((pub.topic.encode(), seq.to_bytes(8, "big"), encode_batch([], dp_rank=rank)))
+
+        def probe_stream():
+            return next((s for s in self.ok("GET", "/v1/pods")["pods"] if s["dp_rank"] == rank), None)
+
+        until(lambda: probe(0) or probe_stream(), "kvcm to receive from %s" % pub.endpoint)
+        probe(1)
+        until(lambda: probe_stream()["last_seq"] == 1, "kvcm to apply the last probe sent to %s" % pub.endpoint)
 
     def metrics(self):
         """{(sample name, ((label, value), ...)): value} from /metrics."""

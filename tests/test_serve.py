@@ -110,8 +110,8 @@ def test_vllm_captures_end_to_end(serve, shared, version):
     assert metrics[("kvcm_hash_parity_mismatch_total", ())] == 0
     assert metrics[("kvcm_hash_parity_verified_total", ())] > 0
     assert found == {(ns, salt) for ns, salt, _ in queries}      # every kind of chain was seen scoring
-    # every message, and the first probe batch of each publisher
-    assert metrics[("kvcm_ingest_applied_batches_total", ())] == sum(len(c.messages) + 1 for c in captures)
+    # every message, and the two probe batches of each publisher (Client.connected)
+    assert metrics[("kvcm_ingest_applied_batches_total", ())] == sum(len(c.messages) + 2 for c in captures)
     assert not any(v for (name, _), v in metrics.items() if name.endswith("drops_total")), \
         {k: v for k, v in metrics.items() if k[0].endswith("drops_total") and v}
     assert client.ok("POST", "/v1/hash", {"model": QWEN, "token_ids": list(range(32))})["mode"] == "parity"
