@@ -673,7 +673,11 @@ cdef class Scorer:
             ilock_release(&index._lock)
 
     cdef _score_detailed(self, Index index, str ns, keys, pods=None):
-        cdef int64_t i, found = index._walk(ns, keys, pods, self._weights_for(index))
+        return self._matches(index, index._walk(ns, keys, pods, self._weights_for(index)))
+
+    cdef dict _matches(self, Index index, int64_t found):
+        """{pod: (score, blocks, {tier: blocks})} of the last walk's `found` matches."""
+        cdef int64_t i
         cdef const kvi_match *m
         cdef dict out = {}
         for i in range(found):

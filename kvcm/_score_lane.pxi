@@ -5,12 +5,16 @@
 # interpreted parsing on the way. The API layer supplies each route's two halves as Python
 # callables, the same ones its general handlers use, so both ways answer alike: prepare(body)
 # reads the other fields (anything it raises sends the request the general way, which words
-# the error), finish(...) shapes the answer. Whatever the lane does not take (another path,
+# the error), finish(...) shapes the answer. A route whose answer is /v1/score's has it written
+# here in C instead (json_out.h), byte for byte as orjson serializes finish's. Whatever the lane does not take (another path,
 # an unusual head, a body it cannot read plainly, a request split over reads or pipelined
 # behind another), it leaves untouched for the general parser.
 
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from libc.stdio cimport snprintf
+from libc.string cimport strlen
+from libc.math cimport fabs, isfinite
+from cpython.mem cimport PyMem_Free
 
 import orjson
 
@@ -23,8 +27,24 @@ cdef extern from "http_lane.h":
                    const size_t *lens, int npaths, size_t max_header, size_t max_body,
                    kl_hit *hit) nogil
 
+cdef extern from "json_out.h":
+    ctypedef struct jo_buf:
+        char *p
+        size_t n
+        size_t cap
+    int jo_put(jo_buf *o, const char *s, size_t n)
+    int jo_u64(jo_buf *o, uint64_t v)
+    int jo_str(jo_buf *o, const char *s, size_t n)
+
+cdef extern from "Python.h":
+    char *PyOS_double_to_string(double val, char format_code, int precision, int flags, int *ptype) except NULL
+    int Py_DTSF_ADD_DOT_0
+    const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
+
 cdef enum:
     _LANE_ROUTES = 8
+    # the answer buffer is kept between requests up to this size
+    _SCRATCH_KEPT = 1 << 20
 
 cdef object _json_loads = orjson.loads
 cdef object _json_dumps = orjson.dumps
@@ -45,6 +65,9 @@ cdef class ScoreLane:
     cdef Scorer _scorer
     cdef list _paths            # bytes, kept alive for _ptrs
     cdef list _halves           # (prepare, finish) by route
+    cdef list _score_counts     # by route: the counts of a /v1/score-shaped route, else None
+    cdef size_t _block_size
+    cdef jo_buf _out            # where answers written in C are assembled
     cdef const char *_ptrs[_LANE_ROUTES]
     cdef size_t _lens[_LANE_ROUTES]
     cdef size_t _max_header
@@ -58,7 +81,12 @@ cdef class ScoreLane:
         self._scorer = scorer
         self._paths = []
         self._halves = []
+        self._score_counts = []
+        self._block_size = 0
         self._max_header = self._max_body = 0     # takes nothing until limit() is called
+
+    def __dealloc__(self):
+        free(self._out.p)
 
     def limit(self, size_t max_header, size_t max_body):
         """The HTTP server's limits: a larger head or body takes the general way (which
@@ -66,11 +94,18 @@ cdef class ScoreLane:
         self._max_header = max_header
         self._max_body = max_body
 
-    def add(self, str path, prepare, finish):
+    def add(self, str path, prepare, finish, dict score_counts=None, size_t block_size=0):
         """Serves POST `path`: prepare(body) -> (namespace, pods, cache salt, context) for a
         body (a dict whose token_ids is an array('Q')), raising for anything its general
         handler would refuse; finish(context, ids, keys, {pod: (score, blocks, {tier:
-        blocks})}) -> the answer, JSON-serializable."""
+        blocks})}) -> the answer, JSON-serializable.
+
+        With score_counts, finish is Indexer.score_result (its counts, blocks of
+        block_size tokens) and context the model: the lane writes that answer itself and
+        counts it as finish would, calling finish only for an answer orjson would write
+        otherwise (a score below 1e-4, in exponent form)."""
+        if score_counts is not None and not block_size:
+            raise ValueError("a /v1/score-shaped lane path needs the block size")
         cdef bytes raw = path.encode("ascii")
         cdef Py_ssize_t i = len(self._paths)
         if i == _LANE_ROUTES:
@@ -79,6 +114,9 @@ cdef class ScoreLane:
             raise ValueError("lane path %r must be a plain absolute path" % path)
         self._paths.append(raw)
         self._halves.append((prepare, finish))
+        self._score_counts.append(score_counts)
+        if score_counts is not None:
+            self._block_size = block_size
         self._ptrs[i] = raw
         self._lens[i] = len(raw)
 
@@ -132,11 +170,9 @@ cdef class ScoreLane:
 
     cdef object _answer(self, int route, const char *p, size_t n, bytes common):
         """The response to the body p[0:n] of a request to path `route` (from 0), or None."""
-        cdef object split, body, keys, detailed, answer
-        cdef bytes out
-        cdef char length[24]
-        cdef int length_len
-        cdef char *w
+        cdef object split, body, keys, answer = None
+        cdef dict counts = self._score_counts[route]
+        cdef int64_t found
         split = _split_token_ids(p, n)
         if split is None:
             return None
@@ -156,18 +192,112 @@ cdef class ScoreLane:
             return None
         ilock_acquire_gil(&self._index._lock)
         try:
-            detailed = self._scorer._score_detailed(self._index, namespace, keys, pods)
+            found = self._index._walk(namespace, keys, pods, self._scorer._weights_for(self._index))
+            if counts is not None and self._write_scores(context, len(keys), len(ids), found):
+                counts["requests"] += 1
+                if found:
+                    counts["warm"] += 1
+            else:
+                answer = self._scorer._matches(self._index, found)
         finally:
             ilock_release(&self._index._lock)
-        answer = _json_dumps(finish(context, ids, keys, detailed))
-        length_len = snprintf(length, sizeof(length), "%zd\r\n\r\n", PyBytes_GET_SIZE(answer))
-        out = PyBytes_FromStringAndSize(NULL, len(_LANE_STATUS) + len(common) + len(_LANE_TYPE) + length_len
-                                        + PyBytes_GET_SIZE(answer))
+        if answer is not None:
+            answer = _json_dumps(finish(context, ids, keys, answer))
+            out = self._respond(common, PyBytes_AS_STRING(answer), <size_t>PyBytes_GET_SIZE(answer))
+        else:
+            out = self._respond(common, self._out.p, self._out.n)
+        if self._out.cap > _SCRATCH_KEPT:
+            free(self._out.p)
+            self._out.p, self._out.n, self._out.cap = NULL, 0, 0
+        self.served += 1
+        return out
+
+    cdef bint _write_scores(self, str model, size_t nkeys, size_t nids, int64_t found) except -1:
+        """score_result's answer for the walk's `found` matches, into self._out as orjson
+        writes it; False when a score would not be written so (then nothing is counted)."""
+        cdef Index index = self._index
+        cdef list pods = index._pods.names, tiers = index._tiers.names
+        cdef const kvi_match *m
+        cdef jo_buf *o = &self._out
+        cdef int64_t i
+        cdef int t, first
+        cdef char *text
+        o.n = 0
+        for i in range(found):
+            m = &index.ix.matches[i]
+            # orjson writes these as repr() does, which PyOS_double_to_string gives
+            if not (isfinite(m.score) and (m.score == 0.0 or fabs(m.score) >= 1e-4)):
+                return False
+        _put(o, b'{"model":')
+        _put_str(o, model)
+        _put(o, b',"scores":{')
+        for i in range(found):
+            m = &index.ix.matches[i]
+            if i:
+                _put(o, b',')
+            _put_str(o, pods[m.pod])
+            _put(o, b':')
+            text = PyOS_double_to_string(m.score, b'r', 0, Py_DTSF_ADD_DOT_0, NULL)
+            try:
+                _check(jo_put(o, text, strlen(text)))
+            finally:
+                PyMem_Free(text)
+        _put(o, b'},"blocks":')
+        _check(jo_u64(o, nkeys))
+        _put(o, b',"tokens":')
+        _check(jo_u64(o, nids))
+        _put(o, b',"matched":{')
+        for i in range(found):
+            m = &index.ix.matches[i]
+            if i:
+                _put(o, b',')
+            _put_str(o, pods[m.pod])
+            _put(o, b':{"blocks":')
+            _check(jo_u64(o, m.blocks))
+            _put(o, b',"tokens":')
+            _check(jo_u64(o, <uint64_t>m.blocks * self._block_size))
+            _put(o, b',"tiers":{')
+            first = 1
+            for t in range(len(tiers)):
+                if m.tiers[t]:
+                    if not first:
+                        _put(o, b',')
+                    first = 0
+                    _put_str(o, tiers[t])
+                    _put(o, b':')
+                    _check(jo_u64(o, m.tiers[t]))
+            _put(o, b'}}')
+        _put(o, b'}}')
+        return True
+
+    cdef bytes _respond(self, bytes common, const char *answer, size_t n):
+        """The 200 response with `common` (the Date and Server lines) and the JSON answer."""
+        cdef bytes out
+        cdef char length[24]
+        cdef int length_len
+        cdef char *w
+        length_len = snprintf(length, sizeof(length), "%zu\r\n\r\n", n)
+        out = PyBytes_FromStringAndSize(NULL, len(_LANE_STATUS) + len(common) + len(_LANE_TYPE) + length_len + n)
         w = PyBytes_AS_STRING(out)
         for piece in (_LANE_STATUS, common, _LANE_TYPE):
             memcpy(w, PyBytes_AS_STRING(piece), PyBytes_GET_SIZE(piece))
             w += PyBytes_GET_SIZE(piece)
         memcpy(w, length, length_len)
-        memcpy(w + length_len, PyBytes_AS_STRING(answer), PyBytes_GET_SIZE(answer))
-        self.served += 1
+        memcpy(w + length_len, answer, n)
         return out
+
+
+cdef inline int _check(int failed) except -1:
+    if failed:
+        raise MemoryError()
+    return 0
+
+
+cdef inline int _put(jo_buf *o, bytes literal) except -1:
+    return _check(jo_put(o, PyBytes_AS_STRING(literal), <size_t>PyBytes_GET_SIZE(literal)))
+
+
+cdef inline int _put_str(jo_buf *o, str s) except -1:
+    cdef Py_ssize_t n
+    cdef const char *utf8 = PyUnicode_AsUTF8AndSize(s, &n)
+    return _check(jo_str(o, utf8, <size_t>n))

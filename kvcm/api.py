@@ -184,7 +184,8 @@ class Api:
         if index is None or not self.fast_ids:
             return None
         lane = ScoreLane(self.indexer.sink, index, self.indexer.scorer)
-        lane.add("/v1/score", self._lane_fields, self.indexer.score_result)
+        lane.add("/v1/score", self._lane_fields, self.indexer.score_result,
+                 score_counts=self.indexer.score_counts, block_size=self.indexer.config.block_size)
         self.dynamo.lane_route(lane)
         return lane
 

@@ -6,6 +6,7 @@ plain and unusual, bodies plain and invalid, the lane's paths and others) must g
 answer, byte for byte but for the Date line, from both; plain requests must take the lane."""
 
 import asyncio
+import itertools
 import re
 
 import orjson
@@ -27,9 +28,9 @@ HELD = [list(range(i, i + 3 * BLOCK)) for i in (0, 1000)]   # two pods' prompts
 class Servers:
     """The two servers, on a loop of their own thread."""
 
-    def __init__(self, idle_timeout=120.0):
+    def __init__(self, idle_timeout=120.0, args=()):
         self.loop = asyncio.new_event_loop()
-        self.indexer = Indexer(load_config(["--block-size", str(BLOCK), "--zmq-bind", ""], environ={}))
+        self.indexer = Indexer(load_config(["--block-size", str(BLOCK), "--zmq-bind", "", *args], environ={}))
         for n, ids in enumerate(HELD):
             self.indexer.index.store(MODEL, "pod-%d" % n, "gpu", self.indexer.keys(MODEL, ids))
         self.metrics = Metrics(self.indexer)
@@ -107,6 +108,37 @@ def test_plain_requests_take_the_lane_and_answer_as_the_general_path(servers):
             assert taken == 1 and got.startswith(b"HTTP/1.1 200 OK\r\n")
     got, _ = answer_alike(servers, plain(b"/v1/score", orjson.dumps({"model": MODEL, "token_ids": HELD[1]})))
     assert orjson.loads(got.split(b"\r\n\r\n", 1)[1])["scores"] == {"pod-1": 3.0}
+
+
+@pytest.fixture(scope="module")
+def weighted():
+    """Servers whose scores are fractions, one tier's so small that orjson writes it in
+    exponent form (so the lane leaves that answer to the Python half)."""
+    s = Servers(args=["--tier-weights", "gpu=1,cpu=0.8,disk=0.00003"])
+    yield s
+    s.close()
+
+
+_POD_NAMES = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=10)
+_MODELS = itertools.count()
+
+
+@given(held=st.lists(st.tuples(_POD_NAMES, st.sampled_from(["gpu", "cpu", "disk"]), st.integers(1, 5)),
+                     max_size=8))
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_the_answers_the_lane_writes_itself_are_the_general_paths(weighted, held):
+    """/v1/score's answer written in C (kvcm/json_out.h): pod names with quotes, backslashes,
+    control and non-ASCII characters, several tiers, fractional scores; counted alike."""
+    model = "model-%d" % next(_MODELS)
+    ids = list(range(5 * BLOCK))
+    keys = weighted.indexer.keys(model, ids)
+    for pod, tier, blocks in held:
+        weighted.indexer.index.store(model, pod, tier, keys[:blocks])
+    before = dict(weighted.indexer.score_counts)
+    got, taken = answer_alike(weighted, plain(b"/v1/score", orjson.dumps({"model": model, "token_ids": ids})))
+    assert taken == 1 and got.startswith(b"HTTP/1.1 200 OK\r\n")
+    counts = weighted.indexer.score_counts    # both servers count into the same Indexer
+    assert (counts["requests"] - before["requests"], counts["warm"] - before["warm"]) == (2, 2 if held else 0)
 
 
 # a body the lane takes: only the head of the requests below can send them the general way
