@@ -10,7 +10,6 @@
 # an unusual head, a body it cannot read plainly, a request split over reads or pipelined
 # behind another), it leaves untouched for the general parser.
 
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from libc.stdio cimport snprintf
 from libc.string cimport strlen
 from libc.math cimport fabs, isfinite
@@ -45,17 +44,13 @@ cdef enum:
     _LANE_ROUTES = 8
     # the answer buffer is kept between requests up to this size
     _SCRATCH_KEPT = 1 << 20
+    # answers one spin() may make
+    _LANE_SPUN = 64
 
 cdef object _json_loads = orjson.loads
 cdef object _json_dumps = orjson.dumps
 cdef bytes _LANE_STATUS = b"HTTP/1.1 200 OK\r\n"
 cdef bytes _LANE_TYPE = b"Content-Type: application/json\r\nContent-Length: "
-
-
-cdef inline double _seconds_since(const timespec *t0) noexcept nogil:
-    cdef timespec t1
-    clock_gettime(CLOCK_MONOTONIC, &t1)
-    return <double>(t1.tv_sec - t0.tv_sec) + <double>(t1.tv_nsec - t0.tv_nsec) * 1e-9
 
 
 cdef class ScoreLane:
@@ -68,6 +63,10 @@ cdef class ScoreLane:
     cdef list _score_counts     # by route: the counts of a /v1/score-shaped route, else None
     cdef size_t _block_size
     cdef jo_buf _out            # where answers written in C are assembled
+    cdef char *_spin_buf        # what spin() reads into
+    cdef int _spun              # the answers of the last spin(): how many, their paths, times
+    cdef int _spun_routes[_LANE_SPUN]
+    cdef double _spun_seconds[_LANE_SPUN]
     cdef const char *_ptrs[_LANE_ROUTES]
     cdef size_t _lens[_LANE_ROUTES]
     cdef size_t _max_header
@@ -87,6 +86,7 @@ cdef class ScoreLane:
 
     def __dealloc__(self):
         free(self._out.p)
+        free(self._spin_buf)
 
     def limit(self, size_t max_header, size_t max_body):
         """The HTTP server's limits: a larger head or body takes the general way (which
@@ -130,24 +130,82 @@ cdef class ScoreLane:
         transport, and returns the path's number from 1 (self.seconds tells how long it
         took). Otherwise returns 0, having done nothing."""
         cdef Py_buffer view
-        cdef kl_hit hit
         cdef timespec t0
-        cdef object out = None
-        hit.route, hit.body, hit.end = 0, 0, 0
+        cdef int route = -1
+        cdef object out
         clock_gettime(CLOCK_MONOTONIC, &t0)
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            if (kl_request(<const char *>view.buf, <size_t>view.len, 0, self._ptrs, self._lens,
-                           <int>len(self._paths), self._max_header, self._max_body, &hit)
-                    and hit.end == <size_t>view.len):
-                out = self._answer(hit.route, <const char *>view.buf + hit.body, hit.end - hit.body, common)
+            out = self._take(<const char *>view.buf, <size_t>view.len, common, &route)
         finally:
             PyBuffer_Release(&view)
         if out is None:
             return 0
         transport.write(out)
         self.seconds = _seconds_since(&t0)
-        return hit.route + 1
+        return route + 1
+
+    def spin(self, int loop_fd, double seconds, int conn_fd, transport, bytes common not None,
+             int max_answers):
+        """busy_poll(loop_fd, seconds, conn_fd) that answers the connection's next bytes
+        itself, up to max_answers times, when they are one whole request the lane takes,
+        sending the response straight to conn_fd (a plain socket whose transport has nothing
+        left to write), and spins on. What the socket does not take at once goes to
+        transport.write, which ends the spin. Returns as busy_poll does, the bytes being
+        those of a request the lane left; answered() tells what it answered."""
+        cdef pollfd fds[2]
+        cdef int nfds, ready, route
+        cdef ssize_t got, sent
+        cdef Py_ssize_t size
+        cdef timespec t0
+        cdef object out
+        cdef const char *text
+        if self._spin_buf == NULL:
+            self._spin_buf = <char *>malloc(SPIN_READ_MAX)
+            if self._spin_buf == NULL:
+                raise MemoryError()
+        max_answers = min(max_answers, _LANE_SPUN)
+        self._spun = 0
+        while True:
+            nfds = _spin_fds(fds, loop_fd, conn_fd)
+            got = -1
+            with nogil:
+                ready = _spin(fds, nfds, seconds)
+                if ready > 0 and nfds == 2 and fds[0].revents & POLLIN:
+                    got = recv(conn_fd, self._spin_buf, SPIN_READ_MAX, MSG_DONTWAIT)
+            if got <= 0:
+                return ready > 0
+            clock_gettime(CLOCK_MONOTONIC, &t0)
+            out = self._take(self._spin_buf, <size_t>got, common, &route) if self._spun < max_answers else None
+            if out is None:
+                return PyBytes_FromStringAndSize(self._spin_buf, got)
+            size = PyBytes_GET_SIZE(out)
+            text = PyBytes_AS_STRING(out)
+            with nogil:
+                sent = send(conn_fd, text, <size_t>size, MSG_DONTWAIT | MSG_NOSIGNAL)
+            self._spun_routes[self._spun] = route + 1
+            self._spun_seconds[self._spun] = _seconds_since(&t0)
+            self._spun += 1
+            if sent != size:
+                # the transport writes the rest when the socket can take it, or meets its error
+                transport.write(out[sent if sent > 0 else 0:])
+                return True
+
+    def answered(self):
+        """[(path number from 1, seconds)] of the requests the last spin() answered."""
+        cdef int i
+        return [(self._spun_routes[i], self._spun_seconds[i]) for i in range(self._spun)]
+
+    cdef object _take(self, const char *p, size_t n, bytes common, int *route):
+        """The response when p[0:n] is exactly one whole request the lane takes (its path's
+        number in *route), else None."""
+        cdef kl_hit hit
+        hit.route, hit.body, hit.end = 0, 0, 0
+        if not (kl_request(p, n, 0, self._ptrs, self._lens, <int>len(self._paths), self._max_header,
+                           self._max_body, &hit) and hit.end == n):
+            return None
+        route[0] = hit.route
+        return self._answer(hit.route, p + hit.body, hit.end - hit.body, common)
 
     def serve_body(self, int route, body, bytes common not None):
         """The whole response (bytes, as serve() writes it) to a keep-alive HTTP/1.1 POST to
@@ -237,11 +295,7 @@ cdef class ScoreLane:
                 _put(o, b',')
             _put_str(o, pods[m.pod])
             _put(o, b':')
-            text = PyOS_double_to_string(m.score, b'r', 0, Py_DTSF_ADD_DOT_0, NULL)
-            try:
-                _check(jo_put(o, text, strlen(text)))
-            finally:
-                PyMem_Free(text)
+            _put_score(o, m.score)
         _put(o, b'},"blocks":')
         _check(jo_u64(o, nkeys))
         _put(o, b',"tokens":')
@@ -295,6 +349,19 @@ cdef inline int _check(int failed) except -1:
 
 cdef inline int _put(jo_buf *o, bytes literal) except -1:
     return _check(jo_put(o, PyBytes_AS_STRING(literal), <size_t>PyBytes_GET_SIZE(literal)))
+
+
+cdef int _put_score(jo_buf *o, double score) except -1:
+    """A score as repr() writes it: most are whole numbers of blocks, written as such."""
+    cdef char *text
+    if 0.0 <= score < 1e16 and score == <double><uint64_t>score:
+        _check(jo_u64(o, <uint64_t>score))
+        return _put(o, b".0")
+    text = PyOS_double_to_string(score, b'r', 0, Py_DTSF_ADD_DOT_0, NULL)
+    try:
+        return _check(jo_put(o, text, strlen(text)))
+    finally:
+        PyMem_Free(text)
 
 
 cdef inline int _put_str(jo_buf *o, str s) except -1:

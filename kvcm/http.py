@@ -616,8 +616,7 @@ class _Connection(asyncio.Protocol):
                     self._process(buf)
                 elif not (self._lane is not None and self._take_lane(data)):
                     self._process(data)
-                reads -= 1
-                data = self._await_next(reads > 0)
+                data, reads = self._await_next(reads - 1)
         except Exception:
             rate_log.error("connection-failed", "HTTP connection from %s failed; dropping it", self._peer,
                            exc_info=True)
@@ -657,31 +656,44 @@ class _Connection(asyncio.Protocol):
             self._timer = None
         self._server._forget(self)
 
-    def _await_next(self, may_read):
+    def _await_next(self, reads):
         """With busy polling on, spins until the loop has its next event (or the budget is
         spent) when this connection has answered everything it received and no handler is
         running anywhere: the next request then finds the loop's thread awake. An event
         from any source ends the spin, so it only delays timers, by at most the budget (and
         the MAX_SPIN_READS requests a callback may serve from its spins).
 
-        Returns this connection's next bytes when the spin read them itself (only when
-        may_read, from a plain socket whose answers are all written), else None."""
+        The spin may read this connection's next bytes itself (up to `reads` times, from a
+        plain socket whose answers are all written): the scoring lane answers those it
+        takes there and then, and the first it leaves is returned. Returns (those bytes or
+        None, the reads left)."""
         server = self._server
         if (server._poll_fd is None or self._queue or self._buf or self._state is not _HEAD
                 or server._tasks or server.closing or self._closed):
-            return None
+            return None, reads
         conn_fd = self._spin_fd
-        if not may_read or self._reading_paused or self._peer_eof or self._transport.get_write_buffer_size():
+        if reads <= 0 or self._reading_paused or self._peer_eof or self._transport.get_write_buffer_size():
             conn_fd = -1
-        outcome = busy_poll(server._poll_fd, server.busy_poll, conn_fd)
+        lane = self._lane
+        if conn_fd >= 0 and lane is not None:
+            # the Date line as of the spin's start: at most its answers' budgets old
+            outcome = lane.spin(server._poll_fd, server.busy_poll, conn_fd, self._transport, _common_lines(), reads)
+            answered = lane.answered()
+            if answered:
+                reads -= len(answered)
+                server.busy_polls[2] += len(answered)
+                for route, seconds in answered:
+                    self._lane_answered(route, seconds)
+        else:
+            outcome = busy_poll(server._poll_fd, server.busy_poll, conn_fd)
         if outcome is True:
             server.busy_polls[0] += 1
         elif outcome is False:
             server.busy_polls[1] += 1
         else:
             server.busy_polls[2] += 1
-            return outcome
-        return None
+            return outcome, reads
+        return None, reads
 
     # ---- input
 
@@ -765,12 +777,17 @@ class _Connection(asyncio.Protocol):
         route = self._lane.serve(data, self._transport, _common_lines())
         if not route:
             return False
+        self._lane_answered(route, self._lane.seconds)
+        return True
+
+    def _lane_answered(self, route, seconds):
+        """What follows an answer of the lane to a whole request read on this connection."""
+        server = self._server
         self._fresh = self._head_started = False
         self._keep_alive = True        # the lane takes only keep-alive HTTP/1.1 requests
         self._set_deadline(self._loop.time() + server.idle_timeout)
         if server._timed:
-            server._report_lane(route, self._lane.seconds, self._peer)
-        return True
+            server._report_lane(route, seconds, self._peer)
 
     def _lane_body(self, request):
         """True when the scoring lane answered a request the parser above read (one that came
@@ -1042,7 +1059,7 @@ class _Connection(asyncio.Protocol):
         else:
             slot[0], slot[1] = self._render(request, response, close), close
         self._flush()
-        data = self._await_next(True)
+        data, _ = self._await_next(MAX_SPIN_READS)
         if data is not None:
             self.data_received(data)
 

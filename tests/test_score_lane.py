@@ -8,9 +8,13 @@ answer, byte for byte but for the Date line, from both; plain requests must take
 import asyncio
 import itertools
 import re
+import socket
+import threading
+import time
 
 import orjson
 import pytest
+import uvloop
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from kvcm.api import Api, request_timer
@@ -300,5 +304,111 @@ def test_a_connection_idle_after_a_lane_answer_closes_after_the_idle_timeout():
         served = s.lane.served
         s.run(idle())
         assert s.lane.served == served + 1
+    finally:
+        s.close()
+
+
+class SpinningServer:
+    """A busy-polling server with the lane on a uvloop loop of its own thread, holding what
+    Servers holds (plus `extra` pods on HELD[0]'s first block), for clients that block."""
+
+    def __init__(self, extra_pods=()):
+        self.indexer = Indexer(load_config(["--block-size", str(BLOCK), "--zmq-bind", ""], environ={}))
+        for n, ids in enumerate(HELD):
+            self.indexer.index.store(MODEL, "pod-%d" % n, "gpu", self.indexer.keys(MODEL, ids))
+        for pod in extra_pods:
+            self.indexer.index.store(MODEL, pod, "gpu", self.indexer.keys(MODEL, HELD[0][:BLOCK]))
+        self.metrics = Metrics(self.indexer)
+        self.lane = Api(self.indexer, self.metrics).lane()
+        self.server = HttpServer(Api(self.indexer, self.metrics).router, lane=self.lane,
+                                 on_response=request_timer(self.metrics), busy_poll=0.005)
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.call(self.server.start("127.0.0.1", 0))
+
+    def call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
+
+    def inspect(self, fn):
+        async def read():
+            return fn()
+        return self.call(read())
+
+    def connect(self, rcvbuf=None):
+        sock = socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.connect(("127.0.0.1", self.server.port))
+        sock.settimeout(30)
+        return sock
+
+    def close(self):
+        self.call(self.server.close(1.0))
+        self.call(self.indexer.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def _read_answer(sock, data):
+    """(one whole response, the bytes after it) from sock, starting with data."""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(1 << 16)
+    head, rest = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+    while len(rest) < length:
+        rest += sock.recv(1 << 16)
+    return re.sub(rb"\r\nDate: [^\r]*\r\n", b"\r\nDate: -\r\n", head + b"\r\n\r\n" + rest[:length]), rest[length:]
+
+
+def _lane_answers(metrics):
+    buckets = metrics.latency_buckets(("/v1/score",))
+    return buckets[float("inf")] if buckets else 0
+
+
+def test_a_busy_polling_lane_answers_the_requests_its_spins_read(servers):
+    """The spin reads a connection's next request and the lane answers it there, sending
+    the answer itself: the same answers as the general path, each counted and timed."""
+    requests = [plain(b"/v1/score", orjson.dumps({"model": MODEL, "token_ids": ids}))
+                for ids in HELD + [HELD[0][:20], []]]
+    want = [servers.exchange(servers.general, raw) for raw in requests]
+    s = SpinningServer()
+    try:
+        sock = s.connect()
+        for n in range(400):
+            sock.sendall(requests[n % len(requests)])
+            got, rest = _read_answer(sock, b"")
+            assert (got, rest) == (want[n % len(requests)], b"")
+        sock.close()
+        assert s.lane.served == 400
+        assert s.inspect(lambda: s.server.busy_polls[2]) > 0       # requests read by spins
+        assert s.inspect(lambda: _lane_answers(s.metrics)) == 400
+    finally:
+        s.close()
+
+
+def test_answers_the_socket_cannot_take_at_once_are_finished_by_the_transport_in_order():
+    """A client that sends request after request without reading: the answers (~40 kB each)
+    fill the socket, the spin's send takes part of one, the transport writes the rest, and
+    the requests after it are answered behind it: every answer arrives whole and in order."""
+    pods = ["pod-%s-%03d" % ("x" * 50, i) for i in range(400)]
+    s = SpinningServer(extra_pods=pods)
+    try:
+        raw = plain(b"/v1/score", orjson.dumps({"model": MODEL, "token_ids": HELD[0]}))
+        sock = s.connect(rcvbuf=4096)
+        sock.sendall(raw)
+        first, _ = _read_answer(sock, b"")
+        assert len(first) > 40_000 and all(pod.encode() in first for pod in pods)
+        for _ in range(120):
+            sock.sendall(raw)
+            time.sleep(0.002)       # a read of its own for each
+        data = b""
+        for _ in range(120):
+            got, data = _read_answer(sock, data)
+            assert got == first
+        sock.close()
+        assert s.inspect(lambda: s.server.busy_polls[2]) > 0
+        assert s.lane.served == 121
     finally:
         s.close()
