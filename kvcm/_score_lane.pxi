@@ -1,14 +1,15 @@
 # The scoring lane (DESIGN.md §5): a scheduler's plain POST of token ids, answered in one call
 # from the moment its bytes arrive. kvcm/http.py hands each read to ScoreLane.serve before its
-# general parser; the lane reads the head (http_lane.h) and the ids (json_ids.h) in C, hashes,
-# walks the index under its lock, and writes the answer, with no Request, no router and no
-# interpreted parsing on the way. The API layer supplies each route's two halves as Python
-# callables, the same ones its general handlers use, so both ways answer alike: prepare(body)
-# reads the other fields (anything it raises sends the request the general way, which words
-# the error), finish(...) shapes the answer. A route whose answer is /v1/score's has it written
-# here in C instead (json_out.h), byte for byte as orjson serializes finish's. Whatever the lane does not take (another path,
-# an unusual head, a body it cannot read plainly, a request split over reads or pipelined
-# behind another), it leaves untouched for the general parser.
+# general parser, and the busy poll's reads to ScoreLane.spin; the lane reads the head
+# (http_lane.h) and the ids (json_ids.h) in C, hashes, walks the index under its lock, and
+# writes the answer, with no Request, no router and no interpreted parsing on the way. The
+# API layer supplies each route's two halves as Python callables, the same ones its general
+# handlers use, so both ways answer alike: prepare(body) reads the other fields (anything it
+# raises sends the request the general way, which words the error), finish(...) shapes the
+# answer; /v1/score's answer is written here in C instead (json_out.h), byte for byte as
+# orjson serializes finish's. Whatever the lane does not take (another path, an unusual head,
+# a body it cannot read plainly, a request split over reads or pipelined behind another), it
+# leaves untouched for the general parser.
 
 from libc.stdio cimport snprintf
 from libc.string cimport strlen
@@ -102,8 +103,8 @@ cdef class ScoreLane:
 
         With score_counts, finish is Indexer.score_result (its counts, blocks of
         block_size tokens) and context the model: the lane writes that answer itself and
-        counts it as finish would, calling finish only for an answer orjson would write
-        otherwise (a score below 1e-4, in exponent form)."""
+        counts it as finish would, calling finish only for a score it cannot write as orjson
+        does (below 1e-4, which orjson writes in its own exponent form, or not finite)."""
         if score_counts is not None and not block_size:
             raise ValueError("a /v1/score-shaped lane path needs the block size")
         cdef bytes raw = path.encode("ascii")
