@@ -149,9 +149,9 @@ cdef class ScoreLane:
     def spin(self, int loop_fd, double seconds, int conn_fd, transport, bytes common not None,
              int max_answers):
         """busy_poll(loop_fd, seconds, conn_fd) that answers the connection's next bytes
-        itself, up to max_answers times, when they are one whole request the lane takes,
-        sending the response straight to conn_fd (a plain socket whose transport has nothing
-        left to write), and spins on. What the socket does not take at once goes to
+        itself when they are one whole request the lane takes, sending the response straight
+        to conn_fd (a plain socket whose transport has nothing left to write), and spins on;
+        after max_answers (>= 1) answers, on loop_fd alone. What the socket does not take at once goes to
         transport.write, which ends the spin. Returns as busy_poll does, the bytes being
         those of a request the lane left; answered() tells what it answered."""
         cdef pollfd fds[2]
@@ -168,7 +168,8 @@ cdef class ScoreLane:
         max_answers = min(max_answers, _LANE_SPUN)
         self._spun = 0
         while True:
-            nfds = _spin_fds(fds, loop_fd, conn_fd)
+            # once it has answered max_answers, the spin leaves the connection to the loop
+            nfds = _spin_fds(fds, loop_fd, conn_fd if self._spun < max_answers else -1)
             got = -1
             with nogil:
                 ready = _spin(fds, nfds, seconds)
@@ -177,7 +178,7 @@ cdef class ScoreLane:
             if got <= 0:
                 return ready > 0
             clock_gettime(CLOCK_MONOTONIC, &t0)
-            out = self._take(self._spin_buf, <size_t>got, common, &route) if self._spun < max_answers else None
+            out = self._take(self._spin_buf, <size_t>got, common, &route)
             if out is None:
                 return PyBytes_FromStringAndSize(self._spin_buf, got)
             size = PyBytes_GET_SIZE(out)
