@@ -319,9 +319,10 @@ class SpinningServer:
         for pod in extra_pods:
             self.indexer.index.store(MODEL, pod, "gpu", self.indexer.keys(MODEL, HELD[0][:BLOCK]))
         self.metrics = Metrics(self.indexer)
-        self.lane = Api(self.indexer, self.metrics).lane()
-        self.server = HttpServer(Api(self.indexer, self.metrics).router, lane=self.lane,
-                                 on_response=request_timer(self.metrics), busy_poll=0.005)
+        api = Api(self.indexer, self.metrics)
+        self.lane = api.lane()
+        self.server = HttpServer(api.router, lane=self.lane, on_response=request_timer(self.metrics),
+                                 busy_poll=0.005)
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
