@@ -392,10 +392,14 @@ PRECEDENCE = [
 
 @pytest.mark.parametrize("layers, winner", PRECEDENCE, ids=["+".join(p[0]) for p in PRECEDENCE])
 def test_configuration_precedence_decides_which_port_answers(shared, tmp_path, layers, winner):
-    ports = {"file": free_port(), "env": free_port(), "flag": free_port(), "llmd": free_port()}
+    ports = {}
+    while len(set(ports.values())) < 5:
+        ports = {layer: free_port() for layer in ("file", "env", "flag", "llmd", "zmq")}
+    # ZMQ on a port picked here too: one the kernel picked at bind time could be a layer's port
+    zmq = "tcp://127.0.0.1:%d" % ports.pop("zmq")
     config = tmp_path / "kvcm.toml"
-    config.write_text('http_host = "127.0.0.1"\nhttp_port = %d\nzmq_bind = ["%s"]\n' % (ports["file"], LOCAL))
-    args, env = [], {"KVCM_HTTP_HOST": "127.0.0.1", "KVCM_ZMQ_BIND": LOCAL}
+    config.write_text('http_host = "127.0.0.1"\nhttp_port = %d\nzmq_bind = ["%s"]\n' % (ports["file"], zmq))
+    args, env = [], {"KVCM_HTTP_HOST": "127.0.0.1", "KVCM_ZMQ_BIND": zmq}
     if "llmd" in layers:
         env["HTTP_PORT"] = str(ports["llmd"])
     if "file" in layers:
