@@ -36,6 +36,8 @@ cdef extern from "cpu_lend.h" nogil:
     int kvl_lend(kvl_loan *)
     unsigned long long kvl_loans(kvl_loan *)
     void kvl_init()
+    long kvl_lender_delay_ns
+    void kvl_sleep_without_lending()
 
 kvl_init()
 
@@ -73,6 +75,20 @@ def ilock_configure_spin(cpus):
 
 
 ilock_configure_spin(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1))
+
+
+def ilock_never_lend_from_this_thread():
+    """The calling thread, when it waits for the index lock, sleeps without lending its CPU:
+    for a thread whose waits delay no request (the ingest thread), which would otherwise move
+    the scoring thread, holding the lock for a lookup, onto its own busy CPU."""
+    kvl_sleep_without_lending()
+
+
+def ilock_delay_lenders(seconds):
+    """Tests only: a lender pauses this long after moving the holder, as one that does not
+    get its CPU back at once would."""
+    global kvl_lender_delay_ns
+    kvl_lender_delay_ns = <long>(seconds * 1e9)
 
 
 cdef inline bint ilock_reenter(IndexLock *l) noexcept nogil:

@@ -10,6 +10,12 @@
  * CPUs it had. At most one loan is out per lock; a loan whose borrower has not come back (it no
  * longer holds the lock, it exited) is ended by the next waiter that wants to lend.
  *
+ * The move is synchronous: the lender sleeps until the holder has moved, and may then have to
+ * wait for its own CPU, which the holder now runs on. So the loan is recorded before the move
+ * (KVL_LENDING), and a holder that releases the lock meanwhile goes home at once and marks the
+ * loan ended; the lender, back from the move, puts the holder home too in case its move landed
+ * after the holder's return (setting the CPUs a thread already has costs nothing).
+ *
  * Everything here is best effort: where the system refuses (a cpuset without the waiter's CPU,
  * not Linux) the waiter just sleeps, as it would without lending. */
 #ifndef KVCM_CPU_LEND_H
@@ -23,9 +29,12 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
-enum { KVL_FREE = 0, KVL_BUSY = 1, KVL_OUT = 2 };   /* no loan, one being made or ended, one out */
+/* no loan; one being ended; one being made (the move in flight); one out; one ended by its
+ * borrower while it was being made */
+enum { KVL_FREE = 0, KVL_BUSY = 1, KVL_LENDING = 2, KVL_OUT = 3, KVL_ENDED = 4 };
 
 typedef struct {
     int holder;        /* the thread id holding the lock, 0 when free */
@@ -36,6 +45,12 @@ typedef struct {
 } kvl_loan;
 
 static __thread int kvl_tid_cached;
+/* Set in a thread whose waits delay no request (the ingest thread): it sleeps without lending.
+ * Were it to lend, the scoring thread, holding the lock for a lookup, would be moved onto the
+ * ingest's busy CPU and answer from there. */
+static __thread int kvl_never_lends;
+
+static inline void kvl_sleep_without_lending(void) { kvl_never_lends = 1; }
 
 static inline int kvl_tid(void) {
     if (!kvl_tid_cached)
@@ -55,13 +70,25 @@ static inline int kvl_claim(kvl_loan *L, int from) {
 
 static inline void kvl_unheld(kvl_loan *L) { __atomic_store_n(&L->holder, 0, __ATOMIC_RELAXED); }
 
+static inline int kvl_cas(kvl_loan *L, int from, int to) {
+    return __atomic_compare_exchange_n(&L->state, &from, to, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
 /* After a thread released the lock: back to its own CPUs if it was lent one. */
 static inline void kvl_return(kvl_loan *L) {
-    int me;
-    if (__atomic_load_n(&L->state, __ATOMIC_ACQUIRE) != KVL_OUT)
+    int me, state = __atomic_load_n(&L->state, __ATOMIC_ACQUIRE);
+    if (state != KVL_OUT && state != KVL_LENDING)
         return;
     me = kvl_tid();
-    if (L->borrower != me || !kvl_claim(L, KVL_OUT))
+    if (L->borrower != me)
+        return;
+    if (state == KVL_LENDING) {
+        /* the lender has not come back from moving this thread: go home, and tell it so */
+        sched_setaffinity(0, sizeof L->home, &L->home);
+        if (kvl_cas(L, KVL_LENDING, KVL_ENDED))
+            return;
+    }
+    if (!kvl_claim(L, KVL_OUT))
         return;
     if (L->borrower != me) {   /* another loan was made in between: not ours to end */
         __atomic_store_n(&L->state, KVL_OUT, __ATOMIC_RELEASE);
@@ -73,10 +100,17 @@ static inline void kvl_return(kvl_loan *L) {
 
 static inline unsigned long long kvl_loans(kvl_loan *L) { return __atomic_load_n(&L->loans, __ATOMIC_RELAXED); }
 
+/* Tests only: how long a lender waits after the move, as one that does not get its CPU back
+ * at once (the holder runs there) would. */
+static long kvl_lender_delay_ns;
+
 /* A waiter whose spin ran out, just before it sleeps: its CPU to the holder. 1 when lent. */
 static int kvl_lend(kvl_loan *L) {
     cpu_set_t one;
-    int holder = __atomic_load_n(&L->holder, __ATOMIC_RELAXED), cpu = sched_getcpu();
+    int holder = __atomic_load_n(&L->holder, __ATOMIC_RELAXED), cpu;
+    if (kvl_never_lends)
+        return 0;
+    cpu = sched_getcpu();
     if (holder == 0 || holder == kvl_tid() || cpu < 0)
         return 0;
     if (!kvl_claim(L, KVL_FREE)) {
@@ -85,15 +119,29 @@ static int kvl_lend(kvl_loan *L) {
             return 0;
         sched_setaffinity(L->borrower, sizeof L->home, &L->home);   /* ESRCH when it exited */
     }
-    CPU_ZERO(&one);
-    CPU_SET(cpu, &one);
-    if (sched_getaffinity(holder, sizeof L->home, &L->home) || sched_setaffinity(holder, sizeof one, &one)) {
+    if (sched_getaffinity(holder, sizeof L->home, &L->home)) {
         __atomic_store_n(&L->state, KVL_FREE, __ATOMIC_RELEASE);
         return 0;
     }
     L->borrower = holder;
+    __atomic_store_n(&L->state, KVL_LENDING, __ATOMIC_RELEASE);
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    int moved = sched_setaffinity(holder, sizeof one, &one) == 0;
+    if (kvl_lender_delay_ns > 0) {
+        struct timespec pause = {kvl_lender_delay_ns / 1000000000L, kvl_lender_delay_ns % 1000000000L};
+        nanosleep(&pause, NULL);
+    }
+    if (!moved) {
+        __atomic_store_n(&L->state, KVL_FREE, __ATOMIC_RELEASE);
+        return 0;
+    }
     __atomic_store_n(&L->loans, L->loans + 1, __ATOMIC_RELAXED);
-    __atomic_store_n(&L->state, KVL_OUT, __ATOMIC_RELEASE);
+    if (!kvl_cas(L, KVL_LENDING, KVL_OUT)) {
+        /* ended by the holder, which went home: this move may have landed after that */
+        sched_setaffinity(holder, sizeof L->home, &L->home);
+        __atomic_store_n(&L->state, KVL_FREE, __ATOMIC_RELEASE);
+    }
     return 1;
 }
 
@@ -106,6 +154,8 @@ static inline void kvl_held(kvl_loan *L) { (void)L; }
 static inline void kvl_unheld(kvl_loan *L) { (void)L; }
 static inline void kvl_return(kvl_loan *L) { (void)L; }
 static inline int kvl_lend(kvl_loan *L) { (void)L; return 0; }
+static long kvl_lender_delay_ns;
+static inline void kvl_sleep_without_lending(void) {}
 
 #endif
 #endif

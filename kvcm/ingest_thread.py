@@ -27,6 +27,7 @@ import concurrent.futures
 import logging
 import threading
 
+from kvcm._core import ilock_never_lend_from_this_thread
 from kvcm.ingest import Ingest
 from kvcm.placement import name_this_thread, pin_this_thread
 
@@ -71,6 +72,7 @@ class IngestThread:
     def _run(self, started):
         # before the loop and libzmq's I/O thread exist, so that they inherit the CPUs
         name_this_thread("kvcm-ingest")
+        ilock_never_lend_from_this_thread()
         if self._cpus is not None:
             try:
                 pin_this_thread(self._cpus, "--ingest-cpus")

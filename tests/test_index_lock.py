@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from kvcm._core import Index, ilock_configure_spin
+from kvcm._core import Index, ilock_configure_spin, ilock_delay_lenders, ilock_never_lend_from_this_thread
 
 
 def _cpus():
@@ -49,12 +49,14 @@ class _Holder(threading.Thread):
         self.join()
 
 
-def _waiter(index, cpu):
+def _waiter(index, cpu, lends=True):
     """A thread on `cpu` that reads the index (it waits for the lock); its result."""
     out = {}
 
     def run():
         os.sched_setaffinity(0, {cpu})
+        if not lends:
+            ilock_never_lend_from_this_thread()
         out["tid"] = threading.get_native_id()
         out["stats"] = index.stats()
     t = threading.Thread(target=run, daemon=True)
@@ -99,6 +101,42 @@ def test_a_holder_lent_a_cpu_again_and_again_always_goes_back(both_cpus):
         holder.release()
         waiter.join()
         assert holder.cpus_after == {both_cpus[1]}
+
+
+def test_a_holder_that_lets_go_before_its_lender_is_back_from_the_move_goes_home(both_cpus):
+    # The move is synchronous, and the lender may then wait for its CPU, where the holder
+    # now runs: the holder must not stay there, holding that CPU, until the lender is back.
+    index = Index(max_blocks=64)
+    holder = _Holder(index, both_cpus[1])
+    holder.start()
+    holder.holding.wait()
+    ilock_delay_lenders(1.0)
+    try:
+        waiter, out = _waiter(index, both_cpus[0])
+        _until(lambda: os.sched_getaffinity(holder.native_id) == {both_cpus[0]}, "lent")
+        holder.release()
+        assert holder.cpus_after == {both_cpus[1]}
+        assert "stats" not in out   # the lender is still paused after the move
+        waiter.join()
+    finally:
+        ilock_delay_lenders(0)
+    assert out["stats"]["blocks"] == 0
+    assert index.lock_loans == 1
+
+
+def test_a_thread_that_never_lends_sleeps_and_leaves_the_holder_where_it_is(both_cpus):
+    # the ingest thread's case: it must not move the scoring thread onto its busy CPU
+    index = Index(max_blocks=64)
+    holder = _Holder(index, both_cpus[1])
+    holder.start()
+    holder.holding.wait()
+    waiter, out = _waiter(index, both_cpus[0], lends=False)
+    _until(lambda: _state(out["tid"]) == "S", "the waiter sleeps")
+    threading.Event().wait(0.2)   # past its spin, on the lock (see the test below)
+    assert os.sched_getaffinity(holder.native_id) == {both_cpus[1]}
+    holder.release()
+    waiter.join()
+    assert index.lock_loans == 0
 
 
 def test_with_one_cpu_a_waiter_sleeps_without_lending(both_cpus):
