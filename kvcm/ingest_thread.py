@@ -29,7 +29,7 @@ import threading
 
 from kvcm._core import ilock_never_lend_from_this_thread
 from kvcm.ingest import Ingest
-from kvcm.placement import name_this_thread, pin_this_thread
+from kvcm.placement import name_this_thread, pin_this_thread, set_scheduler_slice
 
 log = logging.getLogger("kvcm.ingest")
 
@@ -72,6 +72,8 @@ class IngestThread:
     def _run(self, started):
         # before the loop and libzmq's I/O thread exist, so that they inherit the CPUs
         name_this_thread("kvcm-ingest")
+        # a throughput thread: the kernel's default slice, not the scoring loop's it inherits
+        set_scheduler_slice(0)
         ilock_never_lend_from_this_thread()
         if self._cpus is not None:
             try:

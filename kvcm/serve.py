@@ -22,12 +22,13 @@ from kvcm.config import ConfigError, load_config
 from kvcm.http import HttpServer
 from kvcm.indexer import Indexer, TemplatesUnavailable
 from kvcm.metrics import Metrics
-from kvcm.placement import available_cpus, pin_this_thread
+from kvcm.placement import available_cpus, pin_this_thread, set_scheduler_slice
 from kvcm.ratelog import RateLimitedLog
 
 log = logging.getLogger("kvcm.serve")
 
 SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get after SIGTERM
+SCORING_SLICE_S = 100e-6  # a busy-polling event loop's scheduler slice, the shortest Linux takes (set_scheduler_slice)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -127,6 +128,11 @@ class Service:
             # first: the ingest thread and the workers started from here inherit these CPUs
             # (the ingest thread then moves to --ingest-cpus, if given)
             pin_this_thread(self.config.http_cpus, "--http-cpus")
+        if self.config.busy_poll_us:
+            # a loop tuned for latency: woken, it preempts what holds its CPU (measured: it
+            # helps a busy-polling loop, and costs a loop that shares its CPU with its
+            # clients; benchmarks/RESULTS.md)
+            set_scheduler_slice(SCORING_SLICE_S)
         # a waiter for the index lock spins only where its holder may run on another CPU
         http = set(self.config.http_cpus or available_cpus() or ())
         ilock_configure_spin(http | set(self.config.ingest_cpus or http))

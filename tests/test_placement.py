@@ -2,14 +2,17 @@
 back from /proc), their parsing and errors, and the placement `kvcm bench index --placement
 split` gives its own threads."""
 
+import ctypes
 import os
+import platform
 import threading
 
 import pytest
 
 from kvcm.bench.placement import Placement, PlacementError
 from kvcm.config import ConfigError, load_config
-from kvcm.placement import available_cpus, format_cpus, parse_cpus
+from kvcm.placement import _SchedAttr, available_cpus, format_cpus, parse_cpus
+from kvcm.serve import SCORING_SLICE_S
 from serving import Serve, run_serve
 
 CPUS = sorted(available_cpus())
@@ -90,6 +93,36 @@ def test_serve_runs_the_loop_and_the_ingest_on_their_cpus():
         # libzmq's I/O thread, started from the ingest thread, follows it
         assert [allowed(pid, t) for t in names["ZMQbg/IO/0"]] == [str(INGEST_CPU)]
         assert server.client.ok("GET", "/health")
+        assert server.stop() == 0
+    finally:
+        server.close()
+
+
+def scheduler_slice(tid):
+    """A thread's scheduler slice in ns (sched_getattr's sched_runtime)."""
+    attr = _SchedAttr()
+    number = {"x86_64": 315, "aarch64": 275}[platform.machine()]
+    assert ctypes.CDLL(None, use_errno=True).syscall(number, tid, ctypes.byref(attr), ctypes.sizeof(attr), 0) == 0
+    return attr.runtime
+
+
+@pytest.mark.parametrize("busy_poll", [False, True])
+def test_a_busy_polling_event_loop_runs_in_short_slices_and_the_ingest_in_the_kernels(busy_poll):
+    # a fresh thread of this process has the kernel's default (0 before Linux 6.12, which
+    # takes the short slice and ignores it)
+    box = []
+    fresh = threading.Thread(target=lambda: box.append(scheduler_slice(0)))
+    fresh.start()
+    fresh.join()
+    default = box[0]
+    server = Serve.standard(*(["--busy-poll-us", "1000"] if busy_poll else []))
+    try:
+        server.wait_ready()
+        pid = server.proc.pid
+        names = threads(pid)
+        short = int(SCORING_SLICE_S * 1e9) if default else 0
+        assert scheduler_slice(pid) == (short if busy_poll else default)
+        assert [scheduler_slice(t) for t in names["kvcm-ingest"] + names["ZMQbg/IO/0"]] == [default, default]
         assert server.stop() == 0
     finally:
         server.close()
