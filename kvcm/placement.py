@@ -1,4 +1,5 @@
-"""Which CPUs kvcm's threads run on (`--http-cpus`, `--ingest-cpus`), and their names.
+"""Which CPUs kvcm's threads run on (`--http-cpus`, `--ingest-cpus`), their scheduler
+slices, and their names.
 
 On a host where kvcm shares CPUs with other work, or where the ingest runs flat out, the
 scoring loop answers fastest on CPUs of its own: the ingest thread and libzmq's I/O thread
