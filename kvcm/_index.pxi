@@ -46,22 +46,27 @@ kvl_init()
 # which applies events without the GIL (EventSink._fast_event). Everything that reads or
 # writes the C structures holds this lock: the public methods here, and the sink for each
 # event's change of the index (its decoding and hash checks happen outside). It is recursive
-# (a method may call another), and a thread holding the GIL never waits for it without
+# (a method may call another), and a thread holding the GIL never sleeps on it without
 # releasing the GIL first, so the two locks cannot deadlock.
 #
 # A waiter tries the lock for up to ILOCK_SPIN_NS before it sleeps: the holder is most often
 # one event's store on the other core, done within a microsecond or two, while a sleeping
 # waiter is woken by the other core through an interrupt, which costs tens of microseconds on
-# a virtual machine. With one CPU to run on, the holder cannot finish while the waiter spins,
-# so the spin is off there (ilock_configure_spin). A waiter whose spin runs out lends its CPU
-# to the holder before it sleeps (cpu_lend.h says why).
+# a virtual machine. A holder that lost its CPU mid-change to a short-lived thread (libzmq's
+# I/O thread, a publisher on the same host) mostly has it back within some 50 µs, where a
+# loan (below) costs two such wake-ups and a migration, some 150 µs: so the spin lasts
+# 100 µs. The spin keeps the GIL, which the holder's change does not need: released, it would
+# let the ingest thread's Python in, and the scorer would wait for that turn to end as well.
+# With one CPU to run on, the holder cannot finish while the waiter spins, so the spin is off
+# there (ilock_configure_spin). A waiter whose spin runs out lends its CPU to the holder
+# before it sleeps (cpu_lend.h says why).
 cdef struct IndexLock:
     PyThread_type_lock lock
     unsigned long owner
     int depth
     kvl_loan loan
 
-ILOCK_SPIN_DEFAULT_NS = 20_000
+ILOCK_SPIN_DEFAULT_NS = 100_000
 cdef double ILOCK_SPIN_NS = ILOCK_SPIN_DEFAULT_NS
 cdef bint ILOCK_LEND = True
 
@@ -128,13 +133,12 @@ cdef inline void ilock_acquire(IndexLock *l) noexcept nogil:
 
 
 cdef inline void ilock_acquire_gil(IndexLock *l) noexcept:
-    """With the GIL, which is released while waiting."""
+    """With the GIL, which is kept while spinning and released while waiting."""
     if ilock_reenter(l):
         return
-    if not PyThread_acquire_lock(l.lock, NOWAIT_LOCK):
+    if not PyThread_acquire_lock(l.lock, NOWAIT_LOCK) and not ilock_spin(l):
         with nogil:
-            if not ilock_spin(l):
-                ilock_wait(l)
+            ilock_wait(l)
     ilock_taken(l)
 
 

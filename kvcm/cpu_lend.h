@@ -1,7 +1,7 @@
 /* Lending a CPU to the thread that holds the index lock (kvcm/_index.pxi).
  *
  * The lock is held for one event's change of the index, a microsecond or two, so a waiter
- * that has spun for tens of microseconds without getting it is almost always waiting for a
+ * that has spun for 100 µs without getting it is almost always waiting for a
  * holder that lost its CPU mid-change: on a CPU it shares with libzmq's I/O thread and
  * whatever else the host runs there, it gets that CPU back only after the others' scheduler
  * slices, milliseconds later. Such a waiter is about to sleep and leave its own CPU idle, so it
