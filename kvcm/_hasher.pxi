@@ -26,7 +26,10 @@ ALGORITHMS = ("sha256", "sha256_cbor", "sha256_cbor_64bit", "kvcm", "llmd_fnv64a
 UNSET_SEED = "vllm-none-hash"  # vLLM >= 0.29's seed when PYTHONHASHSEED is unset
 
 cdef enum:
-    NOGIL_MIN_BLOCKS = 8        # shorter chains are not worth dropping the GIL for
+    # Shorter chains (~120 µs at 0.12 µs a block) keep the GIL: a thread that drops it while
+    # the ingest thread waits for it gets it back only after the ingest's turn and a wake-up
+    # from the other CPU, which cost as much as hashing them did.
+    NOGIL_MIN_BLOCKS = 1024
 
 # Blocks without extra keys, of up to KVCM_CHAIN_MAX_TOKENS ids, are hashed by block_chain.h;
 # the rest (extra keys, larger blocks, whose pickle may split frames) by the encoders here.

@@ -10,9 +10,10 @@ cdef extern from "json_ids.h":
     int kj_rest(const char *p, size_t n, size_t i) nogil
     size_t kj_commas(const char *p, size_t n) nogil
 
-# Bodies at least this long are scanned without the GIL: other threads (tokenizer encodes)
-# run meanwhile; shorter ones are done before releasing it would pay.
-cdef Py_ssize_t _NOGIL_BODY = 16384
+# Bodies at least this long (~1 µs a KiB) are scanned without the GIL, so that other threads
+# (tokenizer encodes, the ingest's turns) run meanwhile; shorter ones are done before taking
+# the GIL back from such a thread would be (kvcm/_hasher.pxi, NOGIL_MIN_BLOCKS).
+cdef Py_ssize_t _NOGIL_BODY = 131072
 
 
 def json_token_ids(body):
