@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from conftest import ROOT, SHARED
-from kvcm.bench import phases, targets
+from kvcm.bench import phases, summary, targets
 from kvcm.bench.engines import Engines
 from kvcm.bench.index import Context
 from kvcm.bench.progress import Progress
@@ -95,6 +95,17 @@ def test_placement_split_places_kvcm_and_says_so():
     assert result["targets"]["kvcm"]["score_while_ingesting"]["loaded_p99_us"]["median"] > 0
 
 
+def test_a_spinning_client_measures_the_same_answers_and_says_so():
+    proc = bench(*TINY, "--client-spin", "--ingest-rate", "0", "--probes", "0", "--open-rate", "0",
+                 "--query-tokens", "256", "--json")
+    result = json.loads(proc.stdout)
+    assert result["workload"]["client_spin"] is True
+    q = result["targets"]["kvcm"]["query"]["256"]
+    assert q["mismatches"] == 0 and q["requests"] == 60
+    assert result["targets"]["kvcm"]["floor_us"]["p50"]["median"] > 0
+    assert "polls for each answer (--client-spin)" in summary.index_text(result)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--target", "nope"], "--target: unknown nope"),
     (["--target", "dynamo"], "needs --dynamo-python"),
@@ -103,6 +114,7 @@ def test_placement_split_places_kvcm_and_says_so():
     (["--prompt-tokens", "12x"], "not TOKENS"),
     (["--engines", "0"], "invalid"),
     (["--placement", "everywhere"], "invalid choice"),
+    (["--client-spin", "--concurrency", "2"], "--client-spin drives one connection"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, message):
     proc = bench(*args, check=False)

@@ -105,6 +105,10 @@ def add_index_arguments(p):
                    help="closed-loop queries per prompt length and run (default: %(default)s)")
     g.add_argument("--concurrency", type=_positive(int), default=1,
                    help="closed-loop requests in flight (default: %(default)s)")
+    g.add_argument("--client-spin", action="store_true",
+                   help="the query and floor client polls its socket for each answer instead of sleeping in "
+                        "recv (--concurrency 1): on a VM whose idle vCPUs halt at once, waking it is a VM exit "
+                        "in every target's latency alike; the score-while-ingesting client still sleeps")
     g.add_argument("--warmup", type=_non_negative(int), default=200,
                    help="requests before each length's measurement, excluded and reported (default: %(default)s)")
     g.add_argument("--open-rate", type=_rate, default="50%",
@@ -196,6 +200,8 @@ def run_index(args, usage_error):
     except PlacementError as exc:
         raise usage_error(str(exc)) from None
     specs = _targets(args, placement, usage_error)
+    if args.client_spin and args.concurrency != 1:
+        raise usage_error("--client-spin drives one connection: it needs --concurrency 1")
     try:
         spec = workload.Spec(engines=args.engines, blocks=args.blocks,
                              prompt_tokens=tuple(workload.parse_lengths(args.prompt_tokens)),
@@ -221,7 +227,8 @@ def run_index(args, usage_error):
         raise usage_error("this target asks by prompt text: give --tokenizer DIR")
     settings = index.Settings(
         targets=specs, spec=spec, trace=trace, tokenizer=tokenizer if any(s.api.needs_text for s in specs) or trace
-        else None, repeats=args.repeats, queries=args.queries, concurrency=args.concurrency, warmup=args.warmup,
+        else None, repeats=args.repeats, queries=args.queries, concurrency=args.concurrency,
+        client_spin=args.client_spin, warmup=args.warmup,
         open_rate=args.open_rate, open_seconds=args.open_seconds, probes=args.probes,
         ingest_rate=args.ingest_rate or 200_000.0, swi_seconds=args.swi_seconds,
         skip=() if args.ingest_rate else ("swi",), query_tokens=query_tokens, placement=placement, argv=args.argv)

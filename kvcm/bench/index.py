@@ -34,6 +34,7 @@ class Settings:
     queries: int = 2000
     distinct: int = 64
     concurrency: int = 1
+    client_spin: bool = False           # the query and floor client polls for its answers
     warmup: int = 200
     open_rate: str = "50%"              # requests/s, or N%: of the first closed-loop rate at that length
     open_rates: dict = dataclasses.field(default_factory=dict)
@@ -111,7 +112,7 @@ def run_target(spec, w, queries, swi_streams, settings, progress):
         if "freshness" not in settings.skip and settings.probes:
             progress.step("%s: publish -> visible" % label)
             out["freshness"] = phases.freshness(ctx, settings.probes)
-        out["floor"] = phases.floor(ctx, min(settings.queries, 2000), settings.concurrency)
+        out["floor"] = phases.floor(ctx, min(settings.queries, 2000), settings.concurrency, settings.client_spin)
         out["query"] = {}
         if "query" not in settings.skip:
             for n, qs in queries.items():
@@ -120,7 +121,8 @@ def run_target(spec, w, queries, swi_streams, settings, progress):
                 progress.step("%s: query %d tokens" % (label, n))
                 rate = None if "open" in settings.skip or not settings.open_rate else \
                     (lambda rps, n=n: open_rate(settings, n, rps))
-                q = phases.queries(ctx, n, qs, settings.queries, settings.concurrency, rate, settings.warmup)
+                q = phases.queries(ctx, n, qs, settings.queries, settings.concurrency, rate, settings.warmup,
+                                   settings.client_spin)
                 out["query"][n] = q
                 progress.note("  %-18s query %6d tokens: p50 %s µs, p99 %s µs%s" % (
                     label, n, _us(q["closed"].percentile_us(50)), _us(q["closed"].percentile_us(99)),
@@ -295,7 +297,8 @@ def summarize(settings, info, started, runs):
                     "loadavg_start": started["loadavg"], "loadavg_end": loadavg()},
         "workload": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(spec).items()},
                      **info, "repeats": settings.repeats, "queries_per_length": settings.queries,
-                     "concurrency": settings.concurrency, "open_rate": settings.open_rate,
+                     "concurrency": settings.concurrency, "client_spin": settings.client_spin,
+                     "open_rate": settings.open_rate,
                      "placement": settings.placement.to_json() if settings.placement is not None else None},
         "targets": targets,
         "ratios": ratios(targets) if len(targets) > 1 else {},

@@ -5,7 +5,10 @@
 - `closed_loop()`: `concurrency` connections, each sending its next request as soon as the
   last one is answered. Latency is send -> response. One connection is driven with blocking
   calls, without a selector: the client's own time is inside every latency, and waiting in
-  recv() costs it the least.
+  recv() costs it the least. With `spin`, that connection polls for its answer instead of
+  sleeping in recv(): where an idle CPU halts at once (a VM's vCPU, `haltpoll` without
+  polling), waking the client is a VM exit of tens of microseconds that would be in every
+  target's latency alike.
 - `open_loop()`: requests are due on a fixed schedule (`rate` per second) whatever the
   answers do. Latency runs from when a request was due, not from when it could be sent, so
   a stalled server is charged for every request that piled up behind the stall (no
@@ -20,6 +23,7 @@ import multiprocessing
 import os
 import selectors
 import socket
+import struct
 import time
 from array import array
 
@@ -95,10 +99,15 @@ def split_address(url):
 class Connection:
     """One keep-alive connection; call() -> (status, body)."""
 
-    def __init__(self, address, timeout=TIMEOUT_S):
-        self.address = address
+    def __init__(self, address, timeout=TIMEOUT_S, spin=False):
+        self.address, self.timeout, self.spin = address, timeout, spin
         self.sock = socket.create_connection(address, timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if spin:
+            # a socket with a timeout poll()s, sleeping, before every recv: _poll keeps the
+            # time, and the kernel bounds a send (sendall then fails with EAGAIN)
+            self.sock.settimeout(None)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(timeout), 0))
         self.buf = b""
 
     def call(self, request):
@@ -109,7 +118,7 @@ class Connection:
             if ends is not None:
                 break
             try:
-                chunk = self.sock.recv(1 << 18)
+                chunk = self._poll() if self.spin else self.sock.recv(1 << 18)
             except socket.timeout:
                 raise HttpError("no answer from %s:%d within %.0f s" % (*self.address, TIMEOUT_S)) from None
             if not chunk:
@@ -121,6 +130,18 @@ class Connection:
         if b"transfer-encoding: chunked" in buf[:start].lower():
             body = dechunk(body)
         return status, body
+
+    def _poll(self):
+        """recv() without sleeping: tries until there are bytes (or the timeout passes)."""
+        deadline = None
+        while True:
+            try:
+                return self.sock.recv(1 << 18, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if deadline is None:
+                    deadline = time.monotonic() + self.timeout
+                elif time.monotonic() > deadline:
+                    raise socket.timeout() from None
 
     def close(self):
         self.sock.close()
@@ -213,19 +234,22 @@ def _drive(address, requests, count, n_conns, schedule, until_ns=None, lags=None
             slot.sock.close()
 
 
-def closed_loop(address, requests, count, concurrency=1, seconds=None):
+def closed_loop(address, requests, count, concurrency=1, seconds=None, spin=False):
     """Latencies (ns) of `count` requests (or as many as `seconds` allow), `concurrency`
-    in flight, each sent when a connection is free."""
+    in flight, each sent when a connection is free; `spin` (one connection only): the client
+    polls for each answer instead of sleeping."""
     until = now_ns() + int(seconds * 1e9) if seconds else None
     if concurrency == 1:
-        return _one_at_a_time(address, requests, count, until)
+        return _one_at_a_time(address, requests, count, until, spin)
+    if spin:
+        raise ValueError("a spinning client drives one connection")
     return _drive(address, requests, count, concurrency, lambda i: None, until)
 
 
-def _one_at_a_time(address, requests, count, until_ns):
+def _one_at_a_time(address, requests, count, until_ns, spin=False):
     lat = array("q")
     nreq = len(requests)
-    with Connection(address) as conn:
+    with Connection(address, spin=spin) as conn:
         for i in range(count):
             t = now_ns()
             if until_ns is not None and t >= until_ns:

@@ -117,16 +117,17 @@ def check_answers(ctx, queries):
     return bad, first
 
 
-def queries(ctx, length, qs, count, concurrency, open_rate, warmup):
+def queries(ctx, length, qs, count, concurrency, open_rate, warmup, spin=False):
     """Latency of queries of one prompt length: `warmup` requests first (excluded, their
-    p50 reported), then `count` closed-loop at `concurrency`, then open loop at the rate
-    open_rate(closed-loop requests/s) returns (0 or None: no open loop)."""
+    p50 reported), then `count` closed-loop at `concurrency` (`spin`: a client that polls
+    for its answers, load.closed_loop), then open loop at the rate open_rate(closed-loop
+    requests/s) returns (0 or None: no open loop)."""
     api, address = ctx.target.api, ctx.target.address
     requests = [api.query(q) for q in qs]
     bad, first = check_answers(ctx, qs)
-    warm = load.closed_loop(address, requests, warmup, concurrency) if warmup else []
+    warm = load.closed_loop(address, requests, warmup, concurrency, spin=spin) if warmup else []
     cpu0, t0 = _cpu(), time.perf_counter_ns()
-    closed = load.closed_loop(address, requests, count, concurrency)
+    closed = load.closed_loop(address, requests, count, concurrency, spin=spin)
     seconds = (time.perf_counter_ns() - t0) / 1e9
     cpu = _cpu() - cpu0
     out = {"length": length, "distinct": len(qs), "mismatches": bad, "first_mismatch": first,
@@ -142,11 +143,11 @@ def queries(ctx, length, qs, count, concurrency, open_rate, warmup):
     return out
 
 
-def floor(ctx, count, concurrency):
+def floor(ctx, count, concurrency, spin=False):
     """GET /health round trips: what any request costs on this machine and server."""
     api = ctx.target.api
-    load.closed_loop(ctx.target.address, [api.health()], min(200, count), concurrency)
-    return Latency(load.closed_loop(ctx.target.address, [api.health()], count, concurrency))
+    load.closed_loop(ctx.target.address, [api.health()], min(200, count), concurrency, spin=spin)
+    return Latency(load.closed_loop(ctx.target.address, [api.health()], count, concurrency, spin=spin))
 
 
 def score_while_ingesting(ctx, qs, streams, rate, seconds, concurrency, placement=None):

@@ -83,6 +83,9 @@ def index_text(result):
         w["engines"], fmt(w["blocks"]), fmt(w["held_entries"]), w["repeats"],
         result["machine"]["loadavg_start"], result["machine"]["loadavg_end"]), "", table(header, rows)]
     notes = []
+    if w.get("client_spin"):
+        notes.append("query and floor latencies by a client that polls for each answer (--client-spin): its own "
+                     "wake-up is in no target's latency")
     if w.get("placement"):
         notes.append("scoring while ingesting, placed: the client and kvcm's event loop on CPU %s, the engines "
                      "and kvcm's ingest on CPU %s (targets bench cannot place run where the system puts them)"
