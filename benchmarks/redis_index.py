@@ -839,7 +839,11 @@ def query_chain(replica, model, tokens, pods_blocks):
         streams.append(s)
     engines = connected_engines(replica, model)
     try:
+        before = replica.metrics()["kvcm_ingest_batches_total"]
         engines.send(streams)
+        # closing drops what the engines' ZMQ context has not sent yet: close once all arrived
+        wait_until("the query chain's batches", lambda: replica.metrics()["kvcm_ingest_batches_total"]
+                   >= before + sum(len(s.payloads) for s in streams))
     finally:
         engines.close()
 
