@@ -77,3 +77,11 @@ def test_a_server_that_never_answers_fails_a_spinning_call_within_its_timeout(se
     with Connection(server.address, timeout=0.3, spin=True) as conn:
         with pytest.raises(HttpError, match="no answer"):
             conn.call(REQUEST)
+
+
+def test_a_server_that_reads_nothing_fails_a_spinning_send_within_its_timeout():
+    with socket.create_server(("127.0.0.1", 0)) as listener:   # connections queue, never read
+        big = request_bytes("POST", "/v1/score", b"1" * (64 << 20))
+        with Connection(listener.getsockname(), timeout=0.3, spin=True) as conn:
+            with pytest.raises(OSError):
+                conn.call(big)

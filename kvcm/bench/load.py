@@ -107,7 +107,8 @@ class Connection:
             # a socket with a timeout poll()s, sleeping, before every recv: _poll keeps the
             # time, and the kernel bounds a send (sendall then fails with EAGAIN)
             self.sock.settimeout(None)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(timeout), 0))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                 struct.pack("ll", int(timeout), int(timeout % 1 * 1e6)))
         self.buf = b""
 
     def call(self, request):
@@ -120,7 +121,7 @@ class Connection:
             try:
                 chunk = self._poll() if self.spin else self.sock.recv(1 << 18)
             except socket.timeout:
-                raise HttpError("no answer from %s:%d within %.0f s" % (*self.address, TIMEOUT_S)) from None
+                raise HttpError("no answer from %s:%d within %g s" % (*self.address, self.timeout)) from None
             if not chunk:
                 raise HttpError("%s:%d closed the connection" % self.address)
             buf += chunk
