@@ -29,9 +29,10 @@ async def until(condition, what, deadline=WAIT_DEADLINE):
         await asyncio.sleep(0.002)
 
 
-def poll_until(condition, what, deadline=20.0):
-    """The first truthy value of condition(), polled from synchronous code (subprocesses,
-    servers on other threads); fails naming `what` after `deadline` seconds."""
+def poll_until(condition, what, deadline=20.0, interval=0.005):
+    """The first truthy value of condition(), polled every `interval` seconds from synchronous
+    code (subprocesses, servers on other threads); fails naming `what` after `deadline`
+    seconds."""
     end = time.monotonic() + deadline
     while True:
         value = condition()
@@ -39,7 +40,7 @@ def poll_until(condition, what, deadline=20.0):
             return value
         if time.monotonic() > end:
             raise AssertionError("timed out after %gs waiting for %s" % (deadline, what))
-        time.sleep(0.005)
+        time.sleep(interval)
 
 
 def free_port(span=1):
