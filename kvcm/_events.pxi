@@ -195,6 +195,9 @@ cdef class StreamContext:
 cdef class EventSink
 
 
+# the keys scoring remembers unless told otherwise (--key-memo-blocks)
+DEFAULT_KEY_MEMO_BLOCKS = 65536
+
 cdef enum:
     MAX_FAST_MEDIA = 8
     # Events a run applies without the GIL before the stream's Python state is touched again
@@ -254,6 +257,7 @@ cdef class EventSink:
     cdef readonly object hash_seed
     cdef readonly str hash_mode
     cdef BlockHasher _parity   # the engines' chain, for algorithms whose root ignores the model
+    cdef readonly KeyMemo key_memo   # scoring's keys of recent prefixes (not the ingest's)
     cdef bint _llmd            # llm-d's request keys: salted with the model or LoRA name alone
     cdef object _warn
     cdef dict _namespaces
@@ -276,13 +280,15 @@ cdef class EventSink:
     cdef list _changed      # namespaces whose contract changed since take_changed_namespaces()
 
     def __init__(self, Index index, Py_ssize_t block_size=16, str hash_algo="sha256",
-                 hash_seed=None, str hash_mode="auto", warn=None, journal=None, tiers=(), bint fast_path=True):
+                 hash_seed=None, str hash_mode="auto", warn=None, journal=None, tiers=(), bint fast_path=True,
+                 size_t key_memo_blocks=DEFAULT_KEY_MEMO_BLOCKS):
         if hash_mode not in HASH_MODES:
             raise ValueError("unknown hash mode %r (expected one of %s)" % (hash_mode, ", ".join(HASH_MODES)))
         if hash_algo not in ENGINE_ALGORITHMS:
             raise ValueError("hash algorithm %r cannot be an engine's (expected one of %s)"
                              % (hash_algo, ", ".join(ENGINE_ALGORITHMS)))
         self._parity = BlockHasher(hash_algo, hash_seed, block_size)
+        self.key_memo = KeyMemo(key_memo_blocks, block_size)
         self._llmd = hash_algo.startswith("llmd_")
         self._index = index
         self.block_size = block_size
@@ -443,13 +449,14 @@ cdef class EventSink:
         if ns is None or ns.mode == MODE_PARITY:
             if ns is None and self.hash_mode == "kvcm":
                 return BlockHasher("kvcm", self.hash_seed, self.block_size, namespace=model).keys(
-                    tokens, None if cache_salt is None else [[cache_salt]])
+                    tokens, None if cache_salt is None else [[cache_salt]], memo=self.key_memo)
             # llm-d's keys leave a cache salt out: its engines share those blocks
             if cache_salt is not None and not self._llmd:
                 untagged = ns is not None and ns.style == STYLE_UNTAGGED
                 extra = [(cache_salt,) if untagged else (("cache_salt", cache_salt),)]
-            return (self._parity_hasher(model) if ns is None else ns.parity).keys(tokens, extra)
-        return ns.decoupled.keys(tokens, None if cache_salt is None else [[cache_salt]])
+            return (self._parity_hasher(model) if ns is None else ns.parity).keys(tokens, extra,
+                                                                                    memo=self.key_memo)
+        return ns.decoupled.keys(tokens, None if cache_salt is None else [[cache_salt]], memo=self.key_memo)
 
     # ---- batches ------------------------------------------------------------------------
 

@@ -44,6 +44,48 @@ cdef extern from "block_chain.h":
                    uint64_t *keys_out, unsigned char *digests_out) nogil
 
 
+cdef extern from "key_memo.h":
+    struct kvcm_memo:
+        size_t sets
+        uint64_t hits, misses
+    int kvcm_memo_init(kvcm_memo *m, size_t blocks, size_t n)
+    void kvcm_memo_free(kvcm_memo *m)
+    int kvcm_memo_chain(kvcm_memo *m, int kind, const uint64_t *tok, size_t nblocks, size_t n,
+                        unsigned char *parent, uint64_t *keys_out, unsigned char *digests_out) nogil
+
+
+cdef class KeyMemo:
+    """The keys of recently hashed blocks of `block_size` ids, for about `blocks` blocks
+    (key_memo.h): a request whose prefix was hashed before is looked up instead of hashed.
+    Exact - an entry is used only for the same chain kind, parent digest and ids - and
+    shared by every BlockHasher of that block size. blocks 0, or blocks of more than 64 ids:
+    off (hashing goes on without it)."""
+    cdef kvcm_memo _m
+
+    def __init__(self, size_t blocks, Py_ssize_t block_size):
+        if block_size <= 0:
+            raise ValueError("block_size must be positive, got %d" % block_size)
+        kvcm_memo_init(&self._m, blocks, <size_t>block_size)
+
+    def __dealloc__(self):
+        kvcm_memo_free(&self._m)
+
+    @property
+    def capacity(self):
+        """Blocks it can hold (0: off)."""
+        return self._m.sets * 2
+
+    @property
+    def hits(self):
+        """Blocks whose key it gave."""
+        return self._m.hits
+
+    @property
+    def misses(self):
+        """Blocks hashed through it (and entered)."""
+        return self._m.misses
+
+
 cdef inline uint64_t digest_u64(const unsigned char *d, Py_ssize_t n) noexcept nogil:
     cdef uint64_t v = 0
     cdef Py_ssize_t i
@@ -193,11 +235,13 @@ cdef class BlockHasher:
         return KVCM_CHAIN_CBOR_64
 
     cdef int chain(self, const uint64_t *tok, Py_ssize_t nblocks, object extra_keys,
-                   unsigned char *parent, uint64_t *keys_out, unsigned char *digests_out) except -1:
+                   unsigned char *parent, uint64_t *keys_out, unsigned char *digests_out,
+                   kvcm_memo *memo=NULL) except -1:
         """Hashes nblocks full blocks of tok. `parent` holds the starting parent digest
         (digest_len bytes) and ends as the last block's; digests_out (nblocks * digest_len
         bytes) may be NULL. extra_keys: None or a list/tuple, one entry per block (missing
-        trailing entries are None)."""
+        trailing entries are None). memo: looked up and filled for blocks without extra
+        keys, or NULL."""
         cdef Py_ssize_t i, dl = self._digest_len
         cdef WBuf b
         cdef int rc
@@ -206,9 +250,11 @@ cdef class BlockHasher:
         if (extra_keys is None or all(e is None for e in extra_keys[:nblocks])) and self.block_size <= KVCM_CHAIN_MAX_TOKENS:
             if nblocks >= NOGIL_MIN_BLOCKS:
                 with nogil:
-                    rc = kvcm_chain(self._chain_kind(), tok, nblocks, self.block_size, parent, keys_out, digests_out)
+                    rc = kvcm_memo_chain(memo, self._chain_kind(), tok, nblocks, self.block_size, parent,
+                                         keys_out, digests_out)
             else:
-                rc = kvcm_chain(self._chain_kind(), tok, nblocks, self.block_size, parent, keys_out, digests_out)
+                rc = kvcm_memo_chain(memo, self._chain_kind(), tok, nblocks, self.block_size, parent,
+                                     keys_out, digests_out)
             if rc:
                 raise MemoryError()
             return 0
@@ -227,7 +273,7 @@ cdef class BlockHasher:
     cdef inline void root_into(self, unsigned char *parent) noexcept:
         memcpy(parent, self._root, self._digest_len)
 
-    cdef _run(self, tokens, extra_keys, parent, bint want_digests):
+    cdef _run(self, tokens, extra_keys, parent, bint want_digests, KeyMemo memo):
         cdef U64s tok
         cdef Py_ssize_t nblocks, i, dl = self._digest_len
         cdef unsigned char par[32]
@@ -244,7 +290,8 @@ cdef class BlockHasher:
             if want_digests:
                 digests = PyBytes_FromStringAndSize(NULL, nblocks * dl)
             self.chain(tok.data, nblocks, extra_keys, par, <uint64_t *>keys.data.as_ulonglongs,
-                       <unsigned char *>PyBytes_AS_STRING(digests) if want_digests else NULL)
+                       <unsigned char *>PyBytes_AS_STRING(digests) if want_digests else NULL,
+                       NULL if memo is None else &memo._m)
         finally:
             u64s_free(&tok)
         if want_digests:
@@ -263,14 +310,15 @@ cdef class BlockHasher:
                 self._digest_len, " or an int key" if self._digest_len == 8 else ""))
         memcpy(par, PyBytes_AS_STRING(parent), self._digest_len)
 
-    def keys(self, tokens, extra_keys=None, parent=None):
+    def keys(self, tokens, extra_keys=None, parent=None, KeyMemo memo=None):
         """Keys (the uint64 vLLM publishes) of every full block, as array('Q').
 
         extra_keys: one entry per block, None or a tuple in vLLM's tagged form (missing
         trailing entries are None). parent: the digest (or, for 64-bit chains, the key) of
-        the block before tokens[0], to continue a chain; None starts at the root."""
-        return self._run(tokens, extra_keys, parent, False)
+        the block before tokens[0], to continue a chain; None starts at the root. memo: a
+        KeyMemo of this block size to look blocks up in and enter them into."""
+        return self._run(tokens, extra_keys, parent, False, memo)
 
-    def digests(self, tokens, extra_keys=None, parent=None):
+    def digests(self, tokens, extra_keys=None, parent=None, KeyMemo memo=None):
         """Full digests of every full block (32 bytes; 8 for the 64-bit chains)."""
-        return self._run(tokens, extra_keys, parent, True)
+        return self._run(tokens, extra_keys, parent, True, memo)

@@ -101,6 +101,42 @@ def _u64(digest):
     return int.from_bytes(digest[-8:], "big")
 
 
+MEMO_MAX_TOKENS = 64
+
+
+class KeyMemo:
+    """The core's KeyMemo: digests of recent blocks by (algorithm, parent, ids), least
+    recently used first out (the core's table is 2-way set-associative: which entries it
+    keeps differs, never what an entry gives)."""
+
+    def __init__(self, blocks, block_size):
+        if block_size <= 0:
+            raise ValueError("block_size must be positive, got %d" % block_size)
+        sets = 1
+        while 2 * sets < blocks:
+            sets <<= 1
+        self.block_size = block_size
+        self.capacity = 2 * sets if blocks and block_size <= MEMO_MAX_TOKENS else 0
+        self.hits = self.misses = 0
+        self._entries = OrderedDict()
+
+    def digest(self, algo, parent, tokens, compute):
+        """The block's digest from the memo, else compute() entered into it."""
+        if max(tokens, default=0) >= 2 ** 32:   # entries keep ids as 32 bits
+            self.misses += 1
+            return compute()
+        name = (algo, parent, tuple(tokens))
+        if name in self._entries:
+            self._entries.move_to_end(name)
+            self.hits += 1
+            return self._entries[name]
+        self.misses += 1
+        self._entries[name] = digest = compute()
+        if len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return digest
+
+
 class BlockHasher:
     def __init__(self, algo="sha256", seed=None, block_size=16, namespace=None):
         if algo not in ALGORITHMS:
@@ -140,7 +176,7 @@ class BlockHasher:
             return fnv1a64(cbor_encode((_u64(parent), tuple(tokens), extra))).to_bytes(8, "big")
         return sha256(cbor_encode((_u64(parent), tuple(tokens), extra)))[-8:]
 
-    def digests(self, tokens, extra_keys=None, parent=None):
+    def digests(self, tokens, extra_keys=None, parent=None, memo=None):
         tokens = _u64s(tokens, "tokens")
         dl = len(self._root)
         if parent is None:
@@ -151,15 +187,24 @@ class BlockHasher:
             parent = parent.to_bytes(8, "big")
         elif not isinstance(parent, bytes) or len(parent) != dl:
             raise ValueError("parent must be a %d-byte digest" % dl)
+        # like the core's, a memo serves SHA-256 chains of blocks without extra keys only
+        if (memo is None or not memo.capacity or memo.block_size != self.block_size or self.algo.startswith("llmd_")
+                or any(e is not None for e in (extra_keys or ()))):
+            memo = None
         out = []
         for i in range(len(tokens) // self.block_size):
             extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None
-            parent = self._block_digest(parent, tokens[i * self.block_size:(i + 1) * self.block_size], extra)
+            block = tokens[i * self.block_size:(i + 1) * self.block_size]
+            if memo is None:
+                parent = self._block_digest(parent, block, extra)
+            else:
+                parent = memo.digest(self.algo, parent, block,
+                                     lambda parent=parent, block=block: self._block_digest(parent, block, None))
             out.append(parent)
         return out
 
-    def keys(self, tokens, extra_keys=None, parent=None):
-        return array("Q", [_u64(d) for d in self.digests(tokens, extra_keys, parent)])
+    def keys(self, tokens, extra_keys=None, parent=None, memo=None):
+        return array("Q", [_u64(d) for d in self.digests(tokens, extra_keys, parent, memo)])
 
 
 # ---- index ---------------------------------------------------------------------------------

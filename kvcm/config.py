@@ -44,7 +44,7 @@ import tomllib
 import urllib.parse
 from typing import Mapping, Optional, Sequence, Union
 
-from kvcm._core import ENGINE_ALGORITHMS, KNOWN_TIERS, MAX_TIERS
+from kvcm._core import DEFAULT_KEY_MEMO_BLOCKS, ENGINE_ALGORITHMS, KNOWN_TIERS, MAX_TIERS
 from kvcm.endpoints import check_endpoint
 from kvcm.ingest import DEFAULT_MAX_MESSAGE, EngineSpec, parse_engine, read_engines_file
 from kvcm.placement import parse_cpus
@@ -507,6 +507,10 @@ OPTIONS = (
     Option("hash_mode", "auto", "MODE",
            "auto (parity, switching a model to decoupled on mismatch), vllm (parity) or kvcm (decoupled)",
            _HASHING, _Choice(*HASH_MODES)),
+    Option("key_memo_blocks", str(DEFAULT_KEY_MEMO_BLOCKS), "N",
+           "blocks whose keys scoring remembers (about 150 bytes each, allocated as used): a prompt "
+           "whose prefix was scored before is looked up instead of hashed; 0 = off", _HASHING,
+           _Integer(0, 1 << 26)),
     Option("tokenizer", None, "MODEL=DIR", "tokenizer directory of a model (local files only); repeatable",
            _TOKENIZERS, _Repeated(_Pair("MODEL=DIR", _Path()))),
     Option("tokenizers_dir", None, "DIR",
@@ -595,6 +599,7 @@ class Config:
     hash_seed: Optional[str] = None         # None = unset; "" is a real seed
     block_size: int = 16
     hash_mode: str = "auto"
+    key_memo_blocks: int = DEFAULT_KEY_MEMO_BLOCKS
     tokenizer: Mapping[str, str] = dataclasses.field(default_factory=dict, hash=False)
     tokenizers_dir: Optional[str] = None
     trust_request_chat_template: bool = False

@@ -59,7 +59,8 @@ class Indexer:
         self.index = Index(cfg.max_blocks)
         self.backend = open_backend(cfg, self.index)
         self.sink = EventSink(self.index, cfg.block_size, cfg.hash_algo, cfg.hash_seed, cfg.hash_mode,
-                              journal=self.backend.journal, tiers=cfg.tier_weights)
+                              journal=self.backend.journal, tiers=cfg.tier_weights,
+                              key_memo_blocks=cfg.key_memo_blocks)
         self.scorer = Scorer(cfg.tier_weights)
         # The in-memory index lets the ingest run on a thread of its own, the second core; a
         # shared store's journal and client live on the event loop, and so does its ingest.

@@ -195,6 +195,15 @@ class _IndexerCollector:
         counts = self.indexer.score_counts
         for name, (metric, text) in _SCORE_COUNTERS.items():
             yield counter(metric, text, counts[name])
+        memo = self.indexer.sink.key_memo
+        blocks = CounterMetricFamily("kvcm_key_memo_blocks_total",
+                                     "Blocks of scoring requests whose key the memo gave (hit) or that were "
+                                     "hashed and entered (miss), --key-memo-blocks", labels=("result",))
+        blocks.add_metric(("hit",), memo.hits)
+        blocks.add_metric(("miss",), memo.misses)
+        yield blocks
+        yield GaugeMetricFamily("kvcm_key_memo_capacity_blocks", "Blocks the key memo holds at most (0: off)",
+                                value=memo.capacity)
 
     def _sink(self):
         counters = self.indexer.sink.counters

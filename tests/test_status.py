@@ -87,6 +87,10 @@ def test_the_new_figures_are_metrics_too(kvcm_with_traffic):
     metrics = kvcm_with_traffic.client.metrics()
     assert metrics[("kvcm_score_requests_total", ())] == 2
     assert metrics[("kvcm_score_warm_requests_total", ())] == 1
+    # the two requests share no block: each of their six was hashed and entered in the memo
+    assert metrics[("kvcm_key_memo_blocks_total", (("result", "miss"),))] == 6
+    assert metrics[("kvcm_key_memo_blocks_total", (("result", "hit"),))] == 0
+    assert metrics[("kvcm_key_memo_capacity_blocks", ())] == 65536
     assert metrics[("kvcm_pod_blocks", (("pod", "pod-a"), ("tier", "cpu")))] == 2
     assert metrics[("kvcm_pod_blocks", (("pod", "pod-a"), ("tier", "gpu")))] == 4
     assert metrics[("kvcm_pod_blocks", (("pod", "pod-b"), ("tier", "gpu")))] == 3

@@ -1,0 +1,317 @@
+/*
+ * key_memo.h - the keys of recently hashed blocks, so that a prompt whose prefix kvcm has
+ * hashed before costs a table lookup per block instead of a SHA-256 chain.
+ *
+ * Requests to a router share prefixes - that is why routing by prefix pays - so the same
+ * blocks are hashed again and again: every turn of a chat resends the conversation, every
+ * request of an agent the same context. A block's key is a pure function of (chain kind,
+ * parent digest, token ids): an entry holds all three next to the digest and key they gave,
+ * and is used only when all three are equal, so the memo never changes a key and never needs
+ * invalidating (the seed, the namespace and the salt are in the chain's root, hence in the
+ * parent).
+ *
+ * Entries are found by a fingerprint chained over the token ids alone (fp(b) = mix(fp(b-1),
+ * ids of block b), starting from the kind and the first parent), which needs no digest: the
+ * fingerprints of a whole request are computed first, each entry's cache lines are fetched a
+ * few blocks ahead, and the walk then only compares. A block that misses is hashed with the
+ * blocks after it up to the next probable hit, as one chain (block_chain.h), and entered.
+ *
+ * The table is 2-way set-associative: a set holds two entries, and a new entry replaces the
+ * one of its set not used last. The sets' fingerprints (tags) lie apart from the entries, four
+ * sets to a cache line, so that a miss reads no entry. Its size is fixed when it is created
+ * and its memory allocated on first use (untouched pages cost no memory). Ids of 2**32 and more are
+ * not memoized (entries keep ids as 32 bits). One caller at a time: a second one, on
+ * another thread, hashes without the memo instead of waiting.
+ */
+#ifndef KVCM_KEY_MEMO_H
+#define KVCM_KEY_MEMO_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "block_chain.h"
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+/* blocks of more ids than this are hashed without the memo (their entries would be large) */
+#define KVCM_MEMO_MAX_TOKENS 64
+/* how many blocks ahead of the walk an entry is asked for; its set's tags twice as far */
+#define KVCM_MEMO_AHEAD 16
+/* misses hashed as one chain at most: their digests are kept on the stack until entered */
+#define KVCM_MEMO_RUN 64
+/* a tag: the fingerprint, the chain kind above it, and in way 0's tag whether way 1 was
+   used last */
+#define KVCM_MEMO_RECENT (1ULL << 63)
+#define KVCM_MEMO_KIND_SHIFT 61
+#define KVCM_MEMO_FP_MASK ((1ULL << KVCM_MEMO_KIND_SHIFT) - 1)
+
+/* An entry, whole cache lines: the chain's parent before the block and after it (dl bytes
+   of 32 used), then the block's ids as 32 bits. The key is the digest's last 8 bytes. */
+#define KVCM_MEMO_PARENT 0
+#define KVCM_MEMO_DIGEST 32
+#define KVCM_MEMO_IDS 64
+
+struct kvcm_memo {
+    size_t sets;                 /* a power of two */
+    size_t n;                    /* ids per block */
+    size_t entry_size;
+    uint64_t *tags;              /* two per set, 0 when empty */
+    unsigned char *entries;      /* two per set; both arrays allocated on first use */
+    int busy;
+    uint64_t hits, misses;       /* blocks found, blocks hashed (for the metrics) */
+};
+
+/* A memo of at least `blocks` entries (rounded up to a power of two) for blocks of n ids:
+   0, or -1 when n is not memoized or blocks is 0 (the memo then stays off). */
+static int kvcm_memo_init(struct kvcm_memo *m, size_t blocks, size_t n) {
+    size_t sets = 1;
+    memset(m, 0, sizeof *m);
+    if (blocks == 0 || n == 0 || n > KVCM_MEMO_MAX_TOKENS)
+        return -1;
+    while (2 * sets < blocks)
+        sets <<= 1;
+    m->sets = sets;
+    m->n = n;
+    m->entry_size = (KVCM_MEMO_IDS + 4 * n + 63) & ~(size_t)63;
+    return 0;
+}
+
+static void kvcm_memo_free(struct kvcm_memo *m) {
+    free(m->tags);
+    free(m->entries);
+    m->tags = NULL;
+    m->entries = NULL;
+}
+
+static inline uint64_t *kvcm_memo_tags(const struct kvcm_memo *m, uint64_t fp) {
+    return m->tags + (fp & (m->sets - 1)) * 2;
+}
+
+static inline unsigned char *kvcm_memo_entry(const struct kvcm_memo *m, uint64_t fp, int way) {
+    return m->entries + ((fp & (m->sets - 1)) * 2 + (size_t)way) * m->entry_size;
+}
+
+static inline uint64_t kvcm_memo_mix(uint64_t h) {
+    h ^= h >> 32;
+    h *= 0xd6e8feb86659fd93ULL;
+    h ^= h >> 32;
+    return h;
+}
+
+/* fp(b) from fp(b-1) and the block's ids, never 0, within KVCM_MEMO_FP_MASK: four
+   independent lanes, so the multiplies overlap. Only a lookup's speed depends on its
+   quality: every hit is checked against the ids and the parent. */
+static inline uint64_t kvcm_memo_fp(uint64_t prev, const uint64_t *tok, size_t n) {
+    const uint64_t k = 0xff51afd7ed558ccdULL;
+    uint64_t a = prev, b = prev ^ 0x9e3779b97f4a7c15ULL, c = prev + 0x632be59bd9b4e019ULL, d = ~prev;
+    size_t i;
+    for (i = 0; i + 4 <= n; i += 4) {
+        a = (a ^ tok[i]) * k;
+        b = (b ^ tok[i + 1]) * k;
+        c = (c ^ tok[i + 2]) * k;
+        d = (d ^ tok[i + 3]) * k;
+    }
+    for (; i < n; i++)
+        a = (a ^ tok[i]) * k;
+    prev = kvcm_memo_mix(a ^ (b << 1 | b >> 63) ^ (c << 2 | c >> 62) ^ (d << 3 | d >> 61)) & KVCM_MEMO_FP_MASK;
+    return prev ? prev : 1;
+}
+
+static inline uint64_t kvcm_memo_tag(int kind, uint64_t fp) {
+    return (uint64_t)kind << KVCM_MEMO_KIND_SHIFT | fp;
+}
+
+static inline int kvcm_memo_same_ids(const unsigned char *kept, const uint64_t *tok, size_t n) {
+    uint64_t diff = 0;
+    uint32_t id;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        memcpy(&id, kept + 4 * i, 4);
+        diff |= (uint64_t)id ^ tok[i];
+    }
+    return diff == 0;
+}
+
+static inline int kvcm_memo_ids_fit(const uint64_t *tok, size_t n) {
+    uint64_t all = 0;
+    size_t i;
+    for (i = 0; i < n; i++)
+        all |= tok[i];
+    return all >> 32 == 0;
+}
+
+/* The way (0, 1) whose entry is the block's, or -1; parent NULL: by tag alone (a probable
+   hit, which reads no entry). */
+static inline int kvcm_memo_find(const struct kvcm_memo *m, uint64_t tag, const uint64_t *tok,
+                                 const unsigned char *parent, size_t dl) {
+    const uint64_t *tags = kvcm_memo_tags(m, tag);
+    int way;
+    for (way = 0; way < 2; way++) {
+        const unsigned char *e;
+        if ((tags[way] & ~KVCM_MEMO_RECENT) != tag)
+            continue;
+        if (parent == NULL)
+            return way;
+        e = kvcm_memo_entry(m, tag, way);
+        if (kvcm_memo_same_ids(e + KVCM_MEMO_IDS, tok, m->n) && memcmp(e + KVCM_MEMO_PARENT, parent, dl) == 0)
+            return way;
+    }
+    return -1;
+}
+
+static inline void kvcm_memo_used(const struct kvcm_memo *m, uint64_t tag, int way) {
+    uint64_t *tags = kvcm_memo_tags(m, tag);
+    tags[0] = way ? tags[0] | KVCM_MEMO_RECENT : tags[0] & ~KVCM_MEMO_RECENT;
+}
+
+/* Enters a block: in an empty way of its set, else in the one not used last. The entry is
+   written with streaming stores, which need not read its lines first: entering a new block
+   costs no wait for memory. */
+static void kvcm_memo_put(const struct kvcm_memo *m, uint64_t tag, const uint64_t *tok,
+                          const unsigned char *parent, const unsigned char *digest, size_t dl) {
+    uint64_t *tags = kvcm_memo_tags(m, tag);
+    unsigned char entry[KVCM_MEMO_IDS + 4 * KVCM_MEMO_MAX_TOKENS] __attribute__((aligned(16)));
+    unsigned char *e;
+    size_t i;
+    int way;
+    if (!kvcm_memo_ids_fit(tok, m->n))
+        return;
+    way = (tags[0] & ~KVCM_MEMO_RECENT) == 0 ? 0 : tags[1] == 0 ? 1 : !(tags[0] & KVCM_MEMO_RECENT);
+    if (dl == 32) {
+        memcpy(entry + KVCM_MEMO_PARENT, parent, 32);
+        memcpy(entry + KVCM_MEMO_DIGEST, digest, 32);
+    } else {
+        memset(entry, 0, KVCM_MEMO_IDS);
+        memcpy(entry + KVCM_MEMO_PARENT, parent, 8);
+        memcpy(entry + KVCM_MEMO_DIGEST, digest, 8);
+    }
+    for (i = 0; i < m->n; i++) {
+        uint32_t id = (uint32_t)tok[i];
+        memcpy(entry + KVCM_MEMO_IDS + 4 * i, &id, 4);
+    }
+    e = kvcm_memo_entry(m, tag, way);
+#if defined(__SSE2__)
+    for (i = 0; i < KVCM_MEMO_IDS + 4 * m->n; i += 16)
+        _mm_stream_si128((__m128i *)(e + i), _mm_load_si128((const __m128i *)(entry + i)));
+#else
+    memcpy(e, entry, KVCM_MEMO_IDS + 4 * m->n);
+#endif
+    tags[way] = way ? tag : tag | (tags[0] & KVCM_MEMO_RECENT);
+    kvcm_memo_used(m, tag, way);
+}
+
+/* For the walk at block b: the tags of block b + 2 AHEAD are asked for, and the entries
+   of block b + AHEAD that its tags name (asked for AHEAD blocks ago). tags[b..] are the
+   blocks' tags. */
+static inline void kvcm_memo_ahead(const struct kvcm_memo *m, const uint64_t *want, size_t b, size_t nblocks) {
+    size_t next = b + KVCM_MEMO_AHEAD, far = b + 2 * KVCM_MEMO_AHEAD;
+    int way;
+    if (far < nblocks)
+        __builtin_prefetch(kvcm_memo_tags(m, want[far]));
+    if (next < nblocks) {
+        const uint64_t *tags = kvcm_memo_tags(m, want[next]);
+        for (way = 0; way < 2; way++)
+            if ((tags[way] & ~KVCM_MEMO_RECENT) == want[next]) {
+                const unsigned char *e = kvcm_memo_entry(m, want[next], way);
+                size_t at;
+                for (at = 0; at < m->entry_size; at += 64)
+                    __builtin_prefetch(e + at);
+            }
+    }
+}
+
+static inline uint64_t kvcm_memo_key(const unsigned char *digest, size_t dl) {
+    uint64_t v;
+    memcpy(&v, digest + dl - 8, 8);
+    return __builtin_bswap64(v);
+}
+
+/* Hashes `count` blocks from block `at` as one chain (parent: the digest before them) and
+   enters them; keys_out[at .. at+count) hold their tags on entry, their keys after. */
+static int kvcm_memo_hash_run(struct kvcm_memo *m, int kind, const uint64_t *tok, size_t at, size_t count,
+                              unsigned char *parent, size_t dl, uint64_t *keys_out,
+                              unsigned char *digests_out) {
+    uint64_t tags[KVCM_MEMO_RUN];
+    unsigned char digests[KVCM_MEMO_RUN * 32], before[32];
+    size_t i, n = m->n;
+    memcpy(tags, keys_out + at, count * sizeof tags[0]);
+    memcpy(before, parent, dl);
+    if (kvcm_chain(kind, tok + at * n, count, n, parent, keys_out + at, digests))
+        return -1;
+    for (i = 0; i < count; i++) {
+        kvcm_memo_put(m, tags[i], tok + (at + i) * n, i ? digests + (i - 1) * dl : before, digests + i * dl, dl);
+        if (digests_out != NULL)
+            memcpy(digests_out + (at + i) * dl, digests + i * dl, dl);
+    }
+    m->misses += count;
+    return 0;
+}
+
+/* kvcm_chain's keys (and digests) through the memo; the same arguments and results. */
+static int kvcm_memo_chain(struct kvcm_memo *m, int kind, const uint64_t *tok, size_t nblocks, size_t n,
+                           unsigned char *parent, uint64_t *keys_out, unsigned char *digests_out) {
+    size_t dl = (kind == KVCM_CHAIN_PICKLE || kind == KVCM_CHAIN_CBOR) ? 32 : 8;
+    size_t b, end;
+    uint64_t fp;
+    int rc = 0;
+
+    if (m == NULL || m->sets == 0 || n != m->n || kind == KVCM_CHAIN_FNV_64 || nblocks == 0
+        || __atomic_exchange_n(&m->busy, 1, __ATOMIC_ACQUIRE))
+        return kvcm_chain(kind, tok, nblocks, n, parent, keys_out, digests_out);
+    if (m->tags == NULL) {
+        m->tags = (uint64_t *)calloc(m->sets * 2, sizeof m->tags[0]);
+        m->entries = (unsigned char *)aligned_alloc(64, m->sets * 2 * m->entry_size);
+        if (m->tags == NULL || m->entries == NULL) {
+            kvcm_memo_free(m);
+            __atomic_store_n(&m->busy, 0, __ATOMIC_RELEASE);
+            return kvcm_chain(kind, tok, nblocks, n, parent, keys_out, digests_out);
+        }
+    }
+    /* the blocks' tags, kept where their keys will go */
+    fp = 0;
+    memcpy(&fp, parent, 8);
+    fp = kvcm_memo_mix(fp ^ n);
+    for (b = 0; b < nblocks; b++) {
+        fp = kvcm_memo_fp(fp, tok + b * n, n);
+        keys_out[b] = kvcm_memo_tag(kind, fp);
+        if (b < 2 * KVCM_MEMO_AHEAD)
+            __builtin_prefetch(kvcm_memo_tags(m, fp));
+    }
+    for (b = 0; b < nblocks;) {
+        uint64_t tag = keys_out[b];
+        int way;
+        kvcm_memo_ahead(m, keys_out, b, nblocks);
+        way = kvcm_memo_find(m, tag, tok + b * n, parent, dl);
+        if (way >= 0) {
+            const unsigned char *digest = kvcm_memo_entry(m, tag, way) + KVCM_MEMO_DIGEST;
+            kvcm_memo_used(m, tag, way);
+            keys_out[b] = kvcm_memo_key(digest, dl);
+            memcpy(parent, digest, dl);
+            if (digests_out != NULL)
+                memcpy(digests_out + b * dl, digest, dl);
+            m->hits++;
+            b++;
+            continue;
+        }
+        /* a miss: it and the blocks after it that the memo does not hold either */
+        for (end = b + 1; end < nblocks && end - b < KVCM_MEMO_RUN; end++) {
+            kvcm_memo_ahead(m, keys_out, end, nblocks);
+            if (kvcm_memo_find(m, keys_out[end], tok + end * n, NULL, dl) >= 0)
+                break;
+        }
+        if ((rc = kvcm_memo_hash_run(m, kind, tok, b, end - b, parent, dl, keys_out, digests_out)) != 0)
+            break;
+        b = end;
+    }
+#if defined(__SSE2__)
+    _mm_sfence();   /* the streaming stores are seen before the memo is free again */
+#endif
+    __atomic_store_n(&m->busy, 0, __ATOMIC_RELEASE);
+    return rc;
+}
+
+#endif /* KVCM_KEY_MEMO_H */
