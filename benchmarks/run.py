@@ -239,6 +239,47 @@ def bench_hash4096(repeats):
     report("hash4096", rows, kernel=_core.sha256_backend(), loadavg=loadavg())
 
 
+def bench_key_memo(repeats):
+    """Tokens -> keys through the key memo (kvcm/key_memo.h, the default 65,536 blocks, every
+    page of it touched by 400 earlier prompts) against the same hasher without it, at 1 k,
+    4 k and 32 k ids (array('Q'), as the HTTP fast path hands them over). Hot: 8 prompts
+    whose blocks the memo holds, as prefixes a router scored before. New: prompts hashed
+    once each (every block a miss; the first 256 entered), taking turns with as many
+    without the memo; each is read just before (as a parsed body is) so that neither side
+    pays for fetching the ids."""
+    rng = random.Random(65536)
+
+    def prompt(n):
+        return array("Q", [rng.randrange(VOCAB) for _ in range(n)])
+    hasher = _core.BlockHasher("sha256", block_size=BLOCK)
+    rows = []
+    for n, calls in ((1024, 400), (4096, 200), (32768, 40)):
+        memo = _core.KeyMemo(65536, BLOCK)
+        for _ in range(400):
+            hasher.keys(prompt(4096), memo=memo)
+        hot = [(prompt(n),) for _ in range(8)]
+        for (p,) in hot * (n // BLOCK // 256 + 1):     # a call enters 256 new blocks at most
+            assert list(hasher.keys(p, memo=memo)) == list(hasher.keys(p))
+        for name, fn in (("hot, without the memo", hasher.keys),
+                         ("hot, through the memo", lambda p: hasher.keys(p, memo=memo))):
+            p50, p99 = latency_ns(fn, hot, max(1, 4000 // n), repeats)
+            rows.append(row("%d ids: %s" % (n, name), p50 / 1e3, "µs", p99=p99 / 1e3))
+        clock = _clock_cost_ns()
+        new = {"without the memo": [], "through the memo": []}
+        for _ in range(repeats * calls):
+            for name, m in (("without the memo", None), ("through the memo", memo)):
+                p = prompt(n)
+                p.tobytes()
+                t0 = pc()
+                hasher.keys(p, memo=m)
+                new[name].append(pc() - t0 - clock)
+        for name, samples in new.items():
+            samples.sort()
+            rows.append(row("%d ids: new, %s" % (n, name), samples[len(samples) // 2] / 1e3, "µs",
+                            p99=samples[len(samples) * 99 // 100] / 1e3))
+    report("key_memo", rows, kernel=_core.sha256_backend(), loadavg=loadavg())
+
+
 # ---- 2. raw SHA-256 ------------------------------------------------------------------------
 
 
@@ -702,7 +743,7 @@ def source_version():
 
 # ---- main ----------------------------------------------------------------------------------
 
-BENCHMARKS = {"hash4096": bench_hash4096, "sha256": bench_sha256, "lookup": bench_lookup,
+BENCHMARKS = {"hash4096": bench_hash4096, "key_memo": bench_key_memo, "sha256": bench_sha256, "lookup": bench_lookup,
               "store": bench_store, "memory": bench_memory, "ingest_apply": bench_ingest_apply,
               "score_handler": bench_score_handler, "prompt_path": bench_prompt_path}
 SLOW = {"memory"}

@@ -102,6 +102,7 @@ def _u64(digest):
 
 
 MEMO_MAX_TOKENS = 64
+MEMO_MAX_NEW = 256    # blocks one call enters at most
 
 
 class KeyMemo:
@@ -120,20 +121,30 @@ class KeyMemo:
         self.hits = self.misses = 0
         self._entries = OrderedDict()
 
+    def chain(self):
+        """A call's view of the memo: it enters at most MEMO_MAX_NEW blocks."""
+        return _MemoCall(self)
+
+
+class _MemoCall:
+    def __init__(self, memo):
+        self.memo, self.entered = memo, 0
+
     def digest(self, algo, parent, tokens, compute):
-        """The block's digest from the memo, else compute() entered into it."""
-        if max(tokens, default=0) >= 2 ** 32:   # entries keep ids as 32 bits
-            self.misses += 1
-            return compute()
+        """The block's digest from the memo, else compute(), entered while the call may."""
+        memo = self.memo
         name = (algo, parent, tuple(tokens))
-        if name in self._entries:
-            self._entries.move_to_end(name)
-            self.hits += 1
-            return self._entries[name]
-        self.misses += 1
-        self._entries[name] = digest = compute()
-        if len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        if name in memo._entries:
+            memo._entries.move_to_end(name)
+            memo.hits += 1
+            return memo._entries[name]
+        memo.misses += 1
+        digest = compute()
+        if max(tokens, default=0) < 2 ** 32 and self.entered < MEMO_MAX_NEW:  # entries keep 32-bit ids
+            self.entered += 1
+            memo._entries[name] = digest
+            if len(memo._entries) > memo.capacity:
+                memo._entries.popitem(last=False)
         return digest
 
 
@@ -191,6 +202,7 @@ class BlockHasher:
         if (memo is None or not memo.capacity or memo.block_size != self.block_size or self.algo.startswith("llmd_")
                 or any(e is not None for e in (extra_keys or ()))):
             memo = None
+        call = None if memo is None else memo.chain()
         out = []
         for i in range(len(tokens) // self.block_size):
             extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None
@@ -198,7 +210,7 @@ class BlockHasher:
             if memo is None:
                 parent = self._block_digest(parent, block, extra)
             else:
-                parent = memo.digest(self.algo, parent, block,
+                parent = call.digest(self.algo, parent, block,
                                      lambda parent=parent, block=block: self._block_digest(parent, block, None))
             out.append(parent)
         return out

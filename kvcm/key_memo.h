@@ -5,22 +5,23 @@
  * Requests to a router share prefixes - that is why routing by prefix pays - so the same
  * blocks are hashed again and again: every turn of a chat resends the conversation, every
  * request of an agent the same context. A block's key is a pure function of (chain kind,
- * parent digest, token ids): an entry holds all three next to the digest and key they gave,
- * and is used only when all three are equal, so the memo never changes a key and never needs
- * invalidating (the seed, the namespace and the salt are in the chain's root, hence in the
- * parent).
+ * parent digest, token ids): an entry holds all three next to the digest they gave, and is
+ * used only when all three are equal, so the memo never changes a key and never needs
+ * invalidating (the seed and the namespace are in the chain's root, hence in the parent;
+ * blocks with extra keys, a cache salt for one, are hashed without the memo).
  *
  * Entries are found by a fingerprint chained over the token ids alone (fp(b) = mix(fp(b-1),
- * ids of block b), starting from the kind and the first parent), which needs no digest: the
- * fingerprints of a whole request are computed first, each entry's cache lines are fetched a
- * few blocks ahead, and the walk then only compares. A block that misses is hashed with the
- * blocks after it up to the next probable hit, as one chain (block_chain.h), and entered.
+ * ids of block b), from the first parent's bytes), which needs no digest: the fingerprints
+ * of a whole request are computed first, each entry is fetched a few blocks ahead, and the
+ * walk then only compares. A block that misses is hashed with the blocks after it up to the
+ * next probable hit, as one chain (block_chain.h), and entered - at most KVCM_MEMO_MAX_NEW
+ * blocks a call, so that a long new prompt costs little more than hashing it.
  *
  * The table is 2-way set-associative: a set holds two entries, and a new entry replaces the
- * one of its set not used last. The sets' fingerprints (tags) lie apart from the entries, four
+ * one of its set not used last. The sets' 16-bit tags lie apart from the entries, sixteen
  * sets to a cache line, so that a miss reads no entry. Its size is fixed when it is created
- * and its memory allocated on first use (untouched pages cost no memory). Ids of 2**32 and more are
- * not memoized (entries keep ids as 32 bits). One caller at a time: a second one, on
+ * and its memory allocated on first use (untouched pages cost no memory). Ids of 2**32 and
+ * more are not entered (entries keep ids as 32 bits). One caller at a time: a second one, on
  * another thread, hashes without the memo instead of waiting.
  */
 #ifndef KVCM_KEY_MEMO_H
@@ -43,11 +44,17 @@
 #define KVCM_MEMO_AHEAD 16
 /* misses hashed as one chain at most: their digests are kept on the stack until entered */
 #define KVCM_MEMO_RUN 64
-/* a tag: the fingerprint, the chain kind above it, and in way 0's tag whether way 1 was
-   used last */
-#define KVCM_MEMO_RECENT (1ULL << 63)
-#define KVCM_MEMO_KIND_SHIFT 61
-#define KVCM_MEMO_FP_MASK ((1ULL << KVCM_MEMO_KIND_SHIFT) - 1)
+/* blocks one call enters at most: entering writes a new entry to memory (about a third of
+   the block's hashing), so a long new prompt is entered over its next requests instead, its
+   first blocks first, each request's cost bounded */
+#define KVCM_MEMO_MAX_NEW 256
+/* A tag, 16 bits: 13 bits of the fingerprint (not those that chose the set), the chain kind
+   above them, and in way 0's tag whether way 1 was used last; 0 when the way is empty. Small
+   tags keep the table's tags in the core's cache (128 KiB for 65,536 blocks): a miss then
+   costs no trip to memory, and a hit one, asked for ahead. */
+#define KVCM_MEMO_RECENT 0x8000u
+#define KVCM_MEMO_KIND_SHIFT 13
+#define KVCM_MEMO_FP_BITS 0x1FFFu
 
 /* An entry, whole cache lines: the chain's parent before the block and after it (dl bytes
    of 32 used), then the block's ids as 32 bits. The key is the digest's last 8 bytes. */
@@ -59,7 +66,7 @@ struct kvcm_memo {
     size_t sets;                 /* a power of two */
     size_t n;                    /* ids per block */
     size_t entry_size;
-    uint64_t *tags;              /* two per set, 0 when empty */
+    uint16_t *tags;              /* two per set */
     unsigned char *entries;      /* two per set; both arrays allocated on first use */
     int busy;
     uint64_t hits, misses;       /* blocks found, blocks hashed (for the metrics) */
@@ -87,7 +94,7 @@ static void kvcm_memo_free(struct kvcm_memo *m) {
     m->entries = NULL;
 }
 
-static inline uint64_t *kvcm_memo_tags(const struct kvcm_memo *m, uint64_t fp) {
+static inline uint16_t *kvcm_memo_tags(const struct kvcm_memo *m, uint64_t fp) {
     return m->tags + (fp & (m->sets - 1)) * 2;
 }
 
@@ -102,9 +109,9 @@ static inline uint64_t kvcm_memo_mix(uint64_t h) {
     return h;
 }
 
-/* fp(b) from fp(b-1) and the block's ids, never 0, within KVCM_MEMO_FP_MASK: four
-   independent lanes, so the multiplies overlap. Only a lookup's speed depends on its
-   quality: every hit is checked against the ids and the parent. */
+/* fp(b) from fp(b-1) and the block's ids: four independent lanes, so the multiplies
+   overlap. Only a lookup's speed depends on its quality: every hit is checked against the
+   ids and the parent. */
 static inline uint64_t kvcm_memo_fp(uint64_t prev, const uint64_t *tok, size_t n) {
     const uint64_t k = 0xff51afd7ed558ccdULL;
     uint64_t a = prev, b = prev ^ 0x9e3779b97f4a7c15ULL, c = prev + 0x632be59bd9b4e019ULL, d = ~prev;
@@ -117,12 +124,17 @@ static inline uint64_t kvcm_memo_fp(uint64_t prev, const uint64_t *tok, size_t n
     }
     for (; i < n; i++)
         a = (a ^ tok[i]) * k;
-    prev = kvcm_memo_mix(a ^ (b << 1 | b >> 63) ^ (c << 2 | c >> 62) ^ (d << 3 | d >> 61)) & KVCM_MEMO_FP_MASK;
-    return prev ? prev : 1;
+    return kvcm_memo_mix(a ^ (b << 1 | b >> 63) ^ (c << 2 | c >> 62) ^ (d << 3 | d >> 61));
 }
 
-static inline uint64_t kvcm_memo_tag(int kind, uint64_t fp) {
-    return (uint64_t)kind << KVCM_MEMO_KIND_SHIFT | fp;
+/* A block's name in the walk: its set in the low bits, its tag in the top 16. */
+static inline uint64_t kvcm_memo_name(int kind, uint64_t fp) {
+    uint64_t bits = (fp >> 40) & KVCM_MEMO_FP_BITS;
+    return (fp & 0x0000FFFFFFFFFFFFULL) | ((uint64_t)kind << KVCM_MEMO_KIND_SHIFT | (bits ? bits : 1)) << 48;
+}
+
+static inline uint16_t kvcm_memo_tag(uint64_t name) {
+    return (uint16_t)(name >> 48);
 }
 
 static inline int kvcm_memo_same_ids(const unsigned char *kept, const uint64_t *tok, size_t n) {
@@ -146,34 +158,34 @@ static inline int kvcm_memo_ids_fit(const uint64_t *tok, size_t n) {
 
 /* The way (0, 1) whose entry is the block's, or -1; parent NULL: by tag alone (a probable
    hit, which reads no entry). */
-static inline int kvcm_memo_find(const struct kvcm_memo *m, uint64_t tag, const uint64_t *tok,
+static inline int kvcm_memo_find(const struct kvcm_memo *m, uint64_t name, const uint64_t *tok,
                                  const unsigned char *parent, size_t dl) {
-    const uint64_t *tags = kvcm_memo_tags(m, tag);
+    const uint16_t *tags = kvcm_memo_tags(m, name);
     int way;
     for (way = 0; way < 2; way++) {
         const unsigned char *e;
-        if ((tags[way] & ~KVCM_MEMO_RECENT) != tag)
+        if ((tags[way] & ~KVCM_MEMO_RECENT) != kvcm_memo_tag(name))
             continue;
         if (parent == NULL)
             return way;
-        e = kvcm_memo_entry(m, tag, way);
+        e = kvcm_memo_entry(m, name, way);
         if (kvcm_memo_same_ids(e + KVCM_MEMO_IDS, tok, m->n) && memcmp(e + KVCM_MEMO_PARENT, parent, dl) == 0)
             return way;
     }
     return -1;
 }
 
-static inline void kvcm_memo_used(const struct kvcm_memo *m, uint64_t tag, int way) {
-    uint64_t *tags = kvcm_memo_tags(m, tag);
-    tags[0] = way ? tags[0] | KVCM_MEMO_RECENT : tags[0] & ~KVCM_MEMO_RECENT;
+static inline void kvcm_memo_used(const struct kvcm_memo *m, uint64_t name, int way) {
+    uint16_t *tags = kvcm_memo_tags(m, name);
+    tags[0] = (uint16_t)(way ? tags[0] | KVCM_MEMO_RECENT : tags[0] & ~KVCM_MEMO_RECENT);
 }
 
 /* Enters a block: in an empty way of its set, else in the one not used last. The entry is
    written with streaming stores, which need not read its lines first: entering a new block
    costs no wait for memory. */
-static void kvcm_memo_put(const struct kvcm_memo *m, uint64_t tag, const uint64_t *tok,
+static void kvcm_memo_put(const struct kvcm_memo *m, uint64_t name, const uint64_t *tok,
                           const unsigned char *parent, const unsigned char *digest, size_t dl) {
-    uint64_t *tags = kvcm_memo_tags(m, tag);
+    uint16_t *tags = kvcm_memo_tags(m, name);
     unsigned char entry[KVCM_MEMO_IDS + 4 * KVCM_MEMO_MAX_TOKENS] __attribute__((aligned(16)));
     unsigned char *e;
     size_t i;
@@ -193,30 +205,30 @@ static void kvcm_memo_put(const struct kvcm_memo *m, uint64_t tag, const uint64_
         uint32_t id = (uint32_t)tok[i];
         memcpy(entry + KVCM_MEMO_IDS + 4 * i, &id, 4);
     }
-    e = kvcm_memo_entry(m, tag, way);
+    e = kvcm_memo_entry(m, name, way);
 #if defined(__SSE2__)
     for (i = 0; i < KVCM_MEMO_IDS + 4 * m->n; i += 16)
         _mm_stream_si128((__m128i *)(e + i), _mm_load_si128((const __m128i *)(entry + i)));
 #else
     memcpy(e, entry, KVCM_MEMO_IDS + 4 * m->n);
 #endif
-    tags[way] = way ? tag : tag | (tags[0] & KVCM_MEMO_RECENT);
-    kvcm_memo_used(m, tag, way);
+    tags[way] = (uint16_t)(way ? kvcm_memo_tag(name) : kvcm_memo_tag(name) | (tags[0] & KVCM_MEMO_RECENT));
+    kvcm_memo_used(m, name, way);
 }
 
 /* For the walk at block b: the tags of block b + 2 AHEAD are asked for, and the entries
-   of block b + AHEAD that its tags name (asked for AHEAD blocks ago). tags[b..] are the
-   blocks' tags. */
-static inline void kvcm_memo_ahead(const struct kvcm_memo *m, const uint64_t *want, size_t b, size_t nblocks) {
+   of block b + AHEAD that its tags name (asked for AHEAD blocks ago). names[b..] are the
+   blocks' names. */
+static inline void kvcm_memo_ahead(const struct kvcm_memo *m, const uint64_t *names, size_t b, size_t nblocks) {
     size_t next = b + KVCM_MEMO_AHEAD, far = b + 2 * KVCM_MEMO_AHEAD;
     int way;
     if (far < nblocks)
-        __builtin_prefetch(kvcm_memo_tags(m, want[far]));
+        __builtin_prefetch(kvcm_memo_tags(m, names[far]));
     if (next < nblocks) {
-        const uint64_t *tags = kvcm_memo_tags(m, want[next]);
+        const uint16_t *tags = kvcm_memo_tags(m, names[next]);
         for (way = 0; way < 2; way++)
-            if ((tags[way] & ~KVCM_MEMO_RECENT) == want[next]) {
-                const unsigned char *e = kvcm_memo_entry(m, want[next], way);
+            if ((tags[way] & ~KVCM_MEMO_RECENT) == kvcm_memo_tag(names[next])) {
+                const unsigned char *e = kvcm_memo_entry(m, names[next], way);
                 size_t at;
                 for (at = 0; at < m->entry_size; at += 64)
                     __builtin_prefetch(e + at);
@@ -231,19 +243,23 @@ static inline uint64_t kvcm_memo_key(const unsigned char *digest, size_t dl) {
 }
 
 /* Hashes `count` blocks from block `at` as one chain (parent: the digest before them) and
-   enters them; keys_out[at .. at+count) hold their tags on entry, their keys after. */
+   enters them; keys_out[at .. at+count) hold their names on entry, their keys after. */
 static int kvcm_memo_hash_run(struct kvcm_memo *m, int kind, const uint64_t *tok, size_t at, size_t count,
                               unsigned char *parent, size_t dl, uint64_t *keys_out,
-                              unsigned char *digests_out) {
-    uint64_t tags[KVCM_MEMO_RUN];
+                              unsigned char *digests_out, size_t *entered) {
+    uint64_t names[KVCM_MEMO_RUN];
     unsigned char digests[KVCM_MEMO_RUN * 32], before[32];
     size_t i, n = m->n;
-    memcpy(tags, keys_out + at, count * sizeof tags[0]);
+    memcpy(names, keys_out + at, count * sizeof names[0]);
     memcpy(before, parent, dl);
     if (kvcm_chain(kind, tok + at * n, count, n, parent, keys_out + at, digests))
         return -1;
     for (i = 0; i < count; i++) {
-        kvcm_memo_put(m, tags[i], tok + (at + i) * n, i ? digests + (i - 1) * dl : before, digests + i * dl, dl);
+        if (*entered < KVCM_MEMO_MAX_NEW) {
+            kvcm_memo_put(m, names[i], tok + (at + i) * n, i ? digests + (i - 1) * dl : before,
+                          digests + i * dl, dl);
+            ++*entered;
+        }
         if (digests_out != NULL)
             memcpy(digests_out + (at + i) * dl, digests + i * dl, dl);
     }
@@ -255,7 +271,7 @@ static int kvcm_memo_hash_run(struct kvcm_memo *m, int kind, const uint64_t *tok
 static int kvcm_memo_chain(struct kvcm_memo *m, int kind, const uint64_t *tok, size_t nblocks, size_t n,
                            unsigned char *parent, uint64_t *keys_out, unsigned char *digests_out) {
     size_t dl = (kind == KVCM_CHAIN_PICKLE || kind == KVCM_CHAIN_CBOR) ? 32 : 8;
-    size_t b, end;
+    size_t b, end, next, entered = 0;
     uint64_t fp;
     int rc = 0;
 
@@ -263,7 +279,7 @@ static int kvcm_memo_chain(struct kvcm_memo *m, int kind, const uint64_t *tok, s
         || __atomic_exchange_n(&m->busy, 1, __ATOMIC_ACQUIRE))
         return kvcm_chain(kind, tok, nblocks, n, parent, keys_out, digests_out);
     if (m->tags == NULL) {
-        m->tags = (uint64_t *)calloc(m->sets * 2, sizeof m->tags[0]);
+        m->tags = (uint16_t *)calloc(m->sets * 2, sizeof m->tags[0]);
         m->entries = (unsigned char *)aligned_alloc(64, m->sets * 2 * m->entry_size);
         if (m->tags == NULL || m->entries == NULL) {
             kvcm_memo_free(m);
@@ -271,24 +287,24 @@ static int kvcm_memo_chain(struct kvcm_memo *m, int kind, const uint64_t *tok, s
             return kvcm_chain(kind, tok, nblocks, n, parent, keys_out, digests_out);
         }
     }
-    /* the blocks' tags, kept where their keys will go */
+    /* the blocks' names, kept where their keys will go */
     fp = 0;
     memcpy(&fp, parent, 8);
     fp = kvcm_memo_mix(fp ^ n);
     for (b = 0; b < nblocks; b++) {
         fp = kvcm_memo_fp(fp, tok + b * n, n);
-        keys_out[b] = kvcm_memo_tag(kind, fp);
+        keys_out[b] = kvcm_memo_name(kind, fp);
         if (b < 2 * KVCM_MEMO_AHEAD)
             __builtin_prefetch(kvcm_memo_tags(m, fp));
     }
     for (b = 0; b < nblocks;) {
-        uint64_t tag = keys_out[b];
+        uint64_t name = keys_out[b];
         int way;
         kvcm_memo_ahead(m, keys_out, b, nblocks);
-        way = kvcm_memo_find(m, tag, tok + b * n, parent, dl);
+        way = kvcm_memo_find(m, name, tok + b * n, parent, dl);
         if (way >= 0) {
-            const unsigned char *digest = kvcm_memo_entry(m, tag, way) + KVCM_MEMO_DIGEST;
-            kvcm_memo_used(m, tag, way);
+            const unsigned char *digest = kvcm_memo_entry(m, name, way) + KVCM_MEMO_DIGEST;
+            kvcm_memo_used(m, name, way);
             keys_out[b] = kvcm_memo_key(digest, dl);
             memcpy(parent, digest, dl);
             if (digests_out != NULL)
@@ -303,7 +319,11 @@ static int kvcm_memo_chain(struct kvcm_memo *m, int kind, const uint64_t *tok, s
             if (kvcm_memo_find(m, keys_out[end], tok + end * n, NULL, dl) >= 0)
                 break;
         }
-        if ((rc = kvcm_memo_hash_run(m, kind, tok, b, end - b, parent, dl, keys_out, digests_out)) != 0)
+        /* the next run's tags arrive while this one is hashed */
+        for (next = end; next < nblocks && next < end + KVCM_MEMO_RUN; next++)
+            __builtin_prefetch(kvcm_memo_tags(m, keys_out[next]));
+        if ((rc = kvcm_memo_hash_run(m, kind, tok, b, end - b, parent, dl, keys_out, digests_out,
+                                     &entered)) != 0)
             break;
         b = end;
     }

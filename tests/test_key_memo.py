@@ -68,6 +68,18 @@ def test_a_repeated_prefix_is_looked_up(impl, kernel, algo):
     assert memo.hits == 140
 
 
+def test_a_call_enters_256_new_blocks_at_most(impl, kernel):
+    """A long new prompt is entered over its next requests, its first blocks first."""
+    hasher = impl.BlockHasher("sha256", "0", 16)
+    memo = impl.KeyMemo(1 << 16, 16)
+    tokens = ids(10, 16 * 600)
+    expected = list(hasher.keys(tokens))
+    for hits in (0, 256, 512, 600):
+        before = memo.hits
+        assert list(hasher.keys(tokens, memo=memo)) == expected
+        assert memo.hits - before == hits
+
+
 @pytest.mark.parametrize("algo", SHA_ALGOS)
 def test_one_memo_serves_every_seed_namespace_and_algorithm(impl, algo):
     """The same ids under other seeds, namespaces and algorithms are other blocks (their
