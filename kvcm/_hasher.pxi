@@ -61,11 +61,15 @@ cdef class KeyMemo:
     shared by every BlockHasher of that block size. blocks 0, or blocks of more than 64 ids:
     off (hashing goes on without it)."""
     cdef kvcm_memo _m
+    cdef bint _ready
 
     def __init__(self, size_t blocks, Py_ssize_t block_size):
         if block_size <= 0:
             raise ValueError("block_size must be positive, got %d" % block_size)
+        if self._ready:     # another thread may be using the table: it stays as it is
+            raise RuntimeError("a KeyMemo is initialised once")
         kvcm_memo_init(&self._m, blocks, <size_t>block_size)
+        self._ready = True
 
     def __dealloc__(self):
         kvcm_memo_free(&self._m)

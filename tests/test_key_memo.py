@@ -124,6 +124,15 @@ def test_a_memo_of_another_block_size_or_of_long_blocks_is_left_aside(impl):
         impl.KeyMemo(16, 0)
 
 
+def test_a_core_memo_is_initialised_once():
+    """Its table may be in use by a thread hashing without the GIL."""
+    memo = _core.KeyMemo(64, 16)
+    _core.BlockHasher("sha256", "0", 16).keys(ids(11, 16 * 4), memo=memo)
+    with pytest.raises(RuntimeError):
+        memo.__init__(128, 16)
+    assert memo.capacity == 64 and memo.misses == 4
+
+
 def test_llm_d_chains_and_extra_keys_are_not_memoized(impl):
     """FNV chains cost less than a lookup; blocks with extra keys are hashed the general way."""
     memo = impl.KeyMemo(4096, 16)
