@@ -106,8 +106,16 @@ def test_a_spinning_client_measures_the_same_answers_and_says_so():
     assert "polls for each answer (--client-spin)" in summary.index_text(result)
 
 
+def test_distinct_sets_how_many_prompts_are_asked():
+    proc = bench(*TINY, "--distinct", "3", "--ingest-rate", "0", "--probes", "0", "--open-rate", "0",
+                 "--query-tokens", "64", "--json")
+    q = json.loads(proc.stdout)["targets"]["kvcm"]["query"]["64"]
+    assert q["distinct_queries"] == 3 and q["mismatches"] == 0 and q["requests"] == 60
+
+
 @pytest.mark.parametrize("args, message", [
     (["--target", "nope"], "--target: unknown nope"),
+    (["--distinct", "0"], "invalid"),
     (["--target", "dynamo"], "needs --dynamo-python"),
     (["--target", "kvcm,dynamo", "--url", "http://127.0.0.1:1"], "one --target"),
     (["--target", "llmd", "--url", "http://127.0.0.1:1"], "--tokenizer"),

@@ -103,6 +103,11 @@ def add_index_arguments(p):
     g = p.add_argument_group("phases")
     g.add_argument("--queries", type=_positive(int), default=2000,
                    help="closed-loop queries per prompt length and run (default: %(default)s)")
+    g.add_argument("--distinct", type=_positive(int), default=64,
+                   help="distinct prompts asked per prompt length, cycled through (at most the held "
+                        "conversations that long; default: %(default)s): a router scores the prefixes its "
+                        "engines hold again and again, and kvcm's key memo remembers them; ask more than its "
+                        "--key-memo-blocks hold to measure new prompts")
     g.add_argument("--concurrency", type=_positive(int), default=1,
                    help="closed-loop requests in flight (default: %(default)s)")
     g.add_argument("--client-spin", action="store_true",
@@ -227,7 +232,7 @@ def run_index(args, usage_error):
         raise usage_error("this target asks by prompt text: give --tokenizer DIR")
     settings = index.Settings(
         targets=specs, spec=spec, trace=trace, tokenizer=tokenizer if any(s.api.needs_text for s in specs) or trace
-        else None, repeats=args.repeats, queries=args.queries, concurrency=args.concurrency,
+        else None, repeats=args.repeats, queries=args.queries, distinct=args.distinct, concurrency=args.concurrency,
         client_spin=args.client_spin, warmup=args.warmup,
         open_rate=args.open_rate, open_seconds=args.open_seconds, probes=args.probes,
         ingest_rate=args.ingest_rate or 200_000.0, swi_seconds=args.swi_seconds,
