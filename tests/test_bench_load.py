@@ -25,7 +25,10 @@ class _Server(threading.Thread):
         self.stop = threading.Event()
 
     def run(self):
-        conn, _ = self.listener.accept()
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:          # closed before a client came
+            return
         with conn:
             while not self.stop.is_set():
                 data = b""
@@ -42,7 +45,12 @@ class _Server(threading.Thread):
 
     def close(self):
         self.stop.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)   # wakes an accept() no client answered
+        except OSError:
+            pass
         self.listener.close()
+        self.join(5)
 
 
 @pytest.fixture
