@@ -313,6 +313,15 @@ static int kvcm_memo_chain(struct kvcm_memo *m, int kind, const uint64_t *tok, s
             b++;
             continue;
         }
+        /* A miss once the call has entered all it may: what follows is mostly what no call
+           has entered yet (a long prompt is entered over several), so the rest is hashed as
+           one chain, without looking further. */
+        if (entered >= KVCM_MEMO_MAX_NEW) {
+            rc = kvcm_chain(kind, tok + b * n, nblocks - b, n, parent, keys_out + b,
+                            digests_out == NULL ? NULL : digests_out + b * dl);
+            m->misses += nblocks - b;
+            break;
+        }
         /* a miss: it and the blocks after it that the memo does not hold either */
         for (end = b + 1; end < nblocks && end - b < KVCM_MEMO_RUN; end++) {
             kvcm_memo_ahead(m, keys_out, end, nblocks);
