@@ -41,6 +41,25 @@ def kernel(request):
         _core._select_sha256_kernel()  # the environment as it was before the test
 
 
+JSON_IDS_KERNELS = ["avx512", "scalar"]
+
+
+@pytest.fixture(params=JSON_IDS_KERNELS)
+def ids_kernel(request):
+    """Selects how the core reads compact runs of token ids (skips avx512 on a CPU without
+    AVX-512 VBMI2), then restores the default."""
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("KVCM_JSON_IDS", request.param)
+            name = _core._select_json_ids_kernel()
+            if request.param == "avx512" and name != "avx512":
+                pytest.skip("this CPU has no AVX-512 VBMI2")
+            assert name == request.param
+            yield name
+    finally:
+        _core._select_json_ids_kernel()
+
+
 @pytest.fixture(scope="session")
 def shared():
     """../shared (vectors, fixtures); tests that need it skip when the tree was copied alone."""

@@ -83,7 +83,7 @@ EDGES = [b'{"model": "%s", "token_ids": [%s]}' % (MODEL.encode(), x) for x in (
 
 
 @pytest.mark.parametrize("raw", EDGES)
-def test_edge_bodies_answer_alike(apis, raw):
+def test_edge_bodies_answer_alike(apis, ids_kernel, raw):
     same(apis, raw)
 
 
@@ -93,9 +93,9 @@ def test_fast_and_general_paths_answer_alike(apis, raw):
     same(apis, raw)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body())
-def test_the_core_reads_what_orjson_reads(raw):
+def test_the_core_reads_what_orjson_reads(ids_kernel, raw):
     reads_what_orjson_reads(raw)
 
 
@@ -130,16 +130,17 @@ def compact_body(draw):
     return ('{"model":"%s","model_name":"%s","token_ids":[%s]%s}' % (MODEL, MODEL, ",".join(items), tail)).encode()
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=800, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(compact_body())
-def test_compact_arrays_read_as_orjson_reads_them_and_answer_alike(apis, raw):
+def test_compact_arrays_read_as_orjson_reads_them_and_answer_alike(apis, ids_kernel, raw):
     reads_what_orjson_reads(raw)
     same(apis, raw)
 
 
 @pytest.mark.parametrize("item", ["01", "00", "0", "12345678", "123456789", "18446744073709551615",
                                   "18446744073709551616", "99999999999999999999", "", "-1", " 5", "1.5", "5]"])
-def test_every_item_at_every_place_of_a_compact_window(apis, item):
+def test_every_item_at_every_place_of_a_compact_window(apis, ids_kernel, item):
     """One item among 100 plain ids, at each place across the first windows of 64 bytes."""
     for k in range(0, 40):
         items = ["123"] * 100
@@ -150,7 +151,7 @@ def test_every_item_at_every_place_of_a_compact_window(apis, item):
             same(apis, raw)
 
 
-def test_valid_bodies_of_every_length_take_the_fast_path(apis):
+def test_valid_bodies_of_every_length_take_the_fast_path(apis, ids_kernel):
     rng = random.Random(7)
     taken = 0
     # 8000 ids of up to 20 digits: past the body length the core scans without the GIL

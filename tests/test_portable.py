@@ -223,10 +223,11 @@ def test_compiled_parts_of_the_bundle_target_the_x86_64_baseline(tmp_path):
             (name, switches)
 
 
-def test_nothing_compiled_for_the_bundle_uses_newer_instructions_outside_the_sha_ni_kernel(tmp_path):
+def test_nothing_compiled_for_the_bundle_uses_newer_instructions_outside_the_cpuid_kernels(tmp_path):
     """Disassembled, CPython and the core use only x86-64 baseline instructions, except the
     core's SHA-NI kernels (the compression and the block chain built on it), which run only
-    after CPUID reports SHA (kvcm/sha256.h, kvcm/block_chain.h)."""
+    after CPUID reports SHA (kvcm/sha256.h, kvcm/block_chain.h), and its AVX-512 reader of
+    token ids, only after CPUID reports AVX-512 VBMI2 (kvcm/json_ids.h)."""
     files = bundle_files(tmp_path, compiled_here)
     found = {}
     for name, path in files.items():
@@ -234,14 +235,15 @@ def test_nothing_compiled_for_the_bundle_uses_newer_instructions_outside_the_sha
             found.setdefault(name, set()).add((function, mnemonic))
     core = [n for n in found if n.startswith("kvcm/_core")]
     assert len(core) == 1, "the SHA-NI kernel is found (the scan works): %s" % sorted(found)
-    assert {f for f, _ in found.pop(core[0])} == {"kvcm_sha256_compress_shani", "kvcm_chain_shani"}
+    assert {f for f, _ in found.pop(core[0])} == {"kvcm_sha256_compress_shani", "kvcm_chain_shani",
+                                                 "kj_u64_runs_vbmi"}
     assert not found, found
 
 
 # Libraries that choose their SIMD code at run time, by CPUID: OpenSSL (its ia32cap), in
 # libcrypto and statically inside cryptography's Rust library, libsodium, orjson and the Rust
 # crates inside tokenizers (memchr, aho-corasick, rand_chacha: is_x86_feature_detected),
-# libstdc++ (rdrand for std::random_device). The core's SHA-NI kernel is checked on its own.
+# libstdc++ (rdrand for std::random_device). The core's kernels are checked on their own.
 DISPATCHING = ("libcrypto.so", "cryptography/hazmat/bindings/_rust.", "libsodium-", "orjson/orjson.",
                "tokenizers/tokenizers.", "libstdc++.so", "kvcm/_core.")
 
