@@ -86,7 +86,7 @@ cdef class KeyMemo:
 
     @property
     def misses(self):
-        """Blocks hashed through it (and entered)."""
+        """Blocks it did not hold, hashed instead (a call enters the first 256)."""
         return self._m.misses
 
 
