@@ -91,8 +91,19 @@ def test_placement_split_places_kvcm_and_says_so():
     proc = bench(*TINY, "--placement", "split", "--probes", "0", "--open-rate", "0", "--query-tokens", "256",
                  "--json")
     result = json.loads(proc.stdout)
-    assert set(result["workload"]["placement"]) == {"scoring_cpus", "ingest_cpus"}
+    assert set(result["workload"]["placement"]) == {"name", "scoring_cpus", "ingest_cpus"}
     assert result["targets"]["kvcm"]["score_while_ingesting"]["loaded_p99_us"]["median"] > 0
+
+
+def test_placement_colocate_measures_the_same_answers_and_says_so():
+    proc = bench(*TINY, "--placement", "colocate", "--ingest-rate", "0", "--probes", "0", "--open-rate", "0",
+                 "--query-tokens", "256", "--json")
+    result = json.loads(proc.stdout)
+    assert result["workload"]["placement"] == {"name": "colocate", "cpu": str(max(os.sched_getaffinity(0)))}
+    q = result["targets"]["kvcm"]["query"]["256"]
+    assert q["mismatches"] == 0 and q["requests"] == 60
+    assert "floor and queries colocated: the client and every thread of each target on CPU" in \
+        summary.index_text(result)
 
 
 def test_a_spinning_client_measures_the_same_answers_and_says_so():
@@ -123,6 +134,8 @@ def test_distinct_sets_how_many_prompts_are_asked():
     (["--engines", "0"], "invalid"),
     (["--placement", "everywhere"], "invalid choice"),
     (["--client-spin", "--concurrency", "2"], "--client-spin drives one connection"),
+    (["--placement", "colocate", "--url", "http://127.0.0.1:1"], "needs a target bench starts"),
+    (["--placement", "colocate", "--client-spin"], "would spin on the target's CPU"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, message):
     proc = bench(*args, check=False)

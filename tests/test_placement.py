@@ -1,10 +1,13 @@
 """Where kvcm's threads run: `--http-cpus` and `--ingest-cpus` on a real `kvcm serve` (read
-back from /proc), their parsing and errors, and the placement `kvcm bench index --placement
-split` gives its own threads."""
+back from /proc), their parsing and errors, and the placements of `kvcm bench index`: the
+threads `split` gives its own engines, the client and target threads `colocate` pins."""
 
 import ctypes
 import os
 import platform
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -171,7 +174,43 @@ def test_bench_split_gives_the_engines_the_ingest_cpus_for_a_while():
 
 
 def test_bench_placements():
-    assert Placement.named("none") is None
+    none = Placement.named("none")
+    assert none.to_json() is None and none.serve_args() == [] and none.swi_client_cpus is None
+    with none.querying([]), none.engines_side():
+        pass
+    assert Placement.named("colocate").to_json() == {"name": "colocate", "cpu": str(CPUS[-1])}
     if len(CPUS) < 2:
         with pytest.raises(PlacementError, match="at least 2 CPUs"):
             Placement.named("split")
+
+
+def test_bench_colocate_pins_the_client_and_every_thread_of_the_target_for_a_while():
+    """A real target: a child process with a few threads, one started inside the block."""
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, threading, time
+        for _ in range(3):
+            threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+        print("up", flush=True)
+        sys.stdin.readline()
+        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+        print("more", flush=True)
+        sys.stdin.readline()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "up\n"
+        tids = lambda: sorted(int(t) for t in os.listdir("/proc/%d/task" % child.pid))
+        before_child, before_me = os.sched_getaffinity(child.pid), os.sched_getaffinity(0)
+        placement = Placement.named("colocate")
+        with placement.querying([child.pid]):
+            assert os.sched_getaffinity(0) == {CPUS[-1]}
+            assert len(tids()) == 4 and all(os.sched_getaffinity(t) == {CPUS[-1]} for t in tids())
+            child.stdin.write("\n")
+            child.stdin.flush()
+            assert child.stdout.readline() == "more\n"
+        assert len(tids()) == 5 and all(os.sched_getaffinity(t) == before_child for t in tids())
+        assert os.sched_getaffinity(0) == before_me
+        with pytest.raises(PlacementError, match="needs a target bench starts"):
+            placement.querying([])
+    finally:
+        child.kill()
+        child.wait()

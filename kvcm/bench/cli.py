@@ -129,7 +129,10 @@ def add_index_arguments(p):
     g.add_argument("--placement", choices=PLACEMENTS, default="none",
                    help="split: score while ingesting with the client and kvcm's event loop on the first half of "
                         "the CPUs, the engines and kvcm's ingest thread on the rest (kvcm serve --http-cpus, "
-                        "--ingest-cpus); none: where the system puts them (default: %(default)s)")
+                        "--ingest-cpus); colocate: the floor and the queries with the client and every thread of "
+                        "the target on one CPU, as a router pinned beside its index (give kvcm no --busy-poll-us: "
+                        "it would spin on the client's CPU); none: where the system puts them "
+                        "(default: %(default)s)")
     g.add_argument("--swi-seconds", type=_positive(float), default=2.0,
                    help="each window (idle, then ingesting) of that phase (default: %(default)s)")
     _output_options(p)
@@ -175,7 +178,7 @@ def _targets(args, placement, usage_error):
     for name in names:
         if name == "kvcm":
             api = t.APIS[args.kvcm_api](args.model, args.block_size)
-            serve_args = args.serve_arg + (placement.serve_args() if placement is not None else [])
+            serve_args = args.serve_arg + placement.serve_args()
             start = None if args.url else (lambda spec: t.start_kvcm(spec, serve_args))
             specs.append(t.TargetSpec("kvcm", api, url=args.url, zmq=args.zmq, start=start))
         elif name == "dynamo":
@@ -205,8 +208,13 @@ def run_index(args, usage_error):
     except PlacementError as exc:
         raise usage_error(str(exc)) from None
     specs = _targets(args, placement, usage_error)
+    if placement.name == "colocate" and args.url:
+        raise usage_error("--placement colocate places the target's process: it needs a target bench starts, "
+                          "not --url")
     if args.client_spin and args.concurrency != 1:
         raise usage_error("--client-spin drives one connection: it needs --concurrency 1")
+    if args.client_spin and placement.name == "colocate":
+        raise usage_error("--client-spin with --placement colocate would spin on the target's CPU: choose one")
     try:
         spec = workload.Spec(engines=args.engines, blocks=args.blocks,
                              prompt_tokens=tuple(workload.parse_lengths(args.prompt_tokens)),

@@ -18,6 +18,7 @@ from kvcm import __version__
 from kvcm.bench import phases
 from kvcm.bench.engines import Engines
 from kvcm.bench.load import Connection
+from kvcm.bench.placement import Placement
 from kvcm.bench.stats import Latency, Spread
 from kvcm.bench.workload import Workload
 
@@ -45,7 +46,7 @@ class Settings:
     swi_tokens: int = 0                 # 0: the middle prompt length
     skip: tuple = ()
     query_tokens: list = None           # None: the workload's prompt lengths
-    placement: object = None            # kvcm.bench.placement.Placement, or None: the system's
+    placement: Placement = dataclasses.field(default_factory=Placement)
     argv: list = dataclasses.field(default_factory=list)
 
 
@@ -112,21 +113,14 @@ def run_target(spec, w, queries, swi_streams, settings, progress):
         if "freshness" not in settings.skip and settings.probes:
             progress.step("%s: publish -> visible" % label)
             out["freshness"] = phases.freshness(ctx, settings.probes)
-        out["floor"] = phases.floor(ctx, min(settings.queries, 2000), settings.concurrency, settings.client_spin)
-        out["query"] = {}
-        if "query" not in settings.skip:
-            for n, qs in queries.items():
-                if not qs:
-                    continue
-                progress.step("%s: query %d tokens" % (label, n))
-                rate = None if "open" in settings.skip or not settings.open_rate else \
-                    (lambda rps, n=n: open_rate(settings, n, rps))
-                q = phases.queries(ctx, n, qs, settings.queries, settings.concurrency, rate, settings.warmup,
-                                   settings.client_spin)
-                out["query"][n] = q
-                progress.note("  %-18s query %6d tokens: p50 %s µs, p99 %s µs%s" % (
-                    label, n, _us(q["closed"].percentile_us(50)), _us(q["closed"].percentile_us(99)),
-                    "" if not q["mismatches"] else "; %d ANSWERS DIFFER from the workload's" % q["mismatches"]))
+        with settings.placement.querying(target.pids()):
+            out["floor"] = phases.floor(ctx, min(settings.queries, 2000), settings.concurrency,
+                                        settings.client_spin)
+            out["query"] = {}
+            if "query" not in settings.skip:
+                for n, qs in queries.items():
+                    if qs:
+                        out["query"][n] = _query(ctx, label, n, qs, settings)
         if swi_streams is not None:
             n = settings.swi_tokens or _middle([k for k, qs in queries.items() if qs])
             if n and queries.get(n):
@@ -140,6 +134,18 @@ def run_target(spec, w, queries, swi_streams, settings, progress):
         if ctx is not None:
             ctx.close()
         target.close()
+
+
+def _query(ctx, label, n, qs, settings):
+    ctx.progress.step("%s: query %d tokens" % (label, n))
+    rate = None if "open" in settings.skip or not settings.open_rate else \
+        (lambda rps: open_rate(settings, n, rps))
+    q = phases.queries(ctx, n, qs, settings.queries, settings.concurrency, rate, settings.warmup,
+                       settings.client_spin)
+    ctx.progress.note("  %-18s query %6d tokens: p50 %s µs, p99 %s µs%s" % (
+        label, n, _us(q["closed"].percentile_us(50)), _us(q["closed"].percentile_us(99)),
+        "" if not q["mismatches"] else "; %d ANSWERS DIFFER from the workload's" % q["mismatches"]))
+    return q
 
 
 def open_rate(settings, length, closed_rps):
@@ -299,7 +305,7 @@ def summarize(settings, info, started, runs):
                      **info, "repeats": settings.repeats, "queries_per_length": settings.queries,
                      "concurrency": settings.concurrency, "client_spin": settings.client_spin,
                      "open_rate": settings.open_rate,
-                     "placement": settings.placement.to_json() if settings.placement is not None else None},
+                     "placement": settings.placement.to_json()},
         "targets": targets,
         "ratios": ratios(targets) if len(targets) > 1 else {},
         "_plots": {label: plots_of(rs) for label, rs in runs.items()},

@@ -8,7 +8,6 @@ Clocks: time.perf_counter_ns (monotonic) for everything timed; the bench process
 time (os.times) where the generator's cost is shown.
 """
 
-import contextlib
 import os
 import random
 import time
@@ -150,19 +149,19 @@ def floor(ctx, count, concurrency, spin=False):
     return Latency(load.closed_loop(ctx.target.address, [api.health()], count, concurrency, spin=spin))
 
 
-def score_while_ingesting(ctx, qs, streams, rate, seconds, concurrency, placement=None):
+def score_while_ingesting(ctx, qs, streams, rate, seconds, concurrency, placement):
     """Query latency idle, then while the engines publish `streams` at `rate` blocks/s
     (sized to last the window), both measured by a client process of its own; then how
     long after the last send the target needed to make the streams' closing marker visible
-    (its backlog). With a placement (kvcm.bench.placement), the client runs on its scoring
-    CPUs and the engines publish from its ingest CPUs."""
+    (its backlog). The placement (kvcm.bench.placement) says where the client runs and
+    where the engines publish from."""
     api, address = ctx.target.api, ctx.target.address
     requests = [api.query(q) for q in qs]
-    client_cpus = placement.http if placement is not None else None
+    client_cpus = placement.swi_client_cpus
     # the client runs in a process of its own: the pacer is a thread of this one, and its
     # GIL would otherwise delay the client's reading of answers by up to a switch interval
     idle = load.closed_loop_apart(address, requests, 10 ** 9, concurrency, seconds, cpus=client_cpus)
-    with placement.engines_side() if placement is not None else contextlib.nullcontext():
+    with placement.engines_side():
         pacer = Background(ctx.engines.send_paced, streams, rate)
         time.sleep(RAMP_S)
         loaded = load.closed_loop_apart(address, requests, 10 ** 9, concurrency, seconds, cpus=client_cpus)

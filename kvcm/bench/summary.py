@@ -86,10 +86,14 @@ def index_text(result):
     if w.get("client_spin"):
         notes.append("query and floor latencies by a client that polls for each answer (--client-spin): its own "
                      "wake-up is in no target's latency")
-    if w.get("placement"):
+    placed = w.get("placement") or {}
+    if placed.get("name") == "split":
         notes.append("scoring while ingesting, placed: the client and kvcm's event loop on CPU %s, the engines "
                      "and kvcm's ingest on CPU %s (targets bench cannot place run where the system puts them)"
-                     % (w["placement"]["scoring_cpus"], w["placement"]["ingest_cpus"]))
+                     % (placed["scoring_cpus"], placed["ingest_cpus"]))
+    elif placed.get("name") == "colocate":
+        notes.append("floor and queries colocated: the client and every thread of each target on CPU %s while "
+                     "they run" % placed["cpu"])
     for label, t in result["targets"].items():
         g = t["generator"]
         notes.append("%s: generator sent everything in %s s (%s of a core in this process during ingest); "

@@ -161,11 +161,20 @@ def _children(pid):
     return out
 
 
-def tree_rss_bytes(pid):
-    """VmRSS of pid and every descendant, in bytes."""
-    total, todo = 0, [pid]
+def tree_pids(pid):
+    """pid and every descendant."""
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
+        out.append(p)
+        todo += _children(p)
+    return out
+
+
+def tree_rss_bytes(pid):
+    """VmRSS of pid and every descendant, in bytes."""
+    total = 0
+    for p in tree_pids(pid):
         try:
             with open("/proc/%d/status" % p) as f:
                 for line in f:
@@ -174,7 +183,6 @@ def tree_rss_bytes(pid):
                         break
         except OSError:
             continue
-        todo += _children(p)
     return total
 
 
@@ -210,6 +218,9 @@ class Process:
     def rss_bytes(self):
         return tree_rss_bytes(self.pid)
 
+    def pids(self):
+        return tree_pids(self.pid)
+
     def close(self):
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -244,6 +255,10 @@ class Target:
 
     def rss_bytes(self):
         return self.process.rss_bytes() if self.process is not None else None
+
+    def pids(self):
+        """The processes of a target bench started; [] for an external one."""
+        return self.process.pids() if self.process is not None else []
 
     def close(self):
         if self.process is not None:
