@@ -45,6 +45,7 @@ cdef extern from "block_chain.h":
 
 
 cdef extern from "key_memo.h":
+    enum: KVCM_MEMO_WAYS
     struct kvcm_memo:
         size_t sets
         uint64_t hits, misses
@@ -77,7 +78,7 @@ cdef class KeyMemo:
     @property
     def capacity(self):
         """Blocks it can hold (0: off)."""
-        return self._m.sets * 2
+        return self._m.sets * KVCM_MEMO_WAYS
 
     @property
     def hits(self):

@@ -103,21 +103,22 @@ def _u64(digest):
 
 MEMO_MAX_TOKENS = 64
 MEMO_MAX_NEW = 256    # blocks one call enters at most
+MEMO_WAYS = 8          # entries per set of the core's table: its capacity is a multiple of it
 
 
 class KeyMemo:
     """The core's KeyMemo: digests of recent blocks by (algorithm, parent, ids), least
-    recently used first out (the core's table is 2-way set-associative: which entries it
+    recently used first out (the core's table is 8-way set-associative: which entries it
     keeps differs, never what an entry gives)."""
 
     def __init__(self, blocks, block_size):
         if block_size <= 0:
             raise ValueError("block_size must be positive, got %d" % block_size)
         sets = 1
-        while 2 * sets < blocks:
+        while MEMO_WAYS * sets < blocks:
             sets <<= 1
         self.block_size = block_size
-        self.capacity = 2 * sets if blocks and block_size <= MEMO_MAX_TOKENS else 0
+        self.capacity = MEMO_WAYS * sets if blocks and block_size <= MEMO_MAX_TOKENS else 0
         self.hits = self.misses = 0
         self._entries = OrderedDict()
 

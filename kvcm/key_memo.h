@@ -17,9 +17,13 @@
  * next probable hit, as one chain (block_chain.h), and entered - at most KVCM_MEMO_MAX_NEW
  * blocks a call, so that a long new prompt costs little more than hashing it.
  *
- * The table is 2-way set-associative: a set holds two entries, and a new entry replaces the
- * one of its set not used last. The sets' 16-bit tags lie apart from the entries, sixteen
- * sets to a cache line, so that a miss reads no entry. Its size is fixed when it is created
+ * The table is 8-way set-associative: a set holds eight entries, so that the blocks a router
+ * asks again and again rarely crowd one set (with two ways, a tenth of a working set half
+ * the memo's size met two others in its set and was hashed every time). A new entry takes an
+ * empty way, else one not used since its set last filled up (each way's tag carries that
+ * bit, set on entering and on every hit; when all eight are set, the others are cleared).
+ * The sets' 16-bit tags lie apart from the entries, a set's in 16 bytes that one compare
+ * reads, so that a miss reads no entry. Its size is fixed when it is created
  * and its memory allocated on first use (untouched pages cost no memory). Ids of 2**32 and
  * more are not entered (entries keep ids as 32 bits). One caller at a time: a second one, on
  * another thread, hashes without the memo instead of waiting.
@@ -38,6 +42,8 @@
 #include <emmintrin.h>
 #endif
 
+#define KVCM_MEMO_WAYS 8
+
 /* blocks of more ids than this are hashed without the memo (their entries would be large) */
 #define KVCM_MEMO_MAX_TOKENS 64
 /* how many blocks ahead of the walk an entry is asked for; its set's tags twice as far */
@@ -49,9 +55,9 @@
    first blocks first, each request's cost bounded */
 #define KVCM_MEMO_MAX_NEW 256
 /* A tag, 16 bits: 13 bits of the fingerprint (not those that chose the set), the chain kind
-   above them, and in way 0's tag whether way 1 was used last; 0 when the way is empty. Small
-   tags keep the table's tags in the core's cache (128 KiB for 65,536 blocks): a miss then
-   costs no trip to memory, and a hit one, asked for ahead. */
+   above them, and whether the way was used since its set last filled up; 0 when the way is
+   empty. Small tags keep the table's tags in the core's cache (128 KiB for 65,536 blocks): a
+   miss then costs no trip to memory, and a hit one, asked for ahead. */
 #define KVCM_MEMO_RECENT 0x8000u
 #define KVCM_MEMO_KIND_SHIFT 13
 #define KVCM_MEMO_FP_BITS 0x1FFFu
@@ -66,8 +72,8 @@ struct kvcm_memo {
     size_t sets;                 /* a power of two */
     size_t n;                    /* ids per block */
     size_t entry_size;
-    uint16_t *tags;              /* two per set */
-    unsigned char *entries;      /* two per set; both arrays allocated on first use */
+    uint16_t *tags;              /* KVCM_MEMO_WAYS per set */
+    unsigned char *entries;      /* KVCM_MEMO_WAYS per set; both arrays allocated on first use */
     int busy;
     uint64_t hits, misses;       /* blocks found, blocks hashed (for the metrics) */
 };
@@ -79,7 +85,7 @@ static int kvcm_memo_init(struct kvcm_memo *m, size_t blocks, size_t n) {
     memset(m, 0, sizeof *m);
     if (blocks == 0 || n == 0 || n > KVCM_MEMO_MAX_TOKENS)
         return -1;
-    while (2 * sets < blocks)
+    while (KVCM_MEMO_WAYS * sets < blocks)
         sets <<= 1;
     m->sets = sets;
     m->n = n;
@@ -95,11 +101,28 @@ static void kvcm_memo_free(struct kvcm_memo *m) {
 }
 
 static inline uint16_t *kvcm_memo_tags(const struct kvcm_memo *m, uint64_t fp) {
-    return m->tags + (fp & (m->sets - 1)) * 2;
+    return m->tags + (fp & (m->sets - 1)) * KVCM_MEMO_WAYS;
 }
 
 static inline unsigned char *kvcm_memo_entry(const struct kvcm_memo *m, uint64_t fp, int way) {
-    return m->entries + ((fp & (m->sets - 1)) * 2 + (size_t)way) * m->entry_size;
+    return m->entries + ((fp & (m->sets - 1)) * KVCM_MEMO_WAYS + (size_t)way) * m->entry_size;
+}
+
+/* Bit w set for each way w of the set whose tag, its recent bit aside, is `tag` (0: the
+   empty ways). */
+static inline unsigned kvcm_memo_ways(const uint16_t *tags, uint16_t tag) {
+#if defined(__SSE2__)
+    _Static_assert(KVCM_MEMO_WAYS == 8, "a set's tags are compared as eight 16-bit lanes");
+    __m128i t = _mm_and_si128(_mm_load_si128((const __m128i *)tags), _mm_set1_epi16(0x7FFF));
+    __m128i eq = _mm_cmpeq_epi16(t, _mm_set1_epi16((short)tag));
+    return (unsigned)_mm_movemask_epi8(_mm_packs_epi16(eq, _mm_setzero_si128()));
+#else
+    unsigned ways = 0;
+    int w;
+    for (w = 0; w < KVCM_MEMO_WAYS; w++)
+        ways |= (unsigned)((tags[w] & ~KVCM_MEMO_RECENT) == tag) << w;
+    return ways;
+#endif
 }
 
 static inline uint64_t kvcm_memo_mix(uint64_t h) {
@@ -156,16 +179,14 @@ static inline int kvcm_memo_ids_fit(const uint64_t *tok, size_t n) {
     return all >> 32 == 0;
 }
 
-/* The way (0, 1) whose entry is the block's, or -1; parent NULL: by tag alone (a probable
-   hit, which reads no entry). */
+/* The way whose entry is the block's, or -1; parent NULL: by tag alone (a probable hit,
+   which reads no entry). */
 static inline int kvcm_memo_find(const struct kvcm_memo *m, uint64_t name, const uint64_t *tok,
                                  const unsigned char *parent, size_t dl) {
-    const uint16_t *tags = kvcm_memo_tags(m, name);
-    int way;
-    for (way = 0; way < 2; way++) {
+    unsigned ways = kvcm_memo_ways(kvcm_memo_tags(m, name), kvcm_memo_tag(name));
+    for (; ways; ways &= ways - 1) {
+        int way = __builtin_ctz(ways);
         const unsigned char *e;
-        if ((tags[way] & ~KVCM_MEMO_RECENT) != kvcm_memo_tag(name))
-            continue;
         if (parent == NULL)
             return way;
         e = kvcm_memo_entry(m, name, way);
@@ -176,13 +197,30 @@ static inline int kvcm_memo_find(const struct kvcm_memo *m, uint64_t name, const
 }
 
 static inline void kvcm_memo_used(const struct kvcm_memo *m, uint64_t name, int way) {
-    uint16_t *tags = kvcm_memo_tags(m, name);
-    tags[0] = (uint16_t)(way ? tags[0] | KVCM_MEMO_RECENT : tags[0] & ~KVCM_MEMO_RECENT);
+    uint16_t *tag = kvcm_memo_tags(m, name) + way;
+    if (!(*tag & KVCM_MEMO_RECENT))     /* a line written only when it changes */
+        *tag |= KVCM_MEMO_RECENT;
 }
 
-/* Enters a block: in an empty way of its set, else in the one not used last. The entry is
-   written with streaming stores, which need not read its lines first: entering a new block
-   costs no wait for memory. */
+/* The way a new entry takes: an empty one, else one not used since the set last filled up;
+   when every way was, the set starts over (a way chosen by the name, its bit kept). */
+static inline int kvcm_memo_victim(uint16_t *tags, uint64_t name) {
+    unsigned empty = kvcm_memo_ways(tags, 0), stale = 0;
+    int w;
+    if (empty)
+        return __builtin_ctz(empty);
+    for (w = 0; w < KVCM_MEMO_WAYS; w++)
+        stale |= (unsigned)!(tags[w] & KVCM_MEMO_RECENT) << w;
+    if (stale)
+        return __builtin_ctz(stale);
+    for (w = 0; w < KVCM_MEMO_WAYS; w++)
+        tags[w] &= (uint16_t)~KVCM_MEMO_RECENT;
+    return (int)((name >> 32) & (KVCM_MEMO_WAYS - 1));
+}
+
+/* Enters a block in the way kvcm_memo_victim chooses. The entry is written with streaming
+   stores, which need not read its lines first: entering a new block costs no wait for
+   memory. */
 static void kvcm_memo_put(const struct kvcm_memo *m, uint64_t name, const uint64_t *tok,
                           const unsigned char *parent, const unsigned char *digest, size_t dl) {
     uint16_t *tags = kvcm_memo_tags(m, name);
@@ -192,7 +230,7 @@ static void kvcm_memo_put(const struct kvcm_memo *m, uint64_t name, const uint64
     int way;
     if (!kvcm_memo_ids_fit(tok, m->n))
         return;
-    way = (tags[0] & ~KVCM_MEMO_RECENT) == 0 ? 0 : tags[1] == 0 ? 1 : !(tags[0] & KVCM_MEMO_RECENT);
+    way = kvcm_memo_victim(tags, name);
     if (dl == 32) {
         memcpy(entry + KVCM_MEMO_PARENT, parent, 32);
         memcpy(entry + KVCM_MEMO_DIGEST, digest, 32);
@@ -212,8 +250,7 @@ static void kvcm_memo_put(const struct kvcm_memo *m, uint64_t name, const uint64
 #else
     memcpy(e, entry, KVCM_MEMO_IDS + 4 * m->n);
 #endif
-    tags[way] = (uint16_t)(way ? kvcm_memo_tag(name) : kvcm_memo_tag(name) | (tags[0] & KVCM_MEMO_RECENT));
-    kvcm_memo_used(m, name, way);
+    tags[way] = (uint16_t)(kvcm_memo_tag(name) | KVCM_MEMO_RECENT);
 }
 
 /* For the walk at block b: the tags of block b + 2 AHEAD are asked for, and the entries
@@ -221,19 +258,17 @@ static void kvcm_memo_put(const struct kvcm_memo *m, uint64_t name, const uint64
    blocks' names. */
 static inline void kvcm_memo_ahead(const struct kvcm_memo *m, const uint64_t *names, size_t b, size_t nblocks) {
     size_t next = b + KVCM_MEMO_AHEAD, far = b + 2 * KVCM_MEMO_AHEAD;
-    int way;
+    unsigned ways;
     if (far < nblocks)
         __builtin_prefetch(kvcm_memo_tags(m, names[far]));
-    if (next < nblocks) {
-        const uint16_t *tags = kvcm_memo_tags(m, names[next]);
-        for (way = 0; way < 2; way++)
-            if ((tags[way] & ~KVCM_MEMO_RECENT) == kvcm_memo_tag(names[next])) {
-                const unsigned char *e = kvcm_memo_entry(m, names[next], way);
-                size_t at;
-                for (at = 0; at < m->entry_size; at += 64)
-                    __builtin_prefetch(e + at);
-            }
-    }
+    if (next < nblocks)
+        for (ways = kvcm_memo_ways(kvcm_memo_tags(m, names[next]), kvcm_memo_tag(names[next])); ways;
+             ways &= ways - 1) {
+            const unsigned char *e = kvcm_memo_entry(m, names[next], __builtin_ctz(ways));
+            size_t at;
+            for (at = 0; at < m->entry_size; at += 64)
+                __builtin_prefetch(e + at);
+        }
 }
 
 static inline uint64_t kvcm_memo_key(const unsigned char *digest, size_t dl) {
@@ -279,8 +314,10 @@ static int kvcm_memo_chain(struct kvcm_memo *m, int kind, const uint64_t *tok, s
         || __atomic_exchange_n(&m->busy, 1, __ATOMIC_ACQUIRE))
         return kvcm_chain(kind, tok, nblocks, n, parent, keys_out, digests_out);
     if (m->tags == NULL) {
-        m->tags = (uint16_t *)calloc(m->sets * 2, sizeof m->tags[0]);
-        m->entries = (unsigned char *)aligned_alloc(64, m->sets * 2 * m->entry_size);
+        m->tags = (uint16_t *)aligned_alloc(64, (m->sets * KVCM_MEMO_WAYS * sizeof m->tags[0] + 63) & ~(size_t)63);
+        m->entries = (unsigned char *)aligned_alloc(64, m->sets * KVCM_MEMO_WAYS * m->entry_size);
+        if (m->tags != NULL)
+            memset(m->tags, 0, m->sets * KVCM_MEMO_WAYS * sizeof m->tags[0]);
         if (m->tags == NULL || m->entries == NULL) {
             kvcm_memo_free(m);
             __atomic_store_n(&m->busy, 0, __ATOMIC_RELEASE);

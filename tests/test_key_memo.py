@@ -57,7 +57,7 @@ def test_a_repeated_prefix_is_looked_up(impl, kernel, algo):
     """The second request sharing 40 blocks with the first finds those 40, hashes the rest,
     and answers as without the memo."""
     hasher = impl.BlockHasher(algo, "0", 16)
-    memo = impl.KeyMemo(1 << 16, 16)     # a set of two entries rarely meets a third block
+    memo = impl.KeyMemo(1 << 16, 16)     # a set of eight entries all but never meets a ninth block
     first = ids(1, 16 * 100)
     second = first[:16 * 40] + ids(2, 16 * 30)
     assert list(hasher.keys(first, memo=memo)) == list(hasher.keys(first))
@@ -66,6 +66,21 @@ def test_a_repeated_prefix_is_looked_up(impl, kernel, algo):
     assert (memo.hits, memo.misses) == (40, 130)
     assert list(hasher.keys(first, memo=memo)) == list(hasher.keys(first))
     assert memo.hits == 140
+
+
+def test_a_working_set_of_a_quarter_of_the_memo_is_held_whole(kernel):
+    """Routers ask the same prompts in turn: blocks filling a quarter of the memo, asked
+    again, are all looked up (with two entries a set, a tenth of them met two others in
+    their set and were hashed again on every turn)."""
+    hasher = _core.BlockHasher("sha256", "0", 16)
+    memo = _core.KeyMemo(4096, 16)
+    prompts = [[(p * 1_000_003 + i * 7_919) % 151_000 for i in range(16 * 256)] for p in range(4)]
+    for turn in range(3):
+        for p in prompts:
+            hasher.keys(p, memo=memo)
+        if turn == 0:
+            assert (memo.hits, memo.misses) == (0, 1024)
+    assert (memo.hits, memo.misses) == (2048, 1024)
 
 
 def test_a_call_enters_256_new_blocks_at_most(impl, kernel):
@@ -119,7 +134,8 @@ def test_a_memo_of_another_block_size_or_of_long_blocks_is_left_aside(impl):
     assert list(impl.BlockHasher("sha256", "0", 65).keys(tokens, memo=long_blocks)) == \
         list(impl.BlockHasher("sha256", "0", 65).keys(tokens))
     assert impl.KeyMemo(0, 16).capacity == 0
-    assert impl.KeyMemo(3, 16).capacity == 4
+    assert impl.KeyMemo(3, 16).capacity == 8      # a set of eight ways at least
+    assert impl.KeyMemo(100, 16).capacity == 128
     with pytest.raises(ValueError):
         impl.KeyMemo(16, 0)
 
