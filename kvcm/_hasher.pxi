@@ -48,9 +48,11 @@ cdef extern from "key_memo.h":
     enum: KVCM_MEMO_WAYS
     struct kvcm_memo:
         size_t sets
+        size_t nstaged
         uint64_t hits, misses
     int kvcm_memo_init(kvcm_memo *m, size_t blocks, size_t n)
     void kvcm_memo_free(kvcm_memo *m)
+    void kvcm_memo_enter_staged(kvcm_memo *m)
     int kvcm_memo_chain(kvcm_memo *m, int kind, const uint64_t *tok, size_t nblocks, size_t n,
                         unsigned char *parent, uint64_t *keys_out, unsigned char *digests_out) nogil
 
@@ -89,6 +91,16 @@ cdef class KeyMemo:
     def misses(self):
         """Blocks it did not hold, hashed instead (a call enters the first 256)."""
         return self._m.misses
+
+    @property
+    def staged(self):
+        """New blocks the last call built entries for, not yet in the table."""
+        return self._m.nstaged
+
+    def enter_staged(self):
+        """Puts the last call's new blocks into the table now, for a caller that has sent
+        its answer (else the next call does, before it looks anything up)."""
+        kvcm_memo_enter_staged(&self._m)
 
 
 cdef inline uint64_t digest_u64(const unsigned char *d, Py_ssize_t n) noexcept nogil:

@@ -121,9 +121,23 @@ class KeyMemo:
         self.capacity = MEMO_WAYS * sets if blocks and block_size <= MEMO_MAX_TOKENS else 0
         self.hits = self.misses = 0
         self._entries = OrderedDict()
+        self._staged = []
+
+    @property
+    def staged(self):
+        return len(self._staged)
+
+    def enter_staged(self):
+        """Puts the last call's new blocks into the table (the next call does, else)."""
+        for name, digest in self._staged:
+            self._entries[name] = digest
+            if len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        self._staged = []
 
     def chain(self):
-        """A call's view of the memo: it enters at most MEMO_MAX_NEW blocks."""
+        """A call's view of the memo: it stages at most MEMO_MAX_NEW new blocks."""
+        self.enter_staged()
         return _MemoCall(self)
 
 
@@ -132,7 +146,7 @@ class _MemoCall:
         self.memo, self.entered = memo, 0
 
     def digest(self, algo, parent, tokens, compute):
-        """The block's digest from the memo, else compute(), entered while the call may."""
+        """The block's digest from the memo, else compute(), staged while the call may."""
         memo = self.memo
         name = (algo, parent, tuple(tokens))
         if name in memo._entries:
@@ -141,11 +155,10 @@ class _MemoCall:
             return memo._entries[name]
         memo.misses += 1
         digest = compute()
-        if max(tokens, default=0) < 2 ** 32 and self.entered < MEMO_MAX_NEW:  # entries keep 32-bit ids
+        if self.entered < MEMO_MAX_NEW:
             self.entered += 1
-            memo._entries[name] = digest
-            if len(memo._entries) > memo.capacity:
-                memo._entries.popitem(last=False)
+            if max(tokens, default=0) < 2 ** 32:       # entries keep 32-bit ids
+                memo._staged.append((name, digest))
         return digest
 
 
@@ -203,7 +216,7 @@ class BlockHasher:
         if (memo is None or not memo.capacity or memo.block_size != self.block_size or self.algo.startswith("llmd_")
                 or any(e is not None for e in (extra_keys or ()))):
             memo = None
-        call = None if memo is None else memo.chain()
+        call = None if memo is None or len(tokens) < self.block_size else memo.chain()
         out = []
         for i in range(len(tokens) // self.block_size):
             extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None

@@ -144,6 +144,7 @@ cdef class ScoreLane:
             return 0
         transport.write(out)
         self.seconds = _seconds_since(&t0)
+        self._enter_staged()
         return route + 1
 
     def spin(self, int loop_fd, double seconds, int conn_fd, transport, bytes common not None,
@@ -188,6 +189,7 @@ cdef class ScoreLane:
             self._spun_routes[self._spun] = route + 1
             self._spun_seconds[self._spun] = _seconds_since(&t0)
             self._spun += 1
+            self._enter_staged()
             if sent != size:
                 # the transport writes the rest when the socket can take it, or meets its error
                 transport.write(out[sent if sent > 0 else 0:])
@@ -197,6 +199,11 @@ cdef class ScoreLane:
         """[(path number from 1, seconds)] of the requests the last spin() answered."""
         cdef int i
         return [(self._spun_routes[i], self._spun_seconds[i]) for i in range(self._spun)]
+
+    cdef inline void _enter_staged(self):
+        """The key memo's new entries of the request just answered go in now, its answer
+        sent: no answer waits for them."""
+        kvcm_memo_enter_staged(&self._sink.key_memo._m)
 
     cdef object _take(self, const char *p, size_t n, bytes common, int *route):
         """The response when p[0:n] is exactly one whole request the lane takes (its path's

@@ -17,6 +17,11 @@
  * next probable hit, as one chain (block_chain.h), and entered - at most KVCM_MEMO_MAX_NEW
  * blocks a call, so that a long new prompt costs little more than hashing it.
  *
+ * Entering is staged: a call builds its new entries in a buffer of their own, and they go
+ * into the table when the caller says (kvcm_memo_enter_staged: the scoring lane, once its
+ * answer is sent, so that no answer waits for it) or else at the start of the next call. A
+ * staged block is not found until then; nothing else depends on it.
+ *
  * The table is 8-way set-associative: a set holds eight entries, so that the blocks a router
  * asks again and again rarely crowd one set (with two ways, a tenth of a working set half
  * the memo's size met two others in its set and was hashed every time). A new entry takes an
@@ -74,6 +79,9 @@ struct kvcm_memo {
     size_t entry_size;
     uint16_t *tags;              /* KVCM_MEMO_WAYS per set */
     unsigned char *entries;      /* KVCM_MEMO_WAYS per set; both arrays allocated on first use */
+    unsigned char *staged;       /* KVCM_MEMO_MAX_NEW entries built, not yet in the table */
+    uint64_t staged_names[KVCM_MEMO_MAX_NEW];
+    size_t nstaged;
     int busy;
     uint64_t hits, misses;       /* blocks found, blocks hashed (for the metrics) */
 };
@@ -96,8 +104,11 @@ static int kvcm_memo_init(struct kvcm_memo *m, size_t blocks, size_t n) {
 static void kvcm_memo_free(struct kvcm_memo *m) {
     free(m->tags);
     free(m->entries);
+    free(m->staged);
     m->tags = NULL;
     m->entries = NULL;
+    m->staged = NULL;
+    m->nstaged = 0;
 }
 
 static inline uint16_t *kvcm_memo_tags(const struct kvcm_memo *m, uint64_t fp) {
@@ -218,19 +229,14 @@ static inline int kvcm_memo_victim(uint16_t *tags, uint64_t name) {
     return (int)((name >> 32) & (KVCM_MEMO_WAYS - 1));
 }
 
-/* Enters a block in the way kvcm_memo_victim chooses. The entry is written with streaming
-   stores, which need not read its lines first: entering a new block costs no wait for
-   memory. */
-static void kvcm_memo_put(const struct kvcm_memo *m, uint64_t name, const uint64_t *tok,
-                          const unsigned char *parent, const unsigned char *digest, size_t dl) {
-    uint16_t *tags = kvcm_memo_tags(m, name);
-    unsigned char entry[KVCM_MEMO_IDS + 4 * KVCM_MEMO_MAX_TOKENS] __attribute__((aligned(16)));
-    unsigned char *e;
+/* Builds a new block's entry among the staged ones (the caller has room for it). */
+static void kvcm_memo_stage(struct kvcm_memo *m, uint64_t name, const uint64_t *tok,
+                            const unsigned char *parent, const unsigned char *digest, size_t dl) {
+    unsigned char *entry = m->staged + m->nstaged * m->entry_size;
     size_t i;
-    int way;
     if (!kvcm_memo_ids_fit(tok, m->n))
         return;
-    way = kvcm_memo_victim(tags, name);
+    m->staged_names[m->nstaged++] = name;
     if (dl == 32) {
         memcpy(entry + KVCM_MEMO_PARENT, parent, 32);
         memcpy(entry + KVCM_MEMO_DIGEST, digest, 32);
@@ -243,14 +249,42 @@ static void kvcm_memo_put(const struct kvcm_memo *m, uint64_t name, const uint64
         uint32_t id = (uint32_t)tok[i];
         memcpy(entry + KVCM_MEMO_IDS + 4 * i, &id, 4);
     }
-    e = kvcm_memo_entry(m, name, way);
+}
+
+/* Puts the staged entries into the table, each in the way kvcm_memo_victim chooses, with
+   streaming stores, which need not read the lines first: no wait for memory. The caller
+   holds the memo. */
+static void kvcm_memo_flush(struct kvcm_memo *m) {
+    size_t k, i, size = KVCM_MEMO_IDS + 4 * m->n;
+    for (k = 0; k < m->nstaged; k++) {
+        uint64_t name = m->staged_names[k];
+        uint16_t *tags = kvcm_memo_tags(m, name);
+        int way = kvcm_memo_victim(tags, name);
+        const unsigned char *entry = m->staged + k * m->entry_size;
+        unsigned char *e = kvcm_memo_entry(m, name, way);
 #if defined(__SSE2__)
-    for (i = 0; i < KVCM_MEMO_IDS + 4 * m->n; i += 16)
-        _mm_stream_si128((__m128i *)(e + i), _mm_load_si128((const __m128i *)(entry + i)));
+        for (i = 0; i < size; i += 16)
+            _mm_stream_si128((__m128i *)(e + i), _mm_load_si128((const __m128i *)(entry + i)));
 #else
-    memcpy(e, entry, KVCM_MEMO_IDS + 4 * m->n);
+        memcpy(e, entry, size);
+        (void)i;
 #endif
-    tags[way] = (uint16_t)(kvcm_memo_tag(name) | KVCM_MEMO_RECENT);
+        tags[way] = (uint16_t)(kvcm_memo_tag(name) | KVCM_MEMO_RECENT);
+    }
+    m->nstaged = 0;
+#if defined(__SSE2__)
+    _mm_sfence();   /* the streaming stores are seen before the memo is free again */
+#endif
+}
+
+/* Enters what the last call staged, unless another thread holds the memo (its next call
+   enters them). */
+static void kvcm_memo_enter_staged(struct kvcm_memo *m) {
+    if (__atomic_exchange_n(&m->busy, 1, __ATOMIC_ACQUIRE))
+        return;
+    if (m->nstaged)
+        kvcm_memo_flush(m);
+    __atomic_store_n(&m->busy, 0, __ATOMIC_RELEASE);
 }
 
 /* For the walk at block b: the tags of block b + 2 AHEAD are asked for, and the entries
@@ -291,8 +325,8 @@ static int kvcm_memo_hash_run(struct kvcm_memo *m, int kind, const uint64_t *tok
         return -1;
     for (i = 0; i < count; i++) {
         if (*entered < KVCM_MEMO_MAX_NEW) {
-            kvcm_memo_put(m, names[i], tok + (at + i) * n, i ? digests + (i - 1) * dl : before,
-                          digests + i * dl, dl);
+            kvcm_memo_stage(m, names[i], tok + (at + i) * n, i ? digests + (i - 1) * dl : before,
+                            digests + i * dl, dl);
             ++*entered;
         }
         if (digests_out != NULL)
@@ -316,14 +350,16 @@ static int kvcm_memo_chain(struct kvcm_memo *m, int kind, const uint64_t *tok, s
     if (m->tags == NULL) {
         m->tags = (uint16_t *)aligned_alloc(64, (m->sets * KVCM_MEMO_WAYS * sizeof m->tags[0] + 63) & ~(size_t)63);
         m->entries = (unsigned char *)aligned_alloc(64, m->sets * KVCM_MEMO_WAYS * m->entry_size);
+        m->staged = (unsigned char *)aligned_alloc(64, KVCM_MEMO_MAX_NEW * m->entry_size);
         if (m->tags != NULL)
             memset(m->tags, 0, m->sets * KVCM_MEMO_WAYS * sizeof m->tags[0]);
-        if (m->tags == NULL || m->entries == NULL) {
+        if (m->tags == NULL || m->entries == NULL || m->staged == NULL) {
             kvcm_memo_free(m);
             __atomic_store_n(&m->busy, 0, __ATOMIC_RELEASE);
             return kvcm_chain(kind, tok, nblocks, n, parent, keys_out, digests_out);
         }
     }
+    kvcm_memo_flush(m);     /* what an earlier call staged, first: the staged buffer is this call's */
     /* the blocks' names, kept where their keys will go */
     fp = 0;
     memcpy(&fp, parent, 8);
@@ -373,9 +409,6 @@ static int kvcm_memo_chain(struct kvcm_memo *m, int kind, const uint64_t *tok, s
             break;
         b = end;
     }
-#if defined(__SSE2__)
-    _mm_sfence();   /* the streaming stores are seen before the memo is free again */
-#endif
     __atomic_store_n(&m->busy, 0, __ATOMIC_RELEASE);
     return rc;
 }

@@ -83,6 +83,23 @@ def test_a_working_set_of_a_quarter_of_the_memo_is_held_whole(kernel):
     assert (memo.hits, memo.misses) == (2048, 1024)
 
 
+def test_new_blocks_are_staged_until_entered_or_until_the_next_call(impl, kernel):
+    """A caller enters a call's new blocks once its answer is out (enter_staged); if it
+    does not, the next call does before looking anything up."""
+    hasher = impl.BlockHasher("sha256", "0", 16)
+    memo = impl.KeyMemo(4096, 16)
+    tokens, other = ids(12, 16 * 20), ids(13, 16 * 300)
+    expected = list(hasher.keys(tokens))
+    assert list(hasher.keys(tokens, memo=memo)) == expected and memo.staged == 20
+    memo.enter_staged()
+    assert memo.staged == 0
+    assert list(hasher.keys(tokens, memo=memo)) == expected and memo.hits == 20
+    hasher.keys(other, memo=memo)
+    assert memo.staged == 256                         # a call stages 256 at most
+    assert list(hasher.keys(other, memo=memo)) == list(hasher.keys(other))
+    assert memo.hits == 20 + 256 and memo.staged == 44
+
+
 def test_a_call_enters_256_new_blocks_at_most(impl, kernel):
     """A long new prompt is entered over its next requests, its first blocks first."""
     hasher = impl.BlockHasher("sha256", "0", 16)

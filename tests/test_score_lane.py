@@ -114,6 +114,22 @@ def test_plain_requests_take_the_lane_and_answer_as_the_general_path(servers):
     assert orjson.loads(got.split(b"\r\n\r\n", 1)[1])["scores"] == {"pod-1": 3.0}
 
 
+def test_the_lane_enters_a_new_prompts_blocks_in_the_key_memo_once_it_has_answered(servers):
+    """The general path leaves them staged for the next call to enter first; the lane
+    enters them after writing its answer. Either way the next ask finds them."""
+    memo = servers.indexer.sink.key_memo
+    new_general, new_lane = list(range(5000, 5000 + 5 * BLOCK)), list(range(6000, 6000 + 7 * BLOCK))
+    servers.exchange(servers.general, plain(b"/v1/score", orjson.dumps({"model": MODEL, "token_ids": new_general})))
+    assert memo.staged == 5
+    before = servers.lane.served
+    servers.exchange(servers.with_lane, plain(b"/v1/score", orjson.dumps({"model": MODEL, "token_ids": new_lane})))
+    assert servers.lane.served == before + 1 and memo.staged == 0
+    hits = memo.hits
+    for ids in (new_general, new_lane):
+        servers.exchange(servers.with_lane, plain(b"/v1/score", orjson.dumps({"model": MODEL, "token_ids": ids})))
+    assert memo.hits == hits + 12 and memo.staged == 0
+
+
 @pytest.fixture(scope="module")
 def weighted():
     """Servers whose scores are fractions, one tier's so small that orjson writes it in
@@ -383,6 +399,7 @@ def test_a_busy_polling_lane_answers_the_requests_its_spins_read(servers):
             assert (got, rest) == (want[n % len(requests)], b"")
         sock.close()
         assert s.lane.served == 400
+        assert s.inspect(lambda: s.indexer.sink.key_memo.staged) == 0      # entered after each answer
         assert s.inspect(lambda: s.server.busy_polls[2]) > 0       # requests read by spins
         assert s.inspect(lambda: _lane_answers(s.metrics)) == 400
     finally:
