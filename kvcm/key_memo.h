@@ -143,18 +143,24 @@ static inline uint64_t kvcm_memo_mix(uint64_t h) {
     return h;
 }
 
+static inline uint64_t kvcm_memo_pair(const uint64_t *tok) {
+    return tok[0] ^ (tok[1] << 32 | tok[1] >> 32);
+}
+
 /* fp(b) from fp(b-1) and the block's ids: four independent lanes, so the multiplies
-   overlap. Only a lookup's speed depends on its quality: every hit is checked against the
-   ids and the parent. */
+   overlap, each taking two ids a step (ids are mostly below 2**32, and every bit of either
+   still changes the word). The chain of fingerprints through a request is serial, so each
+   step's multiplies matter. Only a lookup's speed depends on its quality: every hit is
+   checked against the ids and the parent. */
 static inline uint64_t kvcm_memo_fp(uint64_t prev, const uint64_t *tok, size_t n) {
     const uint64_t k = 0xff51afd7ed558ccdULL;
     uint64_t a = prev, b = prev ^ 0x9e3779b97f4a7c15ULL, c = prev + 0x632be59bd9b4e019ULL, d = ~prev;
     size_t i;
-    for (i = 0; i + 4 <= n; i += 4) {
-        a = (a ^ tok[i]) * k;
-        b = (b ^ tok[i + 1]) * k;
-        c = (c ^ tok[i + 2]) * k;
-        d = (d ^ tok[i + 3]) * k;
+    for (i = 0; i + 8 <= n; i += 8) {
+        a = (a ^ kvcm_memo_pair(tok + i)) * k;
+        b = (b ^ kvcm_memo_pair(tok + i + 2)) * k;
+        c = (c ^ kvcm_memo_pair(tok + i + 4)) * k;
+        d = (d ^ kvcm_memo_pair(tok + i + 6)) * k;
     }
     for (; i < n; i++)
         a = (a ^ tok[i]) * k;
@@ -182,6 +188,18 @@ static inline int kvcm_memo_same_ids(const unsigned char *kept, const uint64_t *
     return diff == 0;
 }
 
+/* dl is 8 or 32: compared in words, inline (a call to memcmp per block showed) */
+static inline int kvcm_memo_same_parent(const unsigned char *kept, const unsigned char *parent, size_t dl) {
+    uint64_t diff = 0, u, v;
+    size_t i;
+    for (i = 0; i < dl; i += 8) {
+        memcpy(&u, kept + i, 8);
+        memcpy(&v, parent + i, 8);
+        diff |= u ^ v;
+    }
+    return diff == 0;
+}
+
 static inline int kvcm_memo_ids_fit(const uint64_t *tok, size_t n) {
     uint64_t all = 0;
     size_t i;
@@ -201,7 +219,7 @@ static inline int kvcm_memo_find(const struct kvcm_memo *m, uint64_t name, const
         if (parent == NULL)
             return way;
         e = kvcm_memo_entry(m, name, way);
-        if (kvcm_memo_same_ids(e + KVCM_MEMO_IDS, tok, m->n) && memcmp(e + KVCM_MEMO_PARENT, parent, dl) == 0)
+        if (kvcm_memo_same_ids(e + KVCM_MEMO_IDS, tok, m->n) && kvcm_memo_same_parent(e + KVCM_MEMO_PARENT, parent, dl))
             return way;
     }
     return -1;
