@@ -1,13 +1,15 @@
 """The bench's client connection over real sockets: a spinning client (`--client-spin`)
-reads the same answers as a sleeping one, whole across partial sends, and a server that never
-answers fails it within its timeout instead of holding it forever."""
+reads the same answers as a sleeping one, whole across partial sends, without allocating more
+than it reads, and a server that never answers fails it within its timeout instead of holding
+it forever."""
 
 import socket
 import threading
+import tracemalloc
 
 import pytest
 
-from kvcm.bench.load import Connection, HttpError, closed_loop, request_bytes
+from kvcm.bench.load import READ_SIZE, Connection, HttpError, closed_loop, request_bytes
 
 BODY = b'{"scores": {"pod-a": 3.0}}' * 40
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY)
@@ -69,6 +71,22 @@ def test_the_answer_is_read_whole_across_partial_sends(server, spin):
     with Connection(server.address, spin=spin) as conn:
         for _ in range(3):
             assert conn.call(REQUEST) == (200, BODY)
+
+
+@pytest.mark.parametrize("spin", [False, True])
+def test_reading_an_answer_allocates_no_more_than_it_reads(server, spin):
+    """A read sized for the largest answer must not allocate that size each time: the
+    allocation (an mmap at 256 KiB) would be inside every latency bench measures."""
+    with Connection(server.address, spin=spin) as conn:
+        conn.call(REQUEST)
+        tracemalloc.start()
+        try:
+            for _ in range(3):
+                assert conn.call(REQUEST) == (200, BODY)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < READ_SIZE // 2, peak     # this test's server thread reads 64 KiB at a time
 
 
 def test_a_spinning_closed_loop_times_every_request(server):

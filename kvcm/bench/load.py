@@ -29,6 +29,7 @@ from array import array
 
 now_ns = time.perf_counter_ns
 TIMEOUT_S = 30.0
+READ_SIZE = 1 << 18
 _FORK = multiprocessing.get_context("fork")
 
 
@@ -96,6 +97,22 @@ def split_address(url):
     return host.strip("[]"), int(port)
 
 
+class _Reads:
+    """Where a client's reads land. sock.recv(n) allocates its n bytes before it reads, and
+    at 256 KiB that allocation is an mmap and its page faults on every call: 8 µs against
+    0.6 µs on the machine bench was measured on, inside every latency of every target and in
+    every turn of a polling client. Reads go into one buffer instead; what came is copied out."""
+
+    __slots__ = ("buf", "view")
+
+    def __init__(self):
+        self.buf = bytearray(READ_SIZE)
+        self.view = memoryview(self.buf)
+
+    def recv(self, sock, flags=0):
+        return self.view[:sock.recv_into(self.buf, READ_SIZE, flags)].tobytes()
+
+
 class Connection:
     """One keep-alive connection; call() -> (status, body)."""
 
@@ -110,6 +127,7 @@ class Connection:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                                  struct.pack("ll", int(timeout), int(timeout % 1 * 1e6)))
         self.buf = b""
+        self.reads = _Reads()
 
     def call(self, request):
         self.sock.sendall(request)
@@ -119,7 +137,7 @@ class Connection:
             if ends is not None:
                 break
             try:
-                chunk = self._poll() if self.spin else self.sock.recv(1 << 18)
+                chunk = self._poll() if self.spin else self.reads.recv(self.sock)
             except socket.timeout:
                 raise HttpError("no answer from %s:%d within %g s" % (*self.address, self.timeout)) from None
             if not chunk:
@@ -137,7 +155,7 @@ class Connection:
         deadline = None
         while True:
             try:
-                return self.sock.recv(1 << 18, socket.MSG_DONTWAIT)
+                return self.reads.recv(self.sock, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 if deadline is None:
                     deadline = time.monotonic() + self.timeout
@@ -182,6 +200,7 @@ def _drive(address, requests, count, n_conns, schedule, until_ns=None, lags=None
     (or sent) to answered; `lags` (a list) gets how late each request was sent after it was
     due: the client's own delay, already inside the latencies."""
     lat = array("q")
+    reads = _Reads()
     slots = _open(address, n_conns)
     sel = selectors.DefaultSelector()
     free = list(slots)
@@ -216,7 +235,7 @@ def _drive(address, requests, count, n_conns, schedule, until_ns=None, lags=None
                 raise HttpError("no answer from %s:%d within %.0f s" % (*address, TIMEOUT_S))
             for key, _ in events:
                 slot = key.data
-                data = slot.sock.recv(1 << 18)
+                data = reads.recv(slot.sock)
                 if not data:
                     raise HttpError("%s:%d closed a connection" % address)
                 slot.buf += data
