@@ -232,7 +232,7 @@ static inline void kvcm_memo_used(const struct kvcm_memo *m, uint64_t name, int 
 }
 
 /* The way a new entry takes: an empty one, else one not used since the set last filled up;
-   when every way was, the set starts over (a way chosen by the name, its bit kept). */
+   when every way was, every way's bit is cleared and the name chooses the way. */
 static inline int kvcm_memo_victim(uint16_t *tags, uint64_t name) {
     unsigned empty = kvcm_memo_ways(tags, 0), stale = 0;
     int w;
