@@ -123,12 +123,17 @@ class _RequestLatencies:
         self.by_labels = {}
 
     def observe(self, endpoint, method, status, seconds):
+        histogram = self.histogram(endpoint, method, status)
+        if histogram is not None:
+            histogram.observe(seconds)
+
+    def histogram(self, endpoint, method, status):
+        """The histogram of those labels, made on first use; None once there are 1,024
+        (endpoints are route patterns: few; the table stays bounded)."""
         histogram = self.by_labels.get((endpoint, method, status))
-        if histogram is None:
-            if len(self.by_labels) >= 1024:   # endpoints are route patterns: few; stay bounded
-                return
+        if histogram is None and len(self.by_labels) < 1024:
             histogram = self.by_labels[(endpoint, method, status)] = LatencyHistogram(_REQUEST_BUCKETS)
-        histogram.observe(seconds)
+        return histogram
 
     def collect(self):
         family = HistogramMetricFamily("kvcm_http_request_duration_seconds", "HTTP requests by endpoint and status",

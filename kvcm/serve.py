@@ -17,7 +17,7 @@ import time
 
 from kvcm import systemd
 from kvcm._core import ilock_configure_spin
-from kvcm.api import Api, request_timer
+from kvcm.api import Api, RequestTimer
 from kvcm.config import ConfigError, load_config
 from kvcm.http import HttpServer
 from kvcm.indexer import Indexer, TemplatesUnavailable
@@ -106,7 +106,7 @@ class Service:
         self.http = HttpServer(self.api.router, max_body=config.max_body,
                                header_timeout=config.header_timeout, body_timeout=config.body_timeout,
                                idle_timeout=config.idle_timeout, max_connections=config.max_connections,
-                               on_response=request_timer(self.metrics), ssl=_tls(config), lane=self.api.lane(),
+                               on_response=RequestTimer(self.metrics), ssl=_tls(config), lane=self.api.lane(),
                                busy_poll=config.busy_poll_us / 1e6)
         if self.http.lane is not None:
             self.metrics.watch_lane(self.http.lane)

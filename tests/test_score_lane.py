@@ -7,6 +7,7 @@ answer, byte for byte but for the Date line, from both; plain requests must take
 
 import asyncio
 import itertools
+import logging
 import re
 import socket
 import threading
@@ -17,7 +18,7 @@ import pytest
 import uvloop
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from kvcm.api import Api, request_timer
+from kvcm.api import Api, RequestTimer
 from kvcm.config import load_config
 from kvcm.http import HttpServer, Request
 from kvcm.indexer import Indexer
@@ -40,7 +41,7 @@ class Servers:
         self.metrics = Metrics(self.indexer)
         self.api = Api(self.indexer, self.metrics)
         self.lane = self.api.lane()
-        hook = request_timer(self.metrics)
+        hook = RequestTimer(self.metrics)
         # a first head may take a minute: only the idle timeout closes a connection in these tests
         timeouts = {"idle_timeout": idle_timeout, "header_timeout": 60.0}
         self.with_lane = HttpServer(self.api.router, lane=self.lane, on_response=hook, **timeouts)
@@ -307,6 +308,36 @@ def test_lane_answers_are_timed_into_the_request_histogram(servers):
     assert count() - before == 5
 
 
+def test_lane_answers_reach_any_hook_and_the_access_log(servers):
+    """The request timer takes lane answers straight into its histogram; any other hook
+    still gets each one, and with an access log every lane answer is logged and timed."""
+    server, timer = servers.with_lane, servers.with_lane.on_response
+    request = plain(b"/v1/score", b'{"model":"%s","token_ids":[1]}' % MODEL.encode())
+    seen, records = [], []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+    access = logging.getLogger("kvcm.test.lane-access")
+    access.addHandler(Collect())
+    access.setLevel(logging.INFO)
+    access.propagate = False
+
+    def timed():
+        return servers.metrics.latency_buckets(("/v1/score",)).get(float("inf"), 0)
+    try:
+        server.on_response = lambda request, status, seconds: seen.append((request.path, status))
+        servers.exchange(server, request)
+        assert seen == [("/v1/score", 200)]
+        server.on_response, server.access_log = timer, access
+        before = timed()
+        servers.exchange(server, request)
+        assert timed() == before + 1
+        assert len(records) == 1 and '"POST /v1/score HTTP/1.1" 200' in records[0], records
+    finally:
+        server.on_response, server.access_log = timer, None
+
+
 def test_a_connection_idle_after_a_lane_answer_closes_after_the_idle_timeout():
     s = Servers(idle_timeout=0.3)
     try:
@@ -337,7 +368,7 @@ class SpinningServer:
         self.metrics = Metrics(self.indexer)
         api = Api(self.indexer, self.metrics)
         self.lane = api.lane()
-        self.server = HttpServer(api.router, lane=self.lane, on_response=request_timer(self.metrics),
+        self.server = HttpServer(api.router, lane=self.lane, on_response=RequestTimer(self.metrics),
                                  busy_poll=0.005)
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
