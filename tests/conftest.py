@@ -1,5 +1,6 @@
 """Shared fixtures: the two implementations of the core, and the shared test data."""
 
+import logging
 import os
 import pathlib
 
@@ -90,3 +91,20 @@ def redis_server(redis_session):
         redis_session.start()
     redis_session.client().flushall()
     return redis_session
+
+
+@pytest.fixture
+def access_log(request):
+    """(a logger for an HttpServer's access_log, the messages it got)."""
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+    logger = logging.getLogger("kvcm.test.access." + request.node.name)
+    handler = Collect()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    yield logger, messages
+    logger.removeHandler(handler)

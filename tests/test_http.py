@@ -1101,17 +1101,9 @@ def test_start_on_socket(serve):
     client.close()
 
 
-def test_on_response_hook_and_access_log(serve):
+def test_on_response_hook_and_access_log(serve, access_log):
     seen = []
-    records = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-    access = logging.getLogger("kvcm.test.access")
-    access.addHandler(Collect())
-    access.setLevel(logging.INFO)
-    access.propagate = False
+    access, records = access_log
     served = serve(on_response=lambda request, status, seconds: seen.append(
         (request.path if request else None, status, seconds >= 0)), access_log=access)
     client = Client(served)

@@ -7,7 +7,6 @@ answer, byte for byte but for the Date line, from both; plain requests must take
 
 import asyncio
 import itertools
-import logging
 import re
 import socket
 import threading
@@ -308,20 +307,13 @@ def test_lane_answers_are_timed_into_the_request_histogram(servers):
     assert count() - before == 5
 
 
-def test_lane_answers_reach_any_hook_and_the_access_log(servers):
+def test_lane_answers_reach_any_hook_and_the_access_log(servers, access_log):
     """The request timer takes lane answers straight into its histogram; any other hook
     still gets each one, and with an access log every lane answer is logged and timed."""
     server, timer = servers.with_lane, servers.with_lane.on_response
     request = plain(b"/v1/score", b'{"model":"%s","token_ids":[1]}' % MODEL.encode())
-    seen, records = [], []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-    access = logging.getLogger("kvcm.test.lane-access")
-    access.addHandler(Collect())
-    access.setLevel(logging.INFO)
-    access.propagate = False
+    seen = []
+    access, records = access_log
 
     def timed():
         return servers.metrics.latency_buckets(("/v1/score",)).get(float("inf"), 0)
